@@ -1,0 +1,337 @@
+"""The run configuration: typed, self-checking, every problem reported at once.
+
+A config comes from a YAML recipe, from CLI flags, or both: `load_config("recipe.yaml", overrides)` where
+overrides are dotted keys (`train.lr=1e-4`, `lora.r=8`). Every section forbids unknown keys so a typo fails
+before any work, with the file, line, key, bad value and a suggestion.
+
+Values written `auto` are chosen later from the data (see `tunesmith.train.auto`), and the run directory's
+`config.yaml` records the resolved value of every key.
+
+This module imports nothing heavy (no torch) so that `tunesmith --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunesmith.errors import ConfigError
+
+Auto = Literal["auto"]
+METHODS = ("full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "adapter")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m-instruct"
+    """A built-in name (`tunesmith models list`), a local Hugging Face model directory, or a .gguf file."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Training precision. auto: float32 on CPU, bfloat16 on GPUs that support it."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    chat_template: str | None = None
+    """Override the model's chat template: a built-in template name (chatml, llama3, gemma, plain) or Jinja text."""
+
+
+class DataConfig(_Section):
+    train: str | None = None
+    """Training file: .jsonl, .json, .csv, .parquet or .txt."""
+    validation: str | None = None
+    """Validation file. Without one, `val_fraction` of the training file is held out (stratified by label)."""
+    test: str | None = None
+    """Held-out test file used by `tunesmith eval`."""
+    format: Literal["auto", "chat", "alpaca", "completion", "text", "preference"] = "auto"
+    """Data format; auto detects it from the first rows."""
+    system_prompt: str | None = None
+    """System message added to chat examples that have none (also used for the prompted baselines)."""
+    max_length: int = Field(1024, ge=8, le=1_000_000)
+    """Longest sequence in tokens; longer examples are handled by `truncation`."""
+    truncation: Literal["error", "drop", "truncate"] = "truncate"
+    """What to do with examples longer than max_length: fail, drop them, or cut the end off."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+    """Share of the training file held out for validation when no validation file is given."""
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=1024)
+    """Rank of the update matrices."""
+    alpha: float = Field(32, gt=0)
+    """Scale: the update is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target: Union[Literal["all-linear", "attention"], list[str]] = "all-linear"
+    """Modules to adapt: all-linear (every linear layer but the LM head), attention, or a list of module names."""
+
+
+class FreezeConfig(_Section):
+    last_n_blocks: int | None = Field(2, ge=0)
+    """Train the last N transformer blocks (None or 0: no blocks)."""
+    modules: list[str] = []
+    """Also train parameters whose name contains any of these strings (e.g. `norm`, `lm_head`)."""
+
+
+class IA3Config(_Section):
+    target: Union[Literal["auto"], list[str]] = "auto"
+    """Modules to scale; auto: keys, values and the MLP down projection."""
+    feedforward: Union[Literal["auto"], list[str]] = "auto"
+    """Which of `target` are feed-forward (scaled on their input); auto: the MLP down projection."""
+
+
+class PrefixConfig(_Section):
+    num_virtual_tokens: int = Field(20, ge=1, le=1024)
+    projection: bool = False
+    """Reparametrise the prefix through an MLP (more stable, more parameters while training)."""
+
+
+class PromptConfig(_Section):
+    num_virtual_tokens: int = Field(20, ge=1, le=1024)
+    init_text: str | None = None
+    """Initialise the soft prompt from the embeddings of this text (else random vocabulary embeddings)."""
+
+
+class AdapterConfig(_Section):
+    style: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby: an adapter after attention and after the MLP; pfeiffer: after the MLP only."""
+    bottleneck: int = Field(64, ge=1)
+    """Width of the adapter's bottleneck."""
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    init_scale: float = Field(1e-3, ge=0.0)
+    """Std of the up-projection's initial weights; near 0 so an untrained adapter is the identity."""
+
+
+class TrainConfig(_Section):
+    epochs: Union[int, Auto] = "auto"
+    """Passes over the training data; auto: chosen from the dataset size."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs)."""
+    lr: Union[float, Auto] = "auto"
+    """Peak learning rate; auto: chosen from the method."""
+    batch_size: Union[int, Auto] = "auto"
+    """Examples per optimizer step (the effective batch)."""
+    micro_batch_size: Union[int, Auto] = "auto"
+    """Examples per forward pass; gradients are accumulated over batch_size / micro_batch_size passes."""
+    warmup: Union[float, Auto] = "auto"
+    """Share of steps spent warming the learning rate up from 0."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm to this value (None: no clipping)."""
+    seed: int = 42
+    eval_every: Union[int, Auto] = "auto"
+    """Validate every N optimizer steps (and at the end); auto: about 8 times per run."""
+    save_every: Union[int, Auto] = "auto"
+    """Checkpoint every N optimizer steps (and at the end); auto: same as eval_every."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many recent checkpoints to keep."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop when validation loss has not improved for this many evaluations (None: never)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third slower."""
+    batching: Literal["auto", "pack", "pad", "group"] = "auto"
+    """pack: several examples per row without padding; pad: dynamic padding; group: length-grouped padding."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for torch; None: all physical cores."""
+    log: list[Literal["jsonl", "tensorboard"]] = ["jsonl"]
+    """Metric sinks; metrics.jsonl is always written."""
+    log_every: int = Field(1, ge=1)
+
+
+class Config(_Section):
+    name: str | None = None
+    """Run name; default: the training file's stem."""
+    output: str | None = None
+    """Run directory; default: runs/<name>."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    method: Literal["full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "adapter"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    ia3: IA3Config = IA3Config()
+    prefix: PrefixConfig = PrefixConfig()
+    prompt: PromptConfig = PromptConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        # `model: smollm2-135m-instruct` is short for `model: {name: smollm2-135m-instruct}`
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "Config":
+        if self.name is None and self.data.train:
+            self.name = Path(self.data.train).stem
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / (self.name or "run")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 0.0001). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. train.lr=1e-4")
+    key, _, raw = item.partition("=")
+    return key.strip(), _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    # YAML reads "1e-4" as a string (it wants "1.0e-4"); accept the form everyone writes
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any] | list[tuple[str, Any]]) -> dict:
+    items = overrides.items() if isinstance(overrides, dict) else overrides
+    for key, value in items:
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None or isinstance(child, str) and part == "model":
+                child = {"name": child} if isinstance(child, str) else {}
+                node[part] = child
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[tuple[str, Any]] | None = None,
+) -> Config:
+    """Read a YAML recipe (optional), apply dotted overrides, validate. Raises ConfigError listing every problem."""
+    raw: dict = {}
+    lines: dict[tuple, int] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such recipe file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            raw = yaml.safe_load(text) or {}
+            lines = _key_lines(yaml.compose(text))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, data:, train: ...)")
+        # relative data paths in a recipe are relative to the recipe's folder... unless they exist as given
+        _resolve_data_paths(raw, path.parent)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_config(raw, source=source, lines=lines)
+
+
+def validate_config(raw: dict, source: str = "config", lines: dict[tuple, int] | None = None) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = _merge_union_errors([_describe(err, source, lines or {}) for err in e.errors()])
+        n = len(problems)
+        raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''} in the configuration:", problems) from None
+
+
+def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
+    loc = tuple(str(p) for p in err["loc"] if not str(p).startswith(("literal[", "int", "float", "list[")))
+    # pydantic reports union members as extra loc parts; drop the type tags it inserts
+    loc = tuple(p for p in loc if p not in {"str", "function-after[_model_shorthand(), ModelConfig]"})
+    key = ".".join(loc)
+    line = _nearest_line(loc, lines)
+    where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden":
+        section_model = _section_model(loc[:-1])
+        known = list(section_model.model_fields) if section_model else []
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        fix = f"did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?" if hint else f"known keys: {', '.join(known)}"
+        return f"  {where}: unknown key '{key}'; {fix}"
+    value = err.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"  {where}: {key}: {err['msg']}{shown}"
+
+
+def _merge_union_errors(problems: list[str]) -> list[str]:
+    """A value that fits no member of a union yields one error per member; say it once."""
+    merged: dict[str, list[str]] = {}
+    for p in problems:
+        head, sep, rest = p.partition(": Input should be ")
+        if not sep:
+            merged.setdefault(p, [])
+            continue
+        msg, _, got = rest.rpartition(" (got ")
+        merged.setdefault(f"{head}|{got}", []).append(msg.split(",")[0])
+    out = []
+    for key, msgs in merged.items():
+        if not msgs:
+            out.append(key)
+        else:
+            head, _, got = key.partition("|")
+            out.append(f"{head}: expected {' or '.join(msgs)} (got {got}")
+    return out
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def _nearest_line(loc: tuple, lines: dict[tuple, int]) -> int | None:
+    for i in range(len(loc), 0, -1):
+        if loc[:i] in lines:
+            return lines[loc[:i]]
+    return None
+
+
+def _key_lines(node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line, for error messages."""
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = prefix + (str(k.value),)
+            out[path] = k.start_mark.line + 1
+            out.update(_key_lines(v, path))
+    return out
+
+
+def _resolve_data_paths(raw: dict, base: Path) -> None:
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("train", "validation", "test"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists():
+            candidate = base / value
+            if candidate.exists():
+                data[key] = str(candidate)
