@@ -1,0 +1,113 @@
+"""The public Python API. The CLI is a thin layer over these functions.
+
+    import tunesmith
+    run = tunesmith.train("recipes/ticket-triage-lora.yaml", **{"train.max_steps": 50})
+    print(run.generate("My card was charged twice"))
+    run = tunesmith.load("runs/ticket-triage")
+
+Heavy imports (torch, transformers) happen inside the functions so `import tunesmith` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from tunesmith.config import Config, load_config, parse_override, validate_config  # noqa: F401  (re-exported)
+from tunesmith.errors import RunError
+
+
+def train(
+    config: Config | str | Path | dict | None = None,
+    *,
+    resume: str | Path | None = None,
+    quiet: bool = False,
+    log=print,
+    **overrides: Any,
+) -> "Run":
+    """Fine-tune a model. `config` is a Config, a recipe path, or a dict; `overrides` are dotted keys
+    (`tunesmith.train("r.yaml", **{"train.lr": 1e-4})`). With resume=RUN_DIR, continue that run."""
+    from tunesmith.train.loop import train as _train
+
+    if resume is not None:
+        cfg = validate_config({"output": str(resume)})
+        return Run(_train(cfg, resume=True, quiet=quiet, log=log))
+    if isinstance(config, Config):
+        cfg = config if not overrides else load_config(None, _merge(config.model_dump(mode="json"), overrides))
+    elif isinstance(config, dict):
+        cfg = load_config(None, _merge(config, overrides))
+    else:
+        cfg = load_config(config, list(overrides.items()))
+    return Run(_train(cfg, quiet=quiet, log=log))
+
+
+def _merge(raw: dict, overrides: dict) -> list[tuple[str, Any]]:
+    flat: list[tuple[str, Any]] = []
+
+    def walk(prefix, node):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat.append((prefix, node))
+
+    walk("", raw)
+    return flat + list(overrides.items())
+
+
+def load(run_dir: str | Path) -> "Run":
+    """Open a finished run directory."""
+    return Run(run_dir)
+
+
+class Run:
+    """A run directory (see DESIGN.md: config.yaml, data.json, metrics.jsonl, checkpoints/, model/, eval/)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "config.yaml").is_file():
+            raise RunError(f"{self.path}: not a run directory (no config.yaml); train one with: tunesmith train ...")
+        self._loaded = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def config(self) -> Config:
+        import yaml
+
+        return validate_config(yaml.safe_load((self.path / "config.yaml").read_text()), source=str(self.path / "config.yaml"))
+
+    @property
+    def metrics(self) -> list[dict]:
+        from tunesmith.train.metrics import read_metrics
+
+        return read_metrics(self.path)
+
+    @property
+    def data_summary(self) -> dict:
+        return json.loads((self.path / "data.json").read_text())
+
+    def load_model(self, device: str | None = None):
+        """(model, tokenizer, renderer) of the fine-tuned model, cached on the Run."""
+        if self._loaded is None:
+            from tunesmith.evaluate.generate import load_run_model
+
+            self._loaded = load_run_model(self.path, self.config, device=device)
+        return self._loaded
+
+    def generate(self, prompt: str | list[dict], **kwargs) -> str:
+        """Answer one prompt (a user message, or a list of chat messages). kwargs: max_new_tokens, temperature,
+        top_p, seed, stop."""
+        from tunesmith.evaluate.generate import generate
+
+        model, tokenizer, renderer = self.load_model()
+        return generate(model, tokenizer, renderer, prompt, **kwargs)
+
+    def stream(self, messages: list[dict], **kwargs) -> Iterator[str]:
+        """Yield the answer to a conversation piece by piece as it is generated."""
+        from tunesmith.evaluate.generate import stream
+
+        model, tokenizer, renderer = self.load_model()
+        yield from stream(model, tokenizer, renderer, messages, **kwargs)

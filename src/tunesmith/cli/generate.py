@@ -1,0 +1,104 @@
+"""`tunesmith generate` and `tunesmith chat`: use a run's model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from tunesmith import api
+from tunesmith.errors import DataError
+
+_common = [
+    click.option("--max-new-tokens", default=256, show_default=True, type=int),
+    click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
+    click.option("--top-p", default=1.0, show_default=True, type=float),
+    click.option("--seed", type=int, help="Sampling seed."),
+]
+
+
+def common(f):
+    for opt in reversed(_common):
+        f = opt(f)
+    return f
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--prompt", "-p", help="One prompt (a user message).")
+@click.option("--file", "prompts_file", type=click.Path(dir_okay=False, exists=True),
+              help="JSONL of prompts: {\"prompt\": ...} or {\"messages\": [...]} per line; answers go to stdout as JSONL.")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@common
+def generate(run_dir, prompt, prompts_file, batch_size, **gen):
+    """Generate answers with a run's fine-tuned model."""
+    run = api.load(run_dir)
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give exactly one of --prompt or --file")
+    if prompt is not None:
+        click.echo(run.generate(prompt, **gen))
+        return
+    prompts = _read_prompts(prompts_file)
+    from tunesmith.evaluate.generate import generate_batch
+
+    model, tokenizer, renderer = run.load_model()
+    answers = generate_batch(model, tokenizer, renderer, prompts, batch_size=batch_size, **gen)
+    for p, a in zip(prompts, answers):
+        sys.stdout.write(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n")
+
+
+def _read_prompts(path: str) -> list:
+    prompts, problems = [], []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{n}: invalid JSON ({e.msg}); write one JSON object per line")
+                continue
+            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+                prompts.append(row["prompt"])
+            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+                msgs = row["messages"]
+                if msgs and msgs[-1].get("role") == "assistant":
+                    msgs = msgs[:-1]  # a full conversation: answer its last user turn
+                prompts.append(msgs)
+            else:
+                problems.append(f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+    if problems:
+        raise DataError(f"{path}: {len(problems)} problem(s)", problems)
+    return prompts
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--system", help="System message for the conversation.")
+@common
+def chat(run_dir, system, **gen):
+    """Talk to a run's model (multi-turn, streaming). Empty line or Ctrl-D to quit; /reset to start over."""
+    run = api.load(run_dir)
+    click.echo("loading model...", err=True)
+    run.load_model()
+    messages = [{"role": "system", "content": system}] if system else []
+    click.echo("chat ready: type a message (/reset to clear, empty line to quit)", err=True)
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        if text.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        click.echo("model> ", nl=False)
+        reply = []
+        for piece in run.stream(messages, **gen):
+            reply.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(reply)})

@@ -1,0 +1,92 @@
+"""`tunesmith train`: a recipe and/or flags -> a run directory."""
+
+from __future__ import annotations
+
+import click
+
+from tunesmith import api
+from tunesmith.config import parse_override
+from tunesmith.errors import ConfigError
+
+# named flags -> config keys
+FLAGS = {
+    "model": "model.name",
+    "data": "data.train",
+    "val_data": "data.validation",
+    "test_data": "data.test",
+    "method": "method",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "lr": "train.lr",
+    "batch_size": "train.batch_size",
+    "output": "output",
+    "name": "name",
+    "seed": "train.seed",
+}
+
+
+@click.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    epilog="Any config key is also a flag: --lora.r 8 --lora.target all-linear --data.max_length 512 "
+    "--train.schedule linear. See a recipe in recipes/ for every key.",
+)
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", help="Built-in model name, local HF directory, or .gguf file.")
+@click.option("--data", help="Training data file (.jsonl/.json/.csv/.parquet/.txt).")
+@click.option("--val-data", help="Validation file (default: hold out data.val_fraction of --data).")
+@click.option("--test-data", help="Held-out test file for `tunesmith eval`.")
+@click.option("--method", help="full, freeze, lora, dora, ia3, prefix, prompt or adapter (default lora).")
+@click.option("--epochs", help="Passes over the data, or auto.")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
+@click.option("--lr", help="Peak learning rate, or auto.")
+@click.option("--batch-size", help="Examples per optimizer step, or auto.")
+@click.option("--output", "-o", help="Run directory (default runs/<name>).")
+@click.option("--name", help="Run name (default: the data file's stem).")
+@click.option("--seed", type=int, help="Random seed (data order, initialisation).")
+@click.option("--log", "log_sinks", multiple=True, type=click.Choice(["jsonl", "tensorboard"]), help="Metric sinks.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue RUN_DIR from its last checkpoint.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train(ctx, recipe, log_sinks, resume, quiet, **flags):
+    """Fine-tune a model on your examples.
+
+    \b
+    tunesmith train --data tickets.jsonl                  LoRA on the default model
+    tunesmith train recipes/ticket-triage-lora.yaml --train.max_steps 20
+    tunesmith train --resume runs/tickets                 continue after a stop
+    """
+    if resume:
+        if recipe or any(v is not None for v in flags.values()) or ctx.args:
+            raise ConfigError("--resume continues a run with its saved config; give no recipe or other flags with it")
+        run = api.train(resume=resume, quiet=quiet, log=click.echo)
+    else:
+        overrides = [(FLAGS[k], v) for k, v in flags.items() if v is not None]
+        overrides = [(k, parse_override(f"{k}={v}")[1] if isinstance(v, str) else v) for k, v in overrides]
+        if log_sinks:
+            overrides.append(("train.log", list(log_sinks)))
+        overrides += _dotted_flags(ctx.args)
+        run = api.train(recipe, quiet=quiet, log=click.echo, **dict(overrides))
+    click.echo(f"\nrun: {run.path}\nnext: tunesmith generate {run.path} --prompt \"...\"   or   tunesmith chat {run.path}")
+
+
+def _dotted_flags(args: list[str]) -> list[tuple[str, object]]:
+    """--section.key value / --section.key=value pairs -> overrides; anything else is an error."""
+    out, i, bad = [], 0, []
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            bad.append(arg)
+            i += 1
+            continue
+        if "=" in arg:
+            out.append(parse_override(arg[2:]))
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(parse_override(f"{arg[2:]}={args[i + 1]}"))
+            i += 2
+        else:
+            bad.append(f"{arg} (no value)")
+            i += 1
+    if bad:
+        raise ConfigError("unrecognised arguments: " + " ".join(bad) + "; see tunesmith train --help")
+    return out

@@ -1,0 +1,406 @@
+"""The training loop. Read it top to bottom: `train()` sets up, `_run_steps()` is the loop.
+
+What it does that a generic trainer does not:
+- the LM head and the loss run only at positions whose next token has a label (`logits_to_keep`);
+- a step's examples are packed into rows without padding by default (see data/batching.py);
+- the loss of an optimizer step is the sum over its labelled tokens divided by their count, whatever the
+  micro-batching (gradient accumulation normalised by loss tokens, not by micro-batches);
+- the example order is a pure function of (seed, epoch), so a resumed run replays the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.config import Config, validate_config
+from tunesmith.data.batching import make_batches, step_indices
+from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
+from tunesmith.train.auto import Plan, lr_at, plan_training
+from tunesmith.atomic import atomic_write_text
+from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunesmith.train.metrics import MetricsLogger, Progress
+
+ROW_TOKENS = 2048  # packed row capacity when examples are short; a row never exceeds max(this, max_length)
+
+
+def train(config: Config, resume: bool = False, quiet: bool = False, log=print) -> Path:
+    """Fine-tune per `config`; returns the run directory. With resume=True, continue from its last checkpoint."""
+    run_dir = config.run_dir()
+    if resume:
+        config = _load_run_config(run_dir)
+    else:
+        _check_fresh(run_dir)
+    cfg = config
+    _set_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+
+    from tunesmith import methods, models
+
+    device = models.pick_device(cfg.model.device)
+    dtype = models.pick_dtype(cfg.model.dtype, device)
+    log(f"loading {cfg.model.name} ({dtype}, {device})")
+    model, tokenizer = models.load(cfg.model.name, dtype="float32", device=str(device))
+    data = _prepare_data(cfg, tokenizer, model, log)
+    lengths = [len(e.input_ids) for e in data["train"]]
+    plan = plan_training(cfg.train, cfg.method, len(data["train"]), lengths, device.type)
+    cfg = _resolved(cfg, plan)
+    _print_plan(plan, log)
+
+    torch.manual_seed(cfg.train.seed)
+    model = methods.apply_method(model, cfg, tokenizer=tokenizer)
+    log(methods.describe(model, cfg))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = _optimizer(model, cfg)
+
+    state = {"step": 0, "best_val_loss": None, "evals_without_improvement": 0, "tokens": 0}
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise RunError(f"{run_dir}: no checkpoint to resume from; start it again without --resume")
+        trainable, optim_state, state = load_checkpoint(ckpt, device)
+        methods.load_trainable_state_dict(model, trainable)
+        optimizer.load_state_dict(optim_state)
+        log(f"resuming from {ckpt} (step {state['step']} of {plan.total_steps})")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run_dir / "data.json", json.dumps(data["summary"] | {"plan": asdict(plan)}, indent=2))
+
+    metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state["step"] if resume else None)
+    ctx = _LoopContext(cfg, plan, model, optimizer, data, device, dtype, metrics, run_dir, tokenizer.pad_token_id)
+    try:
+        _run_steps(ctx, state, quiet, log)
+    finally:
+        metrics.close()
+
+    methods.save_trained(model, cfg, run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    log(f"done: {run_dir}/model")
+    return run_dir
+
+
+class _LoopContext:
+    def __init__(self, cfg, plan, model, optimizer, data, device, dtype, metrics, run_dir, pad_id):
+        self.cfg, self.plan, self.model, self.optimizer = cfg, plan, model, optimizer
+        self.data, self.device, self.dtype, self.metrics, self.run_dir = data, device, dtype, metrics, run_dir
+        self.pad_id = pad_id if pad_id is not None else 0
+        # prompt tuning prepends virtual tokens to every row: the kept-positions mask must cover them too
+        self.virtual_tokens = cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0
+        self.autocast = device.type == "cuda" and dtype != torch.float32
+
+
+def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
+    cfg, plan, model, optimizer = ctx.cfg, ctx.plan, ctx.model, ctx.optimizer
+    train_set = ctx.data["train"]
+    lengths = [len(e.input_ids) for e in train_set]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    progress = Progress(plan.total_steps, start=state["step"], quiet=quiet)
+    stop = _StopFlag()
+    epoch_steps: dict[int, list[list[int]]] = {}
+    window_tokens, window_time = 0, 0.0
+    model.train()
+    try:
+        while state["step"] < plan.total_steps:
+            step = state["step"]
+            epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+            if epoch not in epoch_steps:
+                epoch_steps = {epoch: step_indices(lengths, plan.batch_size, cfg.train.seed, epoch, plan.batching)}
+            examples = [train_set[i] for i in epoch_steps[epoch][in_epoch]]
+            batches = make_batches(examples, plan.batching, plan.micro_batch_size, ctx.pad_id, _row_tokens(cfg))
+            n_targets = sum(b.n_targets for b in batches)
+
+            t0 = time.perf_counter()
+            lr = lr_at(step, plan, cfg.train.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for batch in batches:
+                batch_loss, _ = _forward(ctx, batch.to(ctx.device))
+                # normalise by the step's label tokens, not per micro-batch: every labelled token weighs the same
+                (batch_loss / max(n_targets, 1)).backward()
+                loss_sum += batch_loss.item()
+            loss = loss_sum / max(n_targets, 1)
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss} at step {step + 1}; lower train.lr (now {plan.lr:g}) or check the data"
+                )
+            grad_norm = _clip(trainable, cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - t0
+
+            n_tokens = sum(b.n_tokens for b in batches)
+            state["step"] = step + 1
+            state["tokens"] += n_tokens
+            window_tokens, window_time = window_tokens + n_tokens, window_time + elapsed
+            record = {
+                "kind": "train", "step": step + 1, "epoch": round((step + 1) / plan.steps_per_epoch, 4),
+                "loss": round(loss, 6), "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
+                "label_tokens": n_targets, "tokens_per_s": round(n_tokens / elapsed, 1), "step_time": round(elapsed, 4),
+            }
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps:
+                ctx.metrics.log(record)
+            progress.update(state["step"], f"loss {loss:.4f}  {window_tokens / max(window_time, 1e-9):,.0f} tok/s")
+
+            last = state["step"] == plan.total_steps
+            stop_early = False
+            if ctx.data["validation"] and (state["step"] % plan.eval_every == 0 or last):
+                stop_early = _evaluate_and_track(ctx, state, progress)
+            if state["step"] % plan.save_every == 0 or last or stop_early or stop.requested:
+                _checkpoint(ctx, state)
+            if stop_early:
+                progress.print(
+                    f"early stopping: validation loss has not improved for {cfg.train.early_stopping_patience} "
+                    f"evaluations (best {state['best_val_loss']:.4f})"
+                )
+                break
+            if stop.requested:
+                raise Interrupted(
+                    f"interrupted at step {state['step']} of {plan.total_steps}; checkpoint saved.\n"
+                    f"Resume with: tunesmith train --resume {ctx.run_dir}"
+                )
+    finally:
+        stop.restore()
+        progress.close()
+
+
+def _forward(ctx: _LoopContext, batch) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the batch's labelled positions, and how many were predicted right."""
+    keep = batch.keep
+    if ctx.virtual_tokens:
+        keep = torch.cat([keep.new_zeros(keep.shape[0], ctx.virtual_tokens), keep], dim=1)
+    kwargs = {"input_ids": batch.input_ids, "logits_to_keep": keep, "use_cache": False}
+    if batch.attention_mask is None:
+        kwargs["position_ids"] = batch.position_ids  # packed rows: restarting positions separate the examples
+    else:
+        kwargs["attention_mask"] = batch.attention_mask
+    with torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.autocast):
+        logits = ctx.model(**kwargs).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    loss = F.cross_entropy(logits, batch.targets, reduction="sum")
+    correct = int((logits.detach().argmax(-1) == batch.targets).sum())
+    return loss, correct
+
+
+@torch.no_grad()
+def evaluate_loss(ctx: _LoopContext, examples) -> dict:
+    """Validation loss (mean over labelled tokens) and token accuracy."""
+    was_training = ctx.model.training
+    ctx.model.eval()
+    total, correct, n = 0.0, 0, 0
+    batches = make_batches(examples, ctx.plan.batching, ctx.plan.micro_batch_size, ctx.pad_id, _row_tokens(ctx.cfg))
+    for batch in batches:
+        loss, right = _forward(ctx, batch.to(ctx.device))
+        total += loss.item()
+        correct += right
+        n += batch.n_targets
+    if was_training:
+        ctx.model.train()
+    return {"val_loss": total / max(n, 1), "val_token_acc": correct / max(n, 1), "val_tokens": n}
+
+
+def _evaluate_and_track(ctx: _LoopContext, state: dict, progress: Progress) -> bool:
+    """Validate, log, and return True when early stopping says stop."""
+    result = evaluate_loss(ctx, ctx.data["validation"])
+    ctx.metrics.log({"kind": "eval", "step": state["step"], **{k: round(v, 6) for k, v in result.items()}})
+    progress.print(
+        f"step {state['step']}: val_loss {result['val_loss']:.4f}  val_token_acc {result['val_token_acc']:.3f}"
+    )
+    best = state["best_val_loss"]
+    if best is None or result["val_loss"] < best - 1e-6:
+        state["best_val_loss"] = result["val_loss"]
+        state["evals_without_improvement"] = 0
+    else:
+        state["evals_without_improvement"] += 1
+    patience = ctx.cfg.train.early_stopping_patience
+    return patience is not None and state["evals_without_improvement"] >= patience
+
+
+def _checkpoint(ctx: _LoopContext, state: dict) -> None:
+    from tunesmith import methods
+
+    save_checkpoint(
+        ctx.run_dir, state["step"], methods.trainable_state_dict(ctx.model), ctx.optimizer, state,
+        keep=ctx.cfg.train.keep_checkpoints,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
+    """Read, split and encode the data; returns encoded train/validation sets and a summary for data.json."""
+    from tunesmith.data.formats import read_examples
+    from tunesmith.data.split import split_train_val
+    from tunesmith.data.templates import Renderer
+
+    if not cfg.data.train:
+        raise ConfigError("no training data: pass --data FILE or set data.train in the recipe")
+    train_examples = read_examples(cfg.data.train, cfg.data.format)
+    if cfg.data.validation:
+        val_examples = read_examples(cfg.data.validation, cfg.data.format)
+    elif cfg.data.val_fraction > 0 and len(train_examples) >= 10:
+        train_examples, val_examples = split_train_val(train_examples, cfg.data.val_fraction, cfg.train.seed)
+    else:
+        val_examples = []
+    if any(e.kind == "preference" for e in train_examples):
+        raise DataError(f"{cfg.data.train}: preference pairs are validated but cannot be trained on yet")
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} is longer than the model's context ({context} tokens); "
+            f"set data.max_length to at most {context}"
+        )
+    renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
+    encoded, summary = {}, {"template": renderer.template_name, "kind": train_examples[0].kind}
+    for split, examples in (("train", train_examples), ("validation", val_examples)):
+        encoded[split], summary[split] = _encode_all(examples, renderer, cfg)
+    if not encoded["train"]:
+        raise DataError(f"{cfg.data.train}: no trainable example left after filtering")
+    summary["files"] = {
+        k: {"path": v, "sha256": _sha256(v)} for k, v in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)) if v
+    }
+    s = summary["train"]
+    log(
+        f"data: {s['examples']} train / {summary['validation']['examples']} validation examples, "
+        f"{s['tokens']:,} train tokens ({s['label_tokens']:,} with loss), template {renderer.template_name}"
+        + (f", {s['truncated']} truncated" if s["truncated"] else "")
+        + (f", {s['dropped']} dropped (too long)" if s["dropped"] else "")
+    )
+    return {"train": encoded["train"], "validation": encoded["validation"], "summary": summary}
+
+
+def _encode_all(examples, renderer, cfg: Config) -> tuple[list, dict]:
+    from tunesmith.data.templates import TooLong
+
+    out, dropped = [], 0
+    for ex in examples:
+        try:
+            enc = renderer.encode(ex, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+        except TooLong:
+            if cfg.data.truncation != "drop":
+                raise
+            dropped += 1
+            continue
+        if enc.n_label_tokens == 0:
+            dropped += 1  # nothing to learn (e.g. every assistant turn has weight 0 or was truncated away)
+            continue
+        out.append(enc)
+    lengths = sorted(len(e.input_ids) for e in out) or [0]
+    summary = {
+        "examples": len(out),
+        "dropped": dropped,
+        "truncated": sum(e.truncated for e in out),
+        "tokens": sum(lengths),
+        "label_tokens": sum(e.n_label_tokens for e in out),
+        "length_p50": lengths[len(lengths) // 2],
+        "length_p95": lengths[int(0.95 * (len(lengths) - 1))],
+        "length_max": lengths[-1],
+    }
+    return out, summary
+
+
+def _optimizer(model, cfg: Config) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-8, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    if max_norm is None:
+        norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def _row_tokens(cfg: Config) -> int:
+    return max(ROW_TOKENS, cfg.data.max_length)
+
+
+def _resolved(cfg: Config, plan: Plan) -> Config:
+    raw = cfg.model_dump(mode="json")
+    raw["train"].update(
+        epochs=plan.epochs, batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size, lr=plan.lr,
+        warmup=plan.warmup_steps, eval_every=plan.eval_every, save_every=plan.save_every, batching=plan.batching,
+    )
+    raw["output"] = str(cfg.run_dir())
+    return validate_config(raw, source="resolved config")
+
+
+def _print_plan(plan: Plan, log) -> None:
+    log(
+        f"plan: {plan.total_steps} steps ({plan.epochs} epoch{'s' if plan.epochs > 1 else ''} x {plan.steps_per_epoch}), "
+        f"batch {plan.batch_size} (micro {plan.micro_batch_size}), lr {plan.lr:g}, warmup {plan.warmup_steps}, "
+        f"batching {plan.batching}"
+    )
+    for key, why in plan.reasons.items():
+        log(f"  auto {key}: {why}")
+
+
+def _check_fresh(run_dir: Path) -> None:
+    if (run_dir / "checkpoints").exists() or (run_dir / "model").exists():
+        raise RunError(
+            f"{run_dir} already holds a run. Continue it with: tunesmith train --resume {run_dir}\n"
+            f"or write elsewhere with --output DIR (or delete {run_dir})"
+        )
+
+
+def _load_run_config(run_dir: Path) -> Config:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no config.yaml); nothing to resume")
+    return validate_config(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        threads = int(os.environ.get("TUNESMITH_THREADS", 0)) or (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, checkpoint, exit cleanly. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step to save a checkpoint (Ctrl-C again to stop at once)", flush=True)
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
