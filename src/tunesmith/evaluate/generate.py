@@ -58,6 +58,8 @@ def _gen_kwargs(tokenizer, renderer, max_new_tokens, temperature, top_p, seed) -
     }
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    if renderer.stop_strings:  # end-of-turn markers that are several tokens in this vocabulary
+        kwargs.update(stop_strings=list(renderer.stop_strings), tokenizer=tokenizer)
     return kwargs
 
 
