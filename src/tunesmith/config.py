@@ -286,7 +286,7 @@ def _merge_union_errors(problems: list[str]) -> list[str]:
             merged.setdefault(p, [])
             continue
         msg, _, got = rest.rpartition(" (got ")
-        merged.setdefault(f"{head}|{got}", []).append(msg.split(",")[0])
+        merged.setdefault(f"{head}|{got}", []).append(msg.split(", unable to")[0])
     out = []
     for key, msgs in merged.items():
         if not msgs:

@@ -1,0 +1,46 @@
+"""The documented `auto` rule for hyperparameters, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunesmith.config import TrainConfig
+from tunesmith.train.auto import lr_at, plan_training
+
+
+@pytest.mark.parametrize(
+    "n,batch,epochs",
+    [(20, 4, 5), (100, 4, 3), (500, 8, 3), (2000, 32, 3), (20000, 32, 1)],
+)
+def test_batch_and_epochs_follow_the_rule(n, batch, epochs):
+    plan = plan_training(TrainConfig(), "lora", n, [80] * n)
+    assert (plan.batch_size, plan.epochs) == (batch, epochs)
+    assert plan.total_steps == -(-n // batch) * epochs
+    assert set(plan.reasons) >= {"batch_size", "epochs", "lr", "warmup", "micro_batch_size"}
+
+
+def test_lr_by_method_and_explicit_values_win():
+    assert plan_training(TrainConfig(), "lora", 100, [50] * 100).lr == 2e-4
+    assert plan_training(TrainConfig(), "full", 100, [50] * 100).lr == 2e-5
+    plan = plan_training(TrainConfig(lr=1e-3, batch_size=10, epochs=2), "lora", 100, [50] * 100)
+    assert (plan.lr, plan.batch_size, plan.epochs, plan.total_steps) == (1e-3, 10, 2, 20)
+    assert "lr" not in plan.reasons
+
+
+def test_micro_batch_fits_the_token_budget_and_prefix_methods_pad():
+    plan = plan_training(TrainConfig(batch_size=32), "lora", 1000, [1000] * 1000, "cpu")
+    assert plan.micro_batch_size == 4  # 4096 tokens / 1000-token examples
+    assert plan.batching == "pack"
+    assert plan_training(TrainConfig(), "prompt", 100, [50] * 100).batching == "pad"
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    plan = plan_training(TrainConfig(lr=1.0, batch_size=1, epochs=1, warmup=0.1), "lora", 100, [10] * 100)
+    lrs = [lr_at(s, plan, "cosine") for s in range(plan.total_steps)]
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(1.0)
+    assert max(lrs) == pytest.approx(1.0)
+    assert lrs[-1] < 0.001
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(50, plan, "constant") == 1.0
+    assert lr_at(55, plan, "linear") == pytest.approx(0.5)
