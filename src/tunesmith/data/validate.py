@@ -1,0 +1,565 @@
+"""Check a dataset before training: every problem of its files, then statistics and warnings.
+
+`check(train, validation)` reads the files with `formats.read_file`, which raises `DataError` listing every
+problem (`FILE:LINE: what is wrong; how to fix it`). A readable dataset gives a `DataReport`: format, counts,
+turns, token lengths (with a tokenizer), and warnings that do not fail the check, each
+`FILE:LINE: warning: what; what to do`:
+
+- exact duplicate: same input and answer (`Example.input_key()` and `answer()`; text rows: same text)
+- near-duplicate: the sets of words of the two rows (system messages left out, as one shared system prompt
+  would make every pair look alike; lowercased, punctuation dropped) have a Jaccard similarity of at least
+  NEAR_DUPLICATE_JACCARD. Candidates come from MinHash with LSH banding (numpy), so 10k rows take about a
+  second rather than the 50M comparisons of every pair; each candidate is then confirmed exactly.
+- conflicting answers: same normalised input, different answer (chat and completion rows)
+- train/validation overlap: a validation row with the same input as a training row (exact), or a
+  near-duplicate of one (near)
+- longer than max_length (with a tokenizer): the end would be cut off in training
+- classification-like data (see `is_classification`): imbalanced labels, or validation labels the training
+  file never shows
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tunesmith.data.example import Example
+from tunesmith.data.formats import MAX_PROBLEMS, DataFile, read_file
+from tunesmith.errors import DataError
+
+NEAR_DUPLICATE_JACCARD = 0.8
+"""Word-set Jaccard similarity from which two rows are near-duplicates. A one-word substitution in a row of
+n words gives (n-1)/(n+1): flagged from 9 words up; one word added or dropped: from 4 words up."""
+
+CLASSIFICATION_MAX_WORDS = 5
+"""A label is an answer of at most this many words..."""
+CLASSIFICATION_MAX_LABELS = 50
+"""...and the data has between 2 and this many distinct labels..."""
+CLASSIFICATION_MIN_COUNT = 2
+"""...each seen at least this often..."""
+CLASSIFICATION_COVERAGE = 0.95
+"""...that together answer at least this share of the examples."""
+IMBALANCE_RATIO = 10
+"""Warn when the most common label has at least this many times the examples of the rarest."""
+
+_BANDS, _BAND_ROWS = 25, 5  # P(candidate) = 1 - (1 - J^5)^25: 0.99995 at J=0.8, 0.55 at 0.5, 0.06 at 0.3
+_NUM_HASHES = _BANDS * _BAND_ROWS
+_MAX_BUCKET = 64  # compare all pairs in LSH buckets up to this size; chain larger ones (bounded work)
+
+
+@dataclass
+class FileReport:
+    path: str
+    format: str
+    examples: int
+    messages: dict[str, float] | None = None
+    """Messages per conversation: min, mean, max (chat data)."""
+    roles: dict[str, int] | None = None
+    """Number of messages of each role (chat data)."""
+    tokens: dict[str, dict[str, float]] | None = None
+    """Per role (or field: prompt, completion, text, chosen, rejected) and "total": tokens per example as
+    p50/p90/p99/max/mean (nearest-rank percentiles). Only with a tokenizer."""
+    over_max_length: int | None = None
+    """Examples whose total exceeds max_length (they would be truncated). Only with a tokenizer and max_length."""
+    exact_duplicates: int = 0
+    """Rows that repeat an earlier row exactly."""
+    near_duplicates: int = 0
+    """Rows that are near-duplicates of an earlier row (and not exact duplicates)."""
+    conflicts: int = 0
+    """Rows whose input matches an earlier row's but whose answer differs."""
+    labels: dict[str, int] | None = None
+    """For classification-like data: examples per label, most common first ("(other)" for the rest). A
+    validation file is counted against the training file's labels."""
+
+
+@dataclass
+class DataReport:
+    train: FileReport
+    validation: FileReport | None = None
+    max_length: int | None = None
+    overlap_exact: int | None = None
+    """Validation rows whose input is also a training input (only with a validation file)."""
+    overlap_near: int | None = None
+    """Validation rows that are near-duplicates of a training row (and not exact overlaps)."""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check(
+    train_path: str | Path,
+    validation_path: str | Path | None = None,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    renderer: Callable[[Example], list[int]] | None = None,
+    format: str = "auto",
+) -> DataReport:
+    """Validate a training file (and a validation file). Raises DataError listing the problems of both files.
+
+    tokenizer: a Hugging Face tokenizer, for token counts. renderer: example -> token ids as training sees
+    them (chat template included); without one the total is the sum of the roles' content tokens.
+    """
+    paths = [str(train_path)] + ([] if validation_path is None else [str(validation_path)])
+    files, errors = [], []
+    for path in paths:
+        try:
+            files.append(read_file(path, format, max_problems=None))
+        except DataError as e:
+            errors.append((path, e))
+    if errors:
+        if len(errors) == 1 and not errors[0][1].problems:
+            raise errors[0][1]  # one whole-file error, such as a missing file
+        found = [line for _, e in errors for line in (e.problems or [e.message])]
+        n = len(found)
+        shown = found[:MAX_PROBLEMS] + ([f"... and {n - MAX_PROBLEMS} more"] if n > MAX_PROBLEMS else [])
+        raise DataError(f"{' and '.join(p for p, _ in errors)}: {n} problem{'s' if n != 1 else ''}", shown)
+
+    # long examples last: they can be many, and the table counts them
+    warnings: list[str] = []
+    too_long: list[str] = []
+    reports = [_file_report(f, tokenizer, max_length, renderer, warnings, too_long) for f in files]
+    report = DataReport(train=reports[0], max_length=max_length, warnings=warnings)
+    if len(files) == 2:
+        report.validation = reports[1]
+        train, val = files
+        report.overlap_exact, report.overlap_near = _overlap(train.examples, val.examples, warnings)
+        if report.train.labels:  # the validation file's labels, counted against the training label set
+            labels = is_classification(train.examples) or []
+            report.validation.labels = _label_counts(val.examples, labels)
+            _unseen_labels(val.examples, labels, warnings)
+    warnings += too_long
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# One file
+
+
+def _file_report(data: DataFile, tokenizer, max_length, renderer, warnings: list[str], too_long: list[str]):
+    path, examples = data.path, data.examples
+    report = FileReport(path=path, format=data.format, examples=len(examples))
+    chats = [ex for ex in examples if ex.kind == "chat"]
+    if chats:
+        sizes = [len(ex.messages) for ex in chats]
+        report.messages = {"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)}
+        report.roles = dict(Counter(m.role for ex in chats for m in ex.messages))
+    if tokenizer is not None:
+        report.tokens, totals = _token_stats(examples, tokenizer, renderer)
+        if max_length is not None:
+            long = [(ex, n) for ex, n in zip(examples, totals) if n > max_length]
+            report.over_max_length = len(long)
+            for ex, n in long:
+                too_long.append(
+                    f"{ex.source}: warning: {n} tokens, longer than max_length {max_length}, so the end will be "
+                    "cut off; raise --max-length or shorten the example"
+                )
+    report.exact_duplicates, report.near_duplicates = _duplicates(examples, path, warnings)
+    report.conflicts = _conflicts(examples, path, warnings)
+    labels = is_classification(examples)
+    if labels:
+        report.labels = _label_counts(examples, labels)
+        _imbalance(path, labels, report.labels, warnings)
+    return report
+
+
+def _imbalance(path: str, labels: list[str], counts: dict[str, int], warnings: list[str]) -> None:
+    most, rarest = max(labels, key=lambda k: counts[k]), min(labels, key=lambda k: counts[k])
+    if counts[most] >= IMBALANCE_RATIO * counts[rarest]:
+        warnings.append(
+            f"{path}: warning: labels are imbalanced ({_quote(most)}: {counts[most]} examples, "
+            f"{_quote(rarest)}: {counts[rarest]}); add examples of the rare labels, or the model "
+            f"may learn to answer {_quote(most)}"
+        )
+
+
+def _fields(ex: Example) -> list[tuple[str, str]]:
+    """(role or field name, text) pairs of an example, for token counts."""
+    if ex.kind == "chat":
+        return [(m.role, m.content) for m in ex.messages]
+    if ex.kind == "completion":
+        return [("prompt", ex.prompt or ""), ("completion", ex.completion or "")]
+    if ex.kind == "preference":
+        return [("prompt", ex.prompt or ""), ("chosen", ex.chosen or ""), ("rejected", ex.rejected or "")]
+    return [("text", ex.text or "")]
+
+
+def _token_stats(examples, tokenizer, renderer) -> tuple[dict[str, dict[str, float]], list[int]]:
+    owners, roles, texts = [], [], []
+    for i, ex in enumerate(examples):
+        for role, text in _fields(ex):
+            owners.append(i)
+            roles.append(role)
+            texts.append(text)
+    lengths: list[int] = []
+    for start in range(0, len(texts), 1024):  # batched: the fast tokenizer works through a list in Rust
+        ids = tokenizer(texts[start : start + 1024], add_special_tokens=False)["input_ids"]
+        lengths.extend(len(x) for x in ids)
+    per_example: list[dict[str, int]] = [defaultdict(int) for _ in examples]
+    for i, role, n in zip(owners, roles, lengths):
+        per_example[i][role] += n
+    if renderer is not None:
+        totals = [len(renderer(ex)) for ex in examples]
+    else:  # a preference pair is trained as prompt + chosen and prompt + rejected: count the longer
+        totals = [
+            c["prompt"] + max(c["chosen"], c["rejected"]) if ex.kind == "preference" else sum(c.values())
+            for ex, c in zip(examples, per_example)
+        ]
+    by_role: dict[str, list[int]] = defaultdict(list)
+    for counts in per_example:
+        for role, n in counts.items():
+            by_role[role].append(n)
+    order = ["system", "user", "assistant", "prompt", "completion", "chosen", "rejected", "text"]
+    stats = {role: _percentiles(by_role[role]) for role in sorted(by_role, key=order.index)}
+    stats["total"] = _percentiles(totals)
+    return stats, totals
+
+
+def _percentiles(values: Sequence[int]) -> dict[str, float]:
+    """Nearest-rank percentiles: p90 is the smallest value at least 90% of the examples do not exceed."""
+    v = sorted(values)
+    n = len(v)
+
+    if not v:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0}
+
+    def rank(p: int) -> int:
+        return v[max(0, -(-p * n // 100) - 1)]  # the ceil(p% of n)-th smallest
+
+    return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": v[-1], "mean": round(sum(v) / n, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Duplicates, near-duplicates, conflicts, overlap
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, NFKC, punctuation and runs of whitespace to one space: 'Hello,  World!' -> 'hello world'."""
+    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+
+
+def _exact_key(ex: Example) -> tuple:
+    if ex.kind == "preference":
+        return (ex.prompt, ex.chosen, ex.rejected)
+    return (ex.input_key(), ex.answer())
+
+
+def _words(ex: Example) -> frozenset[str]:
+    """The words a near-duplicate check compares: every field but system messages."""
+    if ex.kind == "chat":
+        text = "\n".join(m.content for m in ex.messages if m.role != "system")
+    else:
+        text = "\n".join(t for _, t in _fields(ex))
+    return frozenset(normalize_text(text).split())
+
+
+def _where(ex: Example, path: str) -> str:
+    """How a row of the same file is named in a warning: 'line 12' (or 'row 3'); another file's: in full."""
+    if ex.source.startswith(path + ":"):
+        tail = ex.source[len(path) + 1 :]
+        return f"line {tail}" if tail.isdigit() else tail
+    return ex.source
+
+
+def _duplicates(examples: list[Example], path: str, warnings: list[str]) -> tuple[int, int]:
+    first: dict[tuple, int] = {}
+    exact = 0
+    unique = []  # indices of rows that are not exact duplicates
+    for i, ex in enumerate(examples):
+        j = first.setdefault(_exact_key(ex), i)
+        if j != i:
+            exact += 1
+            warnings.append(f"{ex.source}: warning: exact duplicate of {_where(examples[j], path)}; remove one copy")
+        else:
+            unique.append(i)
+
+    words = [_words(examples[i]) for i in unique]
+    near: dict[int, tuple[int, float]] = {}  # later row -> (earliest similar row, similarity)
+    for a, b, sim in _similar_pairs(words):
+        i, j = unique[a], unique[b]
+        if j not in near or i < near[j][0]:
+            near[j] = (i, sim)
+    for j, (i, sim) in sorted(near.items()):
+        warnings.append(
+            f"{examples[j].source}: warning: near-duplicate of {_where(examples[i], path)} ({sim:.0%} of words "
+            "shared); remove one, or make them differ"
+        )
+    return exact, len(near)
+
+
+def _conflicts(examples: list[Example], path: str, warnings: list[str]) -> int:
+    first: dict[str, int] = {}
+    conflicts = 0
+    for i, ex in enumerate(examples):
+        if ex.kind not in ("chat", "completion"):
+            continue  # a preference prompt often has several pairs; text has no answer
+        j = first.setdefault(normalize_text(ex.input_key()), i)
+        answer, other = (ex.answer() or "").strip(), (examples[j].answer() or "").strip()
+        if j != i and answer != other:
+            conflicts += 1
+            warnings.append(
+                f"{ex.source}: warning: same input as {_where(examples[j], path)} but a different answer "
+                f"({_quote(answer)} vs {_quote(other)}); keep one answer, or make the inputs differ"
+            )
+    return conflicts
+
+
+def _overlap(train: list[Example], val: list[Example], warnings: list[str]) -> tuple[int, int]:
+    inputs: dict[str, int] = {}
+    for i, ex in enumerate(train):
+        inputs.setdefault(ex.input_key(), i)
+    exact_rows = set()
+    for j, ex in enumerate(val):
+        if (i := inputs.get(ex.input_key())) is not None:
+            exact_rows.add(j)
+            warnings.append(
+                f"{ex.source}: warning: same input as {train[i].source} (the training file); remove it from "
+                "one of the files so validation measures unseen examples"
+            )
+    near: dict[int, tuple[int, float]] = {}
+    words = [_words(ex) for ex in train] + [_words(ex) for ex in val]
+    for a, b, sim in _similar_pairs(words, split=len(train)):
+        j = b - len(train)
+        if j not in exact_rows and (j not in near or a < near[j][0]):
+            near[j] = (a, sim)
+    for j, (i, sim) in sorted(near.items()):
+        warnings.append(
+            f"{val[j].source}: warning: near-duplicate of {train[i].source} in the training file ({sim:.0%} of "
+            "words shared); remove it from one of the files"
+        )
+    return len(exact_rows), len(near)
+
+
+def _similar_pairs(word_sets: list[frozenset[str]], split: int | None = None) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, jaccard), i < j, with word-set Jaccard >= NEAR_DUPLICATE_JACCARD.
+
+    For each row j the pairs include its earliest similar row. With `split`, only pairs with
+    i < split <= j (the rows of two files, concatenated). Rows with identical word sets are grouped first;
+    the distinct sets go through MinHash LSH, and every candidate pair of sets is confirmed exactly.
+    """
+    groups: dict[frozenset[str], list[int]] = defaultdict(list)
+    for i, words in enumerate(word_sets):
+        if words:  # a row of punctuation only has no words to compare
+            groups[words].append(i)
+    sets = list(groups)
+    members = list(groups.values())
+
+    def link(into: list[int], partners: list[int], sim: float) -> list[tuple[int, int, float]]:
+        """Each row of `into` paired with its earliest earlier row among `partners`."""
+        if split is not None:
+            into = [j for j in into if j >= split]
+            partners = [i for i in partners if i < split]
+        if not partners:
+            return []
+        return [(partners[0], j, sim) for j in into if partners[0] < j]
+
+    pairs = [p for rows in members for p in link(rows[1:], rows, 1.0)]
+    if len(sets) < 2:
+        return pairs
+    seen: set[tuple[int, int]] = set()
+    for bucket in _lsh_buckets(_minhash(sets)):
+        if len(bucket) <= _MAX_BUCKET:
+            candidates = [(s, t) for x, s in enumerate(bucket) for t in bucket[x + 1 :]]
+        else:  # a huge bucket of alike rows: the first and the neighbours keep the work linear
+            candidates = [(bucket[0], t) for t in bucket[1:]] + list(zip(bucket[1:], bucket[2:]))
+        for s, t in candidates:
+            if (s, t) in seen:
+                continue
+            seen.add((s, t))
+            sim = len(sets[s] & sets[t]) / len(sets[s] | sets[t])
+            if sim >= NEAR_DUPLICATE_JACCARD:
+                pairs += link(members[t], members[s], sim) + link(members[s], members[t], sim)
+    return pairs
+
+
+def _minhash(word_sets: list[frozenset[str]]) -> np.ndarray:
+    """(n, _NUM_HASHES) MinHash signatures: per hash function, the minimum over the words of a
+    multiply-shift hash ((a*x + b) mod 2^64) >> 32 of the word's CRC32 (no modulo: twice as fast)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 1 << 63, _NUM_HASHES, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+    b = rng.integers(0, 1 << 63, _NUM_HASHES, dtype=np.uint64)
+    crc: dict[str, int] = {}  # words repeat across rows: hash each once
+    ids = [
+        np.fromiter((crc.get(w) or crc.setdefault(w, zlib.crc32(w.encode())) for w in s), np.uint64, count=len(s))
+        for s in word_sets
+    ]
+    sigs = np.empty((len(ids), _NUM_HASHES), dtype=np.uint64)
+    start = 0
+    while start < len(ids):  # chunks of ~32k words keep the (words x hashes) matrix near 32 MB
+        stop, total = start, 0
+        while stop < len(ids) and (stop == start or total + len(ids[stop]) <= 32_768):
+            total += len(ids[stop])
+            stop += 1
+        chunk = ids[start:stop]
+        hashed = (np.concatenate(chunk)[:, None] * a + b) >> np.uint64(32)
+        offsets = np.cumsum([0] + [len(x) for x in chunk[:-1]])
+        sigs[start:stop] = np.minimum.reduceat(hashed, offsets, axis=0)  # every set here is non-empty
+        start = stop
+    return sigs
+
+
+def _lsh_buckets(sigs: np.ndarray) -> list[list[int]]:
+    """Groups of rows whose signatures agree on a whole band (of _BAND_ROWS hashes), for each band."""
+    buckets = []
+    mix = np.random.default_rng(1).integers(1, 1 << 63, _BAND_ROWS, dtype=np.uint64)
+    for band in range(_BANDS):
+        # one 64-bit key per row and band (uint64 arithmetic wraps; a collision only adds a candidate)
+        keys = (sigs[:, band * _BAND_ROWS : (band + 1) * _BAND_ROWS] * mix).sum(axis=1)
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], len(keys)]
+        for k in np.flatnonzero(ends - starts > 1):
+            buckets.append(order[starts[k] : ends[k]].tolist())  # stable sort: already in row order
+    return buckets
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classification-like data
+
+
+def is_classification(examples: Sequence[Example]) -> list[str] | None:
+    """The sorted label set if the data looks like classification, else None.
+
+    Classification-like: every example is chat or completion; answers (stripped) of at most
+    CLASSIFICATION_MAX_WORDS words, each seen at least CLASSIFICATION_MIN_COUNT times, are the labels; there
+    are 2 to CLASSIFICATION_MAX_LABELS of them and they answer at least CLASSIFICATION_COVERAGE of the
+    examples. Answers outside the set (rare or long) are the remaining few percent.
+    """
+    if not examples or any(ex.kind not in ("chat", "completion") for ex in examples):
+        return None
+    counts = Counter((ex.answer() or "").strip() for ex in examples)
+    labels = [
+        a for a, c in counts.items()
+        if a and c >= CLASSIFICATION_MIN_COUNT and len(a.split()) <= CLASSIFICATION_MAX_WORDS
+    ]
+    if not 2 <= len(labels) <= CLASSIFICATION_MAX_LABELS:
+        return None
+    if sum(counts[a] for a in labels) < CLASSIFICATION_COVERAGE * len(examples):
+        return None
+    return sorted(labels)
+
+
+def _label_counts(examples: Sequence[Example], labels: list[str]) -> dict[str, int]:
+    """Examples per label, most common first; "(other)" counts the answers outside `labels`."""
+    counts = Counter((ex.answer() or "").strip() for ex in examples)
+    out = {label: counts[label] for label in sorted(labels, key=lambda k: (-counts[k], k))}
+    other = sum(c for a, c in counts.items() if a not in out)
+    if other:
+        out["(other)"] = other
+    return out
+
+
+def _unseen_labels(val: list[Example], labels: list[str], warnings: list[str]) -> None:
+    for ex in val:
+        answer = (ex.answer() or "").strip()
+        if ex.kind in ("chat", "completion") and answer not in labels:
+            warnings.append(
+                f"{ex.source}: warning: answer {_quote(answer)} is not one of the training file's labels; "
+                "add examples of it to the training file, or fix the label"
+            )
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return '"' + (text if len(text) <= limit else text[: limit - 1] + "…") + '"'
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token counts through a chat template, and the report as tables
+
+
+def chat_template_renderer(tokenizer) -> Callable[[Example], list[int]] | None:
+    """Example -> token ids with the tokenizer's chat template (None if it has none), for total lengths.
+
+    Completion and text rows are the plain text plus EOS; a preference pair counts its longer answer.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def render(ex: Example) -> list[int]:
+        if ex.kind == "chat":
+            text = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in ex.messages], tokenize=False
+            )
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ex.kind == "preference":
+            prompt = tokenizer(ex.prompt or "", add_special_tokens=False)["input_ids"]
+            answers = tokenizer([ex.chosen or "", ex.rejected or ""], add_special_tokens=False)["input_ids"]
+            return prompt + max(answers, key=len) + eos
+        text = (ex.prompt or "") + (ex.completion or "") if ex.kind == "completion" else (ex.text or "")
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+
+    return render
+
+
+def render_report(report: DataReport, console=None, max_warnings: int = 50) -> None:
+    """Print the report as rich tables, then the warnings (one line each, capped at max_warnings)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    files = [f for f in (report.train, report.validation) if f is not None]
+    summary = Table(title="Dataset", title_justify="left")
+    summary.add_column("")
+    for name in ("train", "validation")[: len(files)]:
+        summary.add_column(name, justify="right")
+
+    def row(name: str, values: list[Any]) -> None:
+        summary.add_row(name, *["-" if v is None else str(v) for v in values])
+
+    row("file", [f.path for f in files])
+    row("format", [f.format for f in files])
+    row("examples", [f.examples for f in files])
+    if any(f.messages for f in files):
+        row("messages/example (min/mean/max)", [
+            f"{f.messages['min']}/{f.messages['mean']}/{f.messages['max']}" if f.messages else None for f in files
+        ])
+        row("messages by role", [", ".join(f"{r} {n}" for r, n in f.roles.items()) if f.roles else None for f in files])
+    if report.max_length is not None:
+        row(f"longer than {report.max_length} tokens", [f.over_max_length for f in files])
+    row("exact duplicates", [f.exact_duplicates for f in files])
+    row("near-duplicates", [f.near_duplicates for f in files])
+    row("conflicting answers", [f.conflicts for f in files])
+    if report.validation is not None:
+        row("overlap with train (exact/near)", [None, f"{report.overlap_exact}/{report.overlap_near}"])
+    console.print(summary)
+
+    for f in files:
+        if f.tokens:
+            tokens = Table(title=f"Tokens per example ({f.path})", title_justify="left")
+            for name in ("", "p50", "p90", "p99", "max", "mean"):
+                tokens.add_column(name, justify="right" if name else "left")
+            for role, s in f.tokens.items():
+                tokens.add_row(role, *(str(s[k]) for k in ("p50", "p90", "p99", "max", "mean")))
+            console.print(tokens)
+    if report.train.tokens is None:
+        console.print("token lengths: pass --model to count tokens with the model's tokenizer")
+
+    if report.train.labels:
+        labels = Table(title="Labels", title_justify="left")
+        labels.add_column("label")
+        for name in ("train", "validation")[: len(files)]:
+            labels.add_column(name, justify="right")
+        names = list(dict.fromkeys([*report.train.labels, *(files[-1].labels or {})]))
+        for label in names:
+            cells = [(f.labels or {}).get(label, 0) for f in files]
+            labels.add_row(label, *(f"{n} ({n / max(f.examples, 1):.0%})" for n, f in zip(cells, files)))
+        console.print(labels)
+
+    for line in report.warnings[:max_warnings]:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if len(report.warnings) > max_warnings:
+        console.print(f"... and {len(report.warnings) - max_warnings} more warnings (--json lists them all)")
+    n = len(report.warnings)
+    console.print(f"OK: no problems, {n} warning{'s' if n != 1 else ''}", markup=False, highlight=False)

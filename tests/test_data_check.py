@@ -1,0 +1,209 @@
+"""`check()` statistics and warnings, and the `tunesmith data check` command."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from tunesmith.cli import main
+from tunesmith.data.validate import check
+from tunesmith.errors import DataError
+
+FILES = Path(__file__).parent / "data_files"
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "smollm2-tokenizer"
+
+DAMAGED = "My package arrived damaged and the box was soaking wet when it came"
+
+
+def write_chat(path: Path, rows: list[tuple[str, str]], system: str | None = None) -> Path:
+    with path.open("w") as f:
+        for user, answer in rows:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": answer},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def test_duplicates_near_duplicates_and_conflicts(tmp_path):
+    path = write_chat(
+        tmp_path / "train.jsonl",
+        [
+            (DAMAGED, "shipping"),  # 1
+            ("I was charged twice for my subscription this month", "billing"),  # 2
+            (DAMAGED.replace("damaged", "broken"), "shipping"),  # 3: reworded by one word
+            ("The app crashes whenever I open the settings page", "tech"),  # 4
+            ("My package arrived late and the box was open when it came", "shipping"),  # 5: similar, not a copy
+            ("I was charged twice for my subscription this month", "billing"),  # 6: exact copy of 2
+            ("i was CHARGED twice for my subscription, this month!", "refund"),  # 7: same input as 2, other answer
+            ("How do I change the email address on my account", "account"),  # 8
+        ],
+        system="You sort customer tickets into queues. " * 5,  # shared by all rows: must not make them alike
+    )
+    report = check(path)
+    assert (report.train.exact_duplicates, report.train.near_duplicates, report.train.conflicts) == (1, 2, 1)
+    assert report.warnings == [
+        f"{path}:6: warning: exact duplicate of line 2; remove one copy",
+        f"{path}:3: warning: near-duplicate of line 1 (87% of words shared); remove one, or make them differ",
+        f"{path}:7: warning: near-duplicate of line 2 (82% of words shared); remove one, or make them differ",
+        f'{path}:7: warning: same input as line 2 but a different answer ("refund" vs "billing"); keep one '
+        "answer, or make the inputs differ",
+    ]
+
+
+def test_templated_rows_differing_in_one_word_are_near_duplicates(tmp_path):
+    # 11 distinct words each ("the" twice), 10 shared: 10/12 = 83% >= 80%
+    rows = [(f"Please reset the password of user number {i} before the weekend", "done") for i in range(5)]
+    path = write_chat(tmp_path / "t.jsonl", rows)
+    report = check(path)
+    assert report.train.near_duplicates == 4
+    assert report.warnings == [
+        f"{path}:{line}: warning: near-duplicate of line 1 (83% of words shared); remove one, or make them differ"
+        for line in range(2, 6)
+    ]
+
+
+def test_distinct_rows_are_not_flagged(tmp_path):
+    rng = random.Random(0)
+    words = [f"word{i}" for i in range(500)]
+    rows = [(" ".join(rng.sample(words, 12)), rng.choice(["a", "b", "c"])) for _ in range(300)]
+    report = check(write_chat(tmp_path / "t.jsonl", rows))
+    assert report.warnings == []
+    assert report.train.labels == {label: n for label, n in sorted(
+        ((label, sum(1 for _, a in rows if a == label)) for label in "abc"), key=lambda kv: (-kv[1], kv[0]))}
+
+
+def test_train_validation_overlap(tmp_path):
+    train = write_chat(tmp_path / "train.jsonl", [
+        (DAMAGED, "shipping"),
+        ("I was charged twice for my subscription this month", "billing"),
+        ("How do I change the email address on my account", "account"),
+    ])
+    val = write_chat(tmp_path / "val.jsonl", [
+        ("The app crashes whenever I open the settings page", "tech"),
+        ("I was charged twice for my subscription this month", "refund"),
+        (DAMAGED.replace("soaking", "very"), "shipping"),
+    ])
+    report = check(train, val)
+    assert (report.overlap_exact, report.overlap_near) == (1, 1)
+    assert report.validation.examples == 3
+    assert report.warnings == [
+        f"{val}:2: warning: same input as {train}:2 (the training file); remove it from one of the files so "
+        "validation measures unseen examples",
+        f"{val}:3: warning: near-duplicate of {train}:1 in the training file (87% of words shared); remove it "
+        "from one of the files",
+    ]
+
+
+def test_labels_imbalance_and_unseen_validation_labels(tmp_path):
+    train = write_chat(tmp_path / "train.jsonl", [(f"ticket {i} about money", "billing") for i in range(20)]
+                       + [("ticket about a parcel", "shipping"), ("ticket about a box", "shipping")])
+    val = write_chat(tmp_path / "val.jsonl", [("ticket about a login", "account"), ("a refund ticket", "billing")])
+    report = check(train, val)
+    assert report.train.labels == {"billing": 20, "shipping": 2}
+    assert report.validation.labels == {"billing": 1, "shipping": 0, "(other)": 1}  # the training label set
+    assert report.warnings == [
+        f'{train}: warning: labels are imbalanced ("billing": 20 examples, "shipping": 2); add examples of the '
+        'rare labels, or the model may learn to answer "billing"',
+        f"{val}:1: warning: answer \"account\" is not one of the training file's labels; add examples of it to "
+        "the training file, or fix the label",
+    ]
+
+
+def test_token_lengths_and_truncation(tmp_path, tokenizer):
+    rows = [("hello", "a"), ("hello " * 20, "b"), ("hello " * 50, "a long answer " * 10)]
+    path = write_chat(tmp_path / "t.jsonl", rows)
+    user = sorted(len(tokenizer(u, add_special_tokens=False)["input_ids"]) for u, _ in rows)
+    answers = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in rows]
+    totals = sorted(len(tokenizer(u, add_special_tokens=False)["input_ids"]) + n for (u, _), n in zip(rows, answers))
+    report = check(path, tokenizer=tokenizer, max_length=totals[1])
+    assert report.train.tokens["user"] == {"p50": user[1], "p90": user[2], "p99": user[2], "max": user[2],
+                                           "mean": round(sum(user) / 3, 1)}
+    assert report.train.tokens["total"]["max"] == totals[2]
+    assert report.train.over_max_length == 1
+    assert report.warnings == [
+        f"{path}:3: warning: {totals[2]} tokens, longer than max_length {totals[1]}, so the end will be cut off; "
+        "raise --max-length or shorten the example"
+    ]
+    rendered = check(path, tokenizer=tokenizer, max_length=99, renderer=lambda ex: [0] * 100)
+    assert rendered.train.tokens["total"]["p50"] == 100
+    assert rendered.train.over_max_length == 3
+    json.dumps(rendered.to_dict())  # JSON-serialisable as is
+
+
+def test_check_reports_the_problems_of_both_files(tmp_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": ""}\n')
+    with pytest.raises(DataError) as info:
+        check(FILES / "bad.jsonl", val)
+    assert info.value.message == f"{FILES / 'bad.jsonl'} and {val}: 17 problems"
+    assert info.value.problems[-1] == f"{val}:1: text is empty; write the text or remove the row"
+
+
+def test_ten_thousand_rows_without_comparing_every_pair(tmp_path):
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(3000)]
+    rows = [(" ".join(rng.choice(vocab) for _ in range(rng.randint(8, 30))), rng.choice("abcde")) for _ in range(10_000)]
+    copy = [f"x{i}" for i in range(15)]
+    rows[123] = (" ".join(copy), "a")
+    copy[7] = "changed"
+    rows.append((" ".join(copy), "a"))
+    path = write_chat(tmp_path / "big.jsonl", rows)
+    start = time.perf_counter()
+    report = check(path)
+    assert time.perf_counter() - start < 30  # ~2 s here; all 50M pairs in Python would take minutes
+    assert report.warnings == [
+        f"{path}:10001: warning: near-duplicate of line 124 (88% of words shared); remove one, or make them differ"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_cli_prints_every_problem_and_exits_2(capsys):
+    path = FILES / "bad.jsonl"
+    assert main(["data", "check", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert lines[0] == f"error: {path}: 16 problems"
+    assert lines[1] == f'{path}:2: message 2 has role "bot"; expected one of system, user, assistant'
+    assert len(lines) == 17
+
+
+def test_cli_missing_file(capsys):
+    assert main(["data", "check", "no/such.jsonl"]) == 2
+    assert capsys.readouterr().err == "error: no/such.jsonl: no such file\n"
+
+
+def test_cli_summary_and_warnings(tmp_path, capsys):
+    train = write_chat(tmp_path / "train.jsonl", [("a question", "yes"), ("a question", "yes"), ("other", "no")])
+    assert main(["data", "check", str(train), "--validation", str(FILES / "chat.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "Dataset" in out and "chat" in out and "exact duplicates" in out
+    assert f"{train}:2: warning: exact duplicate of line 1; remove one copy\n" in out
+    assert "pass --model to count tokens" in out
+    assert out.endswith("OK: no problems, 1 warning\n")
+
+
+def test_cli_json_with_model_tokenizer(capsys):
+    code = main(["data", "check", str(FILES / "chat.jsonl"), "--model", str(TOKENIZER_DIR), "--max-length", "40", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["format"] == "chat"
+    assert report["train"]["examples"] == 3
+    assert report["max_length"] == 40
+    # totals come from the chat template (SmolLM2's adds a default system prompt), so exceed the content sum
+    assert report["train"]["tokens"]["total"]["max"] > sum(report["train"]["tokens"][r]["max"] for r in ("system", "user", "assistant"))
+    assert report["train"]["over_max_length"] == sum("longer than max_length 40" in w for w in report["warnings"])
+
+
+def test_cli_format_flag(capsys):
+    assert main(["data", "check", str(FILES / "text.jsonl"), "--format", "chat"]) == 2
+    assert 'missing key "messages"' in capsys.readouterr().err
