@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tunesmith.config import TrainConfig
-from tunesmith.train.auto import lr_at, plan_training
+from tunesmith.training.auto import lr_at, plan_training
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def train(
 ) -> "Run":
     """Fine-tune a model. `config` is a Config, a recipe path, or a dict; `overrides` are dotted keys
     (`tunesmith.train("r.yaml", **{"train.lr": 1e-4})`). With resume=RUN_DIR, continue that run."""
-    from tunesmith.train.loop import train as _train
+    from tunesmith.training.loop import train as _train
 
     if resume is not None:
         cfg = validate_config({"output": str(resume)})
@@ -81,7 +81,7 @@ class Run:
 
     @property
     def metrics(self) -> list[dict]:
-        from tunesmith.train.metrics import read_metrics
+        from tunesmith.training.metrics import read_metrics
 
         return read_metrics(self.path)
 
@@ -92,7 +92,7 @@ class Run:
     def load_model(self, device: str | None = None):
         """(model, tokenizer, renderer) of the fine-tuned model, cached on the Run."""
         if self._loaded is None:
-            from tunesmith.evaluate.generate import load_run_model
+            from tunesmith.evaluation.generate import load_run_model
 
             self._loaded = load_run_model(self.path, self.config, device=device)
         return self._loaded
@@ -100,14 +100,14 @@ class Run:
     def generate(self, prompt: str | list[dict], **kwargs) -> str:
         """Answer one prompt (a user message, or a list of chat messages). kwargs: max_new_tokens, temperature,
         top_p, seed, stop."""
-        from tunesmith.evaluate.generate import generate
+        from tunesmith.evaluation.generate import generate
 
         model, tokenizer, renderer = self.load_model()
         return generate(model, tokenizer, renderer, prompt, **kwargs)
 
     def stream(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Yield the answer to a conversation piece by piece as it is generated."""
-        from tunesmith.evaluate.generate import stream
+        from tunesmith.evaluation.generate import stream
 
         model, tokenizer, renderer = self.load_model()
         yield from stream(model, tokenizer, renderer, messages, **kwargs)

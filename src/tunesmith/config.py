@@ -4,7 +4,7 @@ A config comes from a YAML recipe, from CLI flags, or both: `load_config("recipe
 overrides are dotted keys (`train.lr=1e-4`, `lora.r=8`). Every section forbids unknown keys so a typo fails
 before any work, with the file, line, key, bad value and a suggestion.
 
-Values written `auto` are chosen later from the data (see `tunesmith.train.auto`), and the run directory's
+Values written `auto` are chosen later from the data (see `tunesmith.training.auto`), and the run directory's
 `config.yaml` records the resolved value of every key.
 
 This module imports nothing heavy (no torch) so that `tunesmith --help` stays instant.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,8 +51,8 @@ class DataConfig(_Section):
     """Data format; auto detects it from the first rows."""
     system_prompt: str | None = None
     """System message added to chat examples that have none (also used for the prompted baselines)."""
-    max_length: int = Field(1024, ge=8, le=1_000_000)
-    """Longest sequence in tokens; longer examples are handled by `truncation`."""
+    max_length: Union[Annotated[int, Field(ge=8, le=1_000_000)], Auto] = "auto"
+    """Longest sequence in tokens; longer examples are handled by `truncation`. auto: the model's context, at most 2048."""
     truncation: Literal["error", "drop", "truncate"] = "truncate"
     """What to do with examples longer than max_length: fail, drop them, or cut the end off."""
     val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
@@ -227,7 +227,7 @@ def load_config(
     """Read a YAML recipe (optional), apply dotted overrides, validate. Raises ConfigError listing every problem."""
     raw: dict = {}
     lines: dict[tuple, int] = {}
-    source = "config"
+    source = "command line"
     if path is not None:
         path = Path(path)
         source = str(path)
@@ -265,16 +265,18 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     loc = tuple(p for p in loc if p not in {"str", "function-after[_model_shorthand(), ModelConfig]"})
     key = ".".join(loc)
     line = _nearest_line(loc, lines)
-    where = f"{source}:{line}" if line else source
+    where = f"{source}:{line}: " if line else ("" if source == "command line" else f"{source}: ")
     if err["type"] == "extra_forbidden":
         section_model = _section_model(loc[:-1])
         known = list(section_model.model_fields) if section_model else []
-        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = difflib.get_close_matches(loc[-1], known, n=1) or [
+            k for k in known if loc[-1].startswith(k) or k.startswith(loc[-1])
+        ][:1]
         fix = f"did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?" if hint else f"known keys: {', '.join(known)}"
-        return f"  {where}: unknown key '{key}'; {fix}"
+        return f"  {where}unknown key '{key}'; {fix}"
     value = err.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"  {where}: {key}: {err['msg']}{shown}"
+    return f"  {where}{key}: {err['msg']}{shown}"
 
 
 def _merge_union_errors(problems: list[str]) -> list[str]:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(output: Path, max_steps: int | None, limit: int | None) -> dict:
     import tunesmith
     from tunesmith import models
-    from tunesmith.evaluate.compare import classification_comparison
+    from tunesmith.evaluation.compare import classification_comparison
 
     if not RECIPE.is_file():
         raise SystemExit(f"run the demo from the repository root ({RECIPE} not found)")

@@ -40,7 +40,7 @@ def generate(run_dir, prompt, prompts_file, batch_size, **gen):
         click.echo(run.generate(prompt, **gen))
         return
     prompts = _read_prompts(prompts_file)
-    from tunesmith.evaluate.generate import generate_batch
+    from tunesmith.evaluation.generate import generate_batch
 
     model, tokenizer, renderer = run.load_model()
     answers = generate_batch(model, tokenizer, renderer, prompts, batch_size=batch_size, **gen)

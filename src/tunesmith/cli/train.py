@@ -25,8 +25,35 @@ FLAGS = {
 }
 
 
+class _DottedFlags(click.Command):
+    """Takes `--section.key value` / `--section.key=value` out of the arguments before click parses the rest,
+    so any config key works as a flag without declaring each one."""
+
+    def parse_args(self, ctx, args):
+        rest, dotted, bad, i = [], [], [], 0
+        while i < len(args):
+            arg = args[i]
+            name = arg.split("=", 1)[0]
+            if not (arg.startswith("--") and "." in name):
+                rest.append(arg)
+                i += 1
+            elif "=" in arg:
+                dotted.append(parse_override(arg[2:]))
+                i += 1
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                dotted.append(parse_override(f"{arg[2:]}={args[i + 1]}"))
+                i += 2
+            else:
+                bad.append(arg)
+                i += 1
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: no value given; write e.g. --lora.r 8")
+        ctx.meta["dotted_overrides"] = dotted
+        return super().parse_args(ctx, rest)
+
+
 @click.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    cls=_DottedFlags,
     epilog="Any config key is also a flag: --lora.r 8 --lora.target all-linear --data.max_length 512 "
     "--train.schedule linear. See a recipe in recipes/ for every key.",
 )
@@ -56,7 +83,7 @@ def train(ctx, recipe, log_sinks, resume, quiet, **flags):
     tunesmith train --resume runs/tickets                 continue after a stop
     """
     if resume:
-        if recipe or any(v is not None for v in flags.values()) or ctx.args:
+        if recipe or any(v is not None for v in flags.values()) or ctx.meta["dotted_overrides"]:
             raise ConfigError("--resume continues a run with its saved config; give no recipe or other flags with it")
         run = api.train(resume=resume, quiet=quiet, log=click.echo)
     else:
@@ -64,29 +91,6 @@ def train(ctx, recipe, log_sinks, resume, quiet, **flags):
         overrides = [(k, parse_override(f"{k}={v}")[1] if isinstance(v, str) else v) for k, v in overrides]
         if log_sinks:
             overrides.append(("train.log", list(log_sinks)))
-        overrides += _dotted_flags(ctx.args)
+        overrides += ctx.meta["dotted_overrides"]
         run = api.train(recipe, quiet=quiet, log=click.echo, **dict(overrides))
     click.echo(f"\nrun: {run.path}\nnext: tunesmith generate {run.path} --prompt \"...\"   or   tunesmith chat {run.path}")
-
-
-def _dotted_flags(args: list[str]) -> list[tuple[str, object]]:
-    """--section.key value / --section.key=value pairs -> overrides; anything else is an error."""
-    out, i, bad = [], 0, []
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or "." not in arg.split("=")[0]:
-            bad.append(arg)
-            i += 1
-            continue
-        if "=" in arg:
-            out.append(parse_override(arg[2:]))
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            out.append(parse_override(f"{arg[2:]}={args[i + 1]}"))
-            i += 2
-        else:
-            bad.append(f"{arg} (no value)")
-            i += 1
-    if bad:
-        raise ConfigError("unrecognised arguments: " + " ".join(bad) + "; see tunesmith train --help")
-    return out

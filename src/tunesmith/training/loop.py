@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from tunesmith.config import Config, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
-from tunesmith.train.auto import Plan, lr_at, plan_training
+from tunesmith.training.auto import Plan, lr_at, plan_training
 from tunesmith.atomic import atomic_write_text
-from tunesmith.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tunesmith.train.metrics import MetricsLogger, Progress
+from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tunesmith.training.metrics import MetricsLogger, Progress
 
+AUTO_MAX_LENGTH = 2048  # data.max_length: auto -> the model's context, at most this
 ROW_TOKENS = 2048  # packed row capacity when examples are short; a row never exceeds max(this, max_length)
 
 
@@ -60,7 +61,9 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
     model = methods.apply_method(model, cfg, tokenizer=tokenizer)
     log(methods.describe(model, cfg))
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.23 renamed gradient_checkpointing_enable; non-reentrant is its default
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     optimizer = _optimizer(model, cfg)
 
     state = {"step": 0, "best_val_loss": None, "evals_without_improvement": 0, "tokens": 0}
@@ -75,7 +78,8 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(run_dir / "data.json", json.dumps(data["summary"] | {"plan": asdict(plan)}, indent=2))
+        where = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+        atomic_write_text(run_dir / "data.json", json.dumps(data["summary"] | {"plan": asdict(plan), **where}, indent=2))
 
     metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state["step"] if resume else None)
     ctx = _LoopContext(cfg, plan, model, optimizer, data, device, dtype, metrics, run_dir, tokenizer.pad_token_id)
@@ -258,8 +262,10 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
     if any(e.kind == "preference" for e in train_examples):
         raise DataError(f"{cfg.data.train}: preference pairs are validated but cannot be trained on yet")
 
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and cfg.data.max_length > context:
+    context = getattr(model.config, "max_position_embeddings", None) or 2048
+    if cfg.data.max_length == "auto":
+        cfg.data.max_length = min(context, AUTO_MAX_LENGTH)
+    elif cfg.data.max_length > context:
         raise ConfigError(
             f"data.max_length={cfg.data.max_length} is longer than the model's context ({context} tokens); "
             f"set data.max_length to at most {context}"

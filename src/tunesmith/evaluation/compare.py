@@ -49,8 +49,8 @@ def classification_comparison(run, limit: int | None = None, batch_size: int = 8
 
 
 def _measure(model, tokenizer, renderer, test, labels, references, batch_size) -> dict:
-    from tunesmith.evaluate.classify import parse_label, score_labels
-    from tunesmith.evaluate.generate import generate_batch
+    from tunesmith.evaluation.classify import parse_label, score_labels
+    from tunesmith.evaluation.generate import generate_batch
 
     t0 = time.perf_counter()
     scored = score_labels(model, tokenizer, renderer, test, labels, batch_size=batch_size)

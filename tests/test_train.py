@@ -1,0 +1,196 @@
+"""End-to-end training on a tiny model: the CLI, the run directory, resume after SIGKILL, Ctrl-C, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tunesmith.cli import main
+
+WORDS = {
+    "billing": ["invoice", "refund", "charge", "price"],
+    "shipping": ["parcel", "courier", "delivery", "tracking"],
+    "technical": ["crash", "error", "bug", "freeze"],
+}
+
+
+def write_chat_data(path: Path, n: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    labels = list(WORDS)
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = labels[i % len(labels)]
+            words = rng.sample(WORDS[label], 2) + [rng.choice(["please", "help", "today", "now"])]
+            msgs = [
+                {"role": "system", "content": "Classify the ticket."},
+                {"role": "user", "content": f"ticket {i}: " + " ".join(words)},
+                {"role": "assistant", "content": label},
+            ]
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return write_chat_data(root / "train.jsonl", 48), write_chat_data(root / "val.jsonl", 12, seed=1)
+
+
+def _train_args(tiny_model_dir, data, out, *extra):
+    train, val = data
+    return [
+        "train", "--model", str(tiny_model_dir), "--data", str(train), "--val-data", str(val),
+        "--output", str(out), "--quiet", "--seed", "3", *extra,
+    ]
+
+
+def test_train_cli_writes_a_complete_run_directory(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(_train_args(tiny_model_dir, data, out, "--max-steps", "12", "--lr", "2e-2", "--batch-size", "8",
+                            "--lora.r", "4", "--train.eval_every", "4"))
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "plan: 12 steps" in printed and "trainable" in printed
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert "auto" not in json.dumps(cfg["train"])  # every auto value of training resolved and written out
+    assert cfg["data"]["max_length"] == 512  # auto: the tiny model's context
+    assert cfg["lora"]["r"] == 4 and cfg["train"]["lr"] == 2e-2 and cfg["train"]["batch_size"] == 8
+
+    summary = json.loads((out / "data.json").read_text())
+    assert summary["train"]["examples"] == 48 and summary["validation"]["examples"] == 12
+    assert len(summary["files"]["train"]["sha256"]) == 64
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rec = [r for r in records if r["kind"] == "train"]
+    eval_rec = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train_rec] == list(range(1, 13))
+    assert [r["step"] for r in eval_rec] == [4, 8, 12]
+    # a tiny random model with frozen tied embeddings can only move its logits a little: ~0.6 nats at most
+    assert train_rec[-1]["loss"] < train_rec[0]["loss"] - 0.1
+    assert eval_rec[-1]["val_loss"] < eval_rec[0]["val_loss"]
+    assert all(r["tokens_per_s"] > 0 for r in train_rec)
+
+    assert (out / "model" / "adapter_config.json").is_file()
+    assert (out / "model" / "tokenizer.json").is_file()
+    assert not list(out.rglob(".*tmp*")), "a temporary file was left behind"
+
+    code = main(["generate", str(out), "--prompt", "ticket 99: refund invoice please", "--max-new-tokens", "4"])
+    assert code == 0
+
+
+def test_existing_run_needs_resume_and_bad_flags_are_user_errors(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    assert main(_train_args(tiny_model_dir, data, out, "--max-steps", "2")) == 2
+    assert f"tunesmith train --resume {out}" in capsys.readouterr().err
+
+    assert main(_train_args(tiny_model_dir, data, tmp_path / "r2", "--lora.rank", "4")) == 2
+    assert "unknown key 'lora.rank'; did you mean 'lora.r'?" in capsys.readouterr().err
+
+    assert main(_train_args(tiny_model_dir, data, tmp_path / "r3", "--data.max_length", "100000")) == 2
+    assert "longer than the model's context (512 tokens)" in capsys.readouterr().err
+
+
+def test_accumulation_is_normalised_by_label_tokens(tiny_model_dir, data, tmp_path):
+    """One step of 8 examples has the same loss and gradient in one micro-batch or eight (a mean of
+    per-micro-batch means would weigh short answers more and change both)."""
+    import tunesmith
+
+    records = []
+    for micro in (8, 1):
+        run = tunesmith.train(
+            None, quiet=True, log=lambda *_: None,
+            **{"model.name": str(tiny_model_dir), "data.train": str(data[0]), "data.validation": str(data[1]),
+               "output": str(tmp_path / f"m{micro}"), "train.max_steps": 1, "train.batch_size": 8,
+               "train.micro_batch_size": micro, "train.lr": 1e-2, "train.batching": "pad", "lora.r": 4,
+               "train.max_grad_norm": None},
+        )
+        records.append(next(r for r in run.metrics if r["kind"] == "train"))
+    assert records[0]["label_tokens"] == records[1]["label_tokens"]
+    assert records[0]["loss"] == pytest.approx(records[1]["loss"], rel=1e-5)
+    assert records[0]["grad_norm"] == pytest.approx(records[1]["grad_norm"], rel=1e-4)
+
+
+def _spawn(args, env_extra=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNESMITH_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "tunesmith", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    start = time.time()
+    while not (path.exists() and (path.is_dir() or path.stat().st_size > 0)):
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before {path} appeared:\n{proc.stdout.read()}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tiny_model_dir, data, tmp_path):
+    common = ["--max-steps", "10", "--batch-size", "8", "--lr", "5e-3", "--lora.r", "4", "--lora.dropout", "0.1",
+              "--train.save_every", "3", "--train.eval_every", "5"]
+    straight = tmp_path / "straight"
+    assert subprocess.run([sys.executable, "-m", "tunesmith", *_train_args(tiny_model_dir, data, straight, *common)],
+                          env={**os.environ, "TUNESMITH_THREADS": "1"}, capture_output=True).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = _spawn(_train_args(tiny_model_dir, data, killed, *common))
+    _wait_for(killed / "checkpoints" / "step-6", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "tunesmith", "train", "--resume", str(killed), "--quiet"],
+                             env={**os.environ, "TUNESMITH_THREADS": "1"}, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout
+
+    a = load_file(straight / "model" / "adapter_model.safetensors")
+    b = load_file(killed / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), f"{k} differs after resume"
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 11))  # the log reads as one uninterrupted run
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = _spawn(_train_args(tiny_model_dir, data, out, "--max-steps", "400", "--batch-size", "4",
+                              "--train.save_every", "1000", "--train.eval_every", "1000"))
+    _wait_for(out / "metrics.jsonl", proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert f"Resume with: tunesmith train --resume {out}" in output
+    assert "Traceback" not in output
+    ckpts = list((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and ckpts[0].name.startswith("step-")
+
+
+def test_tensorboard_events_are_readable(tiny_model_dir, data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    assert main(_train_args(tiny_model_dir, data, out, "--max-steps", "3", "--log", "tensorboard")) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+    assert "eval/val_loss" in acc.Tags()["scalars"]
