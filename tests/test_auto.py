@@ -44,3 +44,11 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lr_at(50, plan, "constant") == 1.0
     assert lr_at(55, plan, "linear") == pytest.approx(0.5)
+
+
+def test_validation_budget_sets_the_number_of_evaluations():
+    # 500 examples of 80 tokens, 1 epoch at batch 8 = 63 steps; validation 100 x 80 tokens
+    plan = plan_training(TrainConfig(epochs=1, batch_size=8), "lora", 500, [80] * 500, val_tokens=8000)
+    assert plan.eval_every == 32  # 0.3 * 40,000 / 8,000 = 1.5 -> at least 2 evaluations
+    plan = plan_training(TrainConfig(epochs=3, batch_size=8), "lora", 5000, [80] * 5000, val_tokens=8000)
+    assert plan.eval_every == -(-plan.total_steps // 8)  # plenty of training: 8 evaluations

@@ -194,3 +194,56 @@ def test_tensorboard_events_are_readable(tiny_model_dir, data, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
     assert "eval/val_loss" in acc.Tags()["scalars"]
+
+
+def test_early_stopping_stops_when_validation_loss_stalls(tiny_model_dir, data, tmp_path):
+    import tunesmith
+
+    run = tunesmith.train(
+        None, quiet=True, log=lambda *_: None,
+        **{"model.name": str(tiny_model_dir), "data.train": str(data[0]), "data.validation": str(data[1]),
+           "output": str(tmp_path / "es"), "train.max_steps": 20, "train.batch_size": 8, "train.lr": 0.0,
+           "train.eval_every": 2, "train.early_stopping_patience": 2, "lora.r": 4},
+    )
+    evals = [r["step"] for r in run.metrics if r["kind"] == "eval"]
+    assert evals == [2, 4, 6]  # lr 0: nothing improves after the first evaluation; two more, then stop
+    assert max(r["step"] for r in run.metrics if r["kind"] == "train") == 6
+    assert (run.path / "model").is_dir()
+
+
+def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_model_dir, data, out, "--max-steps", "2")) == 0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "ticket: refund"}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "ticket: parcel"}]}) + "\n"
+    )
+    capsys.readouterr()
+    assert main(["generate", str(out), "--file", str(prompts), "--max-new-tokens", "3"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows][0] == "ticket: refund" and len(rows) == 2
+    assert all(isinstance(r["answer"], str) for r in rows)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n')
+    assert main(["generate", str(out), "--file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f'{bad}:2: expected {{"prompt": "..."}} or {{"messages": [...]}}' in err
+    assert f"{bad}:3: invalid JSON" in err
+
+    chat = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "chat", str(out), "--max-new-tokens", "3"],
+        input="hello there\n/reset\nsecond turn\n\n", capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TUNESMITH_THREADS": "1"},
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("model> ") == 2
+
+
+def test_generate_on_an_unfinished_run_says_how_to_continue(tmp_path, capsys):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {train: x.jsonl}\n")
+    assert main(["generate", str(run), "--prompt", "hi"]) == 2
+    assert f"Continue it with: tunesmith train --resume {run}" in capsys.readouterr().err

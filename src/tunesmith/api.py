@@ -56,6 +56,65 @@ def _merge(raw: dict, overrides: dict) -> list[tuple[str, Any]]:
     return flat + list(overrides.items())
 
 
+def check_data(
+    path: str | Path,
+    validation: str | Path | None = None,
+    model: str | None = None,
+    max_length: int | None = None,
+    format: str = "auto",
+):
+    """Validate a data file (every problem as FILE:LINE, raised as one DataError) and return its DataReport.
+    With `model`, token counts use that model's tokenizer and chat template exactly as training renders them."""
+    from tunesmith.data.validate import check
+
+    tokenizer = renderer = None
+    if model:
+        from tunesmith.data.templates import Renderer
+
+        tokenizer = _load_tokenizer(model)
+        render = Renderer(tokenizer)
+        renderer = lambda ex: render.encode(ex).input_ids  # noqa: E731
+    return check(str(path), str(validation) if validation else None, tokenizer=tokenizer, max_length=max_length,
+                 renderer=renderer, format=format)
+
+
+def render_data_report(report) -> None:
+    from tunesmith.data.validate import render_report
+
+    render_report(report)
+
+
+def _load_tokenizer(name: str):
+    """Only the tokenizer of a model. A local directory holding a tokenizer is used as is (it needs no weights);
+    anything else goes through `tunesmith.models.resolve` (built-in names, model directories, .gguf files)."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.models import resolve
+
+    path = Path(name).expanduser()
+    if not (path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))):
+        path = resolve(name)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def list_models() -> list[dict]:
+    from tunesmith.models import list_models as _list
+
+    return _list()
+
+
+def pull_model(name: str, force: bool = False, progress=True) -> Path:
+    from tunesmith.models import pull
+
+    return pull(name, force=force, progress=progress)
+
+
+def model_info(name: str) -> dict:
+    from tunesmith.models import info
+
+    return info(name)
+
+
 def load(run_dir: str | Path) -> "Run":
     """Open a finished run directory."""
     return Run(run_dir)
@@ -104,6 +163,13 @@ class Run:
 
         model, tokenizer, renderer = self.load_model()
         return generate(model, tokenizer, renderer, prompt, **kwargs)
+
+    def generate_batch(self, prompts: list, batch_size: int = 8, **kwargs) -> list[str]:
+        """Answers to many prompts (strings or message lists), batched."""
+        from tunesmith.evaluation.generate import generate_batch
+
+        model, tokenizer, renderer = self.load_model()
+        return generate_batch(model, tokenizer, renderer, prompts, batch_size=batch_size, **kwargs)
 
     def stream(self, messages: list[dict], **kwargs) -> Iterator[str]:
         """Yield the answer to a conversation piece by piece as it is generated."""

