@@ -12,8 +12,6 @@ Formats, so that other tools can read what we write:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 from tunesmith.config import Config
 from tunesmith.errors import ModelError, RunError
 from tunesmith.methods import adapter, peft_methods
+from tunesmith.atomic import atomic_dir
 from tunesmith.methods.apply import load_trainable_state_dict, trainable_parameters, trainable_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -31,17 +30,8 @@ META = "tunesmith.json"
 
 def save_trained(model: nn.Module, config: Config, out_dir: Path) -> None:
     """Write the fine-tuned model to `out_dir`, replacing it whole: a crash leaves the old or the new dir."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(Path(out_dir)) as tmp:
         _write(model, config, tmp)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write(model: nn.Module, config: Config, path: Path) -> None:
@@ -152,31 +142,3 @@ def _load_adapters(model: nn.Module, model_dir: Path) -> None:
     load_trainable_state_dict(model, load_file(model_dir / ADAPTER_WEIGHTS, device=str(device)))
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`. A directory cannot be renamed over a non-empty one, so the old one is moved
-    aside first: a crash in between leaves `target` missing and `.name.old-PID` complete."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(new, target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
