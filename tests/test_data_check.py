@@ -207,3 +207,14 @@ def test_cli_json_with_model_tokenizer(capsys):
 def test_cli_format_flag(capsys):
     assert main(["data", "check", str(FILES / "text.jsonl"), "--format", "chat"]) == 2
     assert 'missing key "messages"' in capsys.readouterr().err
+
+
+def test_check_with_a_model_counts_tokens_as_training_renders_them(capsys):
+    from tunesmith.cli import main
+
+    tok = str(Path(__file__).parent / "fixtures" / "smollm2-tokenizer")
+    files = Path(__file__).parent / "data_files"
+    for name in ("chat.jsonl", "preference.jsonl", "completion.csv"):
+        assert main(["data", "check", str(files / name), "--model", tok, "--json"]) == 0, name
+        report = json.loads(capsys.readouterr().out)
+        assert report["train"]["tokens"], name  # token statistics were computed

@@ -70,10 +70,15 @@ def check_data(
     tokenizer = renderer = None
     if model:
         from tunesmith.data.templates import Renderer
+        from tunesmith.data.validate import chat_template_renderer
 
         tokenizer = _load_tokenizer(model)
         render = Renderer(tokenizer)
-        renderer = lambda ex: render.encode(ex).input_ids  # noqa: E731
+        # preference pairs are not trainable yet, so Renderer refuses them; count prompt + longer answer instead
+        pairs = chat_template_renderer(tokenizer) or (lambda ex: tokenizer(ex.prompt or "")["input_ids"])
+
+        def renderer(ex):
+            return pairs(ex) if ex.kind == "preference" else render.encode(ex).input_ids
     return check(str(path), str(validation) if validation else None, tokenizer=tokenizer, max_length=max_length,
                  renderer=renderer, format=format)
 
