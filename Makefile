@@ -31,5 +31,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# docs/results.md: every recipe trained on the real model and evaluated (hours on 2 CPU cores; resumable).
+# RESULTS_ARGS="--recipes ticket-triage-lora --limit 100" narrows it.
+results: $(STAMP)
+	$(BIN)/python scripts/results.py $(RESULTS_ARGS)
+
 clean-venv:
 	rm -rf $(VENV)

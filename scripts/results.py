@@ -1,0 +1,203 @@
+"""Regenerate docs/results.md: every shipped recipe trained on the real model, then `tunesmith eval` on its test split.
+
+    python scripts/results.py                      # all recipes (make results)
+    python scripts/results.py --recipes ticket-triage-lora,review-sentiment-lora --limit 100
+
+For each recipe: train it as shipped (runs/results/<recipe>), evaluate base zero-shot, base few-shot and the
+fine-tuned model on the recipe's test split, measure forgetting, and write one table row per recipe. A run that
+already finished with the same recipe is reused (and an evaluation done with the same settings), so an interrupted
+`make results` continues where it stopped; --retrain starts over. Every number in the table is read from the run's
+files (metrics.jsonl, eval/task.json, eval/forgetting.json); nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default="", help="comma-separated recipe names (file stems); default: all")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test examples only")
+    parser.add_argument("--shots", type=int, default=3, help="examples in the few-shot prompt of the base model")
+    parser.add_argument("--runs", default="runs/results", help="where the runs go")
+    parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
+    args = parser.parse_args(argv)
+
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
+    if args.recipes:
+        wanted = {r.strip() for r in args.recipes.split(",") if r.strip()}
+        unknown = wanted - {r.stem for r in recipes}
+        if unknown:
+            print(f"error: unknown recipe(s): {', '.join(sorted(unknown))}; "
+                  f"known: {', '.join(r.stem for r in recipes)}", file=sys.stderr)
+            return 2
+        recipes = [r for r in recipes if r.stem in wanted]
+
+    rows = []
+    for i, recipe in enumerate(recipes, 1):
+        run_dir = ROOT / args.runs / recipe.stem
+        print(f"\n=== [{i}/{len(recipes)}] {recipe.stem}", flush=True)
+        if not args.table_only:
+            produce(recipe, run_dir, args)
+        row = collect(recipe, run_dir)
+        if row:
+            rows.append(row)
+    write_table(rows, ROOT / args.out, args)
+    print(f"\nwrote {args.out} ({len(rows)} recipe(s))")
+    return 0
+
+
+def _recipe_hash(recipe: Path) -> str:
+    return hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]
+
+
+def produce(recipe: Path, run_dir: Path, args) -> None:
+    """Train (unless a finished run of this exact recipe exists) and evaluate (unless done with these settings)."""
+    import shutil
+
+    import tunesmith
+
+    stamp = run_dir / "results-run.json"
+    done = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    same = done.get("recipe_sha") == _recipe_hash(recipe) and not args.retrain
+    if not (same and (run_dir / "model").is_dir()):
+        t0 = time.time()
+        if same and (run_dir / "checkpoints").is_dir():
+            print(f"resuming the interrupted run {run_dir}")
+            tunesmith.train(resume=run_dir)
+        else:
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe)}))
+            tunesmith.train(recipe, output=str(run_dir))
+        done = {"recipe_sha": _recipe_hash(recipe), "train_seconds": round(time.time() - t0, 1)}
+        stamp.write_text(json.dumps(done, indent=2))
+    settings = {"limit": args.limit, "shots": args.shots}
+    if done.get("eval_settings") != settings or not (run_dir / "eval" / "task.json").is_file():
+        t0 = time.time()
+        tunesmith.evaluate(tunesmith.load(run_dir), limit=args.limit, shots=args.shots, forgetting=True)
+        done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1)}
+        stamp.write_text(json.dumps(done, indent=2))
+
+
+def collect(recipe: Path, run_dir: Path) -> dict | None:
+    task_file = run_dir / "eval" / "task.json"
+    if not task_file.is_file():
+        print(f"  (no evaluation in {run_dir}; skipped in the table)")
+        return None
+    task = json.loads(task_file.read_text())
+    forgetting_file = run_dir / "eval" / "forgetting.json"
+    forgetting = json.loads(forgetting_file.read_text()) if forgetting_file.is_file() else None
+    stamp = json.loads((run_dir / "results-run.json").read_text()) if (run_dir / "results-run.json").is_file() else {}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_records = [r for r in records if r.get("kind") == "train"]
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    data = json.loads((run_dir / "data.json").read_text())
+    return {
+        "recipe": recipe.stem,
+        "method": cfg.get("method"),
+        "task": task,
+        "forgetting": forgetting,
+        "train_examples": data.get("train", {}).get("examples"),
+        "steps": train_records[-1]["step"] if train_records else None,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_records) if train_records else None,
+        "train_seconds": stamp.get("train_seconds"),
+        "eval_settings": stamp.get("eval_settings"),
+        "device": data.get("device"),
+    }
+
+
+def _fmt(metric: str, value) -> str:
+    if value is None:
+        return "—"
+    if metric in {"perplexity", "loss"} or abs(value) > 1.0:
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return f"{100 * value:.1f}%"
+
+
+def write_table(rows: list[dict], out: Path, args) -> None:
+    lines = [
+        "# Results: fine-tuned vs prompted base model, per bundled task",
+        "",
+        f"Regenerated by `make results` (scripts/results.py) on {date.today().isoformat()}, "
+        f"{platform.machine()} with {_cores()} CPU cores, fp32. Every number comes from the run directories "
+        f"(`eval/task.json`, `eval/forgetting.json`, `metrics.jsonl`); see docs/eval-format.md.",
+        "",
+        "Base zero-shot: the base model with the dataset's system prompt. Base few-shot: the same plus "
+        f"{args.shots} training examples as prior turns. Deltas are fine-tuned minus the best prompted score.",
+        "",
+        "| recipe | task (test n) | metric | base zero-shot | base few-shot | fine-tuned | fine-tuning vs best prompt |"
+        " forgetting (ppl change, KL, questions Δ) | train time, tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        task = row["task"]
+        primary = task["primary"]
+        info = task.get("metrics_info", {}).get(primary, {})
+        higher = info.get("higher_is_better", True)
+        systems = {s["key"]: s for s in task["systems"]}
+        value = {k: systems[k]["metrics"].get(primary) if k in systems else None
+                 for k in ("base_zero_shot", "base_few_shot", "fine_tuned")}
+        prompted = [v for k, v in value.items() if k != "fine_tuned" and v is not None]
+        verdict = "—"
+        if prompted and value["fine_tuned"] is not None:
+            best = max(prompted) if higher else min(prompted)
+            gain = value["fine_tuned"] - best
+            better = gain > 0 if higher else gain < 0
+            verdict = ("**beats** prompting by " if better else "does **not** beat prompting: ") + (
+                f"{100 * gain:+.1f} points" if abs(best) <= 1 and primary not in {"perplexity", "loss"} else f"{gain:+.3g}")
+        f = row["forgetting"]
+        forgot = "not measured" if not f else (
+            f"{f['verdict']}: {100 * f['perplexity']['change']:+.1f}%, {f['kl']['mean_per_token']:.3f}, "
+            f"{100 * f['questions']['change']:+.1f} pts")
+        minutes = f"{row['train_seconds'] / 60:.1f} min" if row.get("train_seconds") else "—"
+        speed = f"{row['tokens_per_s']:.0f}" if row.get("tokens_per_s") else "—"
+        lines.append(
+            f"| {row['recipe']} ({row['method']}) | {task['task']} ({task['data']['examples']}) | {primary} | "
+            f"{_fmt(primary, value['base_zero_shot'])} | {_fmt(primary, value['base_few_shot'])} | "
+            f"{_fmt(primary, value['fine_tuned'])} | {verdict} | {forgot} | {minutes}, {speed} |"
+        )
+    lines += ["", "## All metrics", ""]
+    for row in rows:
+        task = row["task"]
+        lines += [f"### {row['recipe']}", ""]
+        names = sorted({m for s in task["systems"] for m in s["metrics"]})
+        lines.append("| system | " + " | ".join(names) + " | prompt tokens/example | seconds/example |")
+        lines.append("|---|" + "---|" * (len(names) + 2))
+        for s in task["systems"]:
+            cells = [_fmt(m, s["metrics"].get(m)) for m in names]
+            lines.append(f"| {s['name']} | " + " | ".join(cells)
+                         + f" | {s.get('prompt_tokens_per_example', 0):.0f} | {s.get('seconds_per_example', 0):.3f} |")
+        settings = row.get("eval_settings") or {}
+        lines += ["", f"Training examples {row['train_examples']}, {row['steps']} steps on {row['device']}; "
+                  f"evaluation limit {settings.get('limit') or 'none'}, shots {settings.get('shots')}.", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
