@@ -1,0 +1,76 @@
+"""`tunesmith serve`: an OpenAI-compatible HTTP API for a base model and any number of its fine-tuned runs.
+
+    registry.py  the base model (loaded once) and the runs' peft adapters on it; model ids; which runs fit
+    engine.py    the one thread that owns the model: a queue, batches per adapter, a per-row sampling loop
+    schemas.py   request bodies and response shapes (OpenAI's field names)
+    app.py       the FastAPI app: endpoints, errors in OpenAI's format, limits, API key, watched folder
+
+FastAPI, uvicorn and torch are imported only when a server is built.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from tunesmith.errors import ConfigError
+
+API_KEY_ENV = "TUNESMITH_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything, so treat it as public
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """A server reachable from other machines must have an API key."""
+    if not api_key and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to serve on {host} without an API key: anyone who can reach this address could use the "
+            f"server. Set one with --api-key KEY or the {API_KEY_ENV} environment variable (clients send it as "
+            "`Authorization: Bearer KEY`), or bind to 127.0.0.1"
+        )
+
+
+def build(runs: list[str | Path] = (), base: str | None = None, *, api_key: str | None = None,
+          dtype: str = "auto", device: str = "auto", watch: str | Path | None = None, log=print, **limits):
+    """(app, registry): load the base model once, attach every run's adapter, build the app (not started)."""
+    from tunesmith.serving.app import Limits, create_app
+    from tunesmith.serving.registry import Registry, _run_config
+
+    if base is None:
+        if runs:
+            base = _run_config(Path(runs[0]).expanduser().resolve()).model.name
+        else:
+            from tunesmith.config import ModelConfig
+
+            base = ModelConfig().name
+    if watch is not None and not Path(watch).is_dir():
+        raise ConfigError(f"--watch {watch}: not a folder; create it or point at the folder your runs are written to")
+    log(f"loading base model {base} ...")
+    registry = Registry(base, dtype=dtype, device=device)
+    for run in runs:
+        served = registry.add_run(run)
+        log(f"  {served.id}  ({served.method} adapter from {served.run_path})")
+    app = create_app(registry, Limits(**limits), api_key=api_key, watch=watch)
+    return app, registry
+
+
+def serve(runs: list[str | Path] = (), base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, log=print, **options) -> None:
+    """Serve until interrupted. See `build` for the options."""
+    import uvicorn
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    check_exposure(host, api_key)  # before minutes of model loading
+    app, registry = build(runs, base, api_key=api_key, log=log, **options)
+    shown = f"[{host}]" if ":" in host else host
+    log(f"serving {', '.join(registry.ids())} at http://{shown}:{port}/v1"
+        + ("  (API key required)" if api_key else ""))
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,370 @@
+"""The FastAPI app: OpenAI-compatible endpoints over the engine, errors in OpenAI's format, limits, API key.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both streamed over
+server-sent events with `stream: true`), POST /v1/adapters (serve another run without a restart).
+
+Errors are `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes: 400 bad request
+(including a prompt that does not fit the context, code `context_length_exceeded`), 401 missing or wrong
+API key, 404 unknown model, 409 an id already served, 413 body too large, 429 too many requests waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunesmith.errors import TunesmithError
+from tunesmith.serving import schemas
+from tunesmith.serving.engine import Engine, Event, Generation, Overloaded
+from tunesmith.serving.registry import Conflict, Registry, UnknownModel
+
+log = logging.getLogger("tunesmith.serve")
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1_000_000
+    """Largest request body; larger ones get 413."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt in tokens; default: the model's context length."""
+    max_tokens: int = 1024
+    """Largest `max_tokens` a request may ask for; also the cap when a chat request gives none."""
+    max_pending: int = 64
+    """Generations (n counts) waiting or running at once; more get 429."""
+    max_batch: int = 8
+    """Generations run together in one batch."""
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 429 else None
+        return JSONResponse(schemas.error_body(self.message, self.type, self.param, self.code),
+                            status_code=self.status, headers=headers)
+
+
+def create_app(registry: Registry, limits: Limits | None = None, api_key: str | None = None,
+               watch: str | Path | None = None, watch_interval: float = 2.0) -> FastAPI:
+    """The app serving `registry`'s models. Starts the engine thread (and the folder watcher) with the app's
+    lifespan and stops them at shutdown."""
+    from contextlib import asynccontextmanager
+
+    limits = limits or Limits()
+    engine = Engine(registry, max_batch=limits.max_batch, max_pending=limits.max_pending)
+    watcher = Watcher(Path(watch), registry, engine, watch_interval) if watch else None
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        if watcher:
+            watcher.start()
+        yield
+        if watcher:
+            watcher.stop()
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.registry, app.state.limits = engine, registry, limits
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+                return APIError(401, "Incorrect or missing API key: send it as `Authorization: Bearer <key>`",
+                                code="invalid_api_key").response()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limits.max_body_bytes:
+            return _too_large(limits).response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": registry.ids(), "pending": engine.pending}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [schemas.model_card(s, registry.base_id) for s in registry.all()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        return schemas.model_card(_served(registry, model_id), registry.base_id)
+
+    @app.post("/v1/adapters")
+    async def add_adapter(request: Request):
+        body = await _body(request, schemas.AdapterRequest, limits)
+        try:
+            served = await asyncio.to_thread(engine.call, lambda: registry.add_run(body.path, body.name))
+        except Conflict as e:
+            raise APIError(409, str(e), param="name", code="model_exists") from None
+        except TunesmithError as e:
+            raise APIError(400, str(e), param="path") from None
+        log.info("serving %s from %s", served.id, served.run_path)
+        return schemas.model_card(served, registry.base_id)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request, schemas.ChatRequest, limits)
+        served = _served(registry, body.model)
+        messages = [m.as_dict() for m in body.messages]
+        if messages[-1]["role"] == "assistant":
+            raise APIError(400, "the last message is from the assistant; end with a user message to get an answer",
+                           param="messages")
+        with registry.tokenizer_lock:
+            try:
+                prompt = served.renderer.prompt_ids(messages, add_generation_prompt=True)
+            except Exception as e:  # a template that rejects this conversation (roles out of order, ...)
+                raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from None
+        max_new = _budget(registry, limits, len(prompt), body.max_new, "messages")
+        return await _run(engine, body, served, [prompt], max_new, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request, schemas.CompletionRequest, limits)
+        served = _served(registry, body.model)
+        tok = registry.tokenizer
+        with registry.tokenizer_lock:
+            prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in body.prompts]
+        if any(not p for p in prompts):
+            raise APIError(400, "the prompt is empty", param="prompt")
+        max_new = min(_budget(registry, limits, len(p), body.max_new, "prompt") for p in prompts)
+        return await _run(engine, body, served, prompts, max_new, chat=False)
+
+    return app
+
+
+# ---- request handling ------------------------------------------------------------------------------------------
+
+
+async def _body(request: Request, model, limits: Limits):
+    raw = await request.body()
+    if len(raw) > limits.max_body_bytes:
+        raise _too_large(limits)
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    if model is not schemas.AdapterRequest:
+        name = schemas.unsupported_param(data)
+        if name:
+            raise APIError(400, f"`{name}` is not supported by this server; leave it out", param=name,
+                           code="unsupported_parameter")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        raise APIError(400, f"invalid request: {problems}", param=param) from None
+
+
+def _too_large(limits: Limits) -> APIError:
+    return APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes (the server's limit, "
+                         "--max-body-bytes)", code="request_too_large")
+
+
+def _served(registry: Registry, model_id: str):
+    try:
+        return registry.get(model_id)
+    except UnknownModel as e:
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
+
+
+def _budget(registry: Registry, limits: Limits, prompt_len: int, asked: int | None, param: str) -> int:
+    """max_tokens for a request: checked against the server's limits and the model's context."""
+    context = registry.context_length
+    if limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
+        raise APIError(400, f"the prompt is {prompt_len} tokens, more than this server accepts "
+                            f"({limits.max_prompt_tokens}, --max-prompt-tokens); shorten it", param=param,
+                       code="context_length_exceeded")
+    if asked is not None and asked > limits.max_tokens:
+        raise APIError(400, f"max_tokens is {asked}, more than this server allows ({limits.max_tokens})",
+                       param="max_tokens")
+    if asked is None:
+        asked = max(1, min(limits.max_tokens, (context - prompt_len) if context else limits.max_tokens))
+    if context and prompt_len + asked > context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+                            "Shorten the prompt or lower max_tokens.", param=param, code="context_length_exceeded")
+    return asked
+
+
+class _Job:
+    """The generations of one request and the asyncio queue their events arrive on."""
+
+    def __init__(self, engine: Engine, body, served, prompts: list[list[int]], max_new: int):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.gens: list[Generation] = []
+        for p, prompt in enumerate(prompts):
+            for j in range(body.n):
+                index = p * body.n + j
+                seed = None if body.seed is None else body.seed + j
+
+                def emit(event, index=index):
+                    try:
+                        loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+                    except RuntimeError:  # the event loop is gone (server shutting down)
+                        pass
+
+                self.gens.append(Generation(served.id, prompt, max_new, body.temperature, body.top_p, seed,
+                                            list(body.stop or []), emit))
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        try:
+            engine.submit(self.gens)
+        except Overloaded as e:
+            raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
+
+    async def events(self):
+        """(index, Event) until every generation has ended."""
+        open_ = len(self.gens)
+        while open_:
+            index, event = await self.queue.get()
+            if event.kind != "text":
+                open_ -= 1
+            yield index, event
+
+    def cancel(self) -> None:
+        for g in self.gens:
+            g.cancelled.set()
+
+
+async def _run(engine: Engine, body, served, prompts: list[list[int]], max_new: int, chat: bool):
+    job = _Job(engine, body, served, prompts, max_new)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        return StreamingResponse(_stream(job, body, served.id, rid, created, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        texts = [""] * len(job.gens)
+        finish = [None] * len(job.gens)
+        completion_tokens = 0
+        async for index, event in job.events():
+            if event.kind == "text":
+                texts[index] += event.text
+            elif event.kind == "error":
+                raise APIError(500, event.error or "generation failed", type="server_error")
+            else:
+                finish[index] = event.finish_reason
+                completion_tokens += event.completion_tokens
+    finally:
+        job.cancel()  # no-op for finished generations; frees the rest if we stopped early
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                    "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                   for i, (t, f) in enumerate(zip(texts, finish))]
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": served.id, "choices": choices,
+            "usage": schemas.usage(job.prompt_tokens, completion_tokens)}
+
+
+async def _stream(job: _Job, body, model_id: str, rid: str, created: int, chat: bool):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices, **extra) -> str:
+        payload = {"id": rid, "object": obj, "created": created, "model": model_id, "choices": choices, **extra}
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def choice(index, text=None, finish=None, role=False):
+        if not chat:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    completion_tokens = 0
+    try:
+        if chat:
+            for i in range(len(job.gens)):
+                yield chunk([choice(i, role=True)])
+        async for index, event in job.events():
+            if event.kind == "text":
+                yield chunk([choice(index, event.text)])
+            elif event.kind == "error":
+                yield f"data: {json.dumps(schemas.error_body(event.error or 'generation failed', 'server_error'))}\n\n"
+                return
+            else:
+                completion_tokens += event.completion_tokens
+                yield chunk([choice(index, finish=event.finish_reason)])
+        if body.include_usage:
+            yield chunk([], usage=schemas.usage(job.prompt_tokens, completion_tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # the client went away mid-stream: stop generating for it
+
+
+# ---- a watched folder of runs ------------------------------------------------------------------------------------
+
+
+class Watcher:
+    """Serves every run that appears in a folder (a subfolder with config.yaml and a finished model/).
+
+    Polls every `interval` seconds (no extra dependency; run folders appear atomically, so a poll never
+    sees a half-written model/). A run that cannot be served is logged once, and tried again if its
+    model/ changes."""
+
+    def __init__(self, folder: Path, registry: Registry, engine: Engine, interval: float = 2.0):
+        self.folder, self.registry, self.engine, self.interval = folder, registry, engine, interval
+        self._tried: dict[Path, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tunesmith-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.scan()
+            self._stop.wait(self.interval)
+
+    def scan(self) -> list[str]:
+        added = []
+        for run in sorted(p for p in self.folder.glob("*") if (p / "config.yaml").is_file() and (p / "model").is_dir()):
+            run = run.resolve()
+            stamp = (run / "model").stat().st_mtime
+            if self._tried.get(run) == stamp or self.registry.serves_run(run):
+                continue
+            self._tried[run] = stamp
+            try:
+                served = self.engine.call(lambda run=run: self.registry.add_run(run), timeout=300)
+            except (TunesmithError, Conflict) as e:
+                log.warning("not serving %s: %s", run, e)
+                continue
+            except TimeoutError:
+                continue
+            log.info("serving %s from %s", served.id, run)
+            added.append(served.id)
+        return added

@@ -1,0 +1,334 @@
+"""The generation engine: one thread owns the model; requests reach it through a queue.
+
+Why one thread: torch modules are not safe for concurrent forward passes, and switching the active adapter
+(`set_adapter` / `disable_adapter`) mutates the model. So every forward pass, and every adapter load, runs
+on the engine thread; HTTP handlers only tokenize, enqueue and wait on per-request event queues.
+
+Batching: the engine takes the oldest waiting request and every other waiting request for the same served
+model (base or one adapter), up to `max_batch`, and generates them together: prompts left-padded, one
+prefill, then one decode step per token for the whole batch. Sampling is done per row (own temperature,
+top_p and torch.Generator seeded from the request), so requests with different sampling settings share a
+batch and a seeded request gives the same text as it would alone. Each row stops on its own (end-of-turn /
+EOS token, its stop strings, its max_tokens); the batch ends when every row has.
+
+We write the decode loop ourselves instead of calling `model.generate` because generate has one sampling
+configuration and one stop list per call, and cannot hand out tokens row by row as they are produced.
+
+Text handed to a client never contains a stop string: a suffix of the decoded text that could still turn
+into one is held back until it cannot (and a trailing incomplete UTF-8 character likewise).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("tunesmith.serve")
+
+
+class Overloaded(Exception):
+    """Too many requests are waiting or running; the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Event:
+    """What the engine sends back for one generation: a piece of text, the end, or an error."""
+
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Generation:
+    """One sequence to generate (a request with n=3 is three Generations sharing a prompt)."""
+
+    model_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    emit: Callable[[Event], None] = lambda e: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """Owns the model (through `registry`) and runs generations on one thread.
+
+    `registry` is a `serving.registry.Registry`; the engine calls `registry.prepare(model_id)` on its own
+    thread (to activate an adapter) and runs registry jobs (adapter loads) between batches.
+    """
+
+    def __init__(self, registry, max_batch: int = 8, max_pending: int = 64):
+        self.registry = registry
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: list[Generation] = []
+        self._pending = 0  # admitted and not yet finished, counted in Generations
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
+        self.batches_run = 0
+        self.largest_batch = 0
+
+    # ---- called from other threads ----------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, generations: list[Generation]) -> None:
+        """Queue generations (all or none); Overloaded when that would pass `max_pending`."""
+        with self._lock:
+            if self._pending + len(generations) > self.max_pending:
+                raise Overloaded(
+                    f"the server is busy ({self._pending} generations waiting or running, limit {self.max_pending}); "
+                    "retry shortly"
+                )
+            self._pending += len(generations)
+        for g in generations:
+            self._inbox.put(g)
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run `fn` on the engine thread between batches and return its result (or raise its exception)."""
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def job():
+            try:
+                box["value"] = fn()
+            except BaseException as e:  # handed back to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        self._inbox.put(job)
+        if not done.wait(timeout):
+            raise TimeoutError("the engine did not answer in time")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    # ---- the engine thread ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._drain(block=not self._waiting)
+                if self._stop.is_set():
+                    break
+                batch = self._next_batch()
+                if batch:
+                    self._run(batch)
+        for g in self._waiting:  # shutting down: tell everyone still waiting
+            self._finish(g, Event("error", error="the server is shutting down"))
+
+    def _drain(self, block: bool) -> None:
+        """Move everything in the inbox to the waiting list; run jobs at once. Blocks for the first item
+        when there is nothing else to do."""
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if item is None:
+                return
+            if isinstance(item, Generation):
+                self._waiting.append(item)
+            else:
+                item()
+
+    def _next_batch(self) -> list[Generation]:
+        """The oldest waiting generation and the others for the same model, oldest first, up to max_batch.
+        Cancelled ones (client gone) are dropped here."""
+        for g in [g for g in self._waiting if g.cancelled.is_set()]:
+            self._waiting.remove(g)
+            self._release()
+        if not self._waiting:
+            return []
+        model_id = self._waiting[0].model_id
+        batch = [g for g in self._waiting if g.model_id == model_id][: self.max_batch]
+        for g in batch:
+            self._waiting.remove(g)
+        return batch
+
+    def _run(self, batch: list[Generation]) -> None:
+        try:
+            served = self.registry.get(batch[0].model_id)
+            with self.registry.activate(served):
+                _generate(self.registry.model, self.registry.tokenizer, batch, served.stop_token_ids,
+                          served.marker_stops, self.registry.tokenizer_lock, self._finish)
+        except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving the others
+            log.exception("generation failed")
+            for g in batch:
+                self._finish(g, Event("error", error=f"generation failed: {type(e).__name__}: {e}"))
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+
+    def _finish(self, g: Generation, event: Event) -> None:
+        if getattr(g, "_finished", False):
+            return
+        g._finished = True  # type: ignore[attr-defined]
+        self._release()
+        g.emit(event)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+
+# ---- one batch ----------------------------------------------------------------------------------------------
+
+
+class _Row:
+    """Decoding state of one generation in a batch."""
+
+    def __init__(self, g: Generation, extra_stops: list[str]):
+        import torch
+
+        self.g = g
+        self.ids: list[int] = []
+        self.sent = ""  # text already handed to the client
+        self.done = False
+        self.stops = [s for s in dict.fromkeys([*g.stop, *extra_stops]) if s]
+        self.generator = None
+        if g.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(g.seed if g.seed is not None else random.SystemRandom().getrandbits(63))
+
+
+def _generate(model, tokenizer, batch: list[Generation], stop_ids: list[int], marker_stops: list[str], tok_lock,
+              finish) -> None:
+    """Generate every row of `batch` to its end, emitting text as it comes. `marker_stops`: end-of-turn
+    markers that are several tokens in this vocabulary; they end a row like stop strings and are never shown."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [_Row(g, marker_stops) for g in batch]
+    width = max(len(g.prompt_ids) for g in batch)
+    ids = torch.tensor([[pad] * (width - len(g.prompt_ids)) + g.prompt_ids for g in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in batch], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stop_set = set(stop_ids)
+    past = None
+    for step in itertools.count():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                    use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        del out
+        next_ids = []
+        for i, row in enumerate(rows):
+            if row.done or row.g.cancelled.is_set():
+                if not row.done:
+                    row.done = True
+                    finish(row.g, Event("done", finish_reason="cancelled", completion_tokens=len(row.ids)))
+                next_ids.append(pad)
+                continue
+            token = _sample(logits[i], row)
+            next_ids.append(token)
+            _advance(row, token, stop_set, tokenizer, tok_lock, finish)
+        if all(r.done for r in rows):
+            return
+        ids = torch.tensor(next_ids, device=device).unsqueeze(1)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+
+
+def _sample(logits, row: _Row) -> int:
+    """Greedy at temperature 0; else temperature, then nucleus (top_p) filtering, then a draw from the row's
+    own generator, so a seeded row gives the same tokens whatever else is in the batch."""
+    import torch
+
+    g = row.g
+    if g.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / g.temperature, dim=-1)
+    if g.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < g.top_p  # the smallest set whose mass reaches top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _advance(row: _Row, token: int, stop_set: set[int], tokenizer, tok_lock, finish) -> None:
+    """Take one sampled token: stop on a stop token, a stop string or max_tokens; emit the safe new text."""
+    g = row.g
+    if token in stop_set:
+        with tok_lock:
+            text = tokenizer.decode(row.ids, skip_special_tokens=True)  # without the stop token
+        cut = _first_stop(text, row.stops)
+        _send(row, text if cut is None else text[:cut])
+        row.ids.append(token)
+        row.done = True
+        finish(g, Event("done", finish_reason="stop", completion_tokens=len(row.ids)))
+        return
+    row.ids.append(token)
+    with tok_lock:
+        text = tokenizer.decode(row.ids, skip_special_tokens=True)
+    cut = _first_stop(text, row.stops)
+    if cut is not None:
+        _send(row, text[:cut])
+        row.done = True
+        finish(g, Event("done", finish_reason="stop", completion_tokens=len(row.ids)))
+        return
+    if len(row.ids) >= g.max_tokens:
+        _send(row, text)
+        row.done = True
+        finish(g, Event("done", finish_reason="length", completion_tokens=len(row.ids)))
+        return
+    _send(row, text[: _safe_length(text, row.stops)])
+
+
+def _send(row: _Row, text: str) -> None:
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+        text = text.rstrip("\ufffd")
+    if not text.startswith(row.sent):  # decoding more tokens rewrote earlier text (rare): keep what was sent
+        text = row.sent + text[len(row.sent):]
+    if len(text) > len(row.sent):
+        piece, row.sent = text[len(row.sent):], text
+        row.g.emit(Event("text", text=piece))
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    found = [at for at in (text.find(s) for s in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def _safe_length(text: str, stops: list[str]) -> int:
+    """Length of the prefix of `text` that can be shown: not a suffix that might grow into a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold
+

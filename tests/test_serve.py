@@ -1,0 +1,331 @@
+"""`tunesmith serve`, driven through the official `openai` client against a real uvicorn server on loopback.
+
+Two LoRA runs of a tiny random Llama (trained a few steps in a module fixture) are served next to the base
+on one copy of the base weights. Each test checks values: texts, ids, finish reasons, token counts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import tunesmith
+from tunesmith.cli import main
+from tunesmith.errors import ConfigError, RunError
+
+from test_train import write_chat_data
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(2)
+
+PROMPT = [{"role": "user", "content": "ticket 7: refund invoice please"}]
+
+
+def _train(tiny_model_dir, data, out, seed, **extra):
+    return tunesmith.train(
+        None, quiet=True, log=lambda *_: None,
+        **{"model.name": str(tiny_model_dir), "data.train": str(data), "output": str(out), "train.max_steps": 3,
+           "train.batch_size": 8, "train.lr": 5e-2, "lora.r": 4, "train.seed": seed, **extra},
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data = write_chat_data(root / "train.jsonl", 24)
+    a = _train(tiny_model_dir, data, root / "runs" / "alpha", seed=1, name="alpha")
+    b = _train(tiny_model_dir, data, root / "runs" / "beta", seed=2, name="beta",
+               **{"data.system_prompt": "Classify the ticket."})
+    return root, a, b
+
+
+class Server:
+    """uvicorn in a background thread on a free loopback port."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key="unused", **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, runs):
+    from tunesmith.serving import build
+
+    root, a, b = runs
+    app, registry = build([a.path, b.path], log=lambda *_: None, max_tokens=64, max_pending=40)
+    srv = Server(app)
+    srv.base_id = registry.base_id
+    yield srv
+    srv.close()
+
+
+def test_models_lists_the_base_and_both_runs(server):
+    models = server.client().models.list()
+    ids = [m.id for m in models.data]
+    base = server.base_id
+    assert ids == [base, f"ft:{base}:alpha", f"ft:{base}:beta"]
+    tuned = models.data[1]
+    assert tuned.object == "model" and tuned.owned_by == "tunesmith" and tuned.model_extra["parent"] == base
+
+
+def test_chat_matches_run_generate_and_reports_real_usage(server, runs):
+    _, alpha, beta = runs
+    client = server.client()
+    for run, name in ((alpha, "alpha"), (beta, "beta")):
+        r = client.chat.completions.create(model=f"ft:{server.base_id}:{name}", messages=PROMPT, max_tokens=12,
+                                           temperature=0)
+        expected = run.generate(PROMPT, max_new_tokens=12)
+        assert r.choices[0].message.content == expected and expected
+        assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model.endswith(name)
+        assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+        model, tokenizer, renderer = run.load_model()
+        assert r.usage.prompt_tokens == len(renderer.prompt_ids(PROMPT))  # beta's includes its system prompt
+        assert r.usage.completion_tokens == 12 if r.choices[0].finish_reason == "length" else r.usage.completion_tokens <= 12
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # the adapters and the base really differ (else the comparison above proves nothing)
+    texts = {m: client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
+             .choices[0].message.content for m in [server.base_id, f"ft:{server.base_id}:alpha", "beta"]}
+    assert len(set(texts.values())) == 3
+
+
+def test_streaming_gives_the_same_text_as_a_plain_request(server):
+    client = server.client()
+    args = dict(model="alpha", messages=PROMPT, max_tokens=10, temperature=0.9, seed=11)
+    whole = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_same_seed_same_text_and_n_choices(server):
+    client = server.client()
+    args = dict(model="beta", messages=PROMPT, max_tokens=10, temperature=1.0, top_p=0.9)
+    one = client.chat.completions.create(**args, seed=5).choices[0].message.content
+    assert client.chat.completions.create(**args, seed=5).choices[0].message.content == one
+    r = client.chat.completions.create(**args, seed=5, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.choices[0].message.content == one  # choice j is seeded with seed + j
+    assert len({c.message.content for c in r.choices}) > 1
+    assert r.usage.prompt_tokens == client.chat.completions.create(**args, seed=5).usage.prompt_tokens
+    assert r.usage.completion_tokens == 30 or r.usage.completion_tokens < 30 and "stop" in {c.finish_reason for c in r.choices}
+
+
+def test_stop_strings_end_the_text_and_never_leak(server):
+    client = server.client()
+    full = client.completions.create(model=server.base_id, prompt="The ticket says", max_tokens=16, temperature=0)
+    text = full.choices[0].text
+    assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 16
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip()
+    cut = client.completions.create(model=server.base_id, prompt="The ticket says", max_tokens=16, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < 16
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=server.base_id, prompt="The ticket says", max_tokens=16, temperature=0, stop=[stop], stream=True))
+    assert streamed == cut.choices[0].text
+
+
+def test_completions_with_several_prompts(server):
+    r = server.client().completions.create(model="alpha", prompt=["ticket 1:", "ticket 2: crash"], max_tokens=5,
+                                           temperature=0, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text  # greedy: both choices of a prompt agree
+    assert r.usage.completion_tokens == sum(5 for _ in r.choices) or r.usage.completion_tokens < 20
+
+
+@pytest.mark.parametrize("kwargs, error, fragment", [
+    (dict(model="nope"), openai.NotFoundError, "does not exist"),
+    (dict(temperature=3.5), openai.BadRequestError, "temperature"),
+    (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
+    (dict(max_tokens=65), openai.BadRequestError, "more than this server allows (64)"),
+    (dict(messages=[]), openai.BadRequestError, "messages"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), openai.BadRequestError, "role"),
+    (dict(stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "at most 4"),
+    (dict(logprobs=True), openai.BadRequestError, "`logprobs` is not supported"),
+    (dict(messages=[{"role": "user", "content": "word " * 600}]), openai.BadRequestError, "maximum context length"),
+    (dict(messages=[{"role": "user", "content": "word " * 490}], max_tokens=30), openai.BadRequestError,
+     "30 for the completion"),
+])
+def test_errors_come_in_openai_format(server, kwargs, error, fragment):
+    args = dict(model="alpha", messages=PROMPT, max_tokens=4, **{})
+    args.update(kwargs)
+    with pytest.raises(error) as info:
+        server.client().chat.completions.create(**args)
+    assert fragment in info.value.message
+    assert set(info.value.body) >= {"message", "type", "param", "code"}
+
+
+def test_body_size_limit_and_bad_json(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{" + b" " * 1_100_000 + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_adapter_added_at_runtime(server, runs, tiny_model_dir, tmp_path):
+    root, alpha, _ = runs
+    copy = tmp_path / "gamma"
+    shutil.copytree(alpha.path, copy)
+    r = httpx.post(server.url + "/v1/adapters", json={"path": str(copy), "name": "gamma"})
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == f"ft:{server.base_id}:gamma"
+    client = server.client()
+    assert f"ft:{server.base_id}:gamma" in [m.id for m in client.models.list().data]
+    same = [client.chat.completions.create(model=m, messages=PROMPT, max_tokens=8, temperature=0)
+            .choices[0].message.content for m in ("gamma", "alpha")]
+    assert same[0] == same[1]  # a copy of alpha's adapter answers as alpha does
+    again = httpx.post(server.url + "/v1/adapters", json={"path": str(copy), "name": "gamma"})
+    assert again.status_code == 409
+    missing = httpx.post(server.url + "/v1/adapters", json={"path": str(tmp_path / "none")})
+    assert missing.status_code == 400 and "not a run directory" in missing.json()["error"]["message"]
+
+
+def test_concurrent_load_every_response_checked(server):
+    """24 concurrent requests over three models, mixed streaming: each answer is its model's, the same as
+    the answer it gives alone (greedy), and its usage adds up. The server must batch them (fewer batches
+    than requests)."""
+    client = server.client()
+    models = [server.base_id, "ft:%s:alpha" % server.base_id, "ft:%s:beta" % server.base_id]
+    prompts = [[{"role": "user", "content": f"ticket {i}: parcel tracking now"}] for i in range(8)]
+    alone = {(m, i): client.chat.completions.create(model=m, messages=prompts[i], max_tokens=6, temperature=0)
+             .choices[0].message.content for m in models for i in range(8)}
+    engine = server.app.state.engine
+    before = engine.batches_run
+
+    def ask(k):
+        m, i = models[k % 3], k % 8
+        if k % 2:
+            chunks = list(client.chat.completions.create(model=m, messages=prompts[i], max_tokens=6, temperature=0,
+                                                         stream=True, stream_options={"include_usage": True}))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            return k, m, i, text, chunks[-1].usage, chunks[0].model
+        r = client.chat.completions.create(model=m, messages=prompts[i], max_tokens=6, temperature=0)
+        return k, m, i, r.choices[0].message.content, r.usage, r.model
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(ask, range(24)))
+    assert len(results) == 24
+    for k, m, i, text, usage, model in results:
+        assert model == m and text and text == alone[(m, i)], (k, m, text, alone[(m, i)])
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and 1 <= usage.completion_tokens <= 6
+    assert engine.batches_run - before < 24 and engine.largest_batch > 1
+    assert engine.pending == 0
+
+
+def test_overload_gives_429(tiny_model_dir, runs):
+    from tunesmith.serving import build
+
+    app, registry = build([], base=str(tiny_model_dir), log=lambda *_: None, max_pending=2, max_tokens=64)
+    srv = Server(app)
+    try:
+        client = srv.client()
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=4, n=3)
+        assert info.value.status_code == 429 and "busy" in info.value.message
+        ok = client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=4, n=2)
+        assert len(ok.choices) == 2
+    finally:
+        srv.close()
+
+
+def test_api_key_is_enforced(tiny_model_dir, runs):
+    from tunesmith.serving import build
+
+    app, registry = build([], base=str(tiny_model_dir), log=lambda *_: None, api_key="s3cret")
+    srv = Server(app)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            srv.client("wrong").models.list()
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert [m.id for m in srv.client("s3cret").models.list().data] == [registry.base_id]
+        assert httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        srv.close()
+
+
+def test_watched_folder_serves_new_runs(tiny_model_dir, runs, tmp_path):
+    from tunesmith.serving import build
+
+    _, alpha, _ = runs
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    app, registry = build([], base=str(tiny_model_dir), log=lambda *_: None, watch=folder)
+    srv = Server(app)
+    try:
+        assert registry.ids() == [registry.base_id]
+        shutil.copytree(alpha.path, folder / "delta")
+        (folder / "not-a-run").mkdir()
+        deadline = time.monotonic() + 20
+        while len(registry.ids()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert registry.ids() == [registry.base_id, f"ft:{registry.base_id}:alpha"]  # the run's own name
+    finally:
+        srv.close()
+
+
+def test_refuses_runs_that_cannot_share_the_base(tiny_model_dir, runs, tmp_path):
+    from tunesmith.serving.registry import Registry
+
+    root, alpha, _ = runs
+    registry = Registry(str(tiny_model_dir))
+    full = tmp_path / "full"
+    shutil.copytree(alpha.path, full)
+    meta = json.loads((full / "model" / "tunesmith.json").read_text())
+    (full / "model" / "tunesmith.json").write_text(json.dumps({**meta, "method": "full"}))
+    with pytest.raises(RunError, match="full fine-tune with weights of its own"):
+        registry.add_run(full)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(alpha.path, unfinished)
+    shutil.rmtree(unfinished / "model")
+    with pytest.raises(RunError, match="training has not finished"):
+        registry.add_run(unfinished)
+
+
+def test_non_loopback_without_key_refuses_to_start(monkeypatch, capsys):
+    from tunesmith.serving import check_exposure
+
+    monkeypatch.delenv("TUNESMITH_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="without an API key"):
+        check_exposure("0.0.0.0", None)
+    check_exposure("127.0.0.1", None)
+    check_exposure("::1", None)
+    check_exposure("0.0.0.0", "key")
+    assert main(["serve", "--host", "0.0.0.0", "--base", "whatever"]) == 2
+    assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
