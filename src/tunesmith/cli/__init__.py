@@ -25,6 +25,7 @@ Quick start:
   tunesmith train recipes/ticket-triage-lora.yaml  ... or from a recipe
   tunesmith generate runs/tickets --prompt "..."  try the result
   tunesmith chat runs/tickets                     talk to it
+  tunesmith report runs/tickets                   one self-contained report.html with plots
   tunesmith models list                           built-in models (no model hub needed)
 
 \b
@@ -38,6 +39,7 @@ COMMANDS = {
     "train": ("tunesmith.cli.train:train", "Fine-tune a model (recipe and/or flags)."),
     "generate": ("tunesmith.cli.generate:generate", "Generate from a run's model (one prompt or a file)."),
     "chat": ("tunesmith.cli.generate:chat", "Talk to a run's model interactively."),
+    "report": ("tunesmith.cli.report:report", "Write a run's self-contained report.html (plots, metrics, forgetting)."),
 }
 
 
