@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench results clean-venv
+.PHONY: install demo test test-fast bench results clean-venv browser
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run: make PY=python3 ..." >&2; exit 2; }
@@ -25,7 +25,24 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m tunesmith.demo
 
-test: $(STAMP)
+# tests/test_report.py renders report.html in headless Chromium. Install Debian's chromium when no browser is found
+# and we may (root, or sudo without a password); otherwise that test skips with the reason (under CI=true it fails).
+browser:
+	@if [ -n "$$TUNESMITH_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || command -v google-chrome >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium (apt-get) for the report's browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	    || echo "warning: apt-get could not install chromium; the report browser test will skip (fail under CI=true)" >&2; \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  echo "installing chromium (sudo apt-get) for the report's browser test"; \
+	  sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	    || echo "warning: apt-get could not install chromium; the report browser test will skip (fail under CI=true)" >&2; \
+	else \
+	  echo "note: no chromium and no way to install it (not root, no passwordless sudo): the report browser test will skip" >&2; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --timeout=900 tests
 
 test-fast: $(STAMP)

@@ -210,14 +210,16 @@ def _fmt(v, rate: bool = False) -> str:
         return f"{v * 100:.1f}%"
     if abs(v) >= 1000:
         return f"{v:,.0f}"
-    if abs(v) >= 100:
+    if abs(v) >= 10:
         return f"{v:.1f}"
     if abs(v) >= 1 or v == 0:
         return f"{v:.2f}"
-    return f"{v:.3g}"
+    return f"{v:.3f}" if abs(v) >= 0.01 else f"{v:.3g}"
 
 
 def _fmt_delta(d: float, rate: bool) -> str:
+    if d == 0:
+        return "±0"
     if rate:
         return f"{d * 100:+.1f} pts"
     if abs(d) >= 100:
@@ -499,7 +501,8 @@ def _forgetting_section(inp: _Inputs) -> str:
     ]
     table = "".join(f'<tr><th scope="row">{escape(n)}</th><td>{b}</td><td>{t}</td><td><span class="delta {cls}">{c}'
                     f"</span></td></tr>" for n, b, t, c, cls in rows)
-    kl_text = (f"{kl['mean_per_token']:.4g} nats per token over {kl.get('tokens', '?')} tokens"
+    kl_tokens = f"{kl['tokens']:,}" if isinstance(kl.get("tokens"), int) else "?"
+    kl_text = (f"{kl['mean_per_token']:.4g} nats per token over {kl_tokens} tokens"
                if _num(kl.get("mean_per_token")) else "–")
     verdict = escape(f["verdict"])
     parts = [
@@ -542,7 +545,7 @@ def _training_section(inp: _Inputs) -> str:
             tail = losses[-max(1, len(losses) // 10):]
             facts.append(("training loss", f"{losses[0]:.3f} at the first step → {sum(tail) / len(tail):.3f} "
                                            f"(mean of the last {len(tail)} steps)"))
-        tokens = sum(r["tokens"] for r in train if _num(r.get("tokens")))
+        tokens = max((r["tokens"] for r in train if _num(r.get("tokens"))), default=0)  # a running total
         seconds = sum(r["step_time"] for r in train if _num(r.get("step_time")))
         if tokens:
             facts.append(("tokens trained on", f"{tokens:,.0f}"))

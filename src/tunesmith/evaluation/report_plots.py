@@ -87,7 +87,7 @@ def loss_curves(train: list[dict], evals: list[dict]) -> str | None:
     def draw(fig):
         ax = fig.add_subplot()
         if loss:
-            window = max(1, len(loss) // 20)
+            window = len(loss) // 20 if len(loss) >= 60 else 1  # smooth only where the raw curve is noisy
             if window > 1:
                 ax.plot(steps, loss, color=TUNED, alpha=0.25, linewidth=0.8, label="training loss (per step)")
                 ax.plot(steps, _moving_average(loss, window), color=TUNED, linewidth=1.6,
@@ -183,8 +183,8 @@ def confusion_matrix(labels: list[str], matrix: list[list[int]], title: str) -> 
                 ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8,
                         color="white" if shares[i][j] > 0.5 else "black")
 
-    side = min(6.5, 1.6 + 0.45 * n)
-    return _render(draw, side + 0.4, side)
+    side = min(6.0, 1.3 + 0.38 * n)  # three 5-label matrices fit side by side on a laptop screen
+    return _render(draw, side + 0.3, side)
 
 
 def category_bars(by_category: dict[str, dict]) -> str | None:
