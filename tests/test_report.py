@@ -89,7 +89,7 @@ def write_task_eval(run: Path, n: int = 60, p_right=(0.25, 0.45, 0.85), seed: in
                 {"id": r["id"], "input": r["input"], "reference": r["reference"],
                  "base": r["outputs"]["base_zero_shot"], "tuned": r["outputs"]["fine_tuned"]})
     task = {
-        "version": 1, "task": "classification",
+        "version": 1, "task": "classification", "flip_rule": "per-example accuracy >= 0.5 counts as a pass",
         "data": {"path": "data/x/test.jsonl", "sha256": "ab" * 32, "examples": n},
         "labels": LABELS, "primary": "accuracy",
         "metrics_info": {
@@ -209,6 +209,7 @@ def test_full_report_has_every_section_figure_and_number(full_run, full_page):
 
     # flipped: complete counts, capped tables
     flipped = section(page, "flipped")
+    assert "per-example accuracy &gt;= 0.5 counts as a pass." in flipped
     n_imp, n_reg = len(task["flipped"]["improved"]), len(task["flipped"]["regressed"])
     assert n_imp > 20 and n_reg >= 1
     assert f"{n_imp} examples, the first 20 shown" in flipped
@@ -357,11 +358,16 @@ def test_paired_difference_interval():
 # ------------------------------------------------------------------------------------------- api, cli, real run
 
 
-def test_api_and_cli_write_the_report_atomically(tmp_path, capsys):
+def test_api_and_cli_write_the_report_atomically(tmp_path, capsys, monkeypatch):
+    import webbrowser
+
     import tunesmith
 
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
     run = make_run(tmp_path)
-    path = tunesmith.report(run)
+    path = tunesmith.report(run, open_browser=True)
+    assert opened == [(run / "report.html").resolve().as_uri()]
     assert path == run / "report.html" and path.read_text().startswith("<!DOCTYPE html>")
     out = tmp_path / "sub" / "r.html"
     assert main(["report", str(run), "--out", str(out)]) == 0
@@ -377,16 +383,26 @@ def test_report_does_not_import_torch(full_run):
     subprocess.run([sys.executable, "-c", code, str(full_run)], check=True, timeout=120)
 
 
-def test_report_of_a_real_tiny_training_run(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """A real run: the tiny model trained 6 steps on toy ticket data, with a test split for `tunesmith eval`."""
     import tunesmith
     from test_train import write_chat_data
 
-    train, val = write_chat_data(tmp_path / "train.jsonl", 24), write_chat_data(tmp_path / "val.jsonl", 6, seed=1)
-    run = tunesmith.train({"model": {"name": str(tiny_model_dir)}, "data": {"train": str(train), "validation": str(val)},
-                           "output": str(tmp_path / "run"), "train": {"max_steps": 6, "batch_size": 4, "eval_every": 3,
-                                                                     "seed": 1}}, quiet=True, log=lambda *a: None)
-    records = run.metrics
-    page = tunesmith.report(run.path).read_text()
+    root = tmp_path_factory.mktemp("tiny-run")
+    train, val, test = (write_chat_data(root / "train.jsonl", 24), write_chat_data(root / "val.jsonl", 6, seed=1),
+                        write_chat_data(root / "test.jsonl", 6, seed=2))
+    return tunesmith.train({"model": {"name": str(tiny_model_dir)},
+                            "data": {"train": str(train), "validation": str(val), "test": str(test)},
+                            "output": str(root / "run"), "train": {"max_steps": 6, "batch_size": 4, "eval_every": 3,
+                                                                  "seed": 1}}, quiet=True, log=lambda *a: None)
+
+
+def test_report_of_a_real_tiny_training_run(tiny_run, tmp_path, tiny_model_dir):
+    import tunesmith
+
+    records = tiny_run.metrics
+    page = tunesmith.report(tiny_run.path, out=tmp_path / "report.html").read_text()
     training = section(page, "training")
     assert f"{records[0]['loss']:.3f} at the first step" in training
     assert "6 (" in training and "validation loss" in training
@@ -394,6 +410,27 @@ def test_report_of_a_real_tiny_training_run(tiny_model_dir, tmp_path):
     assert f"tokens trained on</th><td>{last_train['tokens']:,}<" in training  # the loop's running total
     assert len(figures(page)) == 3
     assert "lora" in page and str(tiny_model_dir) in page
+
+
+def test_report_reads_what_tunesmith_eval_writes(tiny_run, tmp_path):
+    """The contract end to end: the eval files of a real `tunesmith.evaluate` (not fixtures) fill the report."""
+    import importlib.util
+
+    import tunesmith
+    from tunesmith import api
+
+    if importlib.util.find_spec("tunesmith.evaluation.task_eval") is None or not hasattr(api, "evaluate"):
+        pytest.skip("tunesmith eval (api.evaluate, evaluation/task_eval.py) is not in this checkout yet")
+    run = shutil.copytree(tiny_run.path, tmp_path / "run")
+    api.evaluate(run, shots=1, forgetting=False, quiet=True, log=lambda *a: None)
+    task = json.loads((run / "eval" / "task.json").read_text())
+    page = tunesmith.report(run).read_text()
+    assert "could not" not in page and "does not follow" not in page
+    acc = {s["key"]: s["metrics"]["accuracy"] for s in task["systems"]}
+    assert f"fine-tuned: {acc['fine_tuned'] * 100:.1f}% accuracy vs {acc['base_zero_shot'] * 100:.1f}% zero-shot" in page
+    assert "paired bootstrap over 6 test examples" in page
+    assert len(figures(page)) == 7  # bars, 3 confusion matrices, 3 training figures; forgetting not measured
+    assert "No forgetting measurement" in section(page, "forgetting")
 
 
 # ------------------------------------------------------------------------------------------- headless Chromium

@@ -464,8 +464,10 @@ def _flipped_section(inp: _Inputs) -> str:
     parts = [head]
     if inp.examples_problem:
         parts.append(_problem(inp.examples_problem))
-    for kind, title in (("improved", "Improved (wrong before fine-tuning, right after)"),
-                        ("regressed", "Regressed (right before fine-tuning, wrong after)")):
+    if isinstance(inp.task.get("flip_rule"), str):
+        parts.append(f'<p class="about">{escape(inp.task["flip_rule"])}.</p>')
+    for kind, title in (("improved", "Improved: fails with the base model zero-shot, passes fine-tuned"),
+                        ("regressed", "Regressed: passes with the base model zero-shot, fails fine-tuned")):
         rows = [r for r in flipped.get(kind) or [] if isinstance(r, dict)]
         shown = rows[:FLIPPED_SHOWN]
         count = f"{len(rows)} example{'s' if len(rows) != 1 else ''}"
