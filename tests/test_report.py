@@ -344,6 +344,34 @@ def test_headline_claims_only_what_the_paired_interval_supports(tmp_path, p_righ
     assert verdict == expected and words in title
 
 
+def test_lower_is_better_lm_task_without_few_shot(tmp_path):
+    """Raw-text runs: perplexity is the primary metric and lower is better; no few-shot, no labels, nulls allowed."""
+    run = make_run(tmp_path)
+    rng = random.Random(0)
+    rows = [{"id": f"p-{i}", "input": f"passage {i}", "reference": "",
+             "outputs": {"base_zero_shot": "", "fine_tuned": ""},
+             "scores": {"base_zero_shot": 20 + rng.random(), "fine_tuned": 15 + rng.random()}} for i in range(30)]
+    task = {"version": 1, "task": "lm", "data": {"path": "d.txt", "sha256": None, "examples": 30}, "primary": "perplexity",
+            "metrics_info": {"perplexity": {"higher_is_better": False, "description": "exp(loss)"},
+                             "loss": {"higher_is_better": False, "description": "nats per token"}},
+            "systems": [{"key": "base_zero_shot", "name": "base", "shots": 0,
+                         "metrics": {"perplexity": 20.5, "loss": 3.02}, "prompt_tokens_per_example": None,
+                         "seconds_per_example": 0.2, "seconds": 6.0},
+                        {"key": "fine_tuned", "name": "fine-tuned", "shots": 0,
+                         "metrics": {"perplexity": 15.5, "loss": 2.74}, "prompt_tokens_per_example": None,
+                         "seconds_per_example": 0.2, "seconds": 6.0}],
+            "examples_file": "task_examples.jsonl", "flipped": {"improved": [], "regressed": []},
+            "flip_rule": "perplexity has no pass mark; no examples listed"}
+    (run / "eval").mkdir()
+    (run / "eval" / "task.json").write_text(json.dumps(task))
+    (run / "eval" / "task_examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(run).read_text()
+    assert 'class="headline win"' in page and "fine-tuned: 15.5 perplexity vs 20.5 zero-shot" in page
+    metrics = section(page, "task")
+    assert '15.5<span class="delta better">-5.00</span>' in metrics and '<span class="delta better">-0.28</span>' in metrics
+    assert 'id="confusion"' not in page and "perplexity has no pass mark" in section(page, "flipped")
+
+
 def test_headline_without_per_example_scores_says_untested(tmp_path):
     verdict, title = _headline_class(tmp_path, (0.2, 0.4, 0.9), examples=False)
     assert verdict == "untested" and "scores higher than the best prompt (3-shot)" in title
