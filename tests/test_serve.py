@@ -32,15 +32,15 @@ PROMPT = [{"role": "user", "content": "ticket 7: refund invoice please"}]
 def _train(tiny_model_dir, data, out, seed, **extra):
     return tunesmith.train(
         None, quiet=True, log=lambda *_: None,
-        **{"model.name": str(tiny_model_dir), "data.train": str(data), "output": str(out), "train.max_steps": 3,
-           "train.batch_size": 8, "train.lr": 5e-2, "lora.r": 4, "train.seed": seed, **extra},
+        **{"model.name": str(tiny_model_dir), "data.train": str(data), "output": str(out), "train.max_steps": 2,
+           "train.batch_size": 4, "train.batching": "pad", "data.max_length": 64, "train.lr": 5e-2, "lora.r": 4, "train.seed": seed, **extra},
     )
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    data = write_chat_data(root / "train.jsonl", 24)
+    data = write_chat_data(root / "train.jsonl", 12)
     a = _train(tiny_model_dir, data, root / "runs" / "alpha", seed=1, name="alpha")
     b = _train(tiny_model_dir, data, root / "runs" / "beta", seed=2, name="beta",
                **{"data.system_prompt": "Classify the ticket."})
@@ -249,18 +249,34 @@ def test_concurrent_load_every_response_checked(server):
     assert engine.pending == 0
 
 
-def test_overload_gives_429(tiny_model_dir, runs):
+def test_overload_gives_429_and_a_plain_base_matches_the_base_with_adapters_off(tiny_model_dir, server):
     from tunesmith.serving import build
 
     app, registry = build([], base=str(tiny_model_dir), log=lambda *_: None, max_pending=2, max_tokens=64)
     srv = Server(app)
     try:
         client = srv.client()
-        with pytest.raises(openai.RateLimitError) as info:
+        with pytest.raises(openai.BadRequestError, match="more than the server runs at once"):
             client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=4, n=3)
+        # hold the engine (a job on its thread waits for the gate) so admitted generations stay pending
+        gate = threading.Event()
+        threading.Thread(target=app.state.engine.call, args=(gate.wait,), daemon=True).start()
+        stream = client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=8, n=2,
+                                                stream=True)
+        first = next(iter(stream))  # the response has started, so both generations are admitted
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=4)
         assert info.value.status_code == 429 and "busy" in info.value.message
-        ok = client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=4, n=2)
-        assert len(ok.choices) == 2
+        assert info.value.response.headers["retry-after"] == "1"
+        gate.set()
+        rest = list(stream)
+        assert first.choices[0].delta.role == "assistant"
+        assert sorted(c.choices[0].index for c in rest if c.choices[0].finish_reason) == [0, 1]
+        ok = client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=8, n=2, temperature=0)
+        assert len(ok.choices) == 2 and app.state.engine.pending == 0
+        with_adapters = server.client().chat.completions.create(model=server.base_id, messages=PROMPT, max_tokens=8,
+                                                                temperature=0)
+        assert ok.choices[0].message.content == with_adapters.choices[0].message.content
     finally:
         srv.close()
 
@@ -329,3 +345,27 @@ def test_non_loopback_without_key_refuses_to_start(monkeypatch, capsys):
     check_exposure("0.0.0.0", "key")
     assert main(["serve", "--host", "0.0.0.0", "--base", "whatever"]) == 2
     assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_default_model_stops_at_end_of_turn_and_matches_generate():
+    """SmolLM2-135M-Instruct: a short answer ends at <|im_end|> (finish_reason stop, marker not shown) and is
+    the text transformers' generate gives for the same prompt."""
+    from tunesmith import models
+    from tunesmith.data.templates import Renderer
+    from tunesmith.evaluation.generate import generate
+    from tunesmith.serving import build
+
+    app, registry = build([], base="smollm2-135m-instruct", log=lambda *_: None, max_tokens=64)
+    srv = Server(app)
+    try:
+        question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+        r = srv.client().chat.completions.create(model="smollm2-135m-instruct", messages=question, max_tokens=64,
+                                                 temperature=0)
+    finally:
+        srv.close()
+    answer = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and "Paris" in answer and "<|im_end|>" not in answer
+    model, tokenizer = models.load("smollm2-135m-instruct")
+    assert generate(model, tokenizer, Renderer(tokenizer), question, max_new_tokens=64) == answer
+    assert r.usage.completion_tokens == len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>

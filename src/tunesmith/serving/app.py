@@ -54,7 +54,7 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return JSONResponse(schemas.error_body(self.message, self.type, self.param, self.code),
                             status_code=self.status, headers=headers)
 
@@ -105,6 +105,8 @@ def create_app(registry: Registry, limits: Limits | None = None, api_key: str | 
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped", "models": registry.ids()}, status_code=503)
         return {"status": "ok", "models": registry.ids(), "pending": engine.pending}
 
     @app.get("/v1/models")
@@ -237,10 +239,15 @@ class _Job:
                 self.gens.append(Generation(served.id, prompt, max_new, body.temperature, body.top_p, seed,
                                             list(body.stop or []), emit))
         self.prompt_tokens = sum(len(p) for p in prompts)
+        if not engine.alive:
+            raise APIError(503, "the generation engine has stopped; restart the server", type="server_error",
+                           code="engine_stopped")
         try:
             engine.submit(self.gens)
         except Overloaded as e:
             raise APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e), param="n") from None
 
     async def events(self):
         """(index, Event) until every generation has ended."""

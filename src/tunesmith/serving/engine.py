@@ -99,8 +99,15 @@ class Engine:
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def submit(self, generations: list[Generation]) -> None:
         """Queue generations (all or none); Overloaded when that would pass `max_pending`."""
+        if len(generations) > self.max_pending:
+            raise ValueError(f"this request asks for {len(generations)} generations (prompts x n), more than the "
+                             f"server runs at once ({self.max_pending}, --max-pending); ask for fewer")
         with self._lock:
             if self._pending + len(generations) > self.max_pending:
                 raise Overloaded(
@@ -144,6 +151,7 @@ class Engine:
                 batch = self._next_batch()
                 if batch:
                     self._run(batch)
+        self._drain(block=False)
         for g in self._waiting:  # shutting down: tell everyone still waiting
             self._finish(g, Event("error", error="the server is shutting down"))
 
@@ -157,6 +165,8 @@ class Engine:
                 return
             block = False
             if item is None:
+                if self._stop.is_set():
+                    continue  # keep draining: generations queued behind the stop signal are failed by _loop
                 return
             if isinstance(item, Generation):
                 self._waiting.append(item)
@@ -219,7 +229,8 @@ class _Row:
         self.generator = None
         if g.temperature > 0:
             self.generator = torch.Generator()
-            self.generator.manual_seed(g.seed if g.seed is not None else random.SystemRandom().getrandbits(63))
+            seed = g.seed if g.seed is not None else random.SystemRandom().getrandbits(63)
+            self.generator.manual_seed(seed & (2**63 - 1))  # any int64 (OpenAI allows negative seeds)
 
 
 def _generate(model, tokenizer, batch: list[Generation], stop_ids: list[int], marker_stops: list[str], tok_lock,
