@@ -196,3 +196,20 @@ def report(run_dir: str | Path, out: str | Path | None = None, open_browser: boo
 
         webbrowser.open(path.resolve().as_uri())
     return path
+
+
+def serve(
+    runs: list[str | Path] = (),
+    base: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    log=print,
+    **options: Any,
+) -> None:
+    """Serve `base` and the LoRA/DoRA/IA3 runs of it over an OpenAI-compatible HTTP API until interrupted.
+    A non-loopback `host` needs `api_key` (or TUNESMITH_API_KEY). options: watch, max_tokens, max_prompt_tokens,
+    max_pending, max_batch, max_body_bytes, device, dtype. See tunesmith.serving."""
+    from tunesmith.serving import serve as _serve
+
+    _serve(list(runs), base, host=host, port=port, api_key=api_key, log=log, **options)

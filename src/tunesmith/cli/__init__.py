@@ -25,6 +25,7 @@ Quick start:
   tunesmith train recipes/ticket-triage-lora.yaml  ... or from a recipe
   tunesmith generate runs/tickets --prompt "..."  try the result
   tunesmith chat runs/tickets                     talk to it
+  tunesmith serve runs/tickets                    OpenAI-compatible API (base + fine-tuned adapters)
   tunesmith report runs/tickets                   one self-contained report.html with plots
   tunesmith models list                           built-in models (no model hub needed)
 
@@ -39,6 +40,7 @@ COMMANDS = {
     "train": ("tunesmith.cli.train:train", "Fine-tune a model (recipe and/or flags)."),
     "generate": ("tunesmith.cli.generate:generate", "Generate from a run's model (one prompt or a file)."),
     "chat": ("tunesmith.cli.generate:chat", "Talk to a run's model interactively."),
+    "serve": ("tunesmith.cli.serve:serve", "Serve a base model and its fine-tuned runs (OpenAI-compatible API)."),
     "report": ("tunesmith.cli.report:report", "Write a run's self-contained report.html (plots, metrics, forgetting)."),
 }
 
