@@ -403,6 +403,8 @@ def test_api_and_cli_write_the_report_atomically(tmp_path, capsys, monkeypatch):
     assert out.is_file() and not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left
     assert main(["report", str(run), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+    assert main(["report", str(run), "--out", str(run / "config.yaml" / "r.html")]) == 2  # parent is a file
+    assert "cannot write the report" in capsys.readouterr().err
 
 
 def test_report_does_not_import_torch(full_run):

@@ -67,7 +67,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else inputs.run_dir / "report.html"
     if out.is_dir():
         raise RunError(f"{out}: is a directory; give a file path for the report, e.g. {out / 'report.html'}")
-    atomic_write_text(out, render(inputs, generated=datetime.now(timezone.utc)))
+    page = render(inputs, generated=datetime.now(timezone.utc))
+    try:
+        atomic_write_text(out, page)
+    except OSError as e:
+        raise RunError(f"{out}: cannot write the report ({e.strerror or e}); choose another place with --out") from None
     return out
 
 
@@ -609,7 +613,8 @@ def _data_tables(data: dict) -> str:
 def render(inp: _Inputs, generated: datetime) -> str:
     cfg = inp.config
     name = str(cfg.get("name") or inp.run_dir.name)
-    model = (cfg.get("model") or {}).get("name", "?") if isinstance(cfg.get("model"), dict) else "?"
+    model = cfg.get("model")
+    model = model.get("name", "?") if isinstance(model, dict) else model or "?"  # `model: NAME` is a shorthand
     method = str(cfg.get("method", "?"))
     sections = [_task_section(inp), _confusion_section(inp), _flipped_section(inp), _forgetting_section(inp),
                 _training_section(inp), _config_section(inp)]
