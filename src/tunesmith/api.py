@@ -213,3 +213,95 @@ def serve(
     from tunesmith.serving import serve as _serve
 
     _serve(list(runs), base, host=host, port=port, api_key=api_key, log=log, **options)
+
+
+def evaluate(
+    run: "Run | str | Path",
+    data: str | Path | None = None,
+    metric: str | None = None,
+    by: str | None = None,
+    shots: int | None = None,
+    limit: int | None = None,
+    forgetting: bool = True,
+    log=print,
+    *,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Task metrics of the fine-tuned model vs the base model prompted zero-shot and few-shot (`shots` training
+    examples), on `data` (default: the run's data.test). Writes RUN_DIR/eval/task.json and task_examples.jsonl
+    (docs/eval-format.md) and returns task.json's content; with `forgetting`, also the general-ability probe
+    (eval/forgetting.json, under the key "forgetting" of the result) when that probe is installed.
+    Unset arguments come from the run's `eval:` config section."""
+    import importlib.util
+
+    from tunesmith.errors import ConfigError, DataError
+
+    run = run if isinstance(run, Run) else Run(run)
+    cfg = run.config
+    if not (run.path / "model").is_dir():
+        raise RunError(f"{run.path}: training has not finished (no model/ folder), so there is nothing to evaluate. "
+                       f"Finish it with: tunesmith train --resume {run.path}")
+    data_path = str(data) if data is not None else cfg.data.test
+    if not data_path:
+        raise ConfigError(f"{run.path}: no test data to evaluate on; pass --data test.jsonl "
+                          "(or set data.test in the recipe)")
+    if not Path(data_path).is_file():
+        raise DataError(f"{data_path}: test data file not found; pass --data with an existing file")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: give a positive number of examples")
+    shots = cfg.eval.shots if shots is None else shots
+    if shots < 0:
+        raise ConfigError(f"--shots {shots}: give 0 (no few-shot baseline) or a positive number")
+
+    from tunesmith import models
+    from tunesmith.data.formats import read_examples
+    from tunesmith.data.templates import Renderer
+    from tunesmith.evaluation import task_eval as T
+
+    test = read_examples(data_path, cfg.data.format if data is None else "auto")[:limit]
+    if not test:
+        raise DataError(f"{data_path}: no examples to evaluate")
+    train_examples = []
+    if cfg.data.train and Path(cfg.data.train).is_file():
+        train_examples = read_examples(cfg.data.train, cfg.data.format)
+    elif shots:
+        log(f"note: the training data {cfg.data.train} is not there, so no few-shot baseline")
+    plan = T.plan_task(train_examples, test, metric or cfg.eval.metric, by or cfg.eval.by)
+    log(f"eval: {plan.task} on {len(test)} examples of {data_path} (primary metric: {plan.primary})")
+
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    tuned_model, tuned_tok, tuned_renderer = run.load_model()
+    base_model, base_tok = models.load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    base_model.eval()
+    base_renderer = Renderer(base_tok, cfg.model.chat_template, cfg.data.system_prompt)
+    systems = [T.System("base_zero_shot", "base, zero-shot", base_model, base_tok, base_renderer)]
+    chosen = T.pick_shots(train_examples, shots, plan.labels, cfg.train.seed) if plan.task != "lm" else []
+    if chosen:
+        systems.append(T.System("base_few_shot", f"base, {len(chosen)}-shot", base_model, base_tok, base_renderer,
+                                shots=chosen))
+    systems.append(T.System("fine_tuned", "fine-tuned", tuned_model, tuned_tok, tuned_renderer,
+                            raw_completion=bool(getattr(tuned_renderer, "raw_prompts", False))))
+    result = T.run_task_eval(run.path, cfg, test, train_examples, data_path, plan, systems,
+                             batch_size=batch_size or cfg.eval.batch_size,
+                             max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, log=log, quiet=quiet)
+    log(f"wrote {run.path / 'eval' / 'task.json'} and {run.path / 'eval' / 'task_examples.jsonl'}")
+    if forgetting and importlib.util.find_spec("tunesmith.evaluation.forgetting") is not None:
+        from tunesmith.evaluation.forgetting import forgetting_eval
+
+        result["forgetting"] = forgetting_eval(run, base=(base_model, base_tok), tuned=(tuned_model, tuned_tok),
+                                               limit=limit, log=log)
+    return result
+
+
+def render_eval_table(result: dict) -> None:
+    """Print evaluate()'s summary table (rich)."""
+    from rich.console import Console
+
+    from tunesmith.evaluation.task_eval import summary_table
+
+    Console().print(summary_table(result))

@@ -142,6 +142,21 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1)
 
 
+class EvalConfig(_Section):
+    """Defaults of `tunesmith eval` for this recipe (its flags override them)."""
+
+    shots: int = Field(3, ge=0, le=64)
+    """Few-shot examples for the prompted base model, drawn from the training data; 0: no few-shot baseline."""
+    metric: str | None = None
+    """Task or headline metric; None: chosen from the data (classification, extraction, text or lm)."""
+    by: Literal["score", "generate", "both"] = "both"
+    """Classification: label scoring, greedy generation, or both."""
+    batch_size: int = Field(8, ge=1, le=1024)
+    """Test examples per forward pass."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Generation length; None: from the longest reference (1.5x + 16, at most 512)."""
+
+
 class Config(_Section):
     name: str | None = None
     """Run name; default: the training file's stem."""
@@ -157,6 +172,7 @@ class Config(_Section):
     prompt: PromptConfig = PromptConfig()
     adapter: AdapterConfig = AdapterConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     @field_validator("model", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ Quick start:
   tunesmith data check tickets.jsonl              validate a dataset (errors carry file:line)
   tunesmith train --data tickets.jsonl            LoRA fine-tune of the default model
   tunesmith train recipes/ticket-triage-lora.yaml  ... or from a recipe
+  tunesmith eval runs/tickets                     fine-tuned vs base prompted zero/few-shot
   tunesmith generate runs/tickets --prompt "..."  try the result
   tunesmith chat runs/tickets                     talk to it
   tunesmith serve runs/tickets                    OpenAI-compatible API (base + fine-tuned adapters)
@@ -40,6 +41,7 @@ COMMANDS = {
     "train": ("tunesmith.cli.train:train", "Fine-tune a model (recipe and/or flags)."),
     "generate": ("tunesmith.cli.generate:generate", "Generate from a run's model (one prompt or a file)."),
     "chat": ("tunesmith.cli.generate:chat", "Talk to a run's model interactively."),
+    "eval": ("tunesmith.cli.eval:eval_command", "Fine-tuned vs base model prompted zero/few-shot: task metrics."),
     "serve": ("tunesmith.cli.serve:serve", "Serve a base model and its fine-tuned runs (OpenAI-compatible API)."),
     "report": ("tunesmith.cli.report:report", "Write a run's self-contained report.html (plots, metrics, forgetting)."),
 }

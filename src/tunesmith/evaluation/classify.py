@@ -1,10 +1,16 @@
-"""Classification by label scoring: which candidate label does the model find most likely?
+"""Scoring continuations: which candidate label does the model find most likely, and how likely is a reference?
 
-For each example the prompt is encoded once; every candidate label (its tokens plus the end-of-turn token,
-exactly as training renders it, so `bill` cannot win over `billing`) is then scored from the prompt's cached
-keys/values. Examples are batched with left padding, so a batch of E examples and K labels costs one prompt
-forward of E rows and one short forward of E*K rows. This is both faster than generating (no sampling loop)
-and fairer to a base model that would answer "The category is: Billing." when asked to generate.
+`score_continuations` is the engine. Each prompt is encoded once; every continuation of it (a candidate label,
+or the reference answer) is then scored from the prompt's cached keys/values in one batched forward. Prompts
+that share a prefix (system prompt, few-shot examples) reuse that prefix's cache, computed once for the whole
+evaluation (`generate.encode_prefix`). So a batch of E examples and K labels costs one forward of the E prompt
+tails and one short forward of E*K continuation rows: no sampling loop, and fairer to a base model that would
+answer "The category is: Billing." when asked to generate.
+
+A candidate label is scored as training renders it (its tokens plus the end-of-turn token), so `bill` cannot
+win over `billing`. `full_sequence_logprobs` scores the same continuations the slow obvious way (one
+right-padded forward over prompt + continuation, no cache); tests hold the two equal, and models whose
+forward() adds virtual tokens (peft prefix/prompt tuning) use it.
 """
 
 from __future__ import annotations
@@ -14,12 +20,27 @@ from dataclasses import dataclass
 import torch
 
 from tunesmith.data.example import Example, Message
+from tunesmith.evaluation.generate import expand_cache, left_pad, uses_prompt_learning
 
 
 @dataclass
 class LabelScores:
     prediction: str
     logprobs: dict[str, float]  # total log-probability of each label's continuation
+
+
+def split_encoded(renderer, example: Example, prompt: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """(prompt ids, continuation ids) of a one-answer example as training renders it: the continuation is the
+    trained tokens of the final answer (content + end-of-turn / EOS). For chat, `prompt` is the generation
+    prompt; training's tokens must start with it."""
+    enc = renderer.encode(example, max_length=None)
+    if prompt is None:  # completion: the prompt is everything before the first trained token
+        start = next(i for i, label in enumerate(enc.labels) if label != -100)
+        return enc.input_ids[:start], enc.input_ids[start:]
+    if enc.input_ids[: len(prompt)] != prompt:
+        first = next(i for i, (a, b) in enumerate(zip(enc.input_ids, prompt)) if a != b)
+        raise ValueError(f"prompt/continuation boundary differs from the generation prompt at token {first}")
+    return prompt, [t for t, label in zip(enc.input_ids[len(prompt):], enc.labels[len(prompt):]) if label != -100]
 
 
 def label_continuations(renderer, example: Example, labels: list[str]) -> tuple[list[int], list[list[int]]]:
@@ -29,88 +50,91 @@ def label_continuations(renderer, example: Example, labels: list[str]) -> tuple[
     conts = []
     for label in labels:
         full = Example(kind="chat", messages=[*prompt_msgs, Message("assistant", label)], source=example.source)
-        enc = renderer.encode(full, max_length=None)
-        if enc.input_ids[: len(prompt)] != prompt:
-            # the template tokenises differently at the boundary; score the labelled tokens of the full render
-            first = next(i for i, label_id in enumerate(enc.labels) if label_id != -100)
-            raise ValueError(f"prompt/continuation boundary differs from the generation prompt at token {first}")
-        cont = [t for t, label_id in zip(enc.input_ids[len(prompt):], enc.labels[len(prompt):]) if label_id != -100]
-        conts.append(cont)
+        conts.append(split_encoded(renderer, full, prompt)[1])
     return prompt, conts
 
 
 @torch.no_grad()
+def score_continuations(
+    model, prompts: list[list[int]], continuations: list[list[list[int]]], *, pad: int, prefix_len: int = 0,
+    prefix_cache=None,
+) -> list[list[tuple[float, int]]]:
+    """For each prompt, (total log-probability, tokens) of each of its continuations given the prompt.
+
+    All prompts start with the same prefix_len tokens whose cache is prefix_cache (or prefix_len = 0).
+    One call is one batch: the caller chooses its size."""
+    if uses_prompt_learning(model):
+        return [full_sequence_logprobs(model, p, c, pad=pad) for p, c in zip(prompts, continuations)]
+    device = next(model.parameters()).device
+    ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, prefix_len)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                past_key_values=expand_cache(prefix_cache, len(prompts)), use_cache=True, logits_to_keep=1)
+    first_logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # predicts each continuation's 1st token
+
+    rows = [(e, c) for e, conts in enumerate(continuations) for c in conts]
+    owner = torch.tensor([e for e, _ in rows])
+    totals = [float(first_logp[e, c[0]]) for e, c in rows]
+    width = max(len(c) for _, c in rows) - 1  # the last token of a continuation is predicted, never fed
+    if width > 0:
+        cont_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        cont_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (_, c) in enumerate(rows):
+            cont_ids[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            cont_mask[r, : len(c) - 1] = 1
+        cache = out.past_key_values
+        cache.batch_select_indices(owner.to(device))
+        lengths = mask.sum(-1)[owner]
+        logits = model(
+            input_ids=cont_ids.to(device), attention_mask=torch.cat([mask[owner], cont_mask], 1).to(device),
+            position_ids=(lengths[:, None] + torch.arange(width)[None, :]).to(device),
+            past_key_values=cache, use_cache=True,
+        ).logits
+        for r, (_, c) in enumerate(rows):
+            n = len(c) - 1
+            if n:  # position j predicts token j+1 of the continuation
+                logp = torch.log_softmax(logits[r, :n].float(), -1)
+                totals[r] += float(logp[torch.arange(n, device=logp.device), torch.tensor(c[1:], device=logp.device)].sum())
+    result: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    for (e, c), total in zip(rows, totals):
+        result[e].append((total, len(c)))
+    return result
+
+
+@torch.no_grad()
+def full_sequence_logprobs(model, prompt: list[int], continuations: list[list[int]], *, pad: int) -> list[tuple[float, int]]:
+    """The reference computation: each prompt + continuation as one right-padded sequence, no cache."""
+    device = next(model.parameters()).device
+    seqs = [prompt + c for c in continuations]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1).cpu()
+    out = []
+    for i, c in enumerate(continuations):
+        at = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
+        out.append((float(logp[i, at, torch.tensor(c)].sum()), len(c)))
+    return out
+
+
 def score_labels(model, tokenizer, renderer, examples: list[Example], labels: list[str], batch_size: int = 8,
                  progress=None) -> list[LabelScores]:
-    device = next(model.parameters()).device
+    """The most likely label of each chat example (prompt rendered by `renderer`), batched."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[LabelScores] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         encoded = [label_continuations(renderer, ex, labels) for ex in chunk]
-        scores = _score_chunk(model, encoded, pad, device)  # (E, K)
-        for row in scores.tolist():
-            best = max(range(len(labels)), key=lambda k: row[k])
-            results.append(LabelScores(labels[best], dict(zip(labels, row))))
+        scores = score_continuations(model, [p for p, _ in encoded], [c for _, c in encoded], pad=pad)
+        for row in scores:
+            totals = [s for s, _ in row]
+            best = max(range(len(labels)), key=lambda k: totals[k])
+            results.append(LabelScores(labels[best], dict(zip(labels, totals))))
         if progress is not None:
             progress(len(chunk))
     return results
-
-
-def _score_chunk(model, encoded, pad: int, device) -> torch.Tensor:
-    E, K = len(encoded), len(encoded[0][1])
-    P = max(len(p) for p, _ in encoded)
-    prompt_ids = torch.full((E, P), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((E, P), dtype=torch.long)
-    for e, (p, _) in enumerate(encoded):
-        prompt_ids[e, P - len(p):] = torch.tensor(p)  # left padding: every prompt ends at column P-1
-        prompt_mask[e, P - len(p):] = 1
-    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=prompt_pos.to(device),
-        use_cache=True,
-    )
-    first_logp = torch.log_softmax(out.logits[:, -1].float(), -1)  # (E, V): predicts each label's first token
-    cache = out.past_key_values
-    _repeat_cache(cache, K)
-
-    C = max(len(c) for _, conts in encoded for c in conts)
-    cont_ids = torch.full((E * K, C), pad, dtype=torch.long)
-    cont_mask = torch.zeros((E * K, C), dtype=torch.long)
-    for e, (p, conts) in enumerate(encoded):
-        for k, c in enumerate(conts):
-            cont_ids[e * K + k, : len(c)] = torch.tensor(c)
-            cont_mask[e * K + k, : len(c)] = 1
-    lengths = prompt_mask.sum(-1).repeat_interleave(K)  # (E*K,)
-    cont_pos = lengths[:, None] + torch.arange(C)[None, :]
-    full_mask = torch.cat([prompt_mask.repeat_interleave(K, 0), cont_mask], dim=1)
-    logits = model(
-        input_ids=cont_ids.to(device), attention_mask=full_mask.to(device), position_ids=cont_pos.to(device),
-        past_key_values=cache, use_cache=True,
-    ).logits.float()
-    logp = torch.log_softmax(logits, -1)  # position j predicts token j+1 of the continuation
-
-    total = torch.zeros(E * K)
-    first = first_logp.repeat_interleave(K, 0).cpu()
-    logp = logp.cpu()
-    for row in range(E * K):
-        n = int(cont_mask[row].sum())
-        ids = cont_ids[row, :n]
-        s = first[row, ids[0]]
-        if n > 1:
-            s = s + logp[row, torch.arange(n - 1), ids[1:]].sum()
-        total[row] = s
-    return total.view(E, K)
-
-
-def _repeat_cache(cache, k: int) -> None:
-    """Repeat every layer's keys/values k times along the batch (example e -> rows e*k .. e*k+k-1)."""
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache.batch_repeat_interleave(k)
-        return
-    for layer in cache.layers:  # transformers >= 4.56 cache layout
-        layer.keys = layer.keys.repeat_interleave(k, dim=0)
-        layer.values = layer.values.repeat_interleave(k, dim=0)
 
 
 def parse_label(text: str, labels: list[str]) -> str | None:

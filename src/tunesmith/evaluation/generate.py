@@ -1,4 +1,11 @@
-"""Generation from a run's model: one prompt, a batch of prompts, or a token stream for chat."""
+"""Generation from a run's model: one prompt, a batch of prompts, or a token stream for chat.
+
+For evaluation, `greedy_batch` decodes many prompts that share a common prefix (system prompt, few-shot
+examples): the prefix is encoded once (`encode_prefix`) and its keys/values are copied for every batch, so a
+long shared prompt costs one forward in total instead of one per example. Our own loop rather than
+`model.generate` because generate cannot start from a batch-expanded cache with padding after the prefix;
+a test checks that it produces the tokens `model.generate` produces.
+"""
 
 from __future__ import annotations
 
@@ -90,6 +97,110 @@ def generate_batch(
         for row in out[:, width:]:
             outputs.append(_cut(tokenizer.decode(row, skip_special_tokens=True), stop))
     return outputs
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each sequence after the prefix (the
+    last prompt token's logits are needed)."""
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return max(n, 0)
+
+
+def uses_prompt_learning(model) -> bool:
+    """peft prefix/prompt tuning adds virtual tokens inside forward(); explicit caches and positions do not mix
+    with that, so such models take the plain (uncached) paths."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.no_grad()
+def encode_prefix(model, prefix: list[int]):
+    """The key/value cache of a shared prompt prefix (batch of 1), or None for an empty prefix."""
+    if not prefix:
+        return None
+    device = next(model.parameters()).device
+    ids = torch.tensor([prefix], device=device)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1).past_key_values
+
+
+def expand_cache(cache, rows: int | torch.Tensor):
+    """A copy of a batch-1 cache with `rows` rows (or, given an index tensor, one row per index)."""
+    import copy
+
+    if cache is None:
+        return None
+    out = copy.deepcopy(cache)
+    index = torch.zeros(rows, dtype=torch.long) if isinstance(rows, int) else rows
+    out.batch_select_indices(index.to(_cache_device(out)))
+    return out
+
+
+def _cache_device(cache):
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if keys is not None:
+            return keys.device
+    return "cpu"
+
+
+def left_pad(suffixes: list[list[int]], pad: int, prefix_len: int):
+    """(ids, attention mask incl. the prefix, position ids) for prompts continuing a prefix of prefix_len
+    tokens, left-padded so every prompt ends at the last column (padding sits between prefix and prompt;
+    the mask hides it and positions skip it)."""
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for i, s in enumerate(suffixes):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
+    full_mask = torch.cat([torch.ones((len(suffixes), prefix_len), dtype=torch.long), mask], dim=1)
+    return ids, full_mask, positions
+
+
+@torch.no_grad()
+def greedy_batch(
+    model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int], stop_strings: list[str] = (),
+    max_new_tokens: int = 64, prefix_len: int = 0, prefix_cache=None,
+) -> list[str]:
+    """Greedy answers to prompts (token ids) that all start with the same prefix_len tokens, whose cache is
+    prefix_cache (from encode_prefix). Each answer stops at a stop token (not included) or a stop string
+    (cut off)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, prefix_len)
+    cache = expand_cache(prefix_cache, len(prompts))
+    lengths = mask.sum(-1)  # real tokens per row so far (prefix included)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)  # the LM head only where needed
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    multi_token_stops = [s for s in stop_strings if len(tokenizer(s, add_special_tokens=False)["input_ids"]) > 1]
+    stops = set(stop_ids)
+    for step in range(max_new_tokens):
+        next_ids = out.logits[:, -1].argmax(-1).cpu()
+        for i, t in enumerate(next_ids.tolist()):
+            if done[i]:
+                continue
+            if t in stops:
+                done[i] = True
+                continue
+            generated[i].append(t)
+            if multi_token_stops and any(s in tokenizer.decode(generated[i][-8:]) for s in multi_token_stops):
+                done[i] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+        out = model(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
+                    position_ids=lengths[:, None].to(device) + step, past_key_values=out.past_key_values,
+                    use_cache=True)
+    return [_cut(tokenizer.decode(g, skip_special_tokens=True), list(stop_strings)) for g in generated]
 
 
 def generate(model, tokenizer, renderer, prompt, **kwargs) -> str:

@@ -1,0 +1,377 @@
+"""`tunesmith eval` on tiny model runs: every task kind, the file format of docs/eval-format.md, the prefix cache,
+label scoring against full-sequence likelihoods, flipped lists and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+import tunesmith
+from tunesmith.cli import main
+from tunesmith.evaluation import task_eval as T
+
+WORDS = {
+    "billing": ["invoice", "refund", "charge", "price"],
+    "shipping": ["parcel", "courier", "delivery", "tracking"],
+    "technical": ["crash", "error", "bug", "freeze"],
+}
+NAMES = ["alice", "bob", "carol", "dave"]
+ITEMS = ["apples", "pears", "plums"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chat(user: str, answer: str, system: str | None = "Classify the ticket.") -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": msgs}
+
+
+def classification_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    labels = list(WORDS)
+    return [chat(f"ticket {i}: " + " ".join(rng.sample(WORDS[labels[i % 3]], 2)), labels[i % 3]) for i in range(n)]
+
+
+def extraction_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        name, item, qty = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(1, 9)
+        answer = {"name": name, "order": {"item": item, "qty": qty}}
+        rows.append(chat(f"{name} wants {qty} {item}", json.dumps(answer), system="Extract the order as JSON."))
+    return rows
+
+
+def text_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [chat(f"describe {rng.choice(ITEMS)}", f"they are {rng.choice(['sweet', 'round', 'green'])} fruit, {i} of them", None)
+            for i in range(n)]
+
+
+def train_run(tiny_model_dir, root: Path, name: str, train_rows, test_rows, **extra) -> Path:
+    train = write_jsonl(root / f"{name}-train.jsonl", train_rows)
+    test = write_jsonl(root / f"{name}-test.jsonl", test_rows)
+    run = tunesmith.train(None, quiet=True, log=lambda *_: None, **{
+        "model.name": str(tiny_model_dir), "data.train": str(train), "data.test": str(test),
+        "output": str(root / name), "train.max_steps": 2, "train.batch_size": 4, "train.batching": "pad",
+        "data.max_length": 96, "train.lr": 5e-2, "lora.r": 4, "train.seed": 1, "data.val_fraction": 0.0,
+        "train.threads": 2, **extra})
+    return run.path
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-runs")
+    return {
+        "cls": train_run(tiny_model_dir, root, "cls", classification_rows(30, 0), classification_rows(9, 1)),
+        "ext": train_run(tiny_model_dir, root, "ext", extraction_rows(24, 0), extraction_rows(6, 1)),
+        "lm": train_run(tiny_model_dir, root, "lm", [{"text": f"plums and pears number {i}."} for i in range(16)],
+                        [{"text": "apples are round."}, {"text": "a pear, a plum and apples."}]),
+        "completion": train_run(
+            tiny_model_dir, root, "completion",
+            [{"prompt": f"Ticket: {r['messages'][1]['content']}\nCategory:", "completion": " " + r["messages"][2]["content"]}
+             for r in classification_rows(24, 2)],
+            [{"prompt": f"Ticket: {r['messages'][1]['content']}\nCategory:", "completion": r["messages"][2]["content"]}
+             for r in classification_rows(6, 3)]),
+        "root": root,
+    }
+
+
+def quiet(**kw):
+    return {"log": lambda *_: None, "quiet": True, "forgetting": False, **kw}
+
+
+def read_examples_file(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "eval" / "task_examples.jsonl").read_text().splitlines()]
+
+
+# ---- the engine: prefix cache, label scoring, greedy decoding ---------------------------------------------------
+
+
+def _systems(run_dir: Path, shots: int = 3):
+    """The fine-tuned system and a few-shot system on the same tuned model (its prompts are longer)."""
+    from tunesmith.data.formats import read_examples
+
+    run = tunesmith.load(run_dir)
+    model, tok, renderer = run.load_model()
+    train = read_examples(run.config.data.train)
+    test = read_examples(run.config.data.test)
+    few = T.System("base_few_shot", "few", model, tok, renderer, shots=T.pick_shots(train, shots, list(WORDS), 0))
+    return T.System("fine_tuned", "tuned", model, tok, renderer), few, test
+
+
+def test_label_scores_with_prefix_cache_equal_full_sequence_likelihoods(runs):
+    from tunesmith.evaluation.classify import full_sequence_logprobs, score_continuations
+    from tunesmith.evaluation.generate import common_prefix_length, encode_prefix
+
+    labels = sorted(WORDS)
+    *systems, test = _systems(runs["cls"])
+    for system in systems:
+        prompts = [system.prompt(ex) for ex in test]
+        conts = [[system.pair(ex, label)[1] for label in labels] for ex in test]
+        prefix_len = common_prefix_length(prompts)
+        assert prefix_len > 5  # the system prompt (and shots) are shared
+        cached = score_continuations(system.model, prompts, conts, pad=system.pad, prefix_len=prefix_len,
+                                     prefix_cache=encode_prefix(system.model, prompts[0][:prefix_len]))
+        plain = score_continuations(system.model, prompts, conts, pad=system.pad)
+        for p, c, row_cached, row_plain in zip(prompts, conts, cached, plain):
+            full = full_sequence_logprobs(system.model, p, c, pad=system.pad)
+            assert [n for _, n in row_cached] == [len(x) for x in c]
+            assert [s for s, _ in row_cached] == pytest.approx([s for s, _ in full], abs=2e-5)
+            assert [s for s, _ in row_plain] == pytest.approx([s for s, _ in full], abs=2e-5)
+            # the predicted label is the argmax of the full-sequence log-likelihoods
+            assert max(range(len(labels)), key=lambda k: row_cached[k][0]) == \
+                max(range(len(labels)), key=lambda k: full[k][0])
+
+
+def test_few_shot_prompt_has_shots_after_the_system_prompt(runs):
+    tuned, few, test = _systems(runs["cls"])
+    msgs = few.messages(test[0])
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant", "user"]
+    assert {m.content for m in msgs if m.role == "assistant"} == set(WORDS)  # stratified: one shot per label
+    assert msgs[-1].content == test[0].messages[1].content
+    assert len(few.prompt(test[0])) > len(tuned.prompt(test[0]))
+
+
+def test_pick_shots_is_seeded_and_stratified():
+    from tunesmith.data.formats import read_examples  # noqa: F401  (the Example type comes from data)
+    from tunesmith.data.example import Example, Message
+
+    train = [Example("chat", [Message("user", f"u{i}"), Message("assistant", "ab"[i % 2])]) for i in range(20)]
+    a = T.pick_shots(train, 4, ["a", "b"], seed=7)
+    assert [e.messages[0].content for e in a] == [e.messages[0].content for e in T.pick_shots(train, 4, ["a", "b"], 7)]
+    assert sorted(e.answer() for e in a) == ["a", "a", "b", "b"]
+    assert T.pick_shots(train, 0, None, 7) == []
+    assert len(T.pick_shots(train, 50, None, 7)) == 20
+
+
+def test_greedy_batch_with_prefix_cache_matches_model_generate(runs):
+    import torch
+
+    from tunesmith.evaluation.generate import common_prefix_length, encode_prefix, greedy_batch
+
+    _, few, test = _systems(runs["cls"])
+    prompts = [few.prompt(ex) for ex in test[:4]]
+    n = common_prefix_length(prompts)
+    ours = greedy_batch(few.model, few.tokenizer, prompts, stop_ids=few.renderer.stop_token_ids,
+                        stop_strings=few.renderer.stop_strings, max_new_tokens=6, prefix_len=n,
+                        prefix_cache=encode_prefix(few.model, prompts[0][:n]))
+    for p, answer in zip(prompts, ours):
+        out = few.model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=6, do_sample=False, eos_token_id=few.renderer.stop_token_ids,
+                                 pad_token_id=few.pad)
+        assert answer == few.tokenizer.decode(out[0, len(p):], skip_special_tokens=True)
+
+
+# ---- task detection ------------------------------------------------------------------------------------------
+
+
+def _examples(rows):
+    from tunesmith.data.formats import read_examples
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return read_examples(str(write_jsonl(Path(d) / "x.jsonl", rows)))
+
+
+def test_plan_task_detects_each_kind_and_metric_overrides():
+    cls, ext, txt = _examples(classification_rows(30, 0)), _examples(extraction_rows(6, 0)), _examples(text_rows(6, 0))
+    lm = _examples([{"text": "some words"}])
+    assert T.plan_task(cls, cls[:6], None, None) == T.Plan("classification", "accuracy", sorted(WORDS), ("score", "generate"))
+    assert T.plan_task(cls, ext, None, None).task == "extraction"   # test answers are not the training labels
+    assert T.plan_task(ext, ext, None, None).primary == "field_f1"
+    assert T.plan_task(txt, txt, None, None).task == "text"
+    assert T.plan_task(lm, lm, None, None) == T.Plan("lm", "perplexity")
+    assert T.plan_task(cls, cls, None, "generate").primary == "accuracy_generated"
+    assert T.plan_task(ext, ext, "text", None).task == "text"
+    assert T.plan_task(ext, ext, "exact_match", None) == T.Plan("extraction", "exact_match")
+    assert T.plan_task(txt, txt, "rouge_l", None) == T.Plan("text", "rouge_l")
+    with pytest.raises(tunesmith.errors.ConfigError, match="--metric 'bleu' is not known"):
+        T.plan_task(txt, txt, "bleu", None)
+    with pytest.raises(tunesmith.errors.DataError, match="extraction needs every reference answer to be a JSON object"):
+        T.plan_task(txt, txt, "extraction", None)
+    with pytest.raises(tunesmith.errors.ConfigError, match="needs generation"):
+        T.plan_task(cls, cls, "invalid_rate", "score")
+
+
+def test_flipped_lists_follow_the_per_example_scores():
+    records = [
+        {"id": "a", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "x", "fine_tuned": "r"},
+         "scores": {"base_zero_shot": 0.0, "fine_tuned": 1.0}},
+        {"id": "b", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "r", "fine_tuned": "x"},
+         "scores": {"base_zero_shot": 0.9, "fine_tuned": 0.2}},
+        {"id": "c", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "r", "fine_tuned": "r"},
+         "scores": {"base_zero_shot": 0.6, "fine_tuned": 0.9}},  # passes both times: not flipped
+    ]
+    out = T.flipped(None, records, "chrf")
+    assert [x["id"] for x in out["improved"]] == ["a"] and out["improved"][0]["tuned"] == "r"
+    assert [x["id"] for x in out["regressed"]] == ["b"] and out["regressed"][0]["base"] == "r"
+    assert T.flipped(None, records, "perplexity") == {"improved": [], "regressed": []}
+
+
+# ---- whole evaluations per task kind ---------------------------------------------------------------------------
+
+
+def test_classification_eval_writes_the_documented_files(runs, capsys):
+    run_dir = runs["cls"]
+    assert main(["eval", str(run_dir), "--quiet", "--no-forgetting", "--shots", "3", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "base, zero-shot" in printed and "fine-tuned" in printed and "pts" in printed
+
+    result = json.loads((run_dir / "eval" / "task.json").read_text())
+    assert result["version"] == 1 and result["task"] == "classification" and result["primary"] == "accuracy"
+    assert result["labels"] == sorted(WORDS)
+    assert result["data"]["examples"] == 9 and len(result["data"]["sha256"]) == 64
+    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "base_few_shot", "fine_tuned"]
+    assert result["examples_file"] == "task_examples.jsonl"
+    examples = read_examples_file(run_dir)
+    assert len(examples) == 9 and examples[0]["id"] == "line-1" and examples[0]["input"].startswith("ticket 0")
+    for s in result["systems"]:
+        m = s["metrics"]
+        assert set(m) == {"accuracy", "macro_f1", "accuracy_generated", "macro_f1_generated", "invalid_rate"}
+        assert set(m) <= set(result["metrics_info"])
+        assert all(0 <= v <= 1 for v in m.values())
+        assert sum(map(sum, s["confusion"])) == 9 and len(s["confusion"]) == 3
+        assert sum(v["support"] for v in s["per_label"].values()) == 9
+        # the metrics agree with the per-example records
+        assert m["accuracy"] == pytest.approx(sum(e["scores"][s["key"]] for e in examples) / 9)
+        assert m["accuracy"] == pytest.approx(sum(e["outputs"][s["key"]] == e["reference"] for e in examples) / 9)
+        assert s["seconds"] > 0 and s["seconds_per_example"] == pytest.approx(s["seconds"] / 9)
+        assert set(s["seconds_by_mode"]) == {"score", "generate"}
+    tokens = {s["key"]: s["prompt_tokens_per_example"] for s in result["systems"]}
+    assert tokens["base_few_shot"] > tokens["base_zero_shot"] == tokens["fine_tuned"]
+    assert result["systems"][1]["shots"] == 3
+    assert all(set(e["generated"]) == {"base_zero_shot", "base_few_shot", "fine_tuned"} for e in examples)
+    # flipped: exactly the examples whose base and tuned outcome differ
+    changed = {e["id"]: e["scores"]["fine_tuned"] > e["scores"]["base_zero_shot"]
+               for e in examples if e["scores"]["fine_tuned"] != e["scores"]["base_zero_shot"]}
+    assert {x["id"] for x in result["flipped"]["improved"]} == {k for k, up in changed.items() if up}
+    assert {x["id"] for x in result["flipped"]["regressed"]} == {k for k, up in changed.items() if not up}
+
+
+def test_label_scoring_prediction_is_the_most_likely_label(runs):
+    """The eval's fine-tuned predictions equal the argmax of full-sequence likelihoods, label by label."""
+    from tunesmith.evaluation.classify import full_sequence_logprobs
+
+    run_dir = runs["cls"]
+    tunesmith.evaluate(run_dir, shots=0, by="score", **quiet())
+    examples = read_examples_file(run_dir)
+    tuned, _, test = _systems(run_dir)
+    labels = sorted(WORDS)
+    for ex, rec in zip(test, examples):
+        p = tuned.prompt(ex)
+        full = full_sequence_logprobs(tuned.model, p, [tuned.pair(ex, label)[1] for label in labels], pad=tuned.pad)
+        assert rec["outputs"]["fine_tuned"] == labels[max(range(3), key=lambda k: full[k][0])]
+    assert "generated" not in examples[0]
+
+
+def test_extraction_eval(runs):
+    from tunesmith.evaluation import metrics as M
+
+    result = tunesmith.evaluate(runs["ext"], shots=1, limit=3, max_new_tokens=24, **quiet())
+    assert result["task"] == "extraction" and result["primary"] == "field_f1"
+    examples = read_examples_file(runs["ext"])
+    assert len(examples) == 4
+    refs = [M.parse_json_object(e["reference"]) for e in examples]
+    for s in result["systems"]:
+        expected, _ = M.extraction_report([e["outputs"][s["key"]] for e in examples], refs)
+        for k, v in expected.items():
+            assert s["metrics"][k] == pytest.approx(v)
+        assert s["metrics"]["perplexity"] == pytest.approx(math.exp(s["metrics"]["loss"]))
+        assert s["metrics"]["loss"] > 0
+
+
+def test_text_eval_on_another_test_file(runs):
+    data = write_jsonl(runs["root"] / "free-text.jsonl", text_rows(5, 3))
+    result = tunesmith.evaluate(runs["ext"], data=str(data), shots=0, **quiet())
+    assert result["task"] == "text" and result["primary"] == "chrf"
+    assert result["data"]["path"] == str(data)
+    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "fine_tuned"]
+    for s in result["systems"]:
+        assert {"chrf", "rouge_l", "token_f1", "exact_match", "loss", "perplexity"} == set(s["metrics"])
+        assert s["metrics"]["perplexity"] == pytest.approx(math.exp(s["metrics"]["loss"]))
+
+
+def test_reference_loss_equals_the_models_own_loss(runs):
+    """The extraction/text loss of one example is the mean NLL of its answer tokens: what the model's forward
+    with labels (-100 on the prompt) gives."""
+    import torch
+
+    result = tunesmith.evaluate(runs["ext"], shots=0, limit=1, **quiet())
+    tuned, _, test = _systems(runs["ext"])
+    prompt, cont = tuned.pair(test[0], test[0].answer())
+    ids = torch.tensor([prompt + cont])
+    labels = torch.tensor([[-100] * len(prompt) + cont])
+    with torch.no_grad():
+        loss = float(tuned.model(input_ids=ids, labels=labels).loss)
+    assert result["systems"][-1]["metrics"]["loss"] == pytest.approx(loss, abs=1e-4)
+
+
+def test_lm_eval_perplexity_of_held_out_text(runs):
+    import torch
+
+    result = tunesmith.evaluate(runs["lm"], **quiet())
+    assert result["task"] == "lm" and result["primary"] == "perplexity"
+    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "fine_tuned"]  # no few-shot for raw text
+    assert result["flipped"] == {"improved": [], "regressed": []}
+    model, tok, renderer = tunesmith.load(runs["lm"]).load_model()
+    nll = count = 0
+    for text in ("apples are round.", "a pear, a plum and apples."):
+        ids = torch.tensor([tok(text)["input_ids"] + [tok.eos_token_id]])
+        with torch.no_grad():
+            loss = float(model(input_ids=ids, labels=ids).loss)
+        nll, count = nll + loss * (ids.shape[1] - 1), count + ids.shape[1] - 1
+    tuned = result["systems"][-1]["metrics"]
+    assert tuned["loss"] == pytest.approx(nll / count, abs=1e-4)
+    assert tuned["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_completion_run_is_prompted_raw_when_fine_tuned_and_as_chat_for_base(runs):
+    result = tunesmith.evaluate(runs["completion"], shots=3, **quiet())
+    assert result["task"] == "classification"
+    tokens = {s["key"]: s["prompt_tokens_per_example"] for s in result["systems"]}
+    # the fine-tuned model sees the raw prompt only; the base model sees it inside the chat template
+    assert tokens["fine_tuned"] < tokens["base_zero_shot"] < tokens["base_few_shot"]
+    examples = read_examples_file(runs["completion"])
+    assert examples[0]["input"].startswith("Ticket: ticket 0")
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_errors_exit_2_with_a_clear_message(runs, tmp_path, capsys):
+    run_dir = runs["cls"]
+    assert main(["eval", str(run_dir), "--metric", "bleu", "--quiet", "--no-forgetting"]) == 2
+    assert "--metric 'bleu' is not known" in capsys.readouterr().err
+
+    assert main(["eval", str(run_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "test data file not found" in capsys.readouterr().err
+
+    no_test = tmp_path / "no-test"
+    no_test.mkdir()
+    cfg = (run_dir / "config.yaml").read_text().replace(f"test: {runs['root'] / 'cls-test.jsonl'}", "test: null")
+    (no_test / "config.yaml").write_text(cfg)
+    (no_test / "model").symlink_to(run_dir / "model")
+    assert main(["eval", str(no_test)]) == 2
+    assert "no test data to evaluate on; pass --data test.jsonl" in capsys.readouterr().err
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert main(["eval", str(unfinished)]) == 2
+    assert "no model/ folder" in capsys.readouterr().err
+
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+    assert main(["eval", str(run_dir), "--limit", "0"]) == 2
+    assert "--limit 0" in capsys.readouterr().err
