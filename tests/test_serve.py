@@ -220,7 +220,7 @@ def test_adapter_added_at_runtime(server, runs, tiny_model_dir, tmp_path):
 def test_concurrent_load_every_response_checked(server):
     """24 concurrent requests over three models, mixed streaming: each answer is its model's, the same as
     the answer it gives alone (greedy), and its usage adds up. The server must batch them (fewer batches
-    than requests)."""
+    than requests), rows of different adapters included."""
     client = server.client()
     models = [server.base_id, "ft:%s:alpha" % server.base_id, "ft:%s:beta" % server.base_id]
     prompts = [[{"role": "user", "content": f"ticket {i}: parcel tracking now"}] for i in range(8)]
@@ -246,6 +246,7 @@ def test_concurrent_load_every_response_checked(server):
         assert model == m and text and text == alone[(m, i)], (k, m, text, alone[(m, i)])
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens and 1 <= usage.completion_tokens <= 6
     assert engine.batches_run - before < 24 and engine.largest_batch > 1
+    assert engine.mixed_batches > 0  # LoRA runs and the base shared batches (peft's adapter_names)
     assert engine.pending == 0
 
 

@@ -236,8 +236,9 @@ class _Job:
                     except RuntimeError:  # the event loop is gone (server shutting down)
                         pass
 
+                stops = [*(body.stop or []), *served.marker_stops]
                 self.gens.append(Generation(served.id, prompt, max_new, body.temperature, body.top_p, seed,
-                                            list(body.stop or []), emit))
+                                            stops, served.stop_token_ids, emit))
         self.prompt_tokens = sum(len(p) for p in prompts)
         if not engine.alive:
             raise APIError(503, "the generation engine has stopped; restart the server", type="server_error",

@@ -5,7 +5,8 @@ Why one thread: torch modules are not safe for concurrent forward passes, and sw
 on the engine thread; HTTP handlers only tokenize, enqueue and wait on per-request event queues.
 
 Batching: the engine takes the oldest waiting request and every other waiting request for the same served
-model (base or one adapter), up to `max_batch`, and generates them together: prompts left-padded, one
+model (base or one adapter) -- or, when all adapters are plain LoRA, for any model, each row naming its
+adapter through peft's mixed-batch `adapter_names` -- up to `max_batch`, and generates them together: prompts left-padded, one
 prefill, then one decode step per token for the whole batch. Sampling is done per row (own temperature,
 top_p and torch.Generator seeded from the request), so requests with different sampling settings share a
 batch and a seeded request gives the same text as it would alone. Each row stops on its own (end-of-turn /
@@ -58,6 +59,9 @@ class Generation:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    """The request's stop strings, plus the template's end-of-turn markers that are several tokens here."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """EOS and single-token end-of-turn markers of the served model's template."""
     emit: Callable[[Event], None] = lambda e: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
@@ -82,6 +86,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
         self.batches_run = 0
         self.largest_batch = 0
+        self.mixed_batches = 0  # batches holding rows for several models (LoRA adapters / base)
 
     # ---- called from other threads ----------------------------------------------------------------------
 
@@ -174,31 +179,36 @@ class Engine:
                 item()
 
     def _next_batch(self) -> list[Generation]:
-        """The oldest waiting generation and the others for the same model, oldest first, up to max_batch.
-        Cancelled ones (client gone) are dropped here."""
+        """The oldest waiting generation and the others that can share its batch, oldest first, up to
+        max_batch: those for the same model, or, where the registry can mix models in one batch (LoRA
+        adapters and the base), those for any mixable model. Cancelled ones (client gone) are dropped here."""
         for g in [g for g in self._waiting if g.cancelled.is_set()]:
             self._waiting.remove(g)
             self._release()
         if not self._waiting:
             return []
-        model_id = self._waiting[0].model_id
-        batch = [g for g in self._waiting if g.model_id == model_id][: self.max_batch]
+        first = self._waiting[0].model_id
+        if self.registry.mixable(first):
+            batch = [g for g in self._waiting if g.model_id == first or self.registry.mixable(g.model_id)]
+        else:
+            batch = [g for g in self._waiting if g.model_id == first]
+        batch = batch[: self.max_batch]
         for g in batch:
             self._waiting.remove(g)
         return batch
 
     def _run(self, batch: list[Generation]) -> None:
         try:
-            served = self.registry.get(batch[0].model_id)
-            with self.registry.activate(served):
-                _generate(self.registry.model, self.registry.tokenizer, batch, served.stop_token_ids,
-                          served.marker_stops, self.registry.tokenizer_lock, self._finish)
+            with self.registry.activate([g.model_id for g in batch]) as forward_kwargs:
+                _generate(self.registry.model, self.registry.tokenizer, batch, forward_kwargs,
+                          self.registry.tokenizer_lock, self._finish)
         except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving the others
             log.exception("generation failed")
             for g in batch:
                 self._finish(g, Event("error", error=f"generation failed: {type(e).__name__}: {e}"))
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        self.mixed_batches += len({g.model_id for g in batch}) > 1
 
     def _finish(self, g: Generation, event: Event) -> None:
         if getattr(g, "_finished", False):
@@ -218,14 +228,15 @@ class Engine:
 class _Row:
     """Decoding state of one generation in a batch."""
 
-    def __init__(self, g: Generation, extra_stops: list[str]):
+    def __init__(self, g: Generation):
         import torch
 
         self.g = g
         self.ids: list[int] = []
         self.sent = ""  # text already handed to the client
         self.done = False
-        self.stops = [s for s in dict.fromkeys([*g.stop, *extra_stops]) if s]
+        self.stops = [s for s in dict.fromkeys(g.stop) if s]
+        self.stop_ids = set(g.stop_token_ids)
         self.generator = None
         if g.temperature > 0:
             self.generator = torch.Generator()
@@ -233,24 +244,22 @@ class _Row:
             self.generator.manual_seed(seed & (2**63 - 1))  # any int64 (OpenAI allows negative seeds)
 
 
-def _generate(model, tokenizer, batch: list[Generation], stop_ids: list[int], marker_stops: list[str], tok_lock,
-              finish) -> None:
-    """Generate every row of `batch` to its end, emitting text as it comes. `marker_stops`: end-of-turn
-    markers that are several tokens in this vocabulary; they end a row like stop strings and are never shown."""
+def _generate(model, tokenizer, batch: list[Generation], forward_kwargs: dict, tok_lock, finish) -> None:
+    """Generate every row of `batch` to its end, emitting text as it comes. `forward_kwargs` go to every
+    forward pass (peft's per-row `adapter_names` for a batch that mixes LoRA adapters)."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = [_Row(g, marker_stops) for g in batch]
+    rows = [_Row(g) for g in batch]
     width = max(len(g.prompt_ids) for g in batch)
     ids = torch.tensor([[pad] * (width - len(g.prompt_ids)) + g.prompt_ids for g in batch], device=device)
     mask = torch.tensor([[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in batch], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    stop_set = set(stop_ids)
     past = None
     for step in itertools.count():
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                    use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **forward_kwargs)
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
         del out
@@ -264,7 +273,7 @@ def _generate(model, tokenizer, batch: list[Generation], stop_ids: list[int], ma
                 continue
             token = _sample(logits[i], row)
             next_ids.append(token)
-            _advance(row, token, stop_set, tokenizer, tok_lock, finish)
+            _advance(row, token, tokenizer, tok_lock, finish)
         if all(r.done for r in rows):
             return
         ids = torch.tensor(next_ids, device=device).unsqueeze(1)
@@ -289,10 +298,10 @@ def _sample(logits, row: _Row) -> int:
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
-def _advance(row: _Row, token: int, stop_set: set[int], tokenizer, tok_lock, finish) -> None:
+def _advance(row: _Row, token: int, tokenizer, tok_lock, finish) -> None:
     """Take one sampled token: stop on a stop token, a stop string or max_tokens; emit the safe new text."""
     g = row.g
-    if token in stop_set:
+    if token in row.stop_ids:
         with tok_lock:
             text = tokenizer.decode(row.ids, skip_special_tokens=True)  # without the stop token
         cut = _first_stop(text, row.stops)

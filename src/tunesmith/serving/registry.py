@@ -20,6 +20,10 @@ Prompts: each run is prompted as it was trained. Its Renderer uses the run's `mo
 own (the request's wins). Runs trained on prompt/completion or plain text data get `/v1/completions`
 prompts as raw text (as in training); chat requests always go through the chat template.
 
+Batches: requests for one model are batched together; when every adapter is a plain LoRA, requests for
+different adapters and the base share a batch too (peft's mixed-batch `adapter_names`; DoRA and IA3 do not
+support it, so their requests are batched per model).
+
 All methods that touch the model (`add_run`, `activate`) must run on the engine thread.
 """
 
@@ -28,7 +32,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +81,8 @@ class Served:
 
     @property
     def marker_stops(self) -> list[str]:
+        """End-of-turn markers as text: they end generation like stop strings and are never shown (special
+        tokens are skipped in decoding anyway; this catches markers that are several plain tokens)."""
         return list(self.renderer.stop_strings)
 
 
@@ -124,14 +130,30 @@ class Registry:
 
     # ---- engine thread ---------------------------------------------------------------------------------------
 
-    def activate(self, served: Served):
-        """Context in which the model computes as `served`: the base with adapters off, or one adapter."""
-        if self.peft_type is None:
-            return nullcontext()
-        if served.adapter_name is None:
-            return self.model.disable_adapter()
-        self.model.set_adapter(served.adapter_name)
-        return nullcontext()
+    def mixable(self, model_id: str) -> bool:
+        """Whether requests for `model_id` can share a batch with requests for other models: peft's mixed
+        batches (`adapter_names`, one adapter per row) work for LoRA adapters, not for DoRA or IA3."""
+        if self.peft_type != "LORA":
+            return False
+        served = self.get(model_id)
+        return served.adapter_name is None or served.method == "lora"
+
+    @contextmanager
+    def activate(self, model_ids: list[str]):
+        """Context in which the model computes a batch whose rows are for `model_ids`; yields the extra
+        forward() arguments (peft's per-row `adapter_names` for a batch of several models)."""
+        served = [self.get(m) for m in model_ids]
+        names = [s.adapter_name for s in served]
+        if self.peft_type is None:  # no adapters loaded: the base model itself
+            yield {}
+        elif len(set(names)) > 1:
+            yield {"adapter_names": [n or "__base__" for n in names]}
+        elif names[0] is None:
+            with self.model.disable_adapter():
+                yield {}
+        else:
+            self.model.set_adapter(names[0])
+            yield {}
 
     def add_run(self, run_dir: str | Path, name: str | None = None) -> Served:
         """Attach a run's adapter and serve it as `ft:<base>:<name>`; RunError/ModelError/Conflict say why not."""
