@@ -305,3 +305,42 @@ def render_eval_table(result: dict) -> None:
     from tunesmith.evaluation.task_eval import summary_table
 
     Console().print(summary_table(result))
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    merge: bool = False,
+    format: str | None = None,
+    quant: str | None = None,
+    adapter_only: bool = False,
+    force: bool = False,
+    log=print,
+) -> dict:
+    """Export a run's model into the directory `out`, then check it against the run (see tunesmith.exporting).
+
+    merge=True (format "safetensors"): a merged Hugging Face model dir; format="gguf": one GGUF file (quant f16,
+    q8_0 or f32; merged first); adapter_only=True: the peft adapter. Returns the equivalence figures (also in
+    OUT/equivalence.json) with "out" and "files"; a failed check raises and leaves nothing behind."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.exporting import export_run
+
+    if format not in (None, "safetensors", "gguf"):
+        raise ConfigError(f"export format {format!r} is not supported; use safetensors or gguf")
+    if adapter_only and (merge or format is not None):
+        raise ConfigError("--adapter-only writes the adapter alone; it cannot be combined with --merge or --format")
+    if quant is not None and format != "gguf":
+        raise ConfigError("--quant applies to GGUF exports only; add --format gguf")
+    if adapter_only:
+        kind = "adapter"
+    elif format == "gguf":
+        kind = "gguf"
+    elif merge or format == "safetensors":
+        kind = "merge"
+    else:
+        raise ConfigError(
+            "say what to export: --merge (a Hugging Face model dir), --format gguf [--quant f16|q8_0] "
+            "(a GGUF file for llama.cpp) or --adapter-only (a peft adapter)"
+        )
+    return export_run(run_dir, out, kind=kind, quant=quant or "f16", force=force, log=log)

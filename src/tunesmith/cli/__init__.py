@@ -28,6 +28,7 @@ Quick start:
   tunesmith chat runs/tickets                     talk to it
   tunesmith serve runs/tickets                    OpenAI-compatible API (base + fine-tuned adapters)
   tunesmith report runs/tickets                   one self-contained report.html with plots
+  tunesmith export runs/tickets --merge --out DIR  merged model (or --format gguf, --adapter-only)
   tunesmith models list                           built-in models (no model hub needed)
 
 \b
@@ -44,6 +45,7 @@ COMMANDS = {
     "eval": ("tunesmith.cli.eval:eval_command", "Fine-tuned vs base model prompted zero/few-shot: task metrics."),
     "serve": ("tunesmith.cli.serve:serve", "Serve a base model and its fine-tuned runs (OpenAI-compatible API)."),
     "report": ("tunesmith.cli.report:report", "Write a run's self-contained report.html (plots, metrics, forgetting)."),
+    "export": ("tunesmith.cli.export:export", "Export a run: merged HF model, GGUF file or peft adapter (checked)."),
 }
 
 
