@@ -370,3 +370,19 @@ def test_real_default_model_stops_at_end_of_turn_and_matches_generate():
     model, tokenizer = models.load("smollm2-135m-instruct")
     assert generate(model, tokenizer, Renderer(tokenizer), question, max_new_tokens=64) == answer
     assert r.usage.completion_tokens == len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1  # + <|im_end|>
+
+
+def test_a_client_that_goes_away_stops_its_generation(server):
+    engine = server.app.state.engine
+    before = engine.cancelled
+    gate = threading.Event()  # hold the engine so the request is still waiting when the client leaves
+    threading.Thread(target=engine.call, args=(gate.wait,), daemon=True).start()
+    body = {"model": "alpha", "messages": PROMPT, "max_tokens": 64, "stream": True, "stop": ["never-generated"]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        first = next(r.iter_lines())
+    assert first.startswith("data: ") and engine.pending == 1
+    gate.set()
+    deadline = time.monotonic() + 20
+    while engine.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.pending == 0 and engine.cancelled == before + 1

@@ -86,7 +86,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
         self.batches_run = 0
         self.largest_batch = 0
-        self.mixed_batches = 0  # batches holding rows for several models (LoRA adapters / base)
+        self.mixed_batches = 0
+        self.cancelled = 0  # generations stopped because their client went away  # batches holding rows for several models (LoRA adapters / base)
 
     # ---- called from other threads ----------------------------------------------------------------------
 
@@ -184,7 +185,7 @@ class Engine:
         adapters and the base), those for any mixable model. Cancelled ones (client gone) are dropped here."""
         for g in [g for g in self._waiting if g.cancelled.is_set()]:
             self._waiting.remove(g)
-            self._release()
+            self._finish(g, Event("done", finish_reason="cancelled"))
         if not self._waiting:
             return []
         first = self._waiting[0].model_id
@@ -214,6 +215,7 @@ class Engine:
         if getattr(g, "_finished", False):
             return
         g._finished = True  # type: ignore[attr-defined]
+        self.cancelled += event.finish_reason == "cancelled"
         self._release()
         g.emit(event)
 
