@@ -33,7 +33,8 @@ def _train(tiny_model_dir, data, out, seed, **extra):
     return tunesmith.train(
         None, quiet=True, log=lambda *_: None,
         **{"model.name": str(tiny_model_dir), "data.train": str(data), "output": str(out), "train.max_steps": 2,
-           "train.batch_size": 4, "train.batching": "pad", "data.max_length": 64, "train.lr": 5e-2, "lora.r": 4, "train.seed": seed, **extra},
+           "train.batch_size": 4, "train.batching": "pad", "data.max_length": 64, "train.lr": 5e-2, "lora.r": 4,
+           "train.seed": seed, **extra},
     )
 
 
@@ -91,6 +92,7 @@ def test_models_lists_the_base_and_both_runs(server):
     ids = [m.id for m in models.data]
     base = server.base_id
     assert ids == [base, f"ft:{base}:alpha", f"ft:{base}:beta"]
+    assert server.client().models.retrieve("alpha").id == f"ft:{base}:alpha"
     tuned = models.data[1]
     assert tuned.object == "model" and tuned.owned_by == "tunesmith" and tuned.model_extra["parent"] == base
 
@@ -386,3 +388,73 @@ def test_a_client_that_goes_away_stops_its_generation(server):
     while engine.pending and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.pending == 0 and engine.cancelled == before + 1
+
+
+def test_dora_is_served_batched_per_model_and_other_adapter_types_are_refused(tiny_model_dir, runs, tmp_path):
+    """peft's mixed batches do not support DoRA: a DoRA run is served, but never shares a batch with another
+    model; its answers still match Run.generate. An IA3 adapter cannot join LoRA ones (one peft type)."""
+    from tunesmith.serving import build
+
+    root, alpha, _ = runs
+    dora = _train(tiny_model_dir, root / "train.jsonl", tmp_path / "dora", seed=3, name="dora", method="dora")
+    app, registry = build([alpha.path, dora.path], log=lambda *_: None, max_tokens=16)
+    ia3 = tmp_path / "ia3"
+    shutil.copytree(alpha.path, ia3)
+    meta = json.loads((ia3 / "model" / "tunesmith.json").read_text())
+    (ia3 / "model" / "tunesmith.json").write_text(json.dumps({**meta, "method": "ia3"}))
+    with pytest.raises(RunError, match="a ia3 adapter cannot be served next to lora adapters"):
+        registry.add_run(ia3, name="ia3")
+    srv = Server(app)
+    try:
+        client = srv.client()
+        engine = app.state.engine
+
+        def ask(k):
+            model = ("dora", "alpha")[k % 2]
+            return model, client.chat.completions.create(model=model, messages=PROMPT, max_tokens=6,
+                                                         temperature=0).choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+    finally:
+        srv.close()
+    expected = {"dora": dora.generate(PROMPT, max_new_tokens=6), "alpha": alpha.generate(PROMPT, max_new_tokens=6)}
+    assert expected["dora"] != expected["alpha"]
+    assert all(text == expected[model] for model, text in answers)
+    assert engine.mixed_batches == 0 and engine.largest_batch > 1
+
+
+def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TUNESMITH_API_KEY": "k1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--base", str(tiny_model_dir), "--port",
+                             str(port), "--max-tokens", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1", max_retries=0)
+        r = client.completions.create(model=tiny_model_dir.name, prompt="hello", max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="more than this server allows"):
+            client.completions.create(model=tiny_model_dir.name, prompt="hello", max_tokens=9)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, out
+    assert f"serving {tiny_model_dir.name} at http://127.0.0.1:{port}/v1  (API key required)" in out
