@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serving import schemas
-from tunesmith.serving.engine import Engine, Event, Generation, Overloaded
+from tunesmith.serving.engine import Engine, Generation, Overloaded
 from tunesmith.serving.registry import Conflict, Registry, UnknownModel
 
 log = logging.getLogger("tunesmith.serve")

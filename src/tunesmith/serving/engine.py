@@ -6,10 +6,12 @@ on the engine thread; HTTP handlers only tokenize, enqueue and wait on per-reque
 
 Batching: the engine takes the oldest waiting request and every other waiting request for the same served
 model (base or one adapter) -- or, when all adapters are plain LoRA, for any model, each row naming its
-adapter through peft's mixed-batch `adapter_names` -- up to `max_batch`, and generates them together: prompts left-padded, one
-prefill, then one decode step per token for the whole batch. Sampling is done per row (own temperature,
-top_p and torch.Generator seeded from the request), so requests with different sampling settings share a
-batch and a seeded request gives the same text as it would alone. Each row stops on its own (end-of-turn /
+adapter through peft's mixed-batch `adapter_names` -- up to `max_batch`, and generates them together:
+prompts left-padded, one prefill, then one decode step per token for the whole batch. A batch runs until
+its last row ends; requests arriving meanwhile wait for the next batch (no continuous batching).
+Sampling is done per row (own temperature, top_p and torch.Generator seeded from the request), so requests
+with different sampling settings share a batch and a seeded request gives the same text as it would alone
+(up to float rounding: a row's logits can differ in the last bits with the batch's padding and size). Each row stops on its own (end-of-turn /
 EOS token, its stop strings, its max_tokens); the batch ends when every row has.
 
 We write the decode loop ourselves instead of calling `model.generate` because generate has one sampling
@@ -21,12 +23,10 @@ into one is held back until it cannot (and a trailing incomplete UTF-8 character
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,7 +64,9 @@ class Generation:
     """EOS and single-token end-of-turn markers of the served model's template."""
     emit: Callable[[Event], None] = lambda e: None
     cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued: float = field(default_factory=time.monotonic)
+    """Set by the request handler when its client went away: the engine stops generating it."""
+    finished: bool = False
+    """Set by the engine once the final event was sent."""
 
 
 class Engine:
@@ -86,8 +88,8 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
         self.batches_run = 0
         self.largest_batch = 0
-        self.mixed_batches = 0
-        self.cancelled = 0  # generations stopped because their client went away  # batches holding rows for several models (LoRA adapters / base)
+        self.mixed_batches = 0  # batches holding rows for several models (LoRA adapters / base)
+        self.cancelled = 0  # generations stopped because their client went away
 
     # ---- called from other threads ----------------------------------------------------------------------
 
@@ -212,9 +214,9 @@ class Engine:
         self.mixed_batches += len({g.model_id for g in batch}) > 1
 
     def _finish(self, g: Generation, event: Event) -> None:
-        if getattr(g, "_finished", False):
+        if g.finished:
             return
-        g._finished = True  # type: ignore[attr-defined]
+        g.finished = True
         self.cancelled += event.finish_reason == "cancelled"
         self._release()
         g.emit(event)
@@ -230,7 +232,7 @@ class Engine:
 class _Row:
     """Decoding state of one generation in a batch."""
 
-    def __init__(self, g: Generation):
+    def __init__(self, g: Generation, device):
         import torch
 
         self.g = g
@@ -241,7 +243,7 @@ class _Row:
         self.stop_ids = set(g.stop_token_ids)
         self.generator = None
         if g.temperature > 0:
-            self.generator = torch.Generator()
+            self.generator = torch.Generator(device=device)
             seed = g.seed if g.seed is not None else random.SystemRandom().getrandbits(63)
             self.generator.manual_seed(seed & (2**63 - 1))  # any int64 (OpenAI allows negative seeds)
 
@@ -253,13 +255,13 @@ def _generate(model, tokenizer, batch: list[Generation], forward_kwargs: dict, t
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = [_Row(g) for g in batch]
+    rows = [_Row(g, device) for g in batch]
     width = max(len(g.prompt_ids) for g in batch)
     ids = torch.tensor([[pad] * (width - len(g.prompt_ids)) + g.prompt_ids for g in batch], device=device)
     mask = torch.tensor([[0] * (width - len(g.prompt_ids)) + [1] * len(g.prompt_ids) for g in batch], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     past = None
-    for step in itertools.count():
+    while True:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                     use_cache=True, logits_to_keep=1, **forward_kwargs)
         past = out.past_key_values
