@@ -11,8 +11,8 @@ prompts left-padded, one prefill, then one decode step per token for the whole b
 its last row ends; requests arriving meanwhile wait for the next batch (no continuous batching).
 Sampling is done per row (own temperature, top_p and torch.Generator seeded from the request), so requests
 with different sampling settings share a batch and a seeded request gives the same text as it would alone
-(up to float rounding: a row's logits can differ in the last bits with the batch's padding and size). Each row stops on its own (end-of-turn /
-EOS token, its stop strings, its max_tokens); the batch ends when every row has.
+(up to float rounding: a row's logits can differ in the last bits with the batch's padding and size).
+Each row stops on its own (end-of-turn / EOS token, its stop strings, its max_tokens).
 
 We write the decode loop ourselves instead of calling `model.generate` because generate has one sampling
 configuration and one stop list per call, and cannot hand out tokens row by row as they are produced.
