@@ -337,6 +337,11 @@ def test_refuses_runs_that_cannot_share_the_base(tiny_model_dir, runs, tmp_path)
     (full / "model" / "tunesmith.json").write_text(json.dumps({**meta, "method": "full"}))
     with pytest.raises(RunError, match="full fine-tune with weights of its own"):
         registry.add_run(full)
+    pickled = tmp_path / "pickled"
+    shutil.copytree(alpha.path, pickled)
+    (pickled / "model" / "adapter_model.safetensors").rename(pickled / "model" / "adapter_model.bin")
+    with pytest.raises(RunError, match="only safetensors adapters are served"):
+        registry.add_run(pickled)
     unfinished = tmp_path / "unfinished"
     shutil.copytree(alpha.path, unfinished)
     shutil.rmtree(unfinished / "model")
@@ -355,6 +360,11 @@ def test_non_loopback_without_key_refuses_to_start(monkeypatch, capsys):
     check_exposure("0.0.0.0", "key")
     assert main(["serve", "--host", "0.0.0.0", "--base", "whatever"]) == 2
     assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", "--base", "whatever", "--port", str(busy.getsockname()[1])]) == 2
+    assert "pick another --port" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -38,6 +38,27 @@ def check_exposure(host: str, api_key: str | None) -> None:
         )
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before loading the model when the address cannot be bound (in use, or not this machine's)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: not a port number (0-65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror}); use an IP address such as 127.0.0.1") \
+            from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (or stop the "
+                              "program using it)") from None
+
+
 def build(runs: list[str | Path] = (), base: str | None = None, *, api_key: str | None = None,
           dtype: str = "auto", device: str = "auto", watch: str | Path | None = None, log=print, **limits):
     """(app, registry): load the base model once, attach every run's adapter, build the app (not started)."""
@@ -69,6 +90,7 @@ def serve(runs: list[str | Path] = (), base: str | None = None, host: str = "127
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_exposure(host, api_key)  # before minutes of model loading
+    check_port(host, port)
     app, registry = build(runs, base, api_key=api_key, log=log, **options)
     shown = f"[{host}]" if ":" in host else host
     log(f"serving {', '.join(registry.ids())} at http://{shown}:{port}/v1"

@@ -238,6 +238,9 @@ def _check_model_dir(path: Path) -> str:
     if method not in SWITCHABLE:
         reason = _REFUSED.get(method, f"its method {method!r} is not a peft adapter that can be switched per request")
         raise RunError(f"{path}: cannot be served on the shared base model: {reason}")
+    if not (model_dir / "adapter_model.safetensors").is_file():  # a .bin adapter would be unpickled
+        raise RunError(f"{model_dir}: no adapter_model.safetensors; only safetensors adapters are served "
+                       "(re-save the adapter with peft's save_pretrained(..., safe_serialization=True))")
     return method
 
 
