@@ -17,8 +17,9 @@ them as separate models here would silently multiply memory, which we prefer to 
 
 Prompts: each run is prompted as it was trained. Its Renderer uses the run's `model.chat_template` and
 `data.system_prompt`; the system prompt is put first only when the request has no system message of its
-own (the request's wins). Runs trained on prompt/completion or plain text data get `/v1/completions`
-prompts as raw text (as in training); chat requests always go through the chat template.
+own (the request's wins). `/v1/completions` takes its prompt as raw text, tokenized as training tokenizes
+prompt/completion examples (BOS exactly where the tokenizer adds one): the endpoint for runs trained on
+prompt/completion or plain text data. `/v1/chat/completions` always renders the run's chat template.
 
 Batches: requests for one model are batched together; when every adapter is a plain LoRA, requests for
 different adapters and the base share a batch too (peft's mixed-batch `adapter_names`; DoRA and IA3 do not
@@ -69,7 +70,6 @@ class Served:
 
     id: str
     renderer: object  # tunesmith.data.templates.Renderer
-    raw_prompts: bool = False
     adapter_name: str | None = None  # peft's name for it; None for the base
     run_path: Path | None = None
     method: str | None = None
@@ -180,8 +180,7 @@ class Registry:
         self._attach(path / "model", adapter_name)
         self._count += 1
         self.peft_type = peft_type
-        served = Served(model_id, renderer, raw_prompts=_trained_kind(path) in ("completion", "text"),
-                        adapter_name=adapter_name, run_path=path, method=method)
+        served = Served(model_id, renderer, adapter_name=adapter_name, run_path=path, method=method)
         with self._lock:
             self._served[model_id] = served
             self._aliases.setdefault(run_name, model_id)
@@ -242,10 +241,3 @@ def _check_model_dir(path: Path) -> str:
         raise RunError(f"{model_dir}: no adapter_model.safetensors; only safetensors adapters are served "
                        "(re-save the adapter with peft's save_pretrained(..., safe_serialization=True))")
     return method
-
-
-def _trained_kind(path: Path) -> str:
-    try:
-        return json.loads((path / "data.json").read_text()).get("kind", "chat")
-    except (FileNotFoundError, ValueError):
-        return "chat"
