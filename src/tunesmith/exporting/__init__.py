@@ -240,7 +240,13 @@ def _failure(result: dict, out: Path) -> str:
     for what in ("tokenizer",):
         if what in result and not result[what]["passed"]:
             lines.append(f"  {what} check failed: {result[what]}")
-    lines.append("This is a bug in tunesmith's exporter; please report it with the run's config.yaml.")
+    quantized = result["kind"] in ("gguf-f16", "gguf-q8_0")
+    if quantized and result["max_abs_logit_diff"] <= result["tolerance"] and result.get("tokenizer", {}).get("passed"):
+        lines.append("The logits agree within the tolerance, but rounding the weights changed which token wins "
+                     "somewhere (two candidates nearly tied); export with a finer --quant (f16, f32) to keep the "
+                     "run's outputs.")
+    else:
+        lines.append("This is a bug in tunesmith's exporter; please report it with the run's config.yaml.")
     return "\n".join(lines)
 
 

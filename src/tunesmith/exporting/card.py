@@ -115,7 +115,7 @@ def _losses(run_dir: Path):
         if record.get("kind") == "train":
             train, steps = record.get("loss"), record.get("step")
         elif record.get("kind") == "eval":
-            evaluation = record.get("loss", record.get("eval_loss"))
+            evaluation = record.get("val_loss")
     return train, evaluation, steps
 
 

@@ -1,0 +1,373 @@
+"""tunesmith export: merged HF dirs, GGUF files (tiny Llama and tiny Gemma 3) and peft adapters, each checked.
+
+The runs are tiny models trained a few steps with a high learning rate, so the fine-tuned model really differs
+from its base (asserted), and a merge that dropped the adapter would fail these tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tunesmith
+from tunesmith.cli import main
+from tunesmith.errors import ModelError, RunError
+
+from conftest import TOKENIZER_DIR
+
+torch.set_num_threads(2)
+
+
+def write_data(path: Path, n: int = 24) -> Path:
+    labels = {"billing": "refund invoice", "shipping": "parcel courier", "technical": "crash error"}
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = list(labels)[i % 3]
+            msgs = [{"role": "user", "content": f"ticket {i}: {labels[label]}"}, {"role": "assistant", "content": label}]
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def train_run(model_dir: Path, out: Path, data: Path, method: str = "lora", steps: int = 4, **extra) -> Path:
+    config = {
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(data)},
+        "output": str(out),
+        "method": method,
+        "train": {"max_steps": steps, "lr": 2e-2, "batch_size": 8, "seed": 0, **extra.pop("train", {})},
+        **extra,
+    }
+    tunesmith.train(config, quiet=True, log=lambda *a: None)
+    return out
+
+
+def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
+    """A tiny Gemma 3 text model with the SmolLM2 tokenizer: 6 layers so one is global (llama.cpp's 1-in-6
+    pattern), a sliding window of 8 tokens that the check prompts exceed, head_dim = query_pre_attn_scalar."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=8,
+        max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():  # random norms, so a wrong +1 shift or a swapped norm cannot go unnoticed
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("export-data") / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, data, tmp_path_factory) -> Path:
+    return train_run(tiny_model_dir, tmp_path_factory.mktemp("export-runs") / "lora", data)
+
+
+@pytest.fixture(scope="module")
+def gemma_run(data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gemma")
+    return train_run(build_tiny_gemma3(root / "tiny-gemma3"), root / "run", data)
+
+
+def run_logits(run_dir: Path, ids: list[int]) -> torch.Tensor:
+    model, _, _ = tunesmith.load(run_dir).load_model(device="cpu")
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def base_logits(model_dir: Path, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval()(input_ids=torch.tensor([ids])).logits[0]
+
+
+def merged_state(run_dir: Path) -> dict:
+    model, _, _ = tunesmith.load(run_dir).load_model(device="cpu")
+    return model.merge_and_unload().state_dict()
+
+
+def gguf_fields(path: Path) -> tuple[dict, dict]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return reader.fields, {t.name: t for t in reader.tensors}
+
+
+def no_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or p.name.endswith(".old")]
+
+
+IDS = [1, 9690, 314, 253, 1351, 30, 2]  # a few ordinary SmolLM2 token ids
+
+
+# ---- merged Hugging Face directory -----------------------------------------------------------------------------
+
+
+def test_merge_writes_a_dir_transformers_loads_alone(lora_run, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result = tunesmith.export(lora_run, out, merge=True, log=lambda *a: None)
+
+    files = set(result["files"])
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja",
+            "equivalence.json", "README.md"} <= files
+    assert "adapter_config.json" not in files and "tunesmith.json" not in files
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+
+    saved = json.loads((out / "equivalence.json").read_text())
+    assert saved["passed"] and saved["kind"] == "merge" and saved["tolerance"] == 1e-4
+    assert saved["max_abs_logit_diff"] <= 1e-4 and saved["greedy_identical"]
+    assert saved["tokenizer"]["same_ids"] and saved["tokenizer"]["same_chat_template_output"]
+    assert len(saved["prompts"]) == 3
+
+    # our own comparison, independent of the check: plain transformers vs the run (and vs the base model)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(merged).__name__ == "LlamaForCausalLM" and not hasattr(merged, "peft_config")
+    with torch.no_grad():
+        got = merged(input_ids=torch.tensor([IDS])).logits[0]
+    assert (got - run_logits(lora_run, IDS)).abs().max().item() < 1e-4
+    assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-2  # the adapter really is in there
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                              add_generation_prompt=True, tokenize=False)
+    card = (out / "README.md").read_text()
+    assert "method: lora (r=4" in card and "base_model:" in card
+    assert "steps: 4; last training loss: " in card and "21 training examples, 3 validation examples" in card
+    assert "last validation loss: n/a" not in card and "max |logit difference|" in card
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("dora", {"lora": {"r": 4}}),
+    ("ia3", {}),
+    ("full", {}),
+    ("freeze", {"freeze": {"last_n_blocks": 1}}),
+])
+def test_merge_other_mergeable_methods(method, extra, tiny_model_dir, data, tmp_path):
+    run = train_run(tiny_model_dir, tmp_path / "run", data, method=method, steps=3, **extra)
+    result = tunesmith.export(run, tmp_path / "out", merge=True, log=lambda *a: None)
+    assert result["passed"] and result["max_abs_logit_diff"] <= 1e-4 and result["method"] == method
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=torch.tensor([IDS])).logits[0]
+    assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------------------
+
+
+def test_gguf_f16_llama_layout_and_metadata(lora_run, tmp_path):
+    from tunesmith.exporting.gguf_file import _permute
+
+    out = tmp_path / "gguf"
+    result = tunesmith.export(lora_run, out, format="gguf", log=lambda *a: None)
+    assert result["passed"] and result["quant"] == "f16" and result["greedy_identical"]
+    assert result["max_abs_logit_diff"] <= result["tolerance"] == 0.25
+    name = result["gguf"]["file"]
+    assert name == "lora-f16.gguf" and sorted(result["files"]) == sorted([name, "equivalence.json", "README.md"])
+
+    fields, tensors = gguf_fields(out / name)
+    meta = {k: fields[k].contents() for k in ("general.architecture", "llama.block_count", "llama.attention.head_count",
+                                              "llama.attention.head_count_kv", "llama.rope.dimension_count",
+                                              "llama.embedding_length", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                                              "tokenizer.ggml.eos_token_id", "general.file_type")}
+    assert meta == {"general.architecture": "llama", "llama.block_count": 2, "llama.attention.head_count": 4,
+                    "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 8, "llama.embedding_length": 32,
+                    "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.eos_token_id": 2,
+                    "general.file_type": 1}
+    assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
+    assert len(fields["tokenizer.ggml.tokens"].data) == 49152 and len(fields["tokenizer.ggml.merges"].data) == 48900
+    assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd
+    assert {"token_embd.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_gate.weight"} <= set(tensors)
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "F16"
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+    # Q and K are stored in llama.cpp's rope layout: the merged HF weights, permuted
+    hf = merged_state(lora_run)
+    for hf_name, gguf_name, kv in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2)):
+        w = hf[f"model.layers.0.self_attn.{hf_name}.weight"].numpy()
+        stored = np.asarray(tensors[f"blk.0.{gguf_name}.weight"].data, dtype=np.float32).reshape(w.shape)
+        assert np.abs(stored - _permute(w, 4, kv)).max() < 1e-3
+        assert np.abs(stored - w).max() > 1e-2  # the permutation is not the identity here
+
+
+def test_gguf_q8_0_through_the_cli(lora_run, tmp_path, capsys):
+    out = tmp_path / "q8"
+    code = main(["export", str(lora_run), "--format", "gguf", "--quant", "q8_0", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "equivalence check passed" in captured.out and "tolerance 1.5" in captured.out
+    saved = json.loads((out / "equivalence.json").read_text())
+    assert saved["kind"] == "gguf-q8_0" and saved["passed"] and saved["greedy_identical"]
+    assert 0 < saved["max_abs_logit_diff"] <= 1.5  # quantized: not bit-exact, within tolerance
+    assert saved["tokenizer"]["passed"] and saved["gguf"]["tensors"] == {"Q8_0": 15, "F32": 5}
+    _, tensors = gguf_fields(out / "lora-q8_0.gguf")
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
+
+
+def test_gguf_gemma3_stores_norms_plus_one(gemma_run, tmp_path):
+    # f16, not q8_0: in a random tiny model the top two logits are often nearly tied, and q8_0 rounding can swap
+    # them (measured: greedy outputs differed after 14 tokens, max logit diff 0.40); f16 keeps them (0.018)
+    out = tmp_path / "gemma-gguf"
+    result = tunesmith.export(gemma_run, out, format="gguf", quant="f16", log=lambda *a: None)
+    assert result["passed"] and result["greedy_identical"] and result["gguf"]["architecture"] == "gemma3"
+    assert result["max_abs_logit_diff"] < 0.1
+    fields, tensors = gguf_fields(out / result["gguf"]["file"])
+    assert fields["general.architecture"].contents() == "gemma3"
+    assert fields["gemma3.attention.sliding_window"].contents() == 8
+    assert fields["gemma3.attention.key_length"].contents() == 256
+    assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight", "blk.0.post_attention_norm.weight",
+            "blk.0.post_ffw_norm.weight", "blk.0.ffn_norm.weight"} <= set(tensors)
+
+    hf = merged_state(gemma_run)
+    for hf_name, gguf_name in (("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
+                               ("model.layers.2.self_attn.q_norm.weight", "blk.2.attn_q_norm.weight"),
+                               ("model.norm.weight", "output_norm.weight")):
+        stored = np.asarray(tensors[gguf_name].data, dtype=np.float32)
+        assert np.allclose(stored, hf[hf_name].numpy() + 1.0, atol=1e-6)
+
+
+def test_gemma3_settings_llama_cpp_cannot_express_are_refused():
+    from transformers import Gemma3TextConfig
+
+    from tunesmith.exporting.gguf_file import _check_gemma3
+
+    ok = Gemma3TextConfig(num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=256)
+    _check_gemma3(ok, 256)
+    with pytest.raises(ModelError, match=r"query_pre_attn_scalar=128 != head_dim=256"):
+        _check_gemma3(Gemma3TextConfig(num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=128), 256)
+    with pytest.raises(ModelError, match="one global layer in six"):
+        _check_gemma3(Gemma3TextConfig(num_hidden_layers=2, head_dim=256, query_pre_attn_scalar=256,
+                                       layer_types=["full_attention", "full_attention"]), 256)
+
+
+def test_vocab_matches_llama_cpp_conventions(tokenizer):
+    from tunesmith.exporting.vocab import _scores_from_merges, build_vocab
+
+    vocab = build_vocab(tokenizer, 49160, "{{ x }}", False, [2])
+    assert vocab.model == "gpt2" and vocab.pre == "smollm" and not vocab.warnings
+    assert vocab.tokens[-1] == "[PAD49159]" and vocab.types[-1] == 5  # padded to the model's rows, UNUSED
+    assert vocab.types[2] == 3 and vocab.types[1000] == 1  # <|im_end|> CONTROL, an ordinary token NORMAL
+    assert vocab.special == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
+    with pytest.raises(ModelError, match="only 100 embedding rows"):
+        build_vocab(tokenizer, 100, None, False, [2])
+    # SentencePiece-style scores: earlier merges score higher; tokens no merge makes score lowest
+    assert _scores_from_merges(["a", "b", "ab", "abb", "<s>"], ["a b", "ab b"]) == [-3.0, -3.0, 0.0, -1.0, -3.0]
+
+
+# ---- adapter only -----------------------------------------------------------------------------------------------
+
+
+def test_adapter_only_copies_peft_files_and_checks_them(lora_run, tmp_path):
+    out = tmp_path / "adapter"
+    result = tunesmith.export(lora_run, out, adapter_only=True, log=lambda *a: None)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                      "equivalence.json"]
+    assert (out / "adapter_model.safetensors").read_bytes() == (lora_run / "model" / "adapter_model.safetensors").read_bytes()
+    assert result["passed"] and result["max_abs_logit_diff"] == 0.0 and result["adapter"] == "LORA"
+    assert "library_name: peft" in (out / "README.md").read_text()
+
+
+# ---- errors: unmergeable methods, bad flags, bad --out; a failed check leaves nothing -----------------------------
+
+
+@pytest.mark.parametrize("method, flags, message", [
+    ("prefix", ["--merge"], r"a prefix run cannot be merged: prefix tuning trains virtual key/value tokens.*--adapter-only"),
+    ("prompt", ["--format", "gguf"], r"a prompt run cannot be written as GGUF.*--adapter-only"),
+    ("adapter", ["--merge"], r"bottleneck adapters add a nonlinear function.*retrain with method=lora"),
+    ("adapter", ["--adapter-only"], r"method=adapter, which has no peft adapter"),
+    ("full", ["--adapter-only"], r"method=full, which has no peft adapter.*--merge"),
+])
+def test_exports_a_method_cannot_make_are_clear_errors(method, flags, message, tiny_model_dir, data, tmp_path, capsys):
+    extra = {"train": {"batching": "pad"}} if method in ("prefix", "prompt") else {}
+    run = train_run(tiny_model_dir, tmp_path / "run", data, method=method, steps=1, **extra)
+    code = main(["export", str(run), *flags, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    import re
+
+    assert re.search(message, err.replace("\n", " ")), err
+    assert not (tmp_path / "out").exists() and not no_leftovers(tmp_path)
+
+
+def test_prompt_tuning_exports_as_adapter(tiny_model_dir, data, tmp_path):
+    run = train_run(tiny_model_dir, tmp_path / "run", data, method="prompt", steps=2, train={"batching": "pad"})
+    result = tunesmith.export(run, tmp_path / "out", adapter_only=True, log=lambda *a: None)
+    assert result["passed"] and result["adapter"] == "PROMPT_TUNING"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "{tmp}/nope", "--merge", "--out", "{tmp}/o"], "does not exist"),
+    (["export", "{run}", "--out", "{tmp}/o"], "say what to export: --merge"),
+    (["export", "{run}", "--merge", "--quant", "q8_0", "--out", "{tmp}/o"], "--quant applies to GGUF exports only"),
+    (["export", "{run}", "--merge", "--adapter-only", "--out", "{tmp}/o"], "cannot be combined"),
+    (["export", "{run}", "--merge", "--out", "{run}"], "would replace the run directory"),
+    (["export", "{run}", "--merge", "--out", "{full}"], "already exists and is not empty; choose another --out, or pass --force"),
+])
+def test_user_errors_exit_2(args, message, lora_run, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    argv = [a.format(tmp=tmp_path, run=lora_run, full=tmp_path / "full") for a in args]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_force_replaces_and_a_failed_check_writes_nothing(lora_run, tmp_path, capsys, monkeypatch):
+    from tunesmith.exporting import check
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setitem(check.TOLERANCES, "adapter", -1.0)  # no export can pass: the check must fail the command
+    code = main(["export", str(lora_run), "--adapter-only", "--out", str(out), "--force"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the export does not match the run, so nothing was written" in err
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"] and not no_leftovers(tmp_path)
+
+    monkeypatch.setitem(check.TOLERANCES, "adapter", 1e-5)
+    assert main(["export", str(lora_run), "--adapter-only", "--out", str(out), "--force"]) == 0
+    assert not (out / "old.txt").exists() and (out / "equivalence.json").is_file() and not no_leftovers(tmp_path)
+
+
+def test_export_does_not_import_torch_until_called():
+    import subprocess
+    import sys
+
+    code = "import sys, tunesmith.api, tunesmith.exporting, tunesmith.cli.export; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+# ---- the real default model ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_model_merge_and_gguf_q8_0(tmp_path):
+    """SmolLM2-135M-Instruct, LoRA 2 steps: the merged dir within 1e-4, the q8_0 GGUF within its tolerance."""
+    data = write_data(tmp_path / "train.jsonl", 8)
+    run = train_run("smollm2-135m-instruct", tmp_path / "run", data, steps=2, train={"batch_size": 4, "lr": 1e-3},
+                    lora={"r": 8})
+    merged = tunesmith.export(run, tmp_path / "merged", merge=True, log=lambda *a: None)
+    assert merged["passed"] and merged["max_abs_logit_diff"] <= 1e-4
+    q8 = tunesmith.export(run, tmp_path / "q8", format="gguf", quant="q8_0", log=lambda *a: None)
+    assert q8["passed"] and q8["greedy_identical"] and q8["tokenizer"]["passed"]
+    fields, _ = gguf_fields(tmp_path / "q8" / q8["gguf"]["file"])
+    assert fields["llama.block_count"].contents() == 30 and fields["tokenizer.ggml.pre"].contents() == "smollm"
