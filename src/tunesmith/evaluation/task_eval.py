@@ -65,6 +65,16 @@ TASK_METRICS = {
     "lm": ["perplexity", "loss"],
 }
 
+TABLE_METRICS = {  # the summary table's columns (all metrics are in task.json)
+    "classification": ["accuracy", "macro_f1", "accuracy_generated", "invalid_rate"],
+    "extraction": ["field_f1", "parse_rate", "schema_match_rate", "exact_match"],
+    "text": ["chrf", "rouge_l", "token_f1", "exact_match", "perplexity"],
+    "lm": ["perplexity", "loss"],
+}
+HEADERS = {"accuracy": "acc", "macro_f1": "macro-F1", "accuracy_generated": "acc (gen)", "invalid_rate": "invalid",
+           "field_f1": "field F1", "parse_rate": "parses", "schema_match_rate": "schema", "exact_match": "exact",
+           "rouge_l": "ROUGE-L", "token_f1": "token F1", "perplexity": "ppl"}
+
 
 # ---- what to evaluate ---------------------------------------------------------------------------------------
 
@@ -581,15 +591,15 @@ def summary_table(result: dict):
     """A rich Table: each system's headline metrics, deltas vs base zero-shot, prompt tokens and latency."""
     from rich.table import Table
 
-    shown = [m for m in TASK_METRICS[result["task"]] if any(m in s["metrics"] for s in result["systems"])][:5]
+    shown = [m for m in TABLE_METRICS[result["task"]] if any(m in s["metrics"] for s in result["systems"])]
     base = next((s for s in result["systems"] if s["key"] == "base_zero_shot"), None)
-    table = Table(title=f"{result['task']} eval on {result['data']['examples']} examples "
-                        f"(primary: {result['primary']}; deltas vs base zero-shot)")
-    table.add_column("system")
+    table = Table(title=f"{result['task']} eval, {result['data']['examples']} examples",
+                  caption=f"primary: {result['primary']}; (+x): change vs base zero-shot, in points for rates")
+    table.add_column("system", no_wrap=True)
     for m in shown:
-        table.add_column(m, justify="right")
-    table.add_column("prompt tokens", justify="right")
-    table.add_column("s/example", justify="right")
+        table.add_column(HEADERS.get(m, m), justify="right")
+    table.add_column("prompt tok", justify="right")
+    table.add_column("s/ex", justify="right")
     for s in result["systems"]:
         cells = []
         for m in shown:
@@ -597,7 +607,7 @@ def summary_table(result: dict):
             cell = _fmt(m, value)
             if base is not None and s is not base and value is not None and base["metrics"].get(m) is not None:
                 delta = value - base["metrics"][m]
-                cell += f" ({delta:+.3f})" if m in ("loss", "perplexity") else f" ({delta * 100:+.1f} pts)"
+                cell += f" ({delta:+.2f})" if m in ("loss", "perplexity") else f" ({delta * 100:+.1f})"
             cells.append(cell)
-        table.add_row(s["name"], *cells, f"{s['prompt_tokens_per_example']:.0f}", f"{s['seconds_per_example']:.3f}")
+        table.add_row(s["name"], *cells, f"{s['prompt_tokens_per_example']:.0f}", f"{s['seconds_per_example']:.2f}")
     return table
