@@ -476,3 +476,14 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
         out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, out
     assert f"serving {tiny_model_dir.name} at http://127.0.0.1:{port}/v1  (API key required)" in out
+
+
+def test_an_internal_error_is_a_500_in_openai_format(server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise TypeError("boom")
+
+    monkeypatch.setattr(server.app.state.registry, "add_run", broken)
+    r = httpx.post(server.url + "/v1/adapters", json={"path": "/nowhere"})
+    assert r.status_code == 500
+    assert r.json()["error"] == {"message": "internal server error: TypeError: boom", "type": "server_error",
+                                 "param": None, "code": None}

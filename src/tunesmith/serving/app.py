@@ -90,6 +90,11 @@ def create_app(registry: Registry, limits: Limits | None = None, api_key: str | 
     async def _http_error(request, e):
         return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
 
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):  # a bug of ours: still answer in OpenAI's format, and log it
+        log.error("internal error on %s", request.url.path, exc_info=e)
+        return APIError(500, f"internal server error: {type(e).__name__}: {e}", type="server_error").response()
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1"):
