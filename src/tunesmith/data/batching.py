@@ -12,6 +12,13 @@ An optimizer step always consumes `batch_size` examples (the effective batch), w
 - group: like pad, but each step's examples are taken from a length-sorted window so a micro-batch holds
   examples of similar length (Trainer's group_by_length).
 
+- pack with a shared prefix (`share_prefix=True`): when every example of a micro-batch starts with the same
+  tokens (the system prompt of chat data), the prefix is cut off and carried once as `prefix_ids`; only the
+  suffixes are packed. `attention_mask` is then a 4D boolean (R, 1, T, L + T) mask: each suffix token sees
+  the whole prefix and the earlier tokens of its own example. training/prefix.py runs the prefix once and
+  lets every row attend to its keys/values. The prefix stops before the first position whose next token is
+  labelled, so no label falls inside it.
+
 Every batch carries `keep`: a boolean (B, T) mask of the positions whose *next* token is labelled. The loop
 passes it as `logits_to_keep`, so the LM head and the loss run only where there is something to learn
 (for classification data that is a few positions out of ~80; the LM head is ~20% of a small model's compute).
@@ -35,11 +42,12 @@ IGNORE = -100
 class Batch:
     input_ids: torch.Tensor  # (B, T)
     position_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor | None  # (B, T) for padded layouts; None when packed
+    attention_mask: torch.Tensor | None  # (B, T) padded; None packed; (B, 1, T, L + T) bool with a shared prefix
     keep: torch.Tensor  # (B, T) bool: positions whose next token has a label
     targets: torch.Tensor  # (n_keep,) the labels those positions predict, in keep's row-major order
     n_examples: int
-    n_tokens: int  # real (non-padding) tokens
+    n_tokens: int  # real (non-padding) tokens, the shared prefix counted once per example
+    prefix_ids: torch.Tensor | None = None  # (1, L) tokens every example of the batch starts with
 
     @property
     def n_targets(self) -> int:
@@ -49,7 +57,7 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
             move(self.input_ids), move(self.position_ids), move(self.attention_mask), move(self.keep),
-            move(self.targets), self.n_examples, self.n_tokens,
+            move(self.targets), self.n_examples, self.n_tokens, move(self.prefix_ids),
         )
 
 
@@ -79,11 +87,21 @@ def step_indices(
 
 
 def make_batches(
-    examples: list[Encoded], mode: str, micro_batch_size: int, pad_id: int, row_tokens: int
+    examples: list[Encoded], mode: str, micro_batch_size: int, pad_id: int, row_tokens: int,
+    share_prefix: int = 0,
 ) -> list[Batch]:
-    """The micro-batches of one optimizer step."""
+    """The micro-batches of one optimizer step. With mode "pack" and share_prefix > 0, a micro-batch whose
+    examples share a prefix of at least `share_prefix` tokens gets the shared-prefix layout."""
     if mode == "pack":
-        return _packed(examples, micro_batch_size, pad_id, row_tokens)
+        batches = []
+        for start in range(0, len(examples), micro_batch_size):
+            group = examples[start : start + micro_batch_size]
+            n = shared_prefix_length(group) if share_prefix else 0
+            if n >= share_prefix > 0 and len(group) > 1:
+                batches.append(_prefix_packed(group, n, pad_id, row_tokens))
+            else:
+                batches.append(_packed(group, pad_id, row_tokens))
+        return batches
     if mode == "group":
         # sort a step's examples by length so each micro-batch pads as little as possible
         examples = sorted(examples, key=lambda e: -len(e.input_ids))
@@ -134,32 +152,80 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def _packed(examples: list[Encoded], micro_batch_size: int, pad_id: int, row_tokens: int) -> list[Batch]:
-    batches = []
-    for start in range(0, len(examples), micro_batch_size):
-        group = examples[start : start + micro_batch_size]
-        rows = pack_rows([len(e.input_ids) for e in group], max(row_tokens, max(len(e.input_ids) for e in group)))
-        width = max(sum(len(group[i].input_ids) for i in row) for row in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        rows_labels = []
-        n_tokens = 0
-        for r, row in enumerate(rows):
-            labels: list[int] = []
-            at = 0
-            for i in row:
-                e = group[i]
-                n = len(e.input_ids)
-                ids[r, at : at + n] = torch.tensor(e.input_ids)
-                pos[r, at : at + n] = torch.arange(n)
-                # position 0 of an example is never a target inside the example; in a packed row it would be
-                # the target of the previous example's last token, so it is masked to keep examples apart
-                labels += [IGNORE] + list(e.labels[1:n])
-                at += n
-            n_tokens += at
-            pos[r, at:] = torch.arange(width - at)
-            labels += [IGNORE] * (width - at)
-            rows_labels.append(labels)
-        keep, targets = _targets_and_keep(rows_labels, width)
-        batches.append(Batch(ids, pos, None, keep, targets, len(group), n_tokens))
-    return batches
+def _packed(group: list[Encoded], pad_id: int, row_tokens: int) -> Batch:
+    rows = pack_rows([len(e.input_ids) for e in group], max(row_tokens, max(len(e.input_ids) for e in group)))
+    width = max(sum(len(group[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    rows_labels = []
+    n_tokens = 0
+    for r, row in enumerate(rows):
+        labels: list[int] = []
+        at = 0
+        for i in row:
+            e = group[i]
+            n = len(e.input_ids)
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            pos[r, at : at + n] = torch.arange(n)
+            # position 0 of an example is never a target inside the example; in a packed row it would be
+            # the target of the previous example's last token, so it is masked to keep examples apart
+            labels += [IGNORE] + list(e.labels[1:n])
+            at += n
+        n_tokens += at
+        pos[r, at:] = torch.arange(width - at)
+        labels += [IGNORE] * (width - at)
+        rows_labels.append(labels)
+    keep, targets = _targets_and_keep(rows_labels, width)
+    return Batch(ids, pos, None, keep, targets, len(group), n_tokens)
+
+
+def shared_prefix_length(group: list[Encoded]) -> int:
+    """Tokens every example of `group` starts with, stopped before the first position that predicts a label
+    (so no logits are needed inside the prefix) and leaving every example at least one token of its own."""
+    first = group[0].input_ids
+    n = min(len(e.input_ids) for e in group) - 1
+    for e in group:
+        labelled = next((p for p, t in enumerate(e.labels) if t != IGNORE), len(e.labels))
+        n = min(n, labelled - 1)  # position labelled-1 predicts the first label: it must be a suffix position
+        ids = e.input_ids
+        i = 0
+        while i < n and ids[i] == first[i]:
+            i += 1
+        n = i
+        if n <= 0:
+            return 0
+    return max(n, 0)
+
+
+def _prefix_packed(group: list[Encoded], prefix_len: int, pad_id: int, row_tokens: int) -> Batch:
+    """Suffixes (what follows the shared prefix) packed into rows; a 4D mask lets each see the prefix and
+    its own earlier tokens only. Positions continue from prefix_len, as if each example were whole."""
+    L = prefix_len
+    lengths = [len(e.input_ids) - L for e in group]
+    rows = pack_rows(lengths, max(row_tokens - L, max(lengths)))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.full((len(rows), width), L, dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    rows_labels = []
+    for r, row in enumerate(rows):
+        labels: list[int] = []
+        at = 0
+        for i in row:
+            e, n = group[i], lengths[i]
+            ids[r, at : at + n] = torch.tensor(e.input_ids[L:])
+            pos[r, at : at + n] = torch.arange(L, L + n)
+            segment[r, at : at + n] = i
+            labels += list(e.labels[L:])  # labels[L] is never a label: the prefix ends before the first one
+            at += n
+        labels += [IGNORE] * (width - at)
+        rows_labels.append(labels)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    # tail padding (segment -1) sees only itself, so no attention row is empty (an empty row gives NaN)
+    own = same & causal & ((segment[:, :, None] >= 0) | torch.eye(width, dtype=torch.bool))
+    mask = torch.cat([torch.ones(len(rows), width, L, dtype=torch.bool), own], dim=2)[:, None]
+    keep, targets = _targets_and_keep(rows_labels, width)
+    prefix = torch.tensor([group[0].input_ids[:L]], dtype=torch.long)
+    n_tokens = sum(len(e.input_ids) for e in group)
+    return Batch(ids, pos, mask, keep, targets, len(group), n_tokens, prefix)

@@ -3,6 +3,8 @@
 What it does that a generic trainer does not:
 - the LM head and the loss run only at positions whose next token has a label (`logits_to_keep`);
 - a step's examples are packed into rows without padding by default (see data/batching.py);
+- tokens that all examples of a micro-batch start with (a fixed system prompt) are encoded once per
+  micro-batch, not once per example (see training/prefix.py);
 - the loss of an optimizer step is the sum over its labelled tokens divided by their count, whatever the
   micro-batching (gradient accumulation normalised by loss tokens, not by micro-batches);
 - the example order is a pure function of (seed, epoch), so a resumed run replays the same data.
@@ -28,8 +30,10 @@ from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
 from tunesmith.training.auto import Plan, lr_at, plan_training
 from tunesmith.atomic import atomic_write_text
+from tunesmith.training import prefix
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger, Progress
+from tunesmith.training.mitigations import KLToBase, frozen_base
 
 # peft 0.21 still asks transformers 5.23 for the old attribute name; the warning is not the user's business
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -67,6 +71,7 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
     _print_plan(plan, log)
 
     torch.manual_seed(cfg.train.seed)
+    base_copy = frozen_base(model, cfg)  # train.kl_to_base with full/freeze/adapter: keep the base's predictions
     model = methods.apply_method(model, cfg, tokenizer=tokenizer)
     log(methods.describe(model, cfg))
     if cfg.train.gradient_checkpointing:
@@ -92,6 +97,7 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
 
     metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state["step"] if resume else None)
     ctx = _LoopContext(cfg, plan, model, optimizer, data, device, dtype, metrics, run_dir, tokenizer.pad_token_id)
+    ctx.kl = KLToBase.create(cfg, model, base_copy)
     try:
         _run_steps(ctx, state, quiet, log)
     finally:
@@ -111,6 +117,9 @@ class _LoopContext:
         # prompt tuning prepends virtual tokens to every row: the kept-positions mask must cover them too
         self.virtual_tokens = cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0
         self.autocast = device.type == "cuda" and dtype != torch.float32
+        # share a common prefix across each micro-batch when that is exact for this model and method
+        ok, _ = prefix.supports_prefix_sharing(model, cfg.method, cfg.train.gradient_checkpointing)
+        self.share_prefix = prefix.MIN_PREFIX_TOKENS if ok and plan.batching == "pack" else 0
 
 
 def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
@@ -130,7 +139,9 @@ def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
             if epoch not in epoch_steps:
                 epoch_steps = {epoch: step_indices(lengths, plan.batch_size, cfg.train.seed, epoch, plan.batching)}
             examples = [train_set[i] for i in epoch_steps[epoch][in_epoch]]
-            batches = make_batches(examples, plan.batching, plan.micro_batch_size, ctx.pad_id, _row_tokens(cfg))
+            batches = make_batches(
+                examples, plan.batching, plan.micro_batch_size, ctx.pad_id, _row_tokens(cfg), ctx.share_prefix
+            )
             n_targets = sum(b.n_targets for b in batches)
 
             t0 = time.perf_counter()
@@ -162,6 +173,8 @@ def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
                 "loss": round(loss, 6), "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
                 "label_tokens": n_targets, "tokens_per_s": round(n_tokens / elapsed, 1), "step_time": round(elapsed, 4),
             }
+            if ctx.kl is not None:  # log the task loss and the KL term apart
+                record.update(ctx.kl.pop(n_targets, loss))
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps:
                 ctx.metrics.log(record)
             progress.update(state["step"], f"loss {loss:.4f}  {window_tokens / max(window_time, 1e-9):,.0f} tok/s")
@@ -199,9 +212,14 @@ def _forward(ctx: _LoopContext, batch) -> tuple[torch.Tensor, int]:
     else:
         kwargs["attention_mask"] = batch.attention_mask
     with torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.autocast):
-        logits = ctx.model(**kwargs).logits
+        if batch.prefix_ids is not None:
+            logits = prefix.forward_shared_prefix(ctx.model, batch)
+        else:
+            logits = ctx.model(**kwargs).logits
     logits = logits.reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, batch.targets, reduction="sum")
+    if ctx.kl is not None and ctx.model.training:  # train.kl_to_base (training/mitigations.py); not in validation
+        loss = loss + ctx.kl.penalty(batch, kwargs, logits)
     correct = int((logits.detach().argmax(-1) == batch.targets).sum())
     return loss, correct
 
@@ -212,7 +230,9 @@ def evaluate_loss(ctx: _LoopContext, examples) -> dict:
     was_training = ctx.model.training
     ctx.model.eval()
     total, correct, n = 0.0, 0, 0
-    batches = make_batches(examples, ctx.plan.batching, ctx.plan.micro_batch_size, ctx.pad_id, _row_tokens(ctx.cfg))
+    batches = make_batches(
+        examples, ctx.plan.batching, ctx.plan.micro_batch_size, ctx.pad_id, _row_tokens(ctx.cfg), ctx.share_prefix
+    )
     for batch in batches:
         loss, right = _forward(ctx, batch.to(ctx.device))
         total += loss.item()
@@ -285,6 +305,10 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
         encoded[split], summary[split] = _encode_all(examples, renderer, cfg)
     if not encoded["train"]:
         raise DataError(f"{cfg.data.train}: no trainable example left after filtering")
+    if cfg.train.replay:  # general examples against forgetting (training/mitigations.py); validation stays task-only
+        from tunesmith.training.mitigations import mix_replay
+
+        encoded["train"], summary["replay"] = mix_replay(encoded["train"], cfg, tokenizer, log)
     summary["files"] = {
         k: {"path": v, "sha256": _sha256(v)} for k, v in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)) if v
     }

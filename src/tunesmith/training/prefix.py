@@ -1,0 +1,68 @@
+"""Encoding a prefix that every example of a micro-batch shares once, instead of once per example.
+
+Chat data for one task usually repeats the same system prompt (and the template's tokens around it) at the
+start of every example: on the bundled ticket data that is 28 of ~81 tokens, and re-encoding it costs about a
+third of the training compute. The forward pass here computes it once per micro-batch:
+
+1. the prefix (1, L) runs alone with `use_cache=True`; its keys/values stay in the autograd graph;
+2. each layer's keys/values are expanded (a view, no copy) over the R packed suffix rows;
+3. the suffix rows run with `past_key_values=cache`, positions starting at L, and a 4D mask in which every
+   suffix token sees the whole prefix and the earlier tokens of its own example only.
+
+Gradients of the suffix losses flow back through the expanded keys/values into the single prefix pass (the
+expand's backward sums them over rows), so loss and gradients equal those of encoding each example whole, to
+fp32 rounding (tests/test_prefix_sharing.py). Labels never fall inside the prefix (data/batching.py stops the
+prefix before the first labelled position), so the prefix needs no LM head at all.
+
+Used for methods that leave the attention inputs alone (LoRA, DoRA, IA3, full, freeze, bottleneck adapters).
+Prefix/prompt tuning already put their own virtual tokens in front and keep the padded path; models with
+sliding-window layers (e.g. Gemma 3) keep plain packing, since a custom 4D mask would be applied to their
+local layers as if they were global.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below this many shared tokens the extra prefix pass costs more than it saves (measured: see bench/RESULTS.md).
+MIN_PREFIX_TOKENS = 8
+
+
+def supports_prefix_sharing(model, method: str, gradient_checkpointing: bool) -> tuple[bool, str]:
+    """Whether the shared-prefix forward is exact and usable for this model; the reason when it is not."""
+    if method in ("prefix", "prompt"):
+        return False, f"{method} tuning puts virtual tokens before every row"
+    if gradient_checkpointing:
+        return False, "gradient checkpointing recomputes layers without a cache"
+    config = getattr(model, "config", None)
+    if config is None:
+        return False, "the model has no config"
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text_config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(text_config, "sliding_window", None):
+        return False, "the model has sliding-window attention layers"
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return False, f"attention implementation {impl!r} takes no custom 4D mask"
+    return True, ""
+
+
+def forward_shared_prefix(model, batch) -> torch.Tensor:
+    """Logits at `batch.keep` positions (n_keep, vocab) for a batch whose examples share `batch.prefix_ids`."""
+    rows = batch.input_ids.shape[0]
+    # no LM head on the prefix: an all-False boolean logits_to_keep selects no position
+    no_logits = torch.zeros_like(batch.prefix_ids, dtype=torch.bool)
+    cache = model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=no_logits).past_key_values
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    mask = batch.attention_mask
+    if getattr(model.config, "_attn_implementation", "eager") != "sdpa":
+        # eager attention adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    out = model(
+        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
+        past_key_values=cache, use_cache=True, logits_to_keep=batch.keep,
+    )
+    return out.logits
