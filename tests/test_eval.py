@@ -203,6 +203,15 @@ def test_plan_task_detects_each_kind_and_metric_overrides():
         T.plan_task(cls, cls, "invalid_rate", "score")
 
 
+def test_example_ids_come_from_the_rows_or_their_lines(tmp_path):
+    from tunesmith.data.formats import read_examples
+
+    rows = classification_rows(2, 0)
+    rows[0]["id"] = "t-017"
+    path = write_jsonl(tmp_path / "ids.jsonl", rows)
+    assert T.example_ids(str(path), read_examples(str(path))) == ["t-017", "line-2"]
+
+
 def test_flipped_lists_follow_the_per_example_scores():
     records = [
         {"id": "a", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "x", "fine_tuned": "r"},

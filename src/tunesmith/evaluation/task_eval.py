@@ -443,7 +443,7 @@ def flipped(test, records, primary: str) -> dict:
 
 
 def example_ids(path: str, examples: list[Example]) -> list[str]:
-    """Each example's `id` field where its JSONL row has one, else `line-N` (N: its line or row number)."""
+    """Each example's `id` field where its JSONL row has one, else `line-N` (its line in the file) or `row-N`."""
     ids = []
     lines = None
     if str(path).endswith(".jsonl"):
@@ -457,7 +457,7 @@ def example_ids(path: str, examples: list[Example]) -> list[str]:
                 row_id = row.get("id") if isinstance(row, dict) else None
             except json.JSONDecodeError:
                 pass
-        ids.append(str(row_id) if row_id is not None else f"line-{line or n}")
+        ids.append(str(row_id) if row_id is not None else f"line-{line}" if line.isdigit() else f"row-{n}")
     return ids
 
 
