@@ -53,5 +53,12 @@ test-fast: $(STAMP)
 results: $(STAMP)
 	$(BIN)/python scripts/results.py $(RESULTS_ARGS)
 
+# Training speed against Hugging Face Trainer + peft (sized for under 15 min on 2 idle cores, an estimate from the
+# per-step rates in shared/BENCHMARKING.md; bench/RESULTS.md has what was measured),
+# then label scoring against model.generate. BENCH_ARGS=... passes options to bench/train_speed.py.
+bench: $(STAMP)
+	$(BIN)/python bench/train_speed.py $(BENCH_ARGS)
+	$(BIN)/python bench/eval_speed.py
+
 clean-venv:
 	rm -rf $(VENV)

@@ -136,3 +136,47 @@ def test_which_models_and_methods_share_prefixes(tiny_model_dir):
     assert not supports_prefix_sharing(model, "full", True)[0]
     model.config.sliding_window = 4
     assert supports_prefix_sharing(model, "full", False)[1] == "the model has sliding-window attention layers"
+
+
+def test_training_with_a_shared_prefix_learns_exactly_what_unshared_training_learns(tiny_model_dir, tmp_path, monkeypatch):
+    """The loop shares the system prompt of chat data; losses, gradient norms and validation loss match a run
+    with sharing turned off, step for step."""
+    import tunesmith
+    from tunesmith.training import prefix
+
+    train, val = _write_chat(tmp_path / "train.jsonl", 24, 0), _write_chat(tmp_path / "val.jsonl", 8, 1)
+    runs, calls = {}, []
+    real = prefix.forward_shared_prefix
+    monkeypatch.setattr(prefix, "forward_shared_prefix", lambda model, batch: calls.append(1) or real(model, batch))
+    for share in (8, 0):
+        monkeypatch.setattr(prefix, "MIN_PREFIX_TOKENS", share)
+        run = tunesmith.train(
+            None, quiet=True, log=lambda *_: None,
+            **{"model.name": str(tiny_model_dir), "data.train": str(train), "data.validation": str(val),
+               "output": str(tmp_path / f"share{share}"), "train.max_steps": 3, "train.batch_size": 8,
+               "train.micro_batch_size": 4, "train.lr": 1e-2, "lora.r": 4, "train.seed": 3},
+        )
+        runs[share] = run.metrics
+    shared, plain = runs[8], runs[0]
+    assert len(calls) >= 3 * 2  # 3 steps of two 4-example micro-batches, plus validation, went through sharing
+    assert [r["kind"] for r in shared] == [r["kind"] for r in plain]
+    for a, b in zip(shared, plain):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+        if a["kind"] == "train":
+            assert a["tokens"] == b["tokens"] and a["label_tokens"] == b["label_tokens"]
+
+
+def _write_chat(path, n, seed):
+    import json
+
+    rng = random.Random(seed)
+    system = "Classify the support ticket as billing, shipping or technical. Answer with the label only."
+    with open(path, "w") as fh:
+        for i in range(n):
+            label = rng.choice(["billing", "shipping", "technical"])
+            user = f"ticket {i}: " + " ".join(rng.choice(["refund", "parcel", "crash", "please", "today"]) for _ in range(rng.randint(2, 9)))
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}, {"role": "assistant", "content": label}]
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+    return path
