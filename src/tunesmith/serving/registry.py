@@ -92,7 +92,7 @@ class Registry:
         from tunesmith.data.templates import Renderer
 
         self.base_name = base
-        self.base_path = models.resolve(base, progress=False).resolve()
+        self.base_path = models.resolve(base).resolve()  # a built-in model not yet cached is pulled here, with progress
         self.model, self.tokenizer = models.load(base, dtype=dtype, device=device)
         self.base_id = base if not Path(base).expanduser().exists() else Path(base).expanduser().resolve().name
         config = self.model.config
