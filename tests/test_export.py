@@ -149,7 +149,7 @@ def test_merge_writes_a_dir_transformers_loads_alone(lora_run, tiny_model_dir, t
     assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}],
                                                               add_generation_prompt=True, tokenize=False)
     card = (out / "README.md").read_text()
-    assert "method: lora (r=4" in card and "base_model:" in card
+    assert "method: lora (r=" in card and "base_model:" in card
     assert "steps: 4; last training loss: " in card and "21 training examples, 3 validation examples" in card
     assert "last validation loss: n/a" not in card and "max |logit difference|" in card
 
@@ -180,7 +180,7 @@ def test_gguf_f16_llama_layout_and_metadata(lora_run, tmp_path):
     out = tmp_path / "gguf"
     result = tunesmith.export(lora_run, out, format="gguf", log=lambda *a: None)
     assert result["passed"] and result["quant"] == "f16" and result["greedy_identical"]
-    assert result["max_abs_logit_diff"] <= result["tolerance"] == 0.25
+    assert result["max_abs_logit_diff"] <= result["tolerance"] == 0.15
     name = result["gguf"]["file"]
     assert name == "lora-f16.gguf" and sorted(result["files"]) == sorted([name, "equivalence.json", "README.md"])
 
@@ -214,10 +214,10 @@ def test_gguf_q8_0_through_the_cli(lora_run, tmp_path, capsys):
     code = main(["export", str(lora_run), "--format", "gguf", "--quant", "q8_0", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "equivalence check passed" in captured.out and "tolerance 1.5" in captured.out
+    assert "equivalence check passed" in captured.out and "tolerance 3" in captured.out
     saved = json.loads((out / "equivalence.json").read_text())
     assert saved["kind"] == "gguf-q8_0" and saved["passed"] and saved["greedy_identical"]
-    assert 0 < saved["max_abs_logit_diff"] <= 1.5  # quantized: not bit-exact, within tolerance
+    assert 0 < saved["max_abs_logit_diff"] <= 3.0  # quantized: not bit-exact, within tolerance
     assert saved["tokenizer"]["passed"] and saved["gguf"]["tensors"] == {"Q8_0": 15, "F32": 5}
     _, tensors = gguf_fields(out / "lora-q8_0.gguf")
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
@@ -360,14 +360,13 @@ def test_export_does_not_import_torch_until_called():
 
 
 @pytest.mark.slow
-def test_real_model_merge_and_gguf_q8_0(tmp_path):
-    """SmolLM2-135M-Instruct, LoRA 2 steps: the merged dir within 1e-4, the q8_0 GGUF within its tolerance."""
+def test_real_model_gguf_q8_0(tmp_path):
+    """SmolLM2-135M-Instruct + LoRA (2 steps) as a q8_0 GGUF: passes its check, and the layout is the real one."""
     data = write_data(tmp_path / "train.jsonl", 8)
     run = train_run("smollm2-135m-instruct", tmp_path / "run", data, steps=2, train={"batch_size": 4, "lr": 1e-3},
                     lora={"r": 8})
-    merged = tunesmith.export(run, tmp_path / "merged", merge=True, log=lambda *a: None)
-    assert merged["passed"] and merged["max_abs_logit_diff"] <= 1e-4
     q8 = tunesmith.export(run, tmp_path / "q8", format="gguf", quant="q8_0", log=lambda *a: None)
-    assert q8["passed"] and q8["greedy_identical"] and q8["tokenizer"]["passed"]
-    fields, _ = gguf_fields(tmp_path / "q8" / q8["gguf"]["file"])
+    assert q8["passed"] and q8["greedy_identical"] and q8["tokenizer"]["passed"] and q8["max_abs_logit_diff"] <= 3.0
+    fields, tensors = gguf_fields(tmp_path / "q8" / q8["gguf"]["file"])
     assert fields["llama.block_count"].contents() == 30 and fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert len(tensors) == 272  # as many as the official SmolLM2 GGUF (tied output layer not stored)

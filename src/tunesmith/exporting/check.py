@@ -10,9 +10,15 @@ an adapter by `peft.PeftModel.from_pretrained` on a freshly loaded base, a GGUF 
 loader (its own tensor-name map, Q/K un-permutation, Gemma norm shift and dequantization), which shares no code
 with our writer.
 
-Tolerances (max absolute logit difference), measured on SmolLM2-135M-Instruct (logits span about ±30), see
-TOLERANCES: float32 merges differ only by rounding of W + BA (measured ~1e-5); f16 stores weights with 11
-significant bits; q8_0 with 8-bit blocks of 32 values.
+Tolerances (max absolute logit difference over all prompt and answer positions), set from measurements on
+SmolLM2-135M-Instruct + LoRA r=8 (3 steps), CPU float32, 3 prompts of ~40 tokens + 16 answer tokens:
+- merge (float32): measured 8.6e-5. Only the order of float32 operations differs (x(W + sBA) vs xW + s(xA)B),
+  accumulated over 30 layers; the tolerance 1e-4 is the one the export promises;
+- gguf f32: the same weights (tiny Gemma 3 measured 1.1e-5): 1e-4;
+- gguf f16: measured 0.043 (11-bit mantissas): tolerance 0.15;
+- gguf q8_0: measured 1.29 (8-bit blocks of 32 values; the largest error is at the first positions of the chat
+  template, where this model's logits are largest): tolerance 3.0.
+The greedy outputs must be identical in every case, which is the stricter test for the quantized kinds.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ TOLERANCES = {
     "merge": 1e-4,
     "adapter": 1e-5,
     "gguf-f32": 1e-4,
-    "gguf-f16": 0.25,
-    "gguf-q8_0": 1.5,
+    "gguf-f16": 0.15,
+    "gguf-q8_0": 3.0,
 }
 
 PROMPTS = [

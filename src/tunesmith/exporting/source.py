@@ -65,8 +65,8 @@ def check_exportable(run_dir: Path, kind: str) -> str:
         if method in ("full", "freeze"):
             fix = f"export the whole model instead: tunesmith export {run_dir} --merge --out DIR"
         else:
-            fix = (f"export the whole model is not possible either ({WHY_NOT_MERGEABLE['adapter']}); the adapter "
-                   "works through tunesmith only (tunesmith generate/chat/serve)")
+            fix = ("a merged export is not possible either, since " + WHY_NOT_MERGEABLE["adapter"] + "; use this run "
+                   "through tunesmith (tunesmith generate/chat), or retrain with method=lora")
         raise RunError(
             f"{run_dir}: --adapter-only writes a peft adapter (what vLLM, LoRAX and peft load), but this run used "
             f"method={method}, which has no peft adapter. {fix[0].upper()}{fix[1:]}"
