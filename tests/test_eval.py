@@ -289,7 +289,7 @@ def test_extraction_eval(runs):
     result = tunesmith.evaluate(runs["ext"], shots=1, limit=3, max_new_tokens=24, **quiet())
     assert result["task"] == "extraction" and result["primary"] == "field_f1"
     examples = read_examples_file(runs["ext"])
-    assert len(examples) == 4
+    assert len(examples) == 3
     refs = [M.parse_json_object(e["reference"]) for e in examples]
     for s in result["systems"]:
         expected, _ = M.extraction_report([e["outputs"][s["key"]] for e in examples], refs)
