@@ -140,6 +140,14 @@ class TrainConfig(_Section):
     log: list[Literal["jsonl", "tensorboard"]] = ["jsonl"]
     """Metric sinks; metrics.jsonl is always written."""
     log_every: int = Field(1, ge=1)
+    replay: float = Field(0.0, ge=0.0, le=0.9)
+    """Share of the training set made of general chat examples, against forgetting (0: off; 0.1: one in ten).
+    They are drawn once, with the seed, from train.replay_data and never enter validation."""
+    replay_data: str | None = None
+    """Chat JSONL file of general examples for replay; None: the built-in general-chat set."""
+    kl_to_base: float = Field(0.0, ge=0.0, le=10.0)
+    """Weight of a KL(base || model) penalty on the labelled positions of each batch, against forgetting (0: off;
+    try 0.1-1). Costs one extra forward of the base model per batch."""
 
 
 class EvalConfig(_Section):

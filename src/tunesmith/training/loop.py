@@ -33,6 +33,7 @@ from tunesmith.atomic import atomic_write_text
 from tunesmith.training import prefix
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger, Progress
+from tunesmith.training.mitigations import KLToBase, frozen_base
 
 # peft 0.21 still asks transformers 5.23 for the old attribute name; the warning is not the user's business
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -70,6 +71,7 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
     _print_plan(plan, log)
 
     torch.manual_seed(cfg.train.seed)
+    base_copy = frozen_base(model, cfg)  # train.kl_to_base with full/freeze/adapter: keep the base's predictions
     model = methods.apply_method(model, cfg, tokenizer=tokenizer)
     log(methods.describe(model, cfg))
     if cfg.train.gradient_checkpointing:
@@ -95,6 +97,7 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
 
     metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state["step"] if resume else None)
     ctx = _LoopContext(cfg, plan, model, optimizer, data, device, dtype, metrics, run_dir, tokenizer.pad_token_id)
+    ctx.kl = KLToBase.create(cfg, model, base_copy)
     try:
         _run_steps(ctx, state, quiet, log)
     finally:
@@ -170,6 +173,8 @@ def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
                 "loss": round(loss, 6), "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
                 "label_tokens": n_targets, "tokens_per_s": round(n_tokens / elapsed, 1), "step_time": round(elapsed, 4),
             }
+            if ctx.kl is not None:  # log the task loss and the KL term apart
+                record.update(ctx.kl.pop(n_targets, loss))
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps:
                 ctx.metrics.log(record)
             progress.update(state["step"], f"loss {loss:.4f}  {window_tokens / max(window_time, 1e-9):,.0f} tok/s")
@@ -213,6 +218,8 @@ def _forward(ctx: _LoopContext, batch) -> tuple[torch.Tensor, int]:
             logits = ctx.model(**kwargs).logits
     logits = logits.reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, batch.targets, reduction="sum")
+    if ctx.kl is not None and ctx.model.training:  # train.kl_to_base (training/mitigations.py); not in validation
+        loss = loss + ctx.kl.penalty(batch, kwargs, logits)
     correct = int((logits.detach().argmax(-1) == batch.targets).sum())
     return loss, correct
 
@@ -298,6 +305,10 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
         encoded[split], summary[split] = _encode_all(examples, renderer, cfg)
     if not encoded["train"]:
         raise DataError(f"{cfg.data.train}: no trainable example left after filtering")
+    if cfg.train.replay:  # general examples against forgetting (training/mitigations.py); validation stays task-only
+        from tunesmith.training.mitigations import mix_replay
+
+        encoded["train"], summary["replay"] = mix_replay(encoded["train"], cfg, tokenizer, log)
     summary["files"] = {
         k: {"path": v, "sha256": _sha256(v)} for k, v in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)) if v
     }
