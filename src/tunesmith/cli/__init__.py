@@ -24,10 +24,10 @@ Quick start:
   tunesmith train --data tickets.jsonl            LoRA fine-tune of the default model
   tunesmith train recipes/ticket-triage-lora.yaml  ... or from a recipe
   tunesmith eval runs/tickets                     fine-tuned vs base prompted zero/few-shot
+  tunesmith report runs/tickets                   one self-contained report.html with plots
   tunesmith generate runs/tickets --prompt "..."  try the result
   tunesmith chat runs/tickets                     talk to it
   tunesmith serve runs/tickets                    OpenAI-compatible API (base + fine-tuned adapters)
-  tunesmith report runs/tickets                   one self-contained report.html with plots
   tunesmith export runs/tickets --merge --out DIR  merged model (or --format gguf, --adapter-only)
   tunesmith models list                           built-in models (no model hub needed)
 
@@ -43,8 +43,8 @@ COMMANDS = {
     "generate": ("tunesmith.cli.generate:generate", "Generate from a run's model (one prompt or a file)."),
     "chat": ("tunesmith.cli.generate:chat", "Talk to a run's model interactively."),
     "eval": ("tunesmith.cli.eval:eval_command", "Fine-tuned vs base model prompted zero/few-shot: task metrics."),
-    "serve": ("tunesmith.cli.serve:serve", "Serve a base model and its fine-tuned runs (OpenAI-compatible API)."),
     "report": ("tunesmith.cli.report:report", "Write a run's self-contained report.html (plots, metrics, forgetting)."),
+    "serve": ("tunesmith.cli.serve:serve", "Serve a base model and its fine-tuned runs (OpenAI-compatible API)."),
     "export": ("tunesmith.cli.export:export", "Export a run: merged HF model, GGUF file or peft adapter (checked)."),
 }
 
