@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = {"train", "load", "Run", "generate", "check_data", "load_config", "report", "evaluate", "export"}
+_API = {"train", "load", "Run", "generate", "check_data", "load_config", "evaluate", "report", "export", "serve"}
 
 
 def __getattr__(name: str):
