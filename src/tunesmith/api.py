@@ -214,12 +214,14 @@ def evaluate(
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     quiet: bool = False,
+    probe_limit: int | None = None,
 ) -> dict:
     """Task metrics of the fine-tuned model vs the base model prompted zero-shot and few-shot (`shots` training
     examples), on `data` (default: the run's data.test). Writes RUN_DIR/eval/task.json and task_examples.jsonl
     (docs/eval-format.md) and returns task.json's content; with `forgetting`, also the general-ability probe
     (eval/forgetting.json, under the key "forgetting" of the result) when that probe is installed.
-    Unset arguments come from the run's `eval:` config section."""
+    Unset arguments come from the run's `eval:` config section. `probe_limit` caps the forgetting probe's questions
+    (spread over its categories; default: `limit`, i.e. the whole probe when no limit is given)."""
     import importlib.util
 
     from tunesmith.errors import ConfigError, DataError
@@ -280,7 +282,7 @@ def evaluate(
         from tunesmith.evaluation.forgetting import forgetting_eval
 
         result["forgetting"] = forgetting_eval(run, base=(base_model, base_tok), tuned=(tuned_model, tuned_tok),
-                                               limit=limit, log=log)
+                                               limit=probe_limit if probe_limit is not None else limit, log=log)
     return result
 
 

@@ -18,9 +18,11 @@ from tunesmith import api
 @click.option("--limit", type=int, help="Evaluate the first N test examples only.")
 @click.option("--batch-size", type=int, help="Test examples per forward pass (default 8).")
 @click.option("--max-new-tokens", type=int, help="Generation length (default: from the longest reference).")
+@click.option("--probe-limit", type=int, help="Use N of the forgetting probe's questions (default: all, or --limit).")
 @click.option("--no-forgetting", is_flag=True, help="Skip the general-ability (forgetting) probe.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_command(run_dir, data, metric, by, shots, limit, batch_size, max_new_tokens, no_forgetting, quiet):
+def eval_command(run_dir, data, metric, by, shots, limit, batch_size, max_new_tokens, probe_limit, no_forgetting,
+                 quiet):
     """Measure the fine-tuned model against the base model prompted zero-shot and few-shot.
 
     Writes RUN_DIR/eval/task.json and RUN_DIR/eval/task_examples.jsonl (per-example answers; the examples that
@@ -29,7 +31,7 @@ def eval_command(run_dir, data, metric, by, shots, limit, batch_size, max_new_to
     """
     result = api.evaluate(run_dir, data=data, metric=metric, by=by, shots=shots, limit=limit,
                           forgetting=not no_forgetting, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          quiet=quiet)
+                          quiet=quiet, probe_limit=probe_limit)
     api.render_eval_table(result)
     flips = result["flipped"]
     if flips["improved"] or flips["regressed"]:
