@@ -73,8 +73,9 @@ def write_doc(rows: list[dict], args, started: str) -> None:
         f"Model SmolLM2-135M-Instruct; task data/ticket-triage (recipe recipes/ticket-triage-lora.yaml); every variant "
         f"trained {args.steps} optimizer steps of 8 examples, seed 42. Task accuracy: label scoring on "
         f"{rows[0]['test_examples'] if rows else '?'} test examples. Forgetting: the tunesmith-general-v1 probe "
-        f"({rows[0]['probe_questions'] if rows else '?'} questions, all 35 passages"
-        + (", a spread subset of the questions" if args.probe_limit else "") + ").",
+        f"({rows[0]['probe_questions'] if rows else '?'} questions"
+        + (f", {rows[0].get('probe_passages', '?') if rows else '?'} of the 35 passages: a subset spread over the probe"
+           if args.probe_limit else ", all 35 passages") + ").",
         "",
         "| variant | task acc. base | task acc. tuned | perplexity change | KL(base‖tuned) nats/token | question score base → tuned (change) | verdict | training time |",
         "|---|---:|---:|---:|---:|---|---|---:|",

@@ -236,6 +236,7 @@ def test_explanation_names_the_worst_category_when_forgetting_is_not_low():
     text = fg.explain(result)
     assert text.startswith("Forgetting is moderate: perplexity on general text rose 12.0%")
     assert "worst in arithmetic" in text and "train.replay" in text
+    assert "use LoRA instead" in fg.explain(result, "full") and "use LoRA" not in fg.explain(result, "lora")
 
 
 def test_shared_prefix_kl_equals_scoring_each_sequence_whole(lora_run):

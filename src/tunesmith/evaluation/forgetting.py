@@ -182,7 +182,7 @@ def verdict(perplexity_change: float, score_change: float) -> str:
     return "low"
 
 
-def explain(result: dict) -> str:
+def explain(result: dict, method: str | None = None) -> str:
     ppl = result["perplexity"]["change"]
     q = result["questions"]
     pts = f"{abs(q['change']):.2f}"
@@ -191,7 +191,13 @@ def explain(result: dict) -> str:
     if result["verdict"] == "low":
         return f"Forgetting is low: {moved}; the fine-tuned model keeps the base model's general abilities."
     worst = min(q["by_category"].items(), key=lambda kv: kv[1]["fine_tuned"] - kv[1]["base"])[0]
-    fix = "use LoRA instead of full fine-tuning, train fewer steps or a lower learning rate, or set train.replay=0.1 or train.kl_to_base=0.1"
+    steps = "train fewer steps or a lower learning rate, or set train.replay=0.1 or train.kl_to_base=0.1"
+    if method in ("full", "freeze"):
+        fix = f"use LoRA instead of {'full fine-tuning' if method == 'full' else 'unfrozen blocks'}, {steps}"
+    elif method in ("lora", "dora"):
+        fix = f"lower lora.r or the number of target modules, {steps}"
+    else:
+        fix = steps
     return (
         f"Forgetting is {result['verdict']}: {moved}, worst in {worst}; if the model must still handle general "
         f"requests, {fix}."
@@ -456,6 +462,7 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
 
     scores = {k: [score_answer(q, a) for q, a in zip(questions, v)] for k, v in answers.items()}
     result = _result(data, len(texts), n_tokens, questions, ppl_base, ppl_tuned, kl, kl_tokens, scores)
+    result["explanation"] = explain(result, _method(run))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(run.path) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -500,6 +507,13 @@ def _result(data: Probe, n_passages, n_tokens, questions, ppl_base, ppl_tuned, k
     }
     result["explanation"] = explain(result)
     return result
+
+
+def _method(run) -> str | None:
+    try:
+        return run.config.method
+    except Exception:  # a run-like object without a readable config: generic advice
+        return None
 
 
 def _spread(items: list, n: int) -> list:
