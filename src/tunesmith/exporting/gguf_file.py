@@ -95,19 +95,24 @@ def _rope(config) -> tuple[float, dict]:
     return theta, params
 
 
+def _block_metadata(writer, config) -> None:
+    """The transformer-shape keys both architectures write the same way."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
 def _llama_metadata(writer, config) -> None:
     import gguf
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    _block_metadata(writer, config)
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)
@@ -127,13 +132,7 @@ def _llama_metadata(writer, config) -> None:
 def _gemma3_metadata(writer, config) -> None:
     head_dim = config.head_dim
     _check_gemma3(config, head_dim)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    _block_metadata(writer, config)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_freq_base(_rope(config)[0])
