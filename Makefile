@@ -55,10 +55,11 @@ results: $(STAMP)
 
 # Training speed against Hugging Face Trainer + peft (sized for under 15 min on 2 idle cores, an estimate from the
 # per-step rates in shared/BENCHMARKING.md; bench/RESULTS.md has what was measured),
-# then label scoring against model.generate. BENCH_ARGS=... passes options to bench/train_speed.py.
+# then label scoring against model.generate (bench/eval_speed.py; with the fine-tuned model too once `make demo` ran).
+# BENCH_ARGS=... passes options to bench/train_speed.py.
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py $(BENCH_ARGS)
-	$(BIN)/python bench/eval_speed.py
+	$(BIN)/python bench/eval_speed.py --examples 32 $(if $(wildcard runs/demo-ticket-triage/model),--run runs/demo-ticket-triage)
 
 clean-venv:
 	rm -rf $(VENV)

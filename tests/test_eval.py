@@ -413,3 +413,33 @@ def test_real_model_ticket_triage_eval(tmp_path):
     # four steps teach the answer format (a label), not yet the task: the base model answers 16/16 in prose
     base, tuned = result["systems"][0]["metrics"], result["systems"][-1]["metrics"]
     assert base["invalid_rate"] == 1.0 and tuned["invalid_rate"] <= 0.5
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tree_scoring_equals_full_sequences_and_the_copying_path(tiny_model_dir, attn):
+    """One forward with every continuation side by side (4D mask) gives the log-likelihoods of scoring each
+    prompt + continuation whole, for prompts and continuations of different lengths (1-token continuations,
+    which feed nothing, included), with and without a shared prefix, and equals the cache-copying path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.evaluation.classify import _score_with_copies, full_sequence_logprobs, score_continuations
+    from tunesmith.evaluation.generate import encode_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    rng = random.Random(3)
+    shared = [rng.randrange(5, 500) for _ in range(7)]
+    prompts = [shared + [rng.randrange(5, 500) for _ in range(n)] for n in (1, 6, 3, 9)]
+    conts = [[[rng.randrange(5, 500) for _ in range(n)] for n in lens]
+             for lens in ([1, 3, 2], [4, 1], [2, 2, 5, 1], [1])]
+    with torch.no_grad():
+        for prefix_len in (0, len(shared)):
+            cache = encode_prefix(model, shared[:prefix_len])
+            tree = score_continuations(model, prompts, conts, pad=0, prefix_len=prefix_len, prefix_cache=cache)
+            copies = _score_with_copies(model, prompts, conts, pad=0, prefix_len=prefix_len,
+                                        prefix_cache=encode_prefix(model, shared[:prefix_len]))
+            for p, c, row_tree, row_copies in zip(prompts, conts, tree, copies):
+                full = full_sequence_logprobs(model, p, c, pad=0)
+                assert [n for _, n in row_tree] == [len(x) for x in c]
+                assert [s for s, _ in row_tree] == pytest.approx([s for s, _ in full], abs=2e-5)
+                assert [s for s, _ in row_copies] == pytest.approx([s for s, _ in full], abs=2e-5)

@@ -62,9 +62,89 @@ def score_continuations(
     """For each prompt, (total log-probability, tokens) of each of its continuations given the prompt.
 
     All prompts start with the same prefix_len tokens whose cache is prefix_cache (or prefix_len = 0).
-    One call is one batch: the caller chooses its size."""
+    One call is one batch: the caller chooses its size.
+
+    One forward does it all: row e holds prompt e's tail followed by all its continuations side by side
+    (each continuation minus its last token, which is predicted, never fed), and a 4D mask lets every
+    continuation see the prefix, the prompt and its own earlier tokens only, with positions that restart after
+    the prompt for each continuation. Nothing is copied per label. Models whose custom masks would be wrong
+    (sliding-window layers, attention kernels without 4D masks) take `_score_with_copies`; peft prefix/prompt
+    tuning takes `full_sequence_logprobs`."""
     if uses_prompt_learning(model):
         return [full_sequence_logprobs(model, p, c, pad=pad) for p, c in zip(prompts, continuations)]
+    if not _takes_tree_masks(model):
+        return _score_with_copies(model, prompts, continuations, pad=pad, prefix_len=prefix_len,
+                                  prefix_cache=prefix_cache)
+    device = next(model.parameters()).device
+    layouts = []  # per row: tokens, positions, tail length, [(start column, continuation)]
+    for prompt, conts in zip(prompts, continuations):
+        tail = prompt[prefix_len:]
+        tokens, positions, spans = list(tail), list(range(prefix_len, len(prompt))), []
+        for c in conts:
+            spans.append((len(tokens), c))
+            tokens += c[:-1]
+            positions += range(len(prompt), len(prompt) + len(c) - 1)
+        layouts.append((tokens, positions, len(tail), spans))
+    width = max(len(t) for t, *_ in layouts)
+    rows = len(layouts)
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    pos = torch.zeros((rows, width), dtype=torch.long)
+    mask = torch.zeros((rows, 1, width, prefix_len + width), dtype=torch.bool)
+    keep = torch.zeros((rows, width), dtype=torch.bool)
+    mask[:, :, :, :prefix_len] = True
+    for r, (tokens, positions, n_tail, spans) in enumerate(layouts):
+        off = width - len(tokens)  # left padding: a padded query sees only itself (no fully masked row)
+        ids[r, off:] = torch.tensor(tokens, dtype=torch.long)
+        pos[r, off:] = torch.tensor(positions, dtype=torch.long)
+        m = mask[r, 0, :, prefix_len:]
+        m[range(off), range(off)] = True
+        tail = slice(off, off + n_tail)
+        m[tail, tail] = torch.ones(n_tail, n_tail, dtype=torch.bool).tril()
+        keep[r, off + n_tail - 1] = True  # predicts every continuation's first token
+        for start, c in spans:
+            n = len(c) - 1
+            if n:
+                own = slice(off + start, off + start + n)
+                m[own, tail] = True
+                m[own, own] = torch.ones(n, n, dtype=torch.bool).tril()
+                keep[r, own] = True
+    attn = mask.to(device)
+    if getattr(model.config, "_attn_implementation", "eager") != "sdpa":  # eager adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        attn = torch.zeros(attn.shape, dtype=dtype, device=device).masked_fill(~attn, torch.finfo(dtype).min)
+    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=attn,
+                   past_key_values=expand_cache(prefix_cache, rows), use_cache=prefix_cache is not None,
+                   logits_to_keep=keep.to(device)).logits
+    logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1).cpu()
+    # logp rows follow keep in row-major order: per row, the prompt's last position, then each continuation's
+    result: list[list[tuple[float, int]]] = []
+    at = 0
+    for tokens, _, n_tail, spans in layouts:
+        first = logp[at]
+        at += 1
+        row = []
+        for _, c in spans:
+            n = len(c) - 1
+            total = float(first[c[0]])
+            if n:
+                total += float(logp[at : at + n][torch.arange(n), torch.tensor(c[1:])].sum())
+            at += n
+            row.append((total, len(c)))
+        result.append(row)
+    return result
+
+
+def _takes_tree_masks(model) -> bool:
+    """Whether a custom 4D mask means the same to every attention layer (not so for sliding-window layers)."""
+    from tunesmith.training.prefix import supports_prefix_sharing
+
+    return supports_prefix_sharing(model, "lora", False)[0]
+
+
+@torch.no_grad()
+def _score_with_copies(model, prompts, continuations, *, pad: int, prefix_len: int = 0, prefix_cache=None):
+    """score_continuations for models that take no custom 4D mask: one forward of the prompts, then one of
+    every (prompt, continuation) row from a copy of its prompt's cache."""
     device = next(model.parameters()).device
     ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, prefix_len)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),

@@ -263,6 +263,9 @@ def measure(system: System, test: list[Example], plan: Plan, *, batch_size: int,
         return _measure_lm(system, test, batch_size=batch_size, max_length=max_length, progress=progress)
     prompts = [system.prompt(ex) for ex in test]
     result.prompt_tokens = sum(map(len, prompts)) / len(prompts)
+    # Batches of similar length waste less on padding: measure in order of prompt length, report in test order.
+    order = sorted(range(len(test)), key=lambda i: (len(prompts[i]), i))
+    test, prompts = [test[i] for i in order], [prompts[i] for i in order]
     t0 = time.perf_counter()
     prefix_len = 0 if uses_prompt_learning(system.model) else common_prefix_length(prompts)
     prefix = encode_prefix(system.model, prompts[0][:prefix_len])
@@ -281,6 +284,13 @@ def measure(system: System, test: list[Example], plan: Plan, *, batch_size: int,
             t0 = time.perf_counter()
             result.nll = _reference_nll(system, test, prompts, batch_size, shared, progress)
             result.seconds["reference_loss"] = time.perf_counter() - t0
+    back = [0] * len(order)
+    for pos, i in enumerate(order):
+        back[i] = pos
+    for name in ("predictions", "generated", "nll"):
+        values = getattr(result, name)
+        if values is not None:
+            setattr(result, name, [values[back[i]] for i in range(len(order))])
     result.outputs = result.predictions if result.predictions is not None else result.generated
     return result
 
