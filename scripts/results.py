@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default="", help="comma-separated recipe names (file stems); default: all")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test examples only")
-    parser.add_argument("--shots", type=int, default=3, help="examples in the few-shot prompt of the base model")
+    parser.add_argument("--shots", type=int, default=None,
+                        help="examples in the few-shot prompt of the base model (default: the recipe's eval.shots)")
+    parser.add_argument("--probe-limit", type=int, default=100,
+                        help="forgetting probe questions to ask (the whole probe, 305, takes ~15 min per run)")
     parser.add_argument("--runs", default="runs/results", help="where the runs go")
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown recipe(s): {', '.join(sorted(unknown))}; "
                   f"known: {', '.join(r.stem for r in recipes)}", file=sys.stderr)
             return 2
-        recipes = [r for r in recipes if r.stem in wanted]
+        order = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        recipes = sorted((r for r in recipes if r.stem in wanted), key=lambda r: order.index(r.stem))
 
     rows = []
     for i, recipe in enumerate(recipes, 1):
@@ -86,10 +90,11 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
             tunesmith.train(recipe, output=str(run_dir))
         done = {"recipe_sha": _recipe_hash(recipe), "train_seconds": round(time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
-    settings = {"limit": args.limit, "shots": args.shots}
+    settings = {"limit": args.limit, "shots": args.shots, "probe_limit": args.probe_limit}
     if done.get("eval_settings") != settings or not (run_dir / "eval" / "task.json").is_file():
         t0 = time.time()
-        tunesmith.evaluate(tunesmith.load(run_dir), limit=args.limit, shots=args.shots, forgetting=True)
+        tunesmith.evaluate(tunesmith.load(run_dir), limit=args.limit, shots=args.shots, forgetting=True,
+                           probe_limit=args.probe_limit)
         done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
 
@@ -140,7 +145,8 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         f"(`eval/task.json`, `eval/forgetting.json`, `metrics.jsonl`); see docs/eval-format.md.",
         "",
         "Base zero-shot: the base model with the dataset's system prompt. Base few-shot: the same plus "
-        f"{args.shots} training examples as prior turns. Deltas are fine-tuned minus the best prompted score.",
+        "k training examples as prior turns (k is the recipe's eval.shots, 3 unless set; listed per recipe below). "
+        "Deltas are fine-tuned minus the best prompted score.",
         "",
         "| recipe | task (test n) | metric | base zero-shot | base few-shot | fine-tuned | fine-tuning vs best prompt |"
         " forgetting (ppl change, KL, questions Δ) | train time, tokens/s |",
@@ -185,8 +191,13 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             lines.append(f"| {s['name']} | " + " | ".join(cells)
                          + f" | {s.get('prompt_tokens_per_example', 0):.0f} | {s.get('seconds_per_example', 0):.3f} |")
         settings = row.get("eval_settings") or {}
+        shots = next((s.get("shots") for s in task["systems"] if s["key"] == "base_few_shot"), 0)
+        f = row["forgetting"] or {}
+        probe = f.get("probe", {}).get("questions") or settings.get("probe_limit")
         lines += ["", f"Training examples {row['train_examples']}, {row['steps']} steps on {row['device']}; "
-                  f"evaluation limit {settings.get('limit') or 'none'}, shots {settings.get('shots')}.", ""]
+                  f"evaluated on {task['data']['examples']} test examples"
+                  f"{' (the first ' + str(settings['limit']) + ')' if settings.get('limit') else ' (all)'}, "
+                  f"few-shot k = {shots}; forgetting probe: {probe or 'not run'} questions.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
