@@ -230,7 +230,7 @@ def _work_flops(variant: str, run_dir, args) -> float:
     """FLOPs per useful token actually done by tunesmith's layout: rebuild the batches of the run's steps."""
     from tunesmith import models
     from tunesmith.data.batching import make_batches, step_indices
-    from tunesmith.training import prefix
+    from tunesmith.training import loop, prefix
 
     model, tokenizer = models.load(args.model, dtype="float32", device="cpu")
     encoded = _encode(args.model, tokenizer, Path(args.workdir) / "train.jsonl")
@@ -240,7 +240,8 @@ def _work_flops(variant: str, run_dir, args) -> float:
     k = 6 if variant.endswith("full") else 4
     flops = useful = 0
     for step in steps:
-        for b in make_batches([encoded[i] for i in step], "pack", args.batch, 0, 256, prefix.MIN_PREFIX_TOKENS):
+        for b in make_batches([encoded[i] for i in step], "pack", args.batch, 0, loop.ROW_TOKENS,
+                              prefix.MIN_PREFIX_TOKENS, loop.SHARED_ROW_TOKENS):
             computed = b.input_ids.numel() + (b.prefix_ids.numel() if b.prefix_ids is not None else 0)
             flops += k * (body * computed + head * b.n_targets)
             useful += b.n_tokens

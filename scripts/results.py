@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/results.md")
     parser.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a paragraph printed under the table's header (how and when the runs were made)")
     args = parser.parse_args(argv)
 
     recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -56,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== [{i}/{len(recipes)}] {recipe.stem}", flush=True)
         if not args.table_only:
             produce(recipe, run_dir, args)
-        row = collect(recipe, run_dir)
-        if row:
-            rows.append(row)
+        rows.append(collect(recipe, run_dir) or {"recipe": recipe.stem, "missing": True})
     write_table(rows, ROOT / args.out, args)
     print(f"\nwrote {args.out} ({len(rows)} recipe(s))")
     return 0
@@ -148,10 +148,13 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         "k training examples as prior turns (k is the recipe's eval.shots, 3 unless set; listed per recipe below). "
         "Deltas are fine-tuned minus the best prompted score.",
         "",
+        *[line for note in args.note for line in (note, "")],
         "| recipe | task (test n) | metric | base zero-shot | base few-shot | fine-tuned | fine-tuning vs best prompt |"
         " forgetting (ppl change, KL, questions Δ) | train time, tokens/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    missing = [row["recipe"] for row in rows if row.get("missing")]
+    rows = [row for row in rows if not row.get("missing")]
     for row in rows:
         task = row["task"]
         primary = task["primary"]
@@ -179,6 +182,9 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             f"{_fmt(primary, value['base_zero_shot'])} | {_fmt(primary, value['base_few_shot'])} | "
             f"{_fmt(primary, value['fine_tuned'])} | {verdict} | {forgot} | {minutes}, {speed} |"
         )
+    if missing:
+        lines += ["", f"Not measured yet (no finished evaluation in {args.runs}/): {', '.join(missing)}. "
+                  f"`make results RESULTS_ARGS=\"--recipes {','.join(missing)}\"` trains and evaluates them."]
     lines += ["", "## All metrics", ""]
     for row in rows:
         task = row["task"]

@@ -83,11 +83,13 @@ def test_same_loss_and_gradients_as_one_example_at_a_time(model, mode, micro):
 def test_packed_rows_restart_positions_and_mask_the_first_token():
     examples = [Encoded([1, 2, 3], [IGNORE, 2, 3]), Encoded([4, 5], [4, 5])]
     (batch,) = make_batches(examples, "pack", 2, pad_id=0, row_tokens=16)
-    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1]]
-    # position p predicts token p+1; token 4 (first of example 2) is never a target of example 1's last token
-    assert batch.keep.tolist() == [[True, True, False, True, False]]
+    # each example is fed up to the position that predicts its last label: 3 and 5 are targets, never inputs
+    assert batch.input_ids.tolist() == [[1, 2, 4]]
+    assert batch.position_ids.tolist() == [[0, 1, 0]]
+    # position p predicts token p+1 of its own example; token 4 (first of example 2) is never a target
+    assert batch.keep.tolist() == [[True, True, True]]
     assert batch.targets.tolist() == [2, 3, 5]
+    assert batch.n_tokens == 5  # every token of the data counts as trained
 
 
 def test_pack_rows_first_fit_decreasing():

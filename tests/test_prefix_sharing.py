@@ -87,7 +87,8 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_whole_examples(tiny_model
     shared = [b for b in batches if b.prefix_ids is not None]
     assert all(b.prefix_ids.tolist() == [PREFIX] for b in shared)
     assert sum(b.n_tokens for b in batches) == sum(len(e.input_ids) for e in examples)
-    assert sum(b.input_ids.ne(0).sum().item() for b in shared) == sum(b.n_tokens - 12 * b.n_examples for b in shared)
+    # fed: each example minus the prefix and minus its last token (its last label: nothing is predicted from it)
+    assert sum(b.input_ids.ne(0).sum().item() for b in shared) == sum(b.n_tokens - 13 * b.n_examples for b in shared)
 
 
 def test_prefix_stops_before_the_first_labelled_position():
@@ -105,19 +106,21 @@ def test_the_mask_lets_a_suffix_see_the_prefix_and_its_own_example_only():
     a = Encoded(PREFIX + [100, 101], [IGNORE] * L + [100, 101])
     b = Encoded(PREFIX + [200, 201, 202], [IGNORE] * (L + 1) + [201, 202])
     (batch,) = make_batches([a, b], "pack", 2, pad_id=0, row_tokens=64, share_prefix=8)
-    # first-fit decreasing: b (3 tokens) then a (2) in one row; the prefix ends where a's label begins
+    # first-fit decreasing: b (3 tokens) then a (2) in one row; the prefix ends where a's label begins; each
+    # example stops at the position that predicts its last label (202, 101 are predicted, never fed)
     assert batch.prefix_ids.tolist() == [PREFIX[:-1]]
     p = L - 1
-    assert batch.input_ids.tolist() == [[PREFIX[-1], 200, 201, 202, PREFIX[-1], 100, 101]]
-    assert batch.position_ids.tolist() == [[p, p + 1, p + 2, p + 3, p, p + 1, p + 2]]
+    assert batch.input_ids.tolist() == [[PREFIX[-1], 200, 201, PREFIX[-1], 100]]
+    assert batch.position_ids.tolist() == [[p, p + 1, p + 2, p, p + 1]]
     mask = batch.attention_mask[0, 0]
-    assert mask.shape == (7, p + 7)
+    assert mask.shape == (5, p + 5)
     assert mask[:, :p].all()  # everyone sees the whole prefix
     own = mask[:, p:].int().tolist()
     assert own == [
-        [1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0],
-        [0, 0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1],
+        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0], [0, 0, 0, 1, 1],
     ]
+    assert batch.keep.tolist() == [[False, True, True, True, True]]
     assert batch.targets.tolist() == [201, 202, 100, 101]
 
 
@@ -180,3 +183,18 @@ def _write_chat(path, n, seed):
             msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}, {"role": "assistant", "content": label}]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
+
+
+def test_shared_batches_use_their_own_row_width():
+    """Shared-prefix micro-batches are cut into rows of shared_row_tokens (prefix included), other micro-batches
+    into rows of row_tokens."""
+    examples = _examples(n=7, seed=2)
+    (wide,) = make_batches(examples, "pack", 7, 0, row_tokens=40, share_prefix=8, shared_row_tokens=1024)
+    L = wide.prefix_ids.shape[1]
+    # every suffix in one row (each without its last token, from which nothing is predicted)
+    assert wide.input_ids.shape == (1, sum(len(e.input_ids) - L - 1 for e in examples))
+    (narrow,) = make_batches(examples, "pack", 7, 0, row_tokens=40, share_prefix=8)
+    assert narrow.input_ids.shape[0] > 1 and narrow.input_ids.shape[1] <= 40 - L
+    plain = make_batches(_examples(prefix=PREFIX[:5]), "pack", 7, 0, row_tokens=40, share_prefix=8,
+                         shared_row_tokens=1024)
+    assert all(b.prefix_ids is None and b.input_ids.shape[1] <= 40 for b in plain)

@@ -22,6 +22,12 @@ An optimizer step always consumes `batch_size` examples (the effective batch), w
 Every batch carries `keep`: a boolean (B, T) mask of the positions whose *next* token is labelled. The loop
 passes it as `logits_to_keep`, so the LM head and the loss run only where there is something to learn
 (for classification data that is a few positions out of ~80; the LM head is ~20% of a small model's compute).
+
+Tokens after the position that predicts an example's last label are not fed at all (`_span`): nothing is
+predicted from them and, attention being causal, nothing attends to them, so they change neither loss nor
+gradients. For chat data that is the last label itself (the end-of-turn token) and the template's newline
+after it. Each position's target is stored with it, so examples never need a neighbour's slot. `n_tokens`
+still counts every token of the data (that is the work a user asked for).
 """
 
 from __future__ import annotations
@@ -88,17 +94,18 @@ def step_indices(
 
 def make_batches(
     examples: list[Encoded], mode: str, micro_batch_size: int, pad_id: int, row_tokens: int,
-    share_prefix: int = 0,
+    share_prefix: int = 0, shared_row_tokens: int | None = None,
 ) -> list[Batch]:
     """The micro-batches of one optimizer step. With mode "pack" and share_prefix > 0, a micro-batch whose
-    examples share a prefix of at least `share_prefix` tokens gets the shared-prefix layout."""
+    examples share a prefix of at least `share_prefix` tokens gets the shared-prefix layout, in rows of
+    `shared_row_tokens` (prefix included; default row_tokens)."""
     if mode == "pack":
         batches = []
         for start in range(0, len(examples), micro_batch_size):
             group = examples[start : start + micro_batch_size]
             n = shared_prefix_length(group) if share_prefix else 0
             if n >= share_prefix > 0 and len(group) > 1:
-                batches.append(_prefix_packed(group, n, pad_id, row_tokens))
+                batches.append(_prefix_packed(group, n, pad_id, shared_row_tokens or row_tokens))
             else:
                 batches.append(_packed(group, pad_id, row_tokens))
         return batches
@@ -110,30 +117,37 @@ def make_batches(
     ]
 
 
-def _targets_and_keep(rows_labels: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = torch.zeros(len(rows_labels), width, dtype=torch.bool)
+def _span(e: Encoded, start: int = 0) -> tuple[list[int], list[int]]:
+    """(input tokens, the label each of them predicts) of example e from `start` on, ending at the position
+    that predicts its last label (an example without labels is kept whole)."""
+    last = max((p for p, t in enumerate(e.labels) if t != IGNORE), default=len(e.input_ids))
+    end = max(last, start + 1)
+    return list(e.input_ids[start:end]), list(e.labels[start + 1 : end + 1]) + [IGNORE] * (end + 1 - len(e.labels))
+
+
+def _targets_and_keep(rows_next: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep and targets from rows of next-token labels aligned with the input positions."""
+    keep = torch.zeros(len(rows_next), width, dtype=torch.bool)
     targets: list[int] = []
-    for r, labels in enumerate(rows_labels):
-        for p in range(len(labels) - 1):
-            if labels[p + 1] != IGNORE:
+    for r, nxt in enumerate(rows_next):
+        for p, label in enumerate(nxt):
+            if label != IGNORE:
                 keep[r, p] = True
-                targets.append(labels[p + 1])
+                targets.append(label)
     return keep, torch.tensor(targets, dtype=torch.long)
 
 
 def _padded(examples: list[Encoded], pad_id: int) -> Batch:
-    width = max(len(e.input_ids) for e in examples)
+    spans = [_span(e) for e in examples]
+    width = max(len(ids) for ids, _ in spans)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    rows_labels = []
-    for r, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[r, :n] = torch.tensor(e.input_ids)
-        mask[r, :n] = 1
-        rows_labels.append(list(e.labels) + [IGNORE] * (width - n))
-    keep, targets = _targets_and_keep(rows_labels, width)
+    for r, (tokens, _) in enumerate(spans):
+        ids[r, : len(tokens)] = torch.tensor(tokens)
+        mask[r, : len(tokens)] = 1
+    keep, targets = _targets_and_keep([nxt for _, nxt in spans], width)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids, positions, mask, keep, targets, len(examples), int(mask.sum()))
+    return Batch(ids, positions, mask, keep, targets, len(examples), sum(len(e.input_ids) for e in examples))
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
@@ -153,30 +167,27 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
 
 
 def _packed(group: list[Encoded], pad_id: int, row_tokens: int) -> Batch:
-    rows = pack_rows([len(e.input_ids) for e in group], max(row_tokens, max(len(e.input_ids) for e in group)))
-    width = max(sum(len(group[i].input_ids) for i in row) for row in rows)
+    spans = [_span(e) for e in group]
+    lengths = [len(ids) for ids, _ in spans]
+    rows = pack_rows(lengths, max(row_tokens, max(lengths)))
+    width = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
-    rows_labels = []
-    n_tokens = 0
+    rows_next = []
     for r, row in enumerate(rows):
-        labels: list[int] = []
+        nxt: list[int] = []
         at = 0
         for i in row:
-            e = group[i]
-            n = len(e.input_ids)
-            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            tokens, targets = spans[i]
+            n = len(tokens)
+            ids[r, at : at + n] = torch.tensor(tokens)
             pos[r, at : at + n] = torch.arange(n)
-            # position 0 of an example is never a target inside the example; in a packed row it would be
-            # the target of the previous example's last token, so it is masked to keep examples apart
-            labels += [IGNORE] + list(e.labels[1:n])
+            nxt += targets
             at += n
-        n_tokens += at
         pos[r, at:] = torch.arange(width - at)
-        labels += [IGNORE] * (width - at)
-        rows_labels.append(labels)
-    keep, targets = _targets_and_keep(rows_labels, width)
-    return Batch(ids, pos, None, keep, targets, len(group), n_tokens)
+        rows_next.append(nxt + [IGNORE] * (width - at))
+    keep, targets = _targets_and_keep(rows_next, width)
+    return Batch(ids, pos, None, keep, targets, len(group), sum(len(e.input_ids) for e in group))
 
 
 def shared_prefix_length(group: list[Encoded]) -> int:
@@ -201,31 +212,32 @@ def _prefix_packed(group: list[Encoded], prefix_len: int, pad_id: int, row_token
     """Suffixes (what follows the shared prefix) packed into rows; a 4D mask lets each see the prefix and
     its own earlier tokens only. Positions continue from prefix_len, as if each example were whole."""
     L = prefix_len
-    lengths = [len(e.input_ids) - L for e in group]
+    spans = [_span(e, L) for e in group]  # the prefix predicts no label: it stops before the first one
+    lengths = [len(ids) for ids, _ in spans]
     rows = pack_rows(lengths, max(row_tokens - L, max(lengths)))
     width = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.full((len(rows), width), L, dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)
-    rows_labels = []
+    rows_next = []
     for r, row in enumerate(rows):
-        labels: list[int] = []
+        nxt: list[int] = []
         at = 0
         for i in row:
-            e, n = group[i], lengths[i]
-            ids[r, at : at + n] = torch.tensor(e.input_ids[L:])
+            tokens, targets = spans[i]
+            n = lengths[i]
+            ids[r, at : at + n] = torch.tensor(tokens)
             pos[r, at : at + n] = torch.arange(L, L + n)
             segment[r, at : at + n] = i
-            labels += list(e.labels[L:])  # labels[L] is never a label: the prefix ends before the first one
+            nxt += targets
             at += n
-        labels += [IGNORE] * (width - at)
-        rows_labels.append(labels)
+        rows_next.append(nxt + [IGNORE] * (width - at))
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     same = segment[:, :, None] == segment[:, None, :]
     # tail padding (segment -1) sees only itself, so no attention row is empty (an empty row gives NaN)
     own = same & causal & ((segment[:, :, None] >= 0) | torch.eye(width, dtype=torch.bool))
     mask = torch.cat([torch.ones(len(rows), width, L, dtype=torch.bool), own], dim=2)[:, None]
-    keep, targets = _targets_and_keep(rows_labels, width)
+    keep, targets = _targets_and_keep(rows_next, width)
     prefix = torch.tensor([group[0].input_ids[:L]], dtype=torch.long)
     n_tokens = sum(len(e.input_ids) for e in group)
     return Batch(ids, pos, mask, keep, targets, len(group), n_tokens, prefix)
