@@ -72,7 +72,9 @@ def score_continuations(
     tuning takes `full_sequence_logprobs`."""
     if uses_prompt_learning(model):
         return [full_sequence_logprobs(model, p, c, pad=pad) for p, c in zip(prompts, continuations)]
-    if not _takes_tree_masks(model):
+    from tunesmith.training.prefix import mask_for, takes_custom_masks
+
+    if not takes_custom_masks(model)[0]:
         return _score_with_copies(model, prompts, continuations, pad=pad, prefix_len=prefix_len,
                                   prefix_cache=prefix_cache)
     device = next(model.parameters()).device
@@ -108,11 +110,8 @@ def score_continuations(
                 m[own, tail] = True
                 m[own, own] = torch.ones(n, n, dtype=torch.bool).tril()
                 keep[r, own] = True
-    attn = mask.to(device)
-    if getattr(model.config, "_attn_implementation", "eager") != "sdpa":  # eager adds the mask to the scores
-        dtype = next(model.parameters()).dtype
-        attn = torch.zeros(attn.shape, dtype=dtype, device=device).masked_fill(~attn, torch.finfo(dtype).min)
-    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=attn,
+    logits = model(input_ids=ids.to(device), position_ids=pos.to(device),
+                   attention_mask=mask_for(model, mask.to(device)),
                    past_key_values=expand_cache(prefix_cache, rows), use_cache=prefix_cache is not None,
                    logits_to_keep=keep.to(device)).logits
     logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1).cpu()
@@ -132,13 +131,6 @@ def score_continuations(
             row.append((total, len(c)))
         result.append(row)
     return result
-
-
-def _takes_tree_masks(model) -> bool:
-    """Whether a custom 4D mask means the same to every attention layer (not so for sliding-window layers)."""
-    from tunesmith.training.prefix import supports_prefix_sharing
-
-    return supports_prefix_sharing(model, "lora", False)[0]
 
 
 @torch.no_grad()

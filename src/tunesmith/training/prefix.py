@@ -34,6 +34,12 @@ def supports_prefix_sharing(model, method: str, gradient_checkpointing: bool) ->
         return False, f"{method} tuning puts virtual tokens before every row"
     if gradient_checkpointing:
         return False, "gradient checkpointing recomputes layers without a cache"
+    return takes_custom_masks(model)
+
+
+def takes_custom_masks(model) -> tuple[bool, str]:
+    """Whether a custom 4D attention mask means the same to every attention layer of the model (not so for
+    sliding-window layers, nor for kernels that take no 4D mask); the reason when it does not."""
     config = getattr(model, "config", None)
     if config is None:
         return False, "the model has no config"
@@ -56,13 +62,17 @@ def forward_shared_prefix(model, batch) -> torch.Tensor:
     for layer in cache.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
-    mask = batch.attention_mask
-    if getattr(model.config, "_attn_implementation", "eager") != "sdpa":
-        # eager attention adds the mask to the scores
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     out = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask,
-        past_key_values=cache, use_cache=True, logits_to_keep=batch.keep,
+        input_ids=batch.input_ids, position_ids=batch.position_ids,
+        attention_mask=mask_for(model, batch.attention_mask), past_key_values=cache, use_cache=True, logits_to_keep=batch.keep,
     )
     return out.logits
+
+
+def mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask (True: may attend) as the model's attention takes it: as is for SDPA, additive
+    (0 / most negative value) for eager attention, which adds the mask to the scores."""
+    if getattr(model.config, "_attn_implementation", "eager") == "sdpa":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
