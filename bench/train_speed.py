@@ -15,6 +15,8 @@ sequential sampler), the effective batch (no accumulation), the LoRA config and 
 Variants:
   ts          tunesmith: packed rows, LM head only at labelled positions, shared prefix encoded once
   ts-noshare  tunesmith without prefix sharing (what the shared prefix is worth)
+  ts-nochunk  tunesmith with the LM head and loss in one piece (what chunked cross-entropy is worth; it only
+              engages with many labelled positions: run with --data data/debian-docs)
   hf          Trainer + peft, dynamic padding (DataCollatorForSeq2Seq), examples in the same order
   hf-group    the same with train_sampling_strategy="group_by_length" (Trainer's length grouping)
   ts-full / hf-full   full fine-tuning, tunesmith and Trainer
@@ -41,7 +43,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("ts", "ts-noshare", "hf", "hf-group", "ts-full", "hf-full")
+VARIANTS = ("ts", "ts-noshare", "ts-nochunk", "hf", "hf-group", "ts-full", "hf-full")
 SEED = 42
 
 
@@ -202,6 +204,10 @@ def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file
 
     if variant == "ts-noshare":
         prefix.MIN_PREFIX_TOKENS = 0  # 0 turns sharing off (training/loop.py reads it per run)
+    if variant == "ts-nochunk":
+        from tunesmith.training import chunked_loss
+
+        chunked_loss.should_chunk = lambda model, n_keep: False
     steps = _steps(variant, args)
     config = {
         "model": {"name": args.model},

@@ -52,3 +52,22 @@ def test_validation_budget_sets_the_number_of_evaluations():
     assert plan.eval_every == 32  # 0.3 * 40,000 / 8,000 = 1.5 -> at least 2 evaluations
     plan = plan_training(TrainConfig(epochs=3, batch_size=8), "lora", 5000, [80] * 5000, val_tokens=8000)
     assert plan.eval_every == -(-plan.total_steps // 8)  # plenty of training: 8 evaluations
+
+
+def test_micro_batch_shrinks_to_the_memory_available():
+    from types import SimpleNamespace
+
+    from tunesmith.training.auto import activation_bytes_per_token
+
+    config = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9)
+    per_token = activation_bytes_per_token(config)
+    assert 2 * 2**20 < per_token < 6 * 2**20  # SmolLM2-135M: a few MB per token in fp32
+    plenty = plan_training(TrainConfig(batch_size=8), "lora", 600, [480] * 600, memory=(64 * 2**30, per_token))
+    assert plenty.micro_batch_size == 8  # 4096 tokens / 480 fit: memory does not bind
+    tight = plan_training(TrainConfig(batch_size=8), "lora", 600, [480] * 600, memory=(8 * 2**30, per_token))
+    assert tight.micro_batch_size == int(0.5 * 8 * 2**30 / per_token) // 480 < 8
+    assert "8.0 GB available" in tight.reasons["micro_batch_size"]
+    starved = plan_training(TrainConfig(batch_size=8), "lora", 600, [480] * 600, memory=(2**20, per_token))
+    assert starved.micro_batch_size == 1  # never zero
+    fixed = plan_training(TrainConfig(batch_size=8, micro_batch_size=8), "lora", 600, [480] * 600, memory=(2**20, per_token))
+    assert fixed.micro_batch_size == 8  # a micro_batch_size the user set is kept

@@ -10,7 +10,10 @@ The rule, in one place so it can be read, tested and printed:
   examples; full fine-tuning 2e-5; IA3 3e-3; prompt/prefix tuning 3e-2 and 1e-2; bottleneck adapters 5e-4).
 - warmup: 5% of the optimizer steps, at least one.
 - micro_batch_size: as many examples per forward pass as fit a token budget (4,096 tokens on CPU, 16,384 on
-  a GPU), measured on the longer examples of the data (95th percentile), never more than batch_size.
+  a GPU), measured on the longer examples of the data (95th percentile), never more than batch_size. The
+  budget shrinks to what half of the memory available at the start can hold: autograd keeps activations for
+  every token of a micro-batch (about 3 MB per token for a 135M model in fp32, `activation_bytes_per_token`),
+  so 4,096 tokens of raw text would need ~13 GB — more than a 16 GB laptop has free.
 - eval_every: validation costs at most ~15% of the training compute (a validation token costs about half a
   training token: forward only), with 2 to 8 evaluations per run. save_every: the same as eval_every.
 """
@@ -51,8 +54,10 @@ class Plan:
 
 
 def plan_training(
-    train_cfg, method: str, n_examples: int, lengths: list[int], device_type: str = "cpu", val_tokens: int = 0
+    train_cfg, method: str, n_examples: int, lengths: list[int], device_type: str = "cpu", val_tokens: int = 0,
+    memory: tuple[int, int] | None = None,
 ) -> Plan:
+    """memory: (bytes available for training, activation bytes per token), to cap the auto micro-batch."""
     reasons: dict[str, str] = {}
     t = train_cfg
 
@@ -92,9 +97,16 @@ def plan_training(
 
     if t.micro_batch_size == "auto":
         budget = TOKENS_PER_FORWARD.get(device_type, 4096)
+        why = f"{budget} tokens per forward pass"
+        if memory is not None and memory[1] > 0:
+            fits = int(0.5 * memory[0] / memory[1])
+            if fits < budget:
+                budget = max(fits, 1)
+                why = (f"{budget} tokens per forward pass (half of the {memory[0] / 2**30:.1f} GB available, "
+                       f"~{memory[1] / 2**20:.1f} MB of activations per token)")
         longest = sorted(lengths)[int(0.95 * (len(lengths) - 1))] if lengths else 1
         micro = max(1, min(batch, budget // max(longest, 1)))
-        reasons["micro_batch_size"] = f"{budget} tokens per forward pass / {longest}-token examples (p95)"
+        reasons["micro_batch_size"] = f"{why} / {longest}-token examples (p95)"
     else:
         micro = min(t.micro_batch_size, batch)
 
@@ -127,3 +139,37 @@ def lr_at(step: int, plan: Plan, schedule: str) -> float:
     if schedule == "linear":
         return plan.lr * (1.0 - done)
     return plan.lr * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def activation_bytes_per_token(model_config, dtype_bytes: int = 4, row_tokens: int = 512) -> int:
+    """Rough bytes autograd keeps per token of a micro-batch for the backward pass.
+
+    Per layer and token: ~34 hidden-sized values (norm inputs and outputs, q/k/v/o inputs and outputs, the
+    residual stream, LoRA's low-rank inputs), ~5 intermediate-sized ones (gate, up, activation, their product,
+    the down projection's input) and the attention weights of a row (heads x row length). Fitted to a
+    measurement of SmolLM2-135M with LoRA on 480-token passages (bench/RESULTS.md run 8); an estimate for
+    choosing a micro-batch, not a promise.
+    """
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    hidden = getattr(config, "hidden_size", 0) or 0
+    inter = getattr(config, "intermediate_size", 0) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    return int(layers * (34 * hidden + 5 * inter + heads * row_tokens) * dtype_bytes)
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for training on `device` now: MemAvailable on Linux CPUs, free memory on CUDA; None if unknown."""
+    try:
+        if device.type == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None

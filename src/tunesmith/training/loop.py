@@ -1,7 +1,8 @@
 """The training loop. Read it top to bottom: `train()` sets up, `_run_steps()` is the loop.
 
 What it does that a generic trainer does not:
-- the LM head and the loss run only at positions whose next token has a label (`logits_to_keep`);
+- the LM head and the loss run only at positions whose next token has a label (`logits_to_keep`), and in
+  chunks when those are many (raw text), so full-vocabulary logits never exist at once (training/chunked_loss.py);
 - a step's examples are packed into rows without padding by default (see data/batching.py);
 - tokens that all examples of a micro-batch start with (a fixed system prompt) are encoded once per
   micro-batch, not once per example (see training/prefix.py);
@@ -28,9 +29,9 @@ import torch.nn.functional as F
 from tunesmith.config import Config, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
-from tunesmith.training.auto import Plan, lr_at, plan_training
+from tunesmith.training.auto import Plan, activation_bytes_per_token, available_memory, lr_at, plan_training
 from tunesmith.atomic import atomic_write_text
-from tunesmith.training import prefix
+from tunesmith.training import chunked_loss, prefix
 from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger, Progress
 from tunesmith.training.mitigations import KLToBase, frozen_base
@@ -70,7 +71,11 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
     data = _prepare_data(cfg, tokenizer, model, log)
     lengths = [len(e.input_ids) for e in data["train"]]
     val_tokens = sum(len(e.input_ids) for e in data["validation"])
-    plan = plan_training(cfg.train, cfg.method, len(data["train"]), lengths, device.type, val_tokens)
+    free = available_memory(device)
+    if free is not None and cfg.method in ("full", "freeze"):  # gradients and two AdamW moments, allocated later
+        free -= 12 * sum(p.numel() for p in model.parameters())
+    memory = None if free is None else (max(free, 0), activation_bytes_per_token(model.config))
+    plan = plan_training(cfg.train, cfg.method, len(data["train"]), lengths, device.type, val_tokens, memory)
     cfg = _resolved(cfg, plan)
     _print_plan(plan, log)
 
@@ -216,17 +221,28 @@ def _forward(ctx: _LoopContext, batch) -> tuple[torch.Tensor, int]:
         kwargs["position_ids"] = batch.position_ids  # packed rows: restarting positions separate the examples
     else:
         kwargs["attention_mask"] = batch.attention_mask
+    # many labelled positions (raw text, long answers) and no KL term: the head and the loss run chunk by chunk
+    if ctx.kl is None and chunked_loss.should_chunk(ctx.model, batch.targets.numel()):
+        with torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.autocast):
+            with chunked_loss.hidden_states_at_kept(ctx.model) as head:
+                hidden = _model_outputs(ctx, batch, kwargs)
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            return chunked_loss.chunked_cross_entropy(hidden, head, batch.targets)
     with torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.autocast):
-        if batch.prefix_ids is not None:
-            logits = prefix.forward_shared_prefix(ctx.model, batch)
-        else:
-            logits = ctx.model(**kwargs).logits
+        logits = _model_outputs(ctx, batch, kwargs)
     logits = logits.reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, batch.targets, reduction="sum")
     if ctx.kl is not None and ctx.model.training:  # train.kl_to_base (training/mitigations.py); not in validation
         loss = loss + ctx.kl.penalty(batch, kwargs, logits)
     correct = int((logits.detach().argmax(-1) == batch.targets).sum())
     return loss, correct
+
+
+def _model_outputs(ctx: _LoopContext, batch, kwargs: dict) -> torch.Tensor:
+    """The model's output at the batch's kept positions: logits, or hidden states with the head swapped out."""
+    if batch.prefix_ids is not None:
+        return prefix.forward_shared_prefix(ctx.model, batch)
+    return ctx.model(**kwargs).logits
 
 
 @torch.no_grad()
