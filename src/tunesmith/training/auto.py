@@ -12,8 +12,8 @@ The rule, in one place so it can be read, tested and printed:
 - micro_batch_size: as many examples per forward pass as fit a token budget (4,096 tokens on CPU, 16,384 on
   a GPU), measured on the longer examples of the data (95th percentile), never more than batch_size. The
   budget shrinks to what half of the memory available at the start can hold: autograd keeps activations for
-  every token of a micro-batch (about 3 MB per token for a 135M model in fp32, `activation_bytes_per_token`),
-  so 4,096 tokens of raw text would need ~13 GB — more than a 16 GB laptop has free.
+  every token of a micro-batch (about 4 MB per token for a 135M model in fp32, `activation_bytes_per_token`),
+  so 4,096 tokens of raw text would need ~16 GB — more than a 16 GB laptop has free.
 - eval_every: validation costs at most ~15% of the training compute (a validation token costs about half a
   training token: forward only), with 2 to 8 evaluations per run. save_every: the same as eval_every.
 """
@@ -142,20 +142,21 @@ def lr_at(step: int, plan: Plan, schedule: str) -> float:
 
 
 def activation_bytes_per_token(model_config, dtype_bytes: int = 4, row_tokens: int = 512) -> int:
-    """Rough bytes autograd keeps per token of a micro-batch for the backward pass.
+    """Rough bytes a training forward + backward needs per token of a micro-batch, beyond the model.
 
-    Per layer and token: ~34 hidden-sized values (norm inputs and outputs, q/k/v/o inputs and outputs, the
-    residual stream, LoRA's low-rank inputs), ~5 intermediate-sized ones (gate, up, activation, their product,
-    the down projection's input) and the attention weights of a row (heads x row length). Fitted to a
-    measurement of SmolLM2-135M with LoRA on 480-token passages (bench/RESULTS.md run 8); an estimate for
-    choosing a micro-batch, not a promise.
+    Per layer and token: ~38 hidden-sized values (norm inputs and outputs, q/k/v/o inputs and outputs, the
+    residual stream, LoRA's dropout copies and low-rank inputs, backward transients), ~5 intermediate-sized
+    ones (gate, up, activation, their product, the down projection's input) and the attention weights of a
+    row (heads x row length). Checked with bench/lm_memory.py on SmolLM2-135M with LoRA, 896 tokens of raw
+    text: peak RSS rose 3.98 MB per token, this gives 4.1 (bench/RESULTS.md run 8). An estimate for choosing a
+    micro-batch, not a promise.
     """
     config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = getattr(config, "hidden_size", 0) or 0
     inter = getattr(config, "intermediate_size", 0) or 4 * hidden
     layers = getattr(config, "num_hidden_layers", 0) or 0
     heads = getattr(config, "num_attention_heads", 0) or 0
-    return int(layers * (34 * hidden + 5 * inter + heads * row_tokens) * dtype_bytes)
+    return int(layers * (38 * hidden + 5 * inter + heads * row_tokens) * dtype_bytes)
 
 
 def available_memory(device) -> int | None:
