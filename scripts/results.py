@@ -22,6 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from tunesmith.errors import Interrupted, TunesmithError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,16 +81,23 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
     same = done.get("recipe_sha") == _recipe_hash(recipe) and not args.retrain
     if not (same and (run_dir / "model").is_dir()):
         t0 = time.time()
-        if same and (run_dir / "checkpoints").is_dir():
-            print(f"resuming the interrupted run {run_dir}")
-            tunesmith.train(resume=run_dir)
-        else:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe)}))
-            tunesmith.train(recipe, output=str(run_dir))
-        done = {"recipe_sha": _recipe_hash(recipe), "train_seconds": round(time.time() - t0, 1)}
+        resuming = same and (run_dir / "checkpoints").is_dir()
+        earlier = done.get("train_seconds_interrupted", 0.0) if resuming else 0.0  # attempts stopped by Ctrl-C
+        try:
+            if resuming:
+                print(f"resuming the interrupted run {run_dir}")
+                tunesmith.train(resume=run_dir)
+            else:
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)
+                run_dir.mkdir(parents=True)
+                stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe)}))
+                tunesmith.train(recipe, output=str(run_dir))
+        except (TunesmithError, KeyboardInterrupt):
+            so_far = {"recipe_sha": _recipe_hash(recipe), "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
+            stamp.write_text(json.dumps(so_far, indent=2))
+            raise
+        done = {"recipe_sha": _recipe_hash(recipe), "train_seconds": round(earlier + time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
     settings = {"limit": args.limit, "shots": args.shots, "probe_limit": args.probe_limit}
     if done.get("eval_settings") != settings or not (run_dir / "eval" / "task.json").is_file():
@@ -217,4 +226,11 @@ def _cores() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Interrupted as e:
+        print(f"\n{e}\nRun the same command again to resume.", file=sys.stderr)
+        sys.exit(130)
+    except TunesmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
