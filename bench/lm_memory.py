@@ -5,7 +5,8 @@
 
 Each variant runs in its own process (so its peak RSS is its own): load the model, apply the method, build
 one packed micro-batch from data/debian-docs (every position labelled), run tunesmith's training forward and
-backward once. Printed per variant: bytes autograd saved for the backward pass (counted once per storage
+backward once; variants alternate, `--repeats` times (peak RSS moves by a few hundred MB between identical
+runs, so one run says little). Printed per variant (medians): bytes autograd saved for the backward pass (counted once per storage
 through `saved_tensors_hooks`), peak RSS, its rise over the loaded model, and the loss (both variants must
 agree). `activation_bytes_per_token` (training/auto.py, the auto micro-batch's memory cap) is printed beside
 the measured rise per token, to check the estimate.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,22 +32,30 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2, help="passages in the micro-batch")
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant, interleaved; medians are shown")
     parser.add_argument("--worker", choices=["chunked", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args)), flush=True)
         return
-    rows = []
-    for variant in ("chunked", "plain"):
-        cmd = [sys.executable, __file__, "--worker", variant]
-        for key in ("model", "data", "examples", "method", "threads"):
-            cmd += [f"--{key}", str(getattr(args, key))]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            sys.exit(f"error: the {variant} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT "):]))
+    runs: dict[str, list[dict]] = {"chunked": [], "plain": []}
+    for _ in range(args.repeats):
+        for variant in runs:
+            cmd = [sys.executable, __file__, "--worker", variant]
+            for key in ("model", "data", "examples", "method", "threads"):
+                cmd += [f"--{key}", str(getattr(args, key))]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.exit(f"error: the {variant} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            runs[variant].append(json.loads(lines[-1][len("RESULT "):]))
+            r = runs[variant][-1]
+            print(f"{variant:<8} peak RSS {r['peak_rss_mb']:6.0f} MB  rise {r['rise_mb']:6.0f} MB", flush=True)
+    rows = [{**v[0], **{k: statistics.median(r[k] for r in v) for k in ("saved_mb", "peak_rss_mb", "rise_mb")}}
+            for v in runs.values()]
     r0 = rows[0]
+    if not r0["engaged"]:
+        print("note: the chunked path did not engage (too few labelled positions): both rows ran the plain head")
     print(f"{args.method}, {r0['tokens']} tokens in {args.examples} passages, {r0['labelled']} labelled, "
           f"vocabulary {r0['vocab']:,}; estimate (auto.activation_bytes_per_token): {r0['estimate_mb_per_token']:.2f} MB/token")
     print(f"{'variant':<8} {'saved for backward':>19} {'peak RSS':>9} {'rise over model':>16} {'rise/token':>11} {'loss':>10}")
@@ -100,7 +110,7 @@ def run_worker(args) -> dict:
     saved = sum(n for ptr, n in seen.items() if ptr not in params)
     head = model.get_output_embeddings()
     return {
-        "variant": args.worker, "tokens": int(batch.n_tokens), "labelled": int(batch.n_targets),
+        "variant": args.worker, "engaged": chunked_loss.should_chunk(model, int(batch.n_targets)), "tokens": int(batch.n_tokens), "labelled": int(batch.n_targets),
         "vocab": head.out_features, "saved_mb": saved / 2**20, "peak_rss_mb": _peak_rss_mb(),
         "rise_mb": _peak_rss_mb() - before, "loss": loss.item() / batch.n_targets,
         "estimate_mb_per_token": activation_bytes_per_token(model.config) / 2**20,

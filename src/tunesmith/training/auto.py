@@ -148,8 +148,8 @@ def activation_bytes_per_token(model_config, dtype_bytes: int = 4, row_tokens: i
     residual stream, LoRA's dropout copies and low-rank inputs, backward transients), ~5 intermediate-sized
     ones (gate, up, activation, their product, the down projection's input) and the attention weights of a
     row (heads x row length). Checked with bench/lm_memory.py on SmolLM2-135M with LoRA, 896 tokens of raw
-    text: peak RSS rose 3.98 MB per token, this gives 4.1 (bench/RESULTS.md run 8). An estimate for choosing a
-    micro-batch, not a promise.
+    text: peak RSS rose 3.94 MB (2^20 bytes) per token, this gives 3.91 (bench/RESULTS.md run 8). An estimate
+    for choosing a micro-batch, not a promise.
     """
     config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden = getattr(config, "hidden_size", 0) or 0

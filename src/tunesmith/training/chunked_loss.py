@@ -65,20 +65,22 @@ class ChunkedHeadCE(torch.autograd.Function):
     one-hot is known there) and scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows):
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, rows, grad_enabled):
+        # needs_input_grad says which inputs require grad even under no_grad (validation): grad_enabled says
+        # whether a backward pass can follow at all
+        need_hidden, need_weight, need_bias = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
         need_grad = need_hidden or need_weight or need_bias
         loss = hidden.new_zeros((), dtype=torch.float32)
-        correct = 0
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)  # summed on the device: no sync per chunk
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows]
             t = targets[start:start + rows]
             logits = F.linear(h, weight, bias).float()
             loss += F.cross_entropy(logits, t, reduction="sum")
-            correct += int((logits.argmax(-1) == t).sum())
+            correct += (logits.argmax(-1) == t).sum()
             if not need_grad:
                 continue
             g = torch.softmax(logits, -1)  # d sum CE / d logits = softmax - one-hot
@@ -92,9 +94,8 @@ class ChunkedHeadCE(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += g.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        hits = torch.tensor(correct)
-        ctx.mark_non_differentiable(hits)
-        return loss, hits
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
@@ -106,23 +107,14 @@ class ChunkedHeadCE(torch.autograd.Function):
             None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype),
             None,
             None,
+            None,
         )
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of `head(hidden)` against `targets` and the argmax hits; hidden: (n, hidden_size)."""
-    if not torch.is_grad_enabled():  # validation: no graph, so no gradients to precompute
-        with torch.no_grad():
-            return _loss_only(hidden, head, targets, chunk_rows(head.out_features))
-    loss, correct = ChunkedHeadCE.apply(hidden, head.weight, head.bias, targets, chunk_rows(head.out_features))
+    loss, correct = ChunkedHeadCE.apply(
+        hidden, head.weight, head.bias, targets, chunk_rows(head.out_features), torch.is_grad_enabled()
+    )
     return loss, int(correct)
 
-
-def _loss_only(hidden, head, targets, rows) -> tuple[torch.Tensor, int]:
-    loss, correct = hidden.new_zeros((), dtype=torch.float32), 0
-    for start in range(0, hidden.shape[0], rows):
-        logits = head(hidden[start:start + rows]).float()
-        t = targets[start:start + rows]
-        loss += F.cross_entropy(logits, t, reduction="sum")
-        correct += int((logits.argmax(-1) == t).sum())
-    return loss, correct
