@@ -67,7 +67,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recipe_hash(recipe: Path) -> str:
-    return hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]
+    """Hash of what training reads: the recipe without its `eval:` section, so an evaluation setting (e.g. a new
+    eval.format) re-evaluates a finished run instead of training it again."""
+    import yaml
+
+    recipe_dict = yaml.safe_load(recipe.read_text()) or {}
+    recipe_dict.pop("eval", None)
+    return hashlib.sha256(json.dumps(recipe_dict, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _recipe_eval(recipe: Path) -> dict:
+    import yaml
+
+    return (yaml.safe_load(recipe.read_text()) or {}).get("eval") or {}
 
 
 def produce(recipe: Path, run_dir: Path, args) -> None:
@@ -99,11 +111,15 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
             raise
         done = {"recipe_sha": _recipe_hash(recipe), "train_seconds": round(earlier + time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
+    # the run's config.yaml keeps the eval section it was trained with; the recipe's current one is what counts
+    answer_format = _recipe_eval(recipe).get("format")
     settings = {"limit": args.limit, "shots": args.shots, "probe_limit": args.probe_limit}
+    if answer_format is not None:
+        settings["format"] = answer_format
     if done.get("eval_settings") != settings or not (run_dir / "eval" / "task.json").is_file():
         t0 = time.time()
         tunesmith.evaluate(tunesmith.load(run_dir), limit=args.limit, shots=args.shots, forgetting=True,
-                           probe_limit=args.probe_limit)
+                           probe_limit=args.probe_limit, answer_format=answer_format)
         done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,16 @@ def test_every_shipped_recipe_loads_and_its_data_exists(recipe):
         path = getattr(cfg.data, split)
         if path:
             assert Path(path).is_file(), f"{recipe.name}: data.{split} {path} does not exist"
+
+
+def test_eval_format_must_be_a_regular_expression(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train: x.jsonl\neval:\n  format: 'Answer: (.+\\nWhy: .+'\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert f"{recipe}:4: eval.format:" in str(err.value)
+    assert "not a valid regular expression (missing ), unterminated subpattern" in str(err.value)
+    recipe.write_text("data:\n  train: x.jsonl\neval:\n  format: 'Answer: .+\\nConfidence: (high|low)'\n")
+    fmt = load_config(recipe).eval.format  # single-quoted YAML keeps \n for the regular expression to read
+    assert fmt == r"Answer: .+\nConfidence: (high|low)"
+    assert re.fullmatch(fmt, "Answer: yes\nConfidence: low") and not re.fullmatch(fmt, "Answer: yes Confidence: low")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,26 @@ def test_text_eval_on_another_test_file(runs):
         assert s["metrics"]["perplexity"] == pytest.approx(math.exp(s["metrics"]["loss"]))
 
 
+def test_format_rate_is_the_share_of_answers_matching_the_format(runs):
+    from tunesmith.evaluation import metrics as M
+
+    data = write_jsonl(runs["root"] / "free-text-format.jsonl", text_rows(5, 4))
+    pattern = r"[a-z ,0-9]+"
+    result = tunesmith.evaluate(runs["ext"], data=str(data), shots=1, max_new_tokens=12, answer_format=pattern, **quiet())
+    assert result["primary"] == "chrf"
+    examples = read_examples_file(runs["ext"])
+    for s in result["systems"]:
+        outputs = [e["outputs"][s["key"]] for e in examples]
+        expected = sum(re.fullmatch(pattern, o.strip()) is not None for o in outputs) / len(outputs)
+        assert s["metrics"]["format_rate"] == pytest.approx(expected)
+    assert M.format_matches(["Answer: yes\nWhy: it is\nConfidence: high  ", "Answer: yes\nConfidence: high",
+                             "Answer: yes\nWhy: it is\nConfidence: sure"],
+                            r"Answer: .+\nWhy: .+\nConfidence: (high|medium|low)") == [1.0, 0.0, 0.0]
+    as_primary = tunesmith.evaluate(runs["ext"], data=str(data), shots=0, max_new_tokens=12, metric="format_rate",
+                                    answer_format=pattern, **quiet())
+    assert as_primary["primary"] == "format_rate"
+
+
 def test_reference_loss_equals_the_models_own_loss(runs):
     """The extraction/text loss of one example is the mean NLL of its answer tokens: what the model's forward
     with labels (-100 on the prompt) gives."""
@@ -384,6 +405,11 @@ def test_cli_errors_exit_2_with_a_clear_message(runs, tmp_path, capsys):
 
     assert main(["eval", str(run_dir), "--limit", "0"]) == 2
     assert "--limit 0" in capsys.readouterr().err
+
+    assert main(["eval", str(run_dir), "--format", "Answer: (", "--no-forgetting"]) == 2
+    assert "--format 'Answer: (': not a valid regular expression" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--metric", "format_rate", "--no-forgetting"]) == 2
+    assert "--metric format_rate needs the format: pass --format REGEX" in capsys.readouterr().err
 
 
 # ---- the real default model ------------------------------------------------------------------------------------

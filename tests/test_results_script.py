@@ -56,3 +56,15 @@ def test_an_interrupted_run_keeps_its_train_time_and_the_resumed_run_adds_it(tmp
     assert calls == [{"resume": run_dir}]
     stamp = json.loads((run_dir / "results-run.json").read_text())
     assert stamp["train_seconds"] == 75.0  # 30 s before the interruption + 45 s after
+
+
+def test_the_recipe_hash_ignores_the_eval_section(tmp_path):
+    results = _results_module()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\ntrain:\n  lr: 1.0e-4\neval:\n  shots: 3\n")
+    before = results._recipe_hash(recipe)
+    recipe.write_text("model: m\ntrain:\n  lr: 1.0e-4\neval:\n  shots: 3\n  format: 'A: .+'\n")
+    assert results._recipe_hash(recipe) == before  # an eval setting re-evaluates, it does not retrain
+    assert results._recipe_eval(recipe)["format"] == "A: .+"
+    recipe.write_text("model: m\ntrain:\n  lr: 2.0e-4\neval:\n  shots: 3\n")
+    assert results._recipe_hash(recipe) != before

@@ -215,13 +215,15 @@ def evaluate(
     max_new_tokens: int | None = None,
     quiet: bool = False,
     probe_limit: int | None = None,
+    answer_format: str | None = None,
 ) -> dict:
     """Task metrics of the fine-tuned model vs the base model prompted zero-shot and few-shot (`shots` training
     examples), on `data` (default: the run's data.test). Writes RUN_DIR/eval/task.json and task_examples.jsonl
     (docs/eval-format.md) and returns task.json's content; with `forgetting`, also the general-ability probe
     (eval/forgetting.json, under the key "forgetting" of the result) when that probe is installed.
     Unset arguments come from the run's `eval:` config section. `probe_limit` caps the forgetting probe's questions
-    (spread over its categories; default: `limit`, i.e. the whole probe when no limit is given)."""
+    (spread over its categories; default: `limit`, i.e. the whole probe when no limit is given). `answer_format`
+    (default: eval.format) is a regular expression generated answers should match in full: adds `format_rate`."""
     import importlib.util
 
     from tunesmith.errors import ConfigError, DataError
@@ -257,6 +259,16 @@ def evaluate(
     elif shots:
         log(f"note: the training data {cfg.data.train} is not there, so no few-shot baseline")
     plan = T.plan_task(train_examples, test, metric or cfg.eval.metric, by or cfg.eval.by)
+    plan.format = answer_format if answer_format is not None else cfg.eval.format
+    if answer_format is not None:
+        from tunesmith.config import compile_format
+
+        try:
+            compile_format(answer_format)
+        except ValueError as e:
+            raise ConfigError(f"--format {answer_format!r}: {e}") from None
+    if plan.primary == "format_rate" and plan.format is None:
+        raise ConfigError("--metric format_rate needs the format: pass --format REGEX or set eval.format in the recipe")
     log(f"eval: {plan.task} on {len(test)} examples of {data_path} (primary metric: {plan.primary})")
 
     if cfg.train.threads:

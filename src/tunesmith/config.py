@@ -150,6 +150,16 @@ class TrainConfig(_Section):
     try 0.1-1). Costs one extra forward of the base model per batch."""
 
 
+def compile_format(pattern: str):
+    """eval.format as a compiled regular expression; ValueError naming the problem when it is not one."""
+    import re
+
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression ({e}); escape literal characters such as ( ) [ ] . * + ?")
+
+
 class EvalConfig(_Section):
     """Defaults of `tunesmith eval` for this recipe (its flags override them)."""
 
@@ -163,6 +173,17 @@ class EvalConfig(_Section):
     """Test examples per forward pass."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Generation length; None: from the longest reference (1.5x + 16, at most 512)."""
+    format: str | None = None
+    """A regular expression every generated answer should match in full (surrounding whitespace ignored), e.g.
+    `Answer: .+\\nWhy: .+\\nConfidence: (high|medium|low)` for a fixed three-line format: adds the metric
+    `format_rate`, the share of answers that match, for every system."""
+
+    @field_validator("format")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            compile_format(v)
+        return v
 
 
 class Config(_Section):

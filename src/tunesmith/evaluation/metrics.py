@@ -127,6 +127,14 @@ def sentence_chrf(prediction: str, reference: str) -> float:
 # ---- language modelling -------------------------------------------------------------------------------------
 
 
+def format_matches(predictions: Sequence[str], pattern: str) -> list[float]:
+    """1.0 for each prediction that matches `pattern` in full (surrounding whitespace ignored), else 0.0."""
+    from tunesmith.config import compile_format
+
+    regex = compile_format(pattern)
+    return [float(regex.fullmatch(p.strip()) is not None) for p in predictions]
+
+
 def perplexity(total_nll: float, n_tokens: int) -> float:
     """exp(mean negative log-likelihood per token); inf without tokens."""
     return math.exp(total_nll / n_tokens) if n_tokens else math.inf

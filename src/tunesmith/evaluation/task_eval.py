@@ -55,23 +55,24 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "chrf": ("text", True, "chrF character n-gram F-score (sacrebleu), 0..1"),
     "rouge_l": ("text", True, "ROUGE-L: longest common word subsequence F1 (mean per example)"),
     "loss": ("text", False, "mean negative log-likelihood per reference token (nats)"),
+    "format_rate": ("text", True, "share of generated answers that match eval.format (a regular expression) in full"),
     "perplexity": ("lm", False, "exp(loss): perplexity of the reference tokens"),
 }
 TASK_METRICS = {
     "classification": ["accuracy", "macro_f1", "accuracy_generated", "macro_f1_generated", "invalid_rate"],
     "extraction": ["field_f1", "field_precision", "field_recall", "parse_rate", "schema_match_rate", "exact_match",
                    "loss", "perplexity"],
-    "text": ["chrf", "rouge_l", "token_f1", "exact_match", "loss", "perplexity"],
+    "text": ["chrf", "rouge_l", "token_f1", "exact_match", "format_rate", "loss", "perplexity"],
     "lm": ["perplexity", "loss"],
 }
 
 TABLE_METRICS = {  # the summary table's columns (all metrics are in task.json)
     "classification": ["accuracy", "macro_f1", "accuracy_generated", "invalid_rate"],
     "extraction": ["field_f1", "parse_rate", "schema_match_rate", "exact_match"],
-    "text": ["chrf", "rouge_l", "token_f1", "exact_match", "perplexity"],
+    "text": ["chrf", "format_rate", "rouge_l", "token_f1", "exact_match", "perplexity"],
     "lm": ["perplexity", "loss"],
 }
-HEADERS = {"accuracy": "acc", "macro_f1": "macro-F1", "accuracy_generated": "acc (gen)", "invalid_rate": "invalid",
+HEADERS = {"format_rate": "format","accuracy": "acc", "macro_f1": "macro-F1", "accuracy_generated": "acc (gen)", "invalid_rate": "invalid",
            "field_f1": "field F1", "parse_rate": "parses", "schema_match_rate": "schema", "exact_match": "exact",
            "rouge_l": "ROUGE-L", "token_f1": "token F1", "perplexity": "ppl"}
 
@@ -85,6 +86,7 @@ class Plan:
     primary: str
     labels: list[str] | None = None
     by: tuple[str, ...] = ()  # classification: ("score",), ("generate",) or both
+    format: str | None = None  # eval.format: generated answers are also checked against this regular expression
 
 
 def plan_task(train: list[Example], test: list[Example], metric: str | None, by: str | None) -> Plan:
@@ -421,6 +423,9 @@ def system_metrics(plan: Plan, test: list[Example], res: SystemResult) -> tuple[
                                     M.field_pairs(r)) for g, r in zip(res.generated, references)]
     elif plan.task == "text":
         out, per = M.text_report(res.generated, refs)
+    if plan.format is not None and res.generated is not None:
+        per["format_rate"] = M.format_matches(res.generated, plan.format)
+        out["format_rate"] = sum(per["format_rate"]) / max(len(per["format_rate"]), 1)
     if res.nll is not None:
         total, count = sum(n for n, _ in res.nll), sum(c for _, c in res.nll)
         out["loss"] = total / count if count else math.nan
