@@ -8,6 +8,11 @@ fine-tuned model on the recipe's test split, measure forgetting, and write one t
 already finished with the same recipe is reused (and an evaluation done with the same settings), so an interrupted
 `make results` continues where it stopped; --retrain starts over. Every number in the table is read from the run's
 files (metrics.jsonl, eval/task.json, eval/forgetting.json); nothing is typed in by hand.
+
+What the table needs from a finished run is kept in docs/results/<recipe>.json (the run's evaluation files, its
+train time and speed, the date and commit it was measured at), so the table covers every recipe measured so far
+even where the run directory is gone (runs/ is not in git) and `--recipes` only chooses what to train now: the
+other rows come from their records.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="forgetting probe questions to ask (the whole probe, 305, takes ~15 min per run)")
     parser.add_argument("--runs", default="runs/results", help="where the runs go")
     parser.add_argument("--out", default="docs/results.md")
+    parser.add_argument("--records", default="docs/results",
+                        help="where each measured recipe's record (the table's source) is kept, one JSON per recipe")
     parser.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
     parser.add_argument("--note", action="append", default=[],
@@ -54,13 +61,18 @@ def main(argv: list[str] | None = None) -> int:
         order = [r.strip() for r in args.recipes.split(",") if r.strip()]
         recipes = sorted((r for r in recipes if r.stem in wanted), key=lambda r: order.index(r.stem))
 
-    rows = []
+    records = ROOT / args.records
     for i, recipe in enumerate(recipes, 1):
         run_dir = ROOT / args.runs / recipe.stem
         print(f"\n=== [{i}/{len(recipes)}] {recipe.stem}", flush=True)
         if not args.table_only:
             produce(recipe, run_dir, args)
-        rows.append(collect(recipe, run_dir) or {"recipe": recipe.stem, "missing": True})
+        row = collect(recipe, run_dir)
+        if row is not None:
+            save_record(row, records)
+    # the table: every shipped recipe, from its record (the runs above just refreshed theirs)
+    rows = [load_record(recipe.stem, records) or {"recipe": recipe.stem, "missing": True}
+            for recipe in sorted((ROOT / "recipes").rglob("*.yaml"))]
     write_table(rows, ROOT / args.out, args)
     print(f"\nwrote {args.out} ({len(rows)} recipe(s))")
     return 0
@@ -103,13 +115,14 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
-                stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe)}))
+                stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe), "commit": _commit()}))
                 tunesmith.train(recipe, output=str(run_dir))
         except (TunesmithError, KeyboardInterrupt):
-            so_far = {"recipe_sha": _recipe_hash(recipe), "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
+            so_far = {"recipe_sha": _recipe_hash(recipe), "commit": _commit(), "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
             stamp.write_text(json.dumps(so_far, indent=2))
             raise
-        done = {"recipe_sha": _recipe_hash(recipe), "train_seconds": round(earlier + time.time() - t0, 1)}
+        done = {"recipe_sha": _recipe_hash(recipe), "commit": _commit(),
+                "train_seconds": round(earlier + time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
     # the run's config.yaml keeps the eval section it was trained with; the recipe's current one is what counts
     answer_format = _recipe_eval(recipe).get("format")
@@ -120,7 +133,7 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
         t0 = time.time()
         tunesmith.evaluate(tunesmith.load(run_dir), limit=args.limit, shots=args.shots, forgetting=True,
                            probe_limit=args.probe_limit, answer_format=answer_format)
-        done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1)}
+        done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1), "eval_commit": _commit()}
         stamp.write_text(json.dumps(done, indent=2))
 
 
@@ -150,7 +163,35 @@ def collect(recipe: Path, run_dir: Path) -> dict | None:
         "train_seconds": stamp.get("train_seconds"),
         "eval_settings": stamp.get("eval_settings"),
         "device": data.get("device"),
+        "measured": date.fromtimestamp(task_file.stat().st_mtime).isoformat(),
+        "commit": stamp.get("eval_commit") or stamp.get("commit"),
     }
+
+
+def save_record(row: dict, records: Path) -> Path:
+    """Write the row's record (atomically): the table can be rebuilt from it once the run directory is gone."""
+    records.mkdir(parents=True, exist_ok=True)
+    path = records / f"{row['recipe']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_record(name: str, records: Path) -> dict | None:
+    path = records / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _fmt(metric: str, value) -> str:
@@ -166,8 +207,9 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         "# Results: fine-tuned vs prompted base model, per bundled task",
         "",
         f"Regenerated by `make results` (scripts/results.py) on {date.today().isoformat()}, "
-        f"{platform.machine()} with {_cores()} CPU cores, fp32. Every number comes from the run directories "
-        f"(`eval/task.json`, `eval/forgetting.json`, `metrics.jsonl`); see docs/eval-format.md.",
+        f"{platform.machine()} with {_cores()} CPU cores, fp32. Every number comes from a run directory "
+        f"(`eval/task.json`, `eval/forgetting.json`, `metrics.jsonl`), kept per recipe in {args.records}/<recipe>.json "
+        f"with the date and commit it was measured at; see docs/eval-format.md.",
         "",
         "Base zero-shot: the base model with the dataset's system prompt. Base few-shot: the same plus "
         "k training examples as prior turns (k is the recipe's eval.shots, 3 unless set; listed per recipe below). "
@@ -208,7 +250,7 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             f"{_fmt(primary, value['fine_tuned'])} | {verdict} | {forgot} | {minutes}, {speed} |"
         )
     if missing:
-        lines += ["", f"Not measured yet (no finished evaluation in {args.runs}/): {', '.join(missing)}. "
+        lines += ["", f"Not measured yet (no record in {args.records}/): {', '.join(missing)}. "
                   f"`make results RESULTS_ARGS=\"--recipes {','.join(missing)}\"` trains and evaluates them."]
     lines += ["", "## All metrics", ""]
     for row in rows:
@@ -228,7 +270,9 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         lines += ["", f"Training examples {row['train_examples']}, {row['steps']} steps on {row['device']}; "
                   f"evaluated on {task['data']['examples']} test examples"
                   f"{' (the first ' + str(settings['limit']) + ')' if settings.get('limit') else ' (all)'}, "
-                  f"few-shot k = {shots}; forgetting probe: {probe or 'not run'} questions.", ""]
+                  f"few-shot k = {shots}; forgetting probe: {probe or 'not run'} questions. "
+                  f"Measured {row.get('measured', '?')} at commit {row.get('commit') or '?'}."
+                  + (f" {row['source']}" if row.get("source") else ""), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
