@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from tunesmith.cli import main
-from tunesmith.evaluation.report_html import headline, paired_difference, read_inputs, write_report
+from tunesmith.evaluation.report_html import headline, paired_difference, write_report
+from tunesmith.evaluation.report_inputs import read_inputs
 
 LABELS = ["account", "billing", "other", "shipping", "technical"]
 EVIL = '<script>alert("owned")</script> & <b>bold</b>'
@@ -313,7 +314,7 @@ def test_bad_examples_file_and_truncated_metrics_line(tmp_path):
     with open(run / "metrics.jsonl", "a") as fh:
         fh.write('{"kind": "train", "step": 41, "lo')  # a run killed mid-line
     page = write_report(run).read_text()
-    assert "eval/task_examples.jsonl:61: not valid JSON" in page
+    assert "eval/task_examples.jsonl:61: invalid JSON" in page
     assert "metrics.jsonl: skipped unreadable line(s) 46" in page
     assert 'class="headline untested"' in page and "not tested against noise" in page
 

@@ -9,6 +9,7 @@ import click
 
 from tunesmith import api
 from tunesmith.errors import DataError
+from tunesmith.jsonl import read_objects
 
 _common = [
     click.option("--max-new-tokens", default=256, show_default=True, type=int),
@@ -46,27 +47,21 @@ def generate(run_dir, prompt, prompts_file, batch_size, **gen):
 
 
 def _read_prompts(path: str) -> list:
-    prompts, problems = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{n}: invalid JSON ({e.msg}); write one JSON object per line")
-                continue
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                prompts.append(row["prompt"])
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                msgs = row["messages"]
-                if msgs and msgs[-1].get("role") == "assistant":
-                    msgs = msgs[:-1]  # a full conversation: answer its last user turn
-                prompts.append(msgs)
-            else:
-                problems.append(f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+    rows, bad = read_objects(path)
+    problems = [(n, f"{path}:{n}: {what}; write one JSON object per line") for n, what in bad]
+    prompts = []
+    for n, row in rows:
+        if isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        elif isinstance(row.get("messages"), list):
+            msgs = row["messages"]
+            if msgs and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]  # a full conversation: answer its last user turn
+            prompts.append(msgs)
+        else:
+            problems.append((n, f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [...]}}'))
     if problems:
-        raise DataError(f"{path}: {len(problems)} problem(s)", problems)
+        raise DataError(f"{path}: {len(problems)} problem(s)", [p for _, p in sorted(problems)])
     return prompts
 
 

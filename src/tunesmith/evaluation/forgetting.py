@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import DataError
+from tunesmith.jsonl import read_objects
 
 PROBE_NAME = "tunesmith-general-v1"
 PROBE_DIR = Path(__file__).resolve().parent.parent / "resources" / "probe"
@@ -103,19 +104,8 @@ def _read_jsonl(path: Path, problems: list[str]) -> list[tuple[int, dict]]:
     if not path.is_file():
         problems.append(f"{path}: missing")
         return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{i}: invalid JSON: {e.msg}")
-            continue
-        if not isinstance(row, dict):
-            problems.append(f"{path}:{i}: each line must be a JSON object")
-            continue
-        rows.append((i, row))
+    rows, bad = read_objects(path)
+    problems += [f"{path}:{line}: {what}; write one JSON object per line" for line, what in bad]
     return rows
 
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
 from tunesmith.errors import RunError
-
-FORMAT_VERSION = 1  # the eval-file version this report understands (docs/eval-format.md)
+from tunesmith.evaluation.report_inputs import Inputs, read_inputs
 FLIPPED_SHOWN = 20  # rows per flipped-examples table; the counts are always complete
 TEXT_SHOWN = 400  # characters of an example's text shown in a table cell (the full text is in its tooltip)
 SYSTEM_ORDER = ("base_zero_shot", "base_few_shot", "fine_tuned")
@@ -33,30 +31,6 @@ BASE_SYSTEMS = ("base_zero_shot", "base_few_shot")
 # metric names whose values are not rates even when they happen to fall in 0..1
 NOT_RATES = ("loss", "perplexity", "ppl", "kl", "seconds", "tokens", "latency")
 BOOTSTRAP_SAMPLES = 2000
-
-
-@dataclass
-class _Inputs:
-    run_dir: Path
-    config_text: str = ""
-    config: dict = field(default_factory=dict)
-    data: dict | None = None
-    data_problem: str | None = None
-    metrics: list[dict] = field(default_factory=list)
-    metrics_problem: str | None = None
-    task: dict | None = None
-    task_problem: str | None = None
-    examples: list[dict] | None = None
-    examples_problem: str | None = None
-    forgetting: dict | None = None
-    forgetting_problem: str | None = None
-
-    @property
-    def eval_command(self) -> str:
-        return f"tunesmith eval {shlex.quote(str(self.run_dir))}"
-
-    def systems(self) -> dict[str, dict]:
-        return {s["key"]: s for s in (self.task or {}).get("systems", [])}
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -73,126 +47,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     except OSError as e:
         raise RunError(f"{out}: cannot write the report ({e.strerror or e}); choose another place with --out") from None
     return out
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def read_inputs(run_dir: str | Path) -> _Inputs:
-    import yaml
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise RunError(f"{run_dir}: not a run directory (no config.yaml); train one with: tunesmith train ...")
-    inp = _Inputs(run_dir=run_dir, config_text=config_path.read_text(encoding="utf-8"))
-    try:
-        loaded = yaml.safe_load(inp.config_text)
-    except yaml.YAMLError as e:
-        raise RunError(f"{config_path}: not valid YAML ({e}); restore it from the run or re-train") from None
-    inp.config = loaded if isinstance(loaded, dict) else {}
-
-    inp.data, inp.data_problem = _read_json(run_dir / "data.json", versioned=False)
-    inp.metrics, inp.metrics_problem = _read_metrics(run_dir)
-    inp.task, inp.task_problem = _read_json(run_dir / "eval" / "task.json")
-    if inp.task is not None:
-        problems = _task_problems(inp.task)
-        if problems:
-            inp.task, inp.task_problem = None, "eval/task.json does not follow docs/eval-format.md: " + "; ".join(problems)
-    if inp.task is not None:
-        name = inp.task.get("examples_file") or "task_examples.jsonl"
-        inp.examples, inp.examples_problem = _read_jsonl(run_dir / "eval" / Path(name).name)
-    inp.forgetting, inp.forgetting_problem = _read_json(run_dir / "eval" / "forgetting.json")
-    if inp.forgetting is not None:
-        problems = _forgetting_problems(inp.forgetting)
-        if problems:
-            inp.forgetting, inp.forgetting_problem = None, (
-                "eval/forgetting.json does not follow docs/eval-format.md: " + "; ".join(problems))
-    return inp
-
-
-def _read_json(path: Path, versioned: bool = True) -> tuple[dict | None, str | None]:
-    """(content, None), or (None, None) when the file is missing, or (None, why it cannot be used)."""
-    if not path.is_file():
-        return None, None
-    rel = f"{path.parent.name}/{path.name}" if path.parent.name == "eval" else path.name
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        return None, f"{rel} is not valid JSON ({e})"
-    if not isinstance(obj, dict):
-        return None, f"{rel} holds a {type(obj).__name__}, not a JSON object"
-    if versioned and obj.get("version") != FORMAT_VERSION:
-        return None, (f"{rel} has format version {obj.get('version')!r}; this tunesmith reads version "
-                      f"{FORMAT_VERSION} (re-run the command that wrote it with this tunesmith, or upgrade)")
-    return obj, None
-
-
-def _read_jsonl(path: Path) -> tuple[list[dict] | None, str | None]:
-    if not path.is_file():
-        return None, None
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            return None, f"eval/{path.name}:{i}: not valid JSON ({e})"
-        if not isinstance(row, dict):
-            return None, f"eval/{path.name}:{i}: not a JSON object"
-        rows.append(row)
-    return rows, None
-
-
-def _read_metrics(run_dir: Path) -> tuple[list[dict], str | None]:
-    from tunesmith.training.metrics import read_metrics
-
-    try:
-        return read_metrics(run_dir), None
-    except ValueError:
-        # a run killed mid-write can leave a partial last line: keep every complete record
-        good, bad = [], []
-        for i, line in enumerate((run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                good.append(json.loads(line)) if line.strip() else None
-            except ValueError:
-                bad.append(i)
-        return good, f"metrics.jsonl: skipped unreadable line(s) {', '.join(map(str, bad[:10]))}"
-
-
-def _task_problems(task: dict) -> list[str]:
-    problems = []
-    systems = task.get("systems")
-    if not isinstance(systems, list) or not systems:
-        return ["no systems"]
-    for i, s in enumerate(systems):
-        if not isinstance(s, dict) or not isinstance(s.get("key"), str) or not isinstance(s.get("metrics"), dict):
-            problems.append(f"systems[{i}] needs a key and a metrics object")
-    primary = task.get("primary")
-    if not isinstance(primary, str):
-        problems.append("no primary metric")
-    if task.get("task") == "classification":
-        labels = task.get("labels")
-        if not isinstance(labels, list) or not labels:
-            problems.append("classification without labels")
-        else:
-            for s in systems:
-                c = s.get("confusion") if isinstance(s, dict) else None
-                if c is not None and not (isinstance(c, list) and len(c) == len(labels)
-                                          and all(isinstance(r, list) and len(r) == len(labels) for r in c)):
-                    problems.append(f"{s.get('key')}: confusion is not {len(labels)}x{len(labels)}")
-    return problems
-
-
-def _forgetting_problems(f: dict) -> list[str]:
-    problems = []
-    for key in ("perplexity", "kl", "questions"):
-        if f.get(key) is not None and not isinstance(f.get(key), dict):
-            problems.append(f"{key} is not an object")
-    if f.get("verdict") not in ("low", "moderate", "high"):
-        problems.append(f"verdict {f.get('verdict')!r} is not one of low, moderate, high")
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -288,7 +142,7 @@ def _paired_scores(examples: list[dict] | None, key_a: str, key_b: str) -> tuple
     return a, b
 
 
-def headline(inp: _Inputs) -> str:
+def headline(inp: Inputs) -> str:
     """The answer to "fine-tune or just prompt?", claiming only what the numbers support."""
     if inp.task is None:
         why = inp.task_problem or "The task evaluation has not been run yet."
@@ -352,7 +206,7 @@ def _cost_line(systems: dict[str, dict]) -> str:
     return f"<p>Cost per example: {'; '.join(parts)}.</p>"
 
 
-def _forgetting_line(inp: _Inputs) -> str:
+def _forgetting_line(inp: Inputs) -> str:
     f = inp.forgetting
     if f is None:
         why = inp.forgetting_problem or "not measured yet"
@@ -374,7 +228,7 @@ def _forgetting_line(inp: _Inputs) -> str:
 # ---------------------------------------------------------------------------------------------- sections
 
 
-def _task_section(inp: _Inputs) -> str:
+def _task_section(inp: Inputs) -> str:
     from tunesmith.evaluation import report_plots
 
     head = '<section id="task"><h2>Task metrics: prompted base model vs fine-tuned</h2>'
@@ -446,7 +300,7 @@ def _per_label_table(task: dict, systems: list[dict]) -> str:
             f'<tbody>{"".join(rows)}</tbody></table></details>')
 
 
-def _confusion_section(inp: _Inputs) -> str:
+def _confusion_section(inp: Inputs) -> str:
     from tunesmith.evaluation import report_plots
 
     if inp.task is None or inp.task.get("task") != "classification":
@@ -460,7 +314,7 @@ def _confusion_section(inp: _Inputs) -> str:
             'columns: the predicted label; colour: share of the row.</p>' + body + "</section>")
 
 
-def _flipped_section(inp: _Inputs) -> str:
+def _flipped_section(inp: Inputs) -> str:
     head = '<section id="flipped"><h2>Flipped examples: base zero-shot vs fine-tuned</h2>'
     if inp.task is None:
         return head + _missing("No per-example results yet.", inp.eval_command) + "</section>"
@@ -487,7 +341,7 @@ def _flipped_section(inp: _Inputs) -> str:
     return "".join(parts) + "</section>"
 
 
-def _forgetting_section(inp: _Inputs) -> str:
+def _forgetting_section(inp: Inputs) -> str:
     from tunesmith.evaluation import report_plots
 
     head = '<section id="forgetting"><h2>Forgetting: what fine-tuning cost the model</h2>'
@@ -529,7 +383,7 @@ def _forgetting_section(inp: _Inputs) -> str:
     return "".join(parts) + "</section>"
 
 
-def _training_section(inp: _Inputs) -> str:
+def _training_section(inp: Inputs) -> str:
     from tunesmith.evaluation import report_plots
 
     head = '<section id="training"><h2>Training</h2>'
@@ -574,7 +428,7 @@ def _training_section(inp: _Inputs) -> str:
     return "".join(parts) + "</section>"
 
 
-def _config_section(inp: _Inputs) -> str:
+def _config_section(inp: Inputs) -> str:
     parts = ['<section id="config"><h2>Configuration and data</h2>',
              f'<details><summary>Resolved config (config.yaml)</summary><pre>{escape(inp.config_text)}</pre></details>']
     if inp.data is None:
@@ -610,7 +464,7 @@ def _data_tables(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------- page
 
 
-def render(inp: _Inputs, generated: datetime) -> str:
+def render(inp: Inputs, generated: datetime) -> str:
     cfg = inp.config
     name = str(cfg.get("name") or inp.run_dir.name)
     model = cfg.get("model")
