@@ -17,6 +17,7 @@ Variants:
   ts-noshare  tunesmith without prefix sharing (what the shared prefix is worth)
   ts-nochunk  tunesmith with the LM head and loss in one piece (what chunked cross-entropy is worth; it only
               engages with many labelled positions: run with --data data/debian-docs)
+  ts-nofuse   tunesmith with peft's own LoRA forward instead of the fused one (what methods/lora_fused.py is worth)
   hf          Trainer + peft, dynamic padding (DataCollatorForSeq2Seq), examples in the same order
   hf-group    the same with train_sampling_strategy="group_by_length" (Trainer's length grouping)
   ts-full / hf-full   full fine-tuning, tunesmith and Trainer
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("ts", "ts-noshare", "ts-nochunk", "hf", "hf-group", "ts-full", "hf-full")
+VARIANTS = ("ts", "ts-noshare", "ts-nochunk", "ts-nofuse", "hf", "hf-group", "ts-full", "hf-full")
 SEED = 42
 
 
@@ -208,6 +209,10 @@ def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file
         from tunesmith.training import chunked_loss
 
         chunked_loss.should_chunk = lambda model, n_keep: False
+    if variant == "ts-nofuse":
+        from tunesmith.methods import lora_fused
+
+        lora_fused.fuse_lora = lambda model: 0  # peft_methods imports it at call time
     steps = _steps(variant, args)
     config = {
         "model": {"name": args.model},

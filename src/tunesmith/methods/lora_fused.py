@@ -1,0 +1,86 @@
+"""LoRA linear layers in one autograd function: y = x W^T + b + s (x A^T) B^T without the intermediate tensors.
+
+peft computes `base(x) + lora_B(lora_A(x)) * scaling`: the up-projection writes a new [tokens, out] tensor, the
+scaling writes another, the sum a third, and backward repeats the scaling and adds the two input gradients in
+more full-size passes. Here the up-projection accumulates into the base output in place (`addmm_` with
+alpha = s) and backward folds the LoRA path into the input gradient the same way, so the only full-size tensors
+are the output and the input gradient. Same parameters, same saved files (peft's modules stay in place; only
+their forward is swapped), same results to fp32 rounding (tests/test_lora_fused.py).
+
+Used for plain LoRA in training where it applies: no dropout, one active adapter, not merged, an `nn.Linear`
+base layer, no autocast. Anything else (DoRA, dropout, mixed-adapter batches, bf16 autocast on a GPU) runs
+peft's own forward, unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ lora_a.t()  # [tokens, r]
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(h, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, h)
+        ctx.scaling = scaling
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, lora_a, lora_b, h = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
+        grad_h = (g @ lora_b).mul_(s)  # [tokens, r]: the gradient reaching x A^T
+        gx = gw = gbias = ga = glb = None
+        if need_x:
+            gx = (g @ weight).addmm_(grad_h, lora_a).view(ctx.x_shape)
+        if need_w:
+            gw = g.t() @ x2
+        if need_b and ctx.has_bias:
+            gbias = g.sum(0)
+        if need_a:
+            ga = grad_h.t() @ x2
+        if need_lb:
+            glb = (g.t() @ h).mul_(s)
+        return gx, gw, gbias, ga, glb, None
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """x W^T + bias + scaling * (x A^T) B^T, with W [out, in], A [r, in], B [out, r]."""
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft LoRA Linear forward, fused when nothing but plain LoRA is asked of it; peft's own otherwise."""
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1 \
+            or torch.is_autocast_enabled():
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base = self.base_layer
+    if (name not in self.lora_A or name in getattr(self, "lora_variant", {}) or type(base) is not nn.Linear
+            or not isinstance(self.lora_dropout[name], nn.Identity) or x.dtype != self.lora_A[name].weight.dtype
+            or x.dtype != base.weight.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name])
+
+
+def fuse_lora(model: nn.Module) -> int:
+    """Swap the forward of every peft LoRA `Linear` in `model` for the fused one; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    count = 0
+    for module in model.modules():
+        if type(module) is LoraLinear:
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
