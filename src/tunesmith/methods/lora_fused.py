@@ -62,7 +62,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft LoRA Linear forward, fused when nothing but plain LoRA is asked of it; peft's own otherwise."""
     if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1 \
-            or torch.is_autocast_enabled():
+            or torch.is_autocast_enabled(x.device.type):
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
