@@ -102,6 +102,7 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
 
     stamp = run_dir / "results-run.json"
     done = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    commit = _commit()  # the code this process runs (HEAD may move while it trains)
     same = done.get("recipe_sha") == _recipe_hash(recipe) and not args.retrain
     if not (same and (run_dir / "model").is_dir()):
         t0 = time.time()
@@ -115,13 +116,13 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
-                stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe), "commit": _commit()}))
+                stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe), "commit": commit}))
                 tunesmith.train(recipe, output=str(run_dir))
         except (TunesmithError, KeyboardInterrupt):
-            so_far = {"recipe_sha": _recipe_hash(recipe), "commit": _commit(), "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
+            so_far = {"recipe_sha": _recipe_hash(recipe), "commit": commit, "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
             stamp.write_text(json.dumps(so_far, indent=2))
             raise
-        done = {"recipe_sha": _recipe_hash(recipe), "commit": _commit(),
+        done = {"recipe_sha": _recipe_hash(recipe), "commit": commit,
                 "train_seconds": round(earlier + time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
     # the run's config.yaml keeps the eval section it was trained with; the recipe's current one is what counts
@@ -133,7 +134,7 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
         t0 = time.time()
         tunesmith.evaluate(tunesmith.load(run_dir), limit=args.limit, shots=args.shots, forgetting=True,
                            probe_limit=args.probe_limit, answer_format=answer_format)
-        done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1), "eval_commit": _commit()}
+        done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1), "eval_commit": commit}
         stamp.write_text(json.dumps(done, indent=2))
 
 
@@ -163,9 +164,34 @@ def collect(recipe: Path, run_dir: Path) -> dict | None:
         "train_seconds": stamp.get("train_seconds"),
         "eval_settings": stamp.get("eval_settings"),
         "device": data.get("device"),
+        "paired": paired_against_best_prompt(task, run_dir / "eval" / (task.get("examples_file") or "task_examples.jsonl")),
         "measured": date.fromtimestamp(task_file.stat().st_mtime).isoformat(),
         "commit": stamp.get("eval_commit") or stamp.get("commit"),
     }
+
+
+def paired_against_best_prompt(task: dict, examples_file: Path) -> dict | None:
+    """Fine-tuned minus the best prompted system, per test example (the primary metric's per-example score), with
+    its 95% paired-bootstrap interval: what tells a real gain from noise on a few dozen examples. None when the
+    evaluation kept no per-example scores (e.g. perplexity)."""
+    from tunesmith.evaluation.report_html import paired_difference
+    from tunesmith.jsonl import read_objects
+
+    primary = task["primary"]
+    higher = task.get("metrics_info", {}).get(primary, {}).get("higher_is_better", True)
+    prompted = {s["key"]: s["metrics"].get(primary) for s in task["systems"]
+                if s["key"] != "fine_tuned" and s["metrics"].get(primary) is not None}
+    if not prompted or not examples_file.is_file():
+        return None
+    best = (max if higher else min)(prompted, key=prompted.get)
+    rows, _ = read_objects(examples_file)
+    pairs = [(r["scores"][best], r["scores"]["fine_tuned"]) for _, r in rows
+             if isinstance(r.get("scores"), dict) and isinstance(r["scores"].get(best), (int, float))
+             and isinstance(r["scores"].get("fine_tuned"), (int, float))]
+    if len(pairs) < 2:
+        return None
+    mean, lo, hi = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+    return {"against": best, "examples": len(pairs), "mean": mean, "low": lo, "high": hi}
 
 
 def save_record(row: dict, records: Path) -> Path:
@@ -213,7 +239,9 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         "",
         "Base zero-shot: the base model with the dataset's system prompt. Base few-shot: the same plus "
         "k training examples as prior turns (k is the recipe's eval.shots, 3 unless set; listed per recipe below). "
-        "Deltas are fine-tuned minus the best prompted score.",
+        "Deltas are fine-tuned minus the best prompted score. Where the evaluation kept per-example scores, the "
+        "verdict carries the 95% paired-bootstrap interval of the per-example difference (fine-tuned minus that "
+        "prompt, in points of the per-example score) and says **tie** when the interval holds zero.",
         "",
         *[line for note in args.note for line in (note, "")],
         "| recipe | task (test n) | metric | base zero-shot | base few-shot | fine-tuned | fine-tuning vs best prompt |"
@@ -236,8 +264,18 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             best = max(prompted) if higher else min(prompted)
             gain = value["fine_tuned"] - best
             better = gain > 0 if higher else gain < 0
-            verdict = ("**beats** prompting by " if better else "does **not** beat prompting: ") + (
-                f"{100 * gain:+.1f} points" if abs(best) <= 1 and primary not in {"perplexity", "loss"} else f"{gain:+.3g}")
+            size = (f"{100 * gain:+.1f} points" if abs(best) <= 1 and primary not in {"perplexity", "loss"}
+                    else f"{gain:+.3g}")
+            paired = row.get("paired")
+            if paired and paired["low"] <= 0 <= paired["high"]:
+                verdict = f"**tie** with prompting: {size}, not significant"
+            elif paired and better != (paired["low"] > 0 if higher else paired["high"] < 0):
+                verdict = f"**unclear**: {size} on the whole set, the other way per example"
+            else:
+                verdict = ("**beats** prompting by " if better else "does **not** beat prompting: ") + size
+            if paired:
+                verdict += (f" (per-example 95% CI {100 * paired['low']:+.1f} to {100 * paired['high']:+.1f}, "
+                            f"n={paired['examples']})")
         f = row["forgetting"]
         forgot = "not measured" if not f else (
             f"{f['verdict']}: {100 * f['perplexity']['change']:+.1f}%, {f['kl']['mean_per_token']:.3f}, "
