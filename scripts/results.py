@@ -265,14 +265,15 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             gain = value["fine_tuned"] - best
             better = gain > 0 if higher else gain < 0
             size = (f"{100 * gain:+.1f} points" if abs(best) <= 1 and primary not in {"perplexity", "loss"}
-                    else f"{gain:+.3g}")
+                    else f"{gain:+.3g} {primary}")
             paired = row.get("paired")
             if paired and paired["low"] <= 0 <= paired["high"]:
                 verdict = f"**tie** with prompting: {size}, not significant"
             elif paired and better != (paired["low"] > 0 if higher else paired["high"] < 0):
                 verdict = f"**unclear**: {size} on the whole set, the other way per example"
             else:
-                verdict = ("**beats** prompting by " if better else "does **not** beat prompting: ") + size
+                against = "the base model" if task["task"] == "lm" else "prompting"  # raw text: no prompt to try
+                verdict = (f"**beats** {against} by " if better else f"does **not** beat {against}: ") + size
             if paired:
                 verdict += (f" (per-example 95% CI {100 * paired['low']:+.1f} to {100 * paired['high']:+.1f}, "
                             f"n={paired['examples']})")
