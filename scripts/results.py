@@ -103,7 +103,8 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
     stamp = run_dir / "results-run.json"
     done = json.loads(stamp.read_text()) if stamp.is_file() else {}
     commit = _commit()  # the code this process runs (HEAD may move while it trains)
-    same = done.get("recipe_sha") == _recipe_hash(recipe) and not args.retrain
+    sha = _recipe_hash(recipe)
+    same = done.get("recipe_sha") == sha and not args.retrain
     if not (same and (run_dir / "model").is_dir()):
         t0 = time.time()
         resuming = same and (run_dir / "checkpoints").is_dir()
@@ -116,13 +117,13 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
-                stamp.write_text(json.dumps({"recipe_sha": _recipe_hash(recipe), "commit": commit}))
+                stamp.write_text(json.dumps({"recipe_sha": sha, "commit": commit}))
                 tunesmith.train(recipe, output=str(run_dir))
         except (TunesmithError, KeyboardInterrupt):
-            so_far = {"recipe_sha": _recipe_hash(recipe), "commit": commit, "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
+            so_far = {"recipe_sha": sha, "commit": commit, "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
             stamp.write_text(json.dumps(so_far, indent=2))
             raise
-        done = {"recipe_sha": _recipe_hash(recipe), "commit": commit,
+        done = {"recipe_sha": sha, "commit": commit,
                 "train_seconds": round(earlier + time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
     # the run's config.yaml keeps the eval section it was trained with; the recipe's current one is what counts
@@ -174,7 +175,7 @@ def paired_against_best_prompt(task: dict, examples_file: Path) -> dict | None:
     """Fine-tuned minus the best prompted system, per test example (the primary metric's per-example score), with
     its 95% paired-bootstrap interval: what tells a real gain from noise on a few dozen examples. None when the
     evaluation kept no per-example scores (e.g. perplexity)."""
-    from tunesmith.evaluation.report_html import paired_difference
+    from tunesmith.evaluation.report_html import paired_difference, paired_scores
     from tunesmith.jsonl import read_objects
 
     primary = task["primary"]
@@ -185,22 +186,19 @@ def paired_against_best_prompt(task: dict, examples_file: Path) -> dict | None:
         return None
     best = (max if higher else min)(prompted, key=prompted.get)
     rows, _ = read_objects(examples_file)
-    pairs = [(r["scores"][best], r["scores"]["fine_tuned"]) for _, r in rows
-             if isinstance(r.get("scores"), dict) and isinstance(r["scores"].get(best), (int, float))
-             and isinstance(r["scores"].get("fine_tuned"), (int, float))]
-    if len(pairs) < 2:
+    prompt_scores, tuned_scores = paired_scores([row for _, row in rows], best, "fine_tuned")
+    if len(prompt_scores) < 2:
         return None
-    mean, lo, hi = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
-    return {"against": best, "examples": len(pairs), "mean": mean, "low": lo, "high": hi}
+    mean, lo, hi = paired_difference(prompt_scores, tuned_scores)
+    return {"against": best, "examples": len(prompt_scores), "mean": mean, "low": lo, "high": hi}
 
 
 def save_record(row: dict, records: Path) -> Path:
     """Write the row's record (atomically): the table can be rebuilt from it once the run directory is gone."""
-    records.mkdir(parents=True, exist_ok=True)
+    from tunesmith.atomic import atomic_write_text
+
     path = records / f"{row['recipe']}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(row, indent=1, sort_keys=True) + "\n")
     return path
 
 

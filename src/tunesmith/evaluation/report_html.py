@@ -132,7 +132,7 @@ def paired_difference(a: list[float], b: list[float], seed: int = 0) -> tuple[fl
     return float(d.mean()), float(lo), float(hi)
 
 
-def _paired_scores(examples: list[dict] | None, key_a: str, key_b: str) -> tuple[list[float], list[float]]:
+def paired_scores(examples: list[dict] | None, key_a: str, key_b: str) -> tuple[list[float], list[float]]:
     a, b = [], []
     for row in examples or []:
         scores = row.get("scores") if isinstance(row.get("scores"), dict) else {}
@@ -166,7 +166,7 @@ def headline(inp: Inputs) -> str:
     figures = ", ".join(f"{_fmt(s['metrics'][metric], rate)} {escape(_system_label(s))}" for s in bases)
     detail = f"fine-tuned: {_fmt(tuned['metrics'][metric], rate)} {escape(metric)} vs {figures}"
 
-    a, b = _paired_scores(inp.examples, best["key"], "fine_tuned")
+    a, b = paired_scores(inp.examples, best["key"], "fine_tuned")
     if len(a) >= 2:
         mean, lo, hi = paired_difference(a, b)
         if sign * lo > 0 and sign * hi > 0:
