@@ -5,7 +5,7 @@
 
 For each way `tunesmith eval` prompts a model (base zero-shot, base k-shot, fine-tuned) it times, on the same
 examples, model, threads and batch size:
-- score: what `tunesmith eval --by score` runs (evaluation.task_eval.measure): the prompts' common prefix
+- score: what `tunesmith eval --by score` runs (evaluation.measure.measure): the prompts' common prefix
   (system prompt, shots) encoded once for the whole set, prompt tails in batches of similar length, every label
   scored from the cached keys/values;
 - generate: what a user would otherwise write: `model.generate`, greedy, on left-padded batches of the rendered
@@ -46,44 +46,40 @@ def main() -> None:
     from tunesmith.config import validate_config
     from tunesmith.data.formats import read_examples
     from tunesmith.data.templates import Renderer
-    from tunesmith.evaluation import task_eval as T
+    from tunesmith.evaluation import systems as S
+    from tunesmith.evaluation import tasks
+    from tunesmith.evaluation.measure import measure
+    from tunesmith.progress import Progress
     from tunesmith.evaluation.classify import parse_label
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     train = read_examples(str(data / "train.jsonl"), "auto")
     test = read_examples(str(data / "test.jsonl"), "auto")[: args.examples]
-    plan = T.plan_task(train, test, "classification", "score")
+    plan = tasks.plan_task(train, test, "classification", "score")
     labels = plan.labels
 
     model, tokenizer = models.load(args.model, dtype="float32", device="cpu")
     model.eval()
     cfg = validate_config({"model": {"name": args.model}})
     renderer = Renderer(tokenizer, cfg.model.chat_template, None)
-    systems = [T.System("base_zero_shot", "base, zero-shot", model, tokenizer, renderer)]
+    systems = [S.System("base_zero_shot", "base, zero-shot", model, tokenizer, renderer)]
     if args.shots:
-        shots = T.pick_shots(train, args.shots, labels, 42)
-        systems.append(T.System("base_few_shot", f"base, {len(shots)}-shot", model, tokenizer, renderer, shots=shots))
+        shots = S.pick_shots(train, args.shots, labels, 42)
+        systems.append(S.System("base_few_shot", f"base, {len(shots)}-shot", model, tokenizer, renderer, shots=shots))
     if args.run:
         import tunesmith
 
         tuned, tuned_tok, tuned_renderer = tunesmith.load(args.run).load_model()
-        systems.append(T.System("fine_tuned", "fine-tuned", tuned.eval(), tuned_tok, tuned_renderer))
-    max_new = T.max_new_tokens_for(plan, tokenizer, test)
+        systems.append(S.System("fine_tuned", "fine-tuned", tuned.eval(), tuned_tok, tuned_renderer))
+    max_new = tasks.max_new_tokens_for(plan, tokenizer, test)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"load average: {os.getloadavg()[0]:.2f}; {len(test)} test examples of {data}, labels {labels}; "
           f"batch {args.batch}, {args.threads} threads, max_new_tokens {max_new}", flush=True)
 
-    class Quiet:
-        def start(self, *a):
-            return None
-
-        def advance(self, *a):
-            pass
-
     def score(system) -> list[str]:
-        res = T.measure(system, test, plan, batch_size=args.batch, max_new_tokens=max_new, max_length=None,
-                        progress=Quiet())
+        res = measure(system, test, plan, batch_size=args.batch, max_new_tokens=max_new, max_length=None,
+                        progress=Progress(None))
         return res.predictions
 
     def generate(system, batch: int) -> tuple[list[str | None], list[str]]:

@@ -99,6 +99,7 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
     import shutil
 
     import tunesmith
+    from tunesmith.cli.display import RichProgress
 
     stamp = run_dir / "results-run.json"
     done = json.loads(stamp.read_text()) if stamp.is_file() else {}
@@ -112,13 +113,13 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
         try:
             if resuming:
                 print(f"resuming the interrupted run {run_dir}")
-                tunesmith.train(resume=run_dir)
+                tunesmith.train(resume=run_dir, progress=RichProgress())
             else:
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 run_dir.mkdir(parents=True)
                 stamp.write_text(json.dumps({"recipe_sha": sha, "commit": commit}))
-                tunesmith.train(recipe, output=str(run_dir))
+                tunesmith.train(recipe, output=str(run_dir), progress=RichProgress())
         except (TunesmithError, KeyboardInterrupt):
             so_far = {"recipe_sha": sha, "commit": commit, "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
             stamp.write_text(json.dumps(so_far, indent=2))
@@ -178,19 +179,30 @@ def paired_against_best_prompt(task: dict, examples_file: Path) -> dict | None:
     from tunesmith.evaluation.report_html import paired_difference, paired_scores
     from tunesmith.jsonl import read_objects
 
-    primary = task["primary"]
-    higher = task.get("metrics_info", {}).get(primary, {}).get("higher_is_better", True)
-    prompted = {s["key"]: s["metrics"].get(primary) for s in task["systems"]
-                if s["key"] != "fine_tuned" and s["metrics"].get(primary) is not None}
-    if not prompted or not examples_file.is_file():
+    best = best_prompt_key(task)
+    if best is None or not examples_file.is_file():
         return None
-    best = (max if higher else min)(prompted, key=prompted.get)
     rows, _ = read_objects(examples_file)
     prompt_scores, tuned_scores = paired_scores([row for _, row in rows], best, "fine_tuned")
     if len(prompt_scores) < 2:
         return None
     mean, lo, hi = paired_difference(prompt_scores, tuned_scores)
     return {"against": best, "examples": len(prompt_scores), "mean": mean, "low": lo, "high": hi}
+
+
+def best_prompt_key(task: dict) -> str | None:
+    """The prompted system fine-tuning is compared with: the prompt chosen on the validation split
+    (base_best_prompt); for records made before prompt selection existed, the best base system on the test split
+    (which flatters prompting, and is marked so in the table)."""
+    primary = task["primary"]
+    prompted = {s["key"]: s["metrics"].get(primary) for s in task["systems"]
+                if s["key"] != "fine_tuned" and s["metrics"].get(primary) is not None}
+    if "base_best_prompt" in prompted:
+        return "base_best_prompt"
+    if not prompted:
+        return None
+    higher = task.get("metrics_info", {}).get(primary, {}).get("higher_is_better", True)
+    return (max if higher else min)(prompted, key=prompted.get)
 
 
 def save_record(row: dict, records: Path) -> Path:
@@ -236,15 +248,19 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         f"with the date and commit it was measured at; see docs/eval-format.md.",
         "",
         "Base zero-shot: the base model with the dataset's system prompt. Base few-shot: the same plus "
-        "k training examples as prior turns (k is the recipe's eval.shots, 3 unless set; listed per recipe below). "
-        "Deltas are fine-tuned minus the best prompted score. Where the evaluation kept per-example scores, the "
+        "k random training examples as prior turns (every label covered; k listed per recipe below). Best prompt: "
+        "the strongest of the prompting variants (zero-shot, a format instruction, random shots, retrieved "
+        "nearest-neighbour shots, each with and without calibrated / length-normalised label scoring) chosen on "
+        "the validation split, never on the test split (evaluation/prompting.py); its variant is named. "
+        "Deltas are fine-tuned minus that best prompt. Where the evaluation kept per-example scores, the "
         "verdict carries the 95% paired-bootstrap interval of the per-example difference (fine-tuned minus that "
-        "prompt, in points of the per-example score) and says **tie** when the interval holds zero.",
+        "prompt, in points of the per-example score) and says **tie** when the interval holds zero. Rows measured "
+        "before prompt selection existed compare with the better of zero-/few-shot on the test split and say so.",
         "",
         *[line for note in args.note for line in (note, "")],
-        "| recipe | task (test n) | metric | base zero-shot | base few-shot | fine-tuned | fine-tuning vs best prompt |"
-        " forgetting (ppl change, KL, questions Δ) | train time, tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | task (test n) | metric | base zero-shot | base few-shot | base best prompt (chosen on validation) "
+        "| fine-tuned | fine-tuning vs best prompt | forgetting (ppl change, KL, questions Δ) | train time, tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     missing = [row["recipe"] for row in rows if row.get("missing")]
     rows = [row for row in rows if not row.get("missing")]
@@ -255,11 +271,11 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         higher = info.get("higher_is_better", True)
         systems = {s["key"]: s for s in task["systems"]}
         value = {k: systems[k]["metrics"].get(primary) if k in systems else None
-                 for k in ("base_zero_shot", "base_few_shot", "fine_tuned")}
-        prompted = [v for k, v in value.items() if k != "fine_tuned" and v is not None]
+                 for k in ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned")}
+        best_key = best_prompt_key(task)
         verdict = "—"
-        if prompted and value["fine_tuned"] is not None:
-            best = max(prompted) if higher else min(prompted)
+        if best_key is not None and value["fine_tuned"] is not None:
+            best = systems[best_key]["metrics"][primary]
             gain = value["fine_tuned"] - best
             better = gain > 0 if higher else gain < 0
             size = (f"{100 * gain:+.1f} points" if abs(best) <= 1 and primary not in {"perplexity", "loss"}
@@ -275,6 +291,12 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             if paired:
                 verdict += (f" (per-example 95% CI {100 * paired['low']:+.1f} to {100 * paired['high']:+.1f}, "
                             f"n={paired['examples']})")
+            if best_key != "base_best_prompt" and task["task"] != "lm":
+                verdict += "; no validation-chosen prompt in this record (measured before prompt selection)"
+        chosen = systems.get("base_best_prompt", {}).get("prompt", {}).get("name")
+        best_cell = f"{_fmt(primary, value['base_best_prompt'])} ({chosen})" if chosen else "not measured"
+        if task["task"] == "lm":
+            best_cell = "— (raw text)"
         f = row["forgetting"]
         forgot = "not measured" if not f else (
             f"{f['verdict']}: {100 * f['perplexity']['change']:+.1f}%, {f['kl']['mean_per_token']:.3f}, "
@@ -283,7 +305,7 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         speed = f"{row['tokens_per_s']:.0f}" if row.get("tokens_per_s") else "—"
         lines.append(
             f"| {row['recipe']} ({row['method']}) | {task['task']} ({task['data']['examples']}) | {primary} | "
-            f"{_fmt(primary, value['base_zero_shot'])} | {_fmt(primary, value['base_few_shot'])} | "
+            f"{_fmt(primary, value['base_zero_shot'])} | {_fmt(primary, value['base_few_shot'])} | {best_cell} | "
             f"{_fmt(primary, value['fine_tuned'])} | {verdict} | {forgot} | {minutes}, {speed} |"
         )
     if missing:

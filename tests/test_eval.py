@@ -13,7 +13,10 @@ import pytest
 
 import tunesmith
 from tunesmith.cli import main
-from tunesmith.evaluation import task_eval as T
+from tunesmith.evaluation import aggregate, task_eval
+from tunesmith.evaluation import systems as S
+from tunesmith.evaluation import tasks
+from tunesmith.evaluation.shots import pick_shots
 
 WORDS = {
     "billing": ["invoice", "refund", "charge", "price"],
@@ -105,8 +108,8 @@ def _systems(run_dir: Path, shots: int = 3):
     model, tok, renderer = run.load_model()
     train = read_examples(run.config.data.train)
     test = read_examples(run.config.data.test)
-    few = T.System("base_few_shot", "few", model, tok, renderer, shots=T.pick_shots(train, shots, list(WORDS), 0))
-    return T.System("fine_tuned", "tuned", model, tok, renderer), few, test
+    few = S.System("base_few_shot", "few", model, tok, renderer, shots=pick_shots(train, shots, list(WORDS), 0))
+    return S.System("fine_tuned", "tuned", model, tok, renderer), few, test
 
 
 def test_label_scores_with_prefix_cache_equal_full_sequence_likelihoods(runs):
@@ -147,11 +150,11 @@ def test_pick_shots_is_seeded_and_stratified():
     from tunesmith.data.example import Example, Message
 
     train = [Example("chat", [Message("user", f"u{i}"), Message("assistant", "ab"[i % 2])]) for i in range(20)]
-    a = T.pick_shots(train, 4, ["a", "b"], seed=7)
-    assert [e.messages[0].content for e in a] == [e.messages[0].content for e in T.pick_shots(train, 4, ["a", "b"], 7)]
+    a = pick_shots(train, 4, ["a", "b"], seed=7)
+    assert [e.messages[0].content for e in a] == [e.messages[0].content for e in pick_shots(train, 4, ["a", "b"], 7)]
     assert sorted(e.answer() for e in a) == ["a", "a", "b", "b"]
-    assert T.pick_shots(train, 0, None, 7) == []
-    assert len(T.pick_shots(train, 50, None, 7)) == 20
+    assert pick_shots(train, 0, None, 7) == []
+    assert len(pick_shots(train, 50, None, 7)) == 20
 
 
 def test_greedy_batch_with_prefix_cache_matches_model_generate(runs):
@@ -187,21 +190,21 @@ def _examples(rows):
 def test_plan_task_detects_each_kind_and_metric_overrides():
     cls, ext, txt = _examples(classification_rows(30, 0)), _examples(extraction_rows(6, 0)), _examples(text_rows(6, 0))
     lm = _examples([{"text": "some words"}])
-    assert T.plan_task(cls, cls[:6], None, None) == T.Plan("classification", "accuracy", sorted(WORDS), ("score", "generate"))
-    assert T.plan_task(cls, ext, None, None).task == "extraction"   # test answers are not the training labels
-    assert T.plan_task(ext, ext, None, None).primary == "field_f1"
-    assert T.plan_task(txt, txt, None, None).task == "text"
-    assert T.plan_task(lm, lm, None, None) == T.Plan("lm", "perplexity")
-    assert T.plan_task(cls, cls, None, "generate").primary == "accuracy_generated"
-    assert T.plan_task(ext, ext, "text", None).task == "text"
-    assert T.plan_task(ext, ext, "exact_match", None) == T.Plan("extraction", "exact_match")
-    assert T.plan_task(txt, txt, "rouge_l", None) == T.Plan("text", "rouge_l")
+    assert tasks.plan_task(cls, cls[:6], None, None) == tasks.TaskPlan("classification", "accuracy", sorted(WORDS), ("score", "generate"))
+    assert tasks.plan_task(cls, ext, None, None).task == "extraction"   # test answers are not the training labels
+    assert tasks.plan_task(ext, ext, None, None).primary == "field_f1"
+    assert tasks.plan_task(txt, txt, None, None).task == "text"
+    assert tasks.plan_task(lm, lm, None, None) == tasks.TaskPlan("lm", "perplexity")
+    assert tasks.plan_task(cls, cls, None, "generate").primary == "accuracy_generated"
+    assert tasks.plan_task(ext, ext, "text", None).task == "text"
+    assert tasks.plan_task(ext, ext, "exact_match", None) == tasks.TaskPlan("extraction", "exact_match")
+    assert tasks.plan_task(txt, txt, "rouge_l", None) == tasks.TaskPlan("text", "rouge_l")
     with pytest.raises(tunesmith.errors.ConfigError, match="--metric 'bleu' is not known"):
-        T.plan_task(txt, txt, "bleu", None)
+        tasks.plan_task(txt, txt, "bleu", None)
     with pytest.raises(tunesmith.errors.DataError, match="extraction needs every reference answer to be a JSON object"):
-        T.plan_task(txt, txt, "extraction", None)
+        tasks.plan_task(txt, txt, "extraction", None)
     with pytest.raises(tunesmith.errors.ConfigError, match="needs generation"):
-        T.plan_task(cls, cls, "invalid_rate", "score")
+        tasks.plan_task(cls, cls, "invalid_rate", "score")
 
 
 def test_example_ids_come_from_the_rows_or_their_lines(tmp_path):
@@ -210,7 +213,7 @@ def test_example_ids_come_from_the_rows_or_their_lines(tmp_path):
     rows = classification_rows(2, 0)
     rows[0]["id"] = "t-017"
     path = write_jsonl(tmp_path / "ids.jsonl", rows)
-    assert T.example_ids(str(path), read_examples(str(path))) == ["t-017", "line-2"]
+    assert task_eval.example_ids(str(path), read_examples(str(path))) == ["t-017", "line-2"]
 
 
 def test_flipped_lists_follow_the_per_example_scores():
@@ -222,10 +225,10 @@ def test_flipped_lists_follow_the_per_example_scores():
         {"id": "c", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "r", "fine_tuned": "r"},
          "scores": {"base_zero_shot": 0.6, "fine_tuned": 0.9}},  # passes both times: not flipped
     ]
-    out = T.flipped(None, records, "chrf")
+    out = aggregate.flipped(None, records, "chrf")
     assert [x["id"] for x in out["improved"]] == ["a"] and out["improved"][0]["tuned"] == "r"
     assert [x["id"] for x in out["regressed"]] == ["b"] and out["regressed"][0]["base"] == "r"
-    assert T.flipped(None, records, "perplexity") == {"improved": [], "regressed": []}
+    assert aggregate.flipped(None, records, "perplexity") == {"improved": [], "regressed": []}
 
 
 # ---- whole evaluations per task kind ---------------------------------------------------------------------------
@@ -241,8 +244,16 @@ def test_classification_eval_writes_the_documented_files(runs, capsys):
     assert result["version"] == 1 and result["task"] == "classification" and result["primary"] == "accuracy"
     assert result["labels"] == sorted(WORDS)
     assert result["data"]["examples"] == 9 and len(result["data"]["sha256"]) == 64
-    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "base_few_shot", "fine_tuned"]
+    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "base_few_shot", "base_best_prompt",
+                                                     "fine_tuned"]
     assert result["examples_file"] == "task_examples.jsonl"
+    # the best prompt was chosen on validation examples among every variant, and is the best of them there
+    selection = result["prompt_selection"]
+    assert selection["examples"] >= 1 and selection["metric"] == "accuracy" and len(selection["variants"]) == 16
+    best = max(v["value"] for v in selection["variants"])
+    chosen = next(v for v in selection["variants"] if v["key"] == selection["chosen"])
+    assert chosen["value"] == best and chosen == next(v for v in selection["variants"] if v["value"] == best)
+    assert result["systems"][2]["prompt"]["key"] == selection["chosen"]
     examples = read_examples_file(run_dir)
     assert len(examples) == 9 and examples[0]["id"] == "line-1" and examples[0]["input"].startswith("ticket 0")
     for s in result["systems"]:
@@ -256,11 +267,12 @@ def test_classification_eval_writes_the_documented_files(runs, capsys):
         assert m["accuracy"] == pytest.approx(sum(e["scores"][s["key"]] for e in examples) / 9)
         assert m["accuracy"] == pytest.approx(sum(e["outputs"][s["key"]] == e["reference"] for e in examples) / 9)
         assert s["seconds"] > 0 and s["seconds_per_example"] == pytest.approx(s["seconds"] / 9)
-        assert set(s["seconds_by_mode"]) == {"score", "generate"}
+        assert {"score", "generate"} <= set(s["seconds_by_mode"]) <= {"score", "generate", "calibration"}
     tokens = {s["key"]: s["prompt_tokens_per_example"] for s in result["systems"]}
     assert tokens["base_few_shot"] > tokens["base_zero_shot"] == tokens["fine_tuned"]
     assert result["systems"][1]["shots"] == 3
-    assert all(set(e["generated"]) == {"base_zero_shot", "base_few_shot", "fine_tuned"} for e in examples)
+    assert all(set(e["generated"]) == {"base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned"}
+               for e in examples)
     # flipped: exactly the examples whose base and tuned outcome differ
     changed = {e["id"]: e["scores"]["fine_tuned"] > e["scores"]["base_zero_shot"]
                for e in examples if e["scores"]["fine_tuned"] != e["scores"]["base_zero_shot"]}
@@ -305,7 +317,8 @@ def test_text_eval_on_another_test_file(runs):
     result = tunesmith.evaluate(runs["ext"], data=str(data), shots=0, max_new_tokens=12, **quiet())
     assert result["task"] == "text" and result["primary"] == "chrf"
     assert result["data"]["path"] == str(data)
-    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "fine_tuned"]
+    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "base_best_prompt", "fine_tuned"]
+    assert result["prompt_selection"]["metric"] == "chrf"  # chosen on the run's validation split, not on `data`
     for s in result["systems"]:
         assert {"chrf", "rouge_l", "token_f1", "exact_match", "loss", "perplexity"} == set(s["metrics"])
         assert s["metrics"]["perplexity"] == pytest.approx(math.exp(s["metrics"]["loss"]))
@@ -426,7 +439,9 @@ def test_real_model_ticket_triage_eval(tmp_path):
     out = tmp_path / "run"
     assert main(["train", str(root / "recipes" / "ticket-triage-lora.yaml"), "--output", str(out), "--quiet",
                  "--max-steps", "4", "--batch-size", "8"]) == 0
-    result = tunesmith.evaluate(out, limit=16, shots=2, **quiet())
+    # a small prompt selection keeps the real-model path covered (6 validation tickets, 3 retrieved shots)
+    result = tunesmith.evaluate(out, limit=16, shots=5, knn_shots=3, select_limit=6, **quiet())
+    assert result["prompt_selection"]["examples"] == 6 and len(result["prompt_selection"]["variants"]) == 16
     assert result["labels"] == ["account", "billing", "other", "shipping", "technical"]
     examples = read_examples_file(out)
     for s in result["systems"]:

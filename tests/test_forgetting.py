@@ -196,7 +196,7 @@ def test_trained_lora_moves_away_from_base_and_zeroed_adapter_does_not(lora_run)
 
     from tunesmith.evaluation.generate import load_run_model
 
-    model, tok, _ = load_run_model(lora_run.path, lora_run.config)  # a copy: the Run's cached model stays trained
+    model, tok, _ = load_run_model(lora_run.path)  # a copy: the Run's cached model stays trained
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -246,4 +246,4 @@ def test_generate_on_an_unfinished_run_says_how_to_continue(tmp_path, capsys):
     run.mkdir()
     (run / "config.yaml").write_text("data: {train: x.jsonl}\n")
     assert main(["generate", str(run), "--prompt", "hi"]) == 2
-    assert f"Continue it with: tunesmith train --resume {run}" in capsys.readouterr().err
+    assert f"Finish it with: tunesmith train --resume {run}" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tunesmith.config import Config, load_config, parse_override, validate_config  # noqa: F401  (re-exported)
-from tunesmith.errors import RunError
+from tunesmith.run_dir import RunDir
 
 
 def train(
@@ -24,22 +24,30 @@ def train(
     resume: str | Path | None = None,
     quiet: bool = False,
     log=print,
+    progress=None,
     **overrides: Any,
 ) -> "Run":
     """Fine-tune a model. `config` is a Config, a recipe path, or a dict; `overrides` are dotted keys
-    (`tunesmith.train("r.yaml", **{"train.lr": 1e-4})`). With resume=RUN_DIR, continue that run."""
+    (`tunesmith.train("r.yaml", **{"train.lr": 1e-4})`). With resume=RUN_DIR, continue that run.
+
+    `progress` (a tunesmith.progress.Progress, e.g. tunesmith.cli.display.RichProgress() for a bar) follows the
+    steps and shows the validation results; by default no bar is drawn and those lines go to `log`, or nowhere
+    with quiet=True. `log` gets the other messages either way."""
+    from tunesmith.progress import Progress
     from tunesmith.training.loop import train as _train
 
+    if progress is None:
+        progress = Progress(None if quiet else log)
     if resume is not None:
         cfg = validate_config({"output": str(resume)})
-        return Run(_train(cfg, resume=True, quiet=quiet, log=log))
+        return Run(_train(cfg, resume=True, progress=progress, log=log))
     if isinstance(config, Config):
         cfg = config if not overrides else load_config(None, _merge(config.model_dump(mode="json"), overrides))
     elif isinstance(config, dict):
         cfg = load_config(None, _merge(config, overrides))
     else:
         cfg = load_config(config, list(overrides.items()))
-    return Run(_train(cfg, quiet=quiet, log=log))
+    return Run(_train(cfg, progress=progress, log=log))
 
 
 def _merge(raw: dict, overrides: dict) -> list[tuple[str, Any]]:
@@ -126,39 +134,38 @@ def load(run_dir: str | Path) -> "Run":
 
 
 class Run:
-    """A run directory (see DESIGN.md: config.yaml, data.json, metrics.jsonl, checkpoints/, model/, eval/)."""
+    """A run directory (docs/architecture.md: config.yaml, data.json, metrics.jsonl, checkpoints/, model/, eval/),
+    with its fine-tuned model loaded on first use. A Run is path-like: pass it wherever a run directory goes."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / "config.yaml").is_file():
-            raise RunError(f"{self.path}: not a run directory (no config.yaml); train one with: tunesmith train ...")
+        self.dir = RunDir.open(path)
+        self.path = self.dir.path
         self._loaded = None
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
 
+    def __fspath__(self) -> str:
+        return str(self.path)
+
     @property
     def config(self) -> Config:
-        import yaml
-
-        return validate_config(yaml.safe_load((self.path / "config.yaml").read_text()), source=str(self.path / "config.yaml"))
+        return self.dir.config
 
     @property
     def metrics(self) -> list[dict]:
-        from tunesmith.training.metrics import read_metrics
-
-        return read_metrics(self.path)
+        return self.dir.metrics
 
     @property
     def data_summary(self) -> dict:
-        return json.loads((self.path / "data.json").read_text())
+        return self.dir.data_summary
 
     def load_model(self, device: str | None = None):
         """(model, tokenizer, renderer) of the fine-tuned model, cached on the Run."""
         if self._loaded is None:
             from tunesmith.evaluation.generate import load_run_model
 
-            self._loaded = load_run_model(self.path, self.config, device=device)
+            self._loaded = load_run_model(self.dir, device=device)
         return self._loaded
 
     def generate(self, prompt: str | list[dict], **kwargs) -> str:
@@ -216,95 +223,30 @@ def evaluate(
     quiet: bool = False,
     probe_limit: int | None = None,
     answer_format: str | None = None,
+    knn_shots: int | str | None = None,
+    select: bool | None = None,
+    select_limit: int | None = None,
+    allow_missing_labels: bool = False,
+    progress=None,
 ) -> dict:
-    """Task metrics of the fine-tuned model vs the base model prompted zero-shot and few-shot (`shots` training
-    examples), on `data` (default: the run's data.test). Writes RUN_DIR/eval/task.json and task_examples.jsonl
+    """Task metrics of the fine-tuned model vs the base model prompted zero-shot, few-shot (`shots` training
+    examples, every label covered) and with the best prompt chosen on the validation split (`select`: zero-shot,
+    a format instruction, random or `knn_shots` retrieved shots, calibrated label scoring; tried on `select_limit`
+    validation examples), on `data` (default: the run's data.test). Writes RUN_DIR/eval/task.json and task_examples.jsonl
     (docs/eval-format.md) and returns task.json's content; with `forgetting`, also the general-ability probe
-    (eval/forgetting.json, under the key "forgetting" of the result) when that probe is installed.
+    (eval/forgetting.json, under the key "forgetting" of the result).
     Unset arguments come from the run's `eval:` config section. `probe_limit` caps the forgetting probe's questions
     (spread over its categories; default: `limit`, i.e. the whole probe when no limit is given). `answer_format`
-    (default: eval.format) is a regular expression generated answers should match in full: adds `format_rate`."""
-    import importlib.util
+    (default: eval.format) is a regular expression generated answers should match in full: adds `format_rate`.
+    `progress`: a tunesmith.progress.Progress to report to (the CLI passes progress bars); quiet: none."""
+    from tunesmith.evaluation.task_eval import evaluate_run
+    from tunesmith.progress import Progress
 
-    from tunesmith.errors import ConfigError, DataError
-
-    run = run if isinstance(run, Run) else Run(run)
-    cfg = run.config
-    if not (run.path / "model").is_dir():
-        raise RunError(f"{run.path}: training has not finished (no model/ folder), so there is nothing to evaluate. "
-                       f"Finish it with: tunesmith train --resume {run.path}")
-    data_path = str(data) if data is not None else cfg.data.test
-    if not data_path:
-        raise ConfigError(f"{run.path}: no test data to evaluate on; pass --data test.jsonl "
-                          "(or set data.test in the recipe)")
-    if not Path(data_path).is_file():
-        raise DataError(f"{data_path}: test data file not found; pass --data with an existing file")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit {limit}: give a positive number of examples")
-    shots = cfg.eval.shots if shots is None else shots
-    if shots < 0:
-        raise ConfigError(f"--shots {shots}: give 0 (no few-shot baseline) or a positive number")
-
-    from tunesmith import models
-    from tunesmith.data.formats import read_examples
-    from tunesmith.data.templates import Renderer
-    from tunesmith.evaluation import task_eval as T
-
-    test = read_examples(data_path, cfg.data.format if data is None else "auto")[:limit]
-    if not test:
-        raise DataError(f"{data_path}: no examples to evaluate")
-    train_examples = []
-    if cfg.data.train and Path(cfg.data.train).is_file():
-        train_examples = read_examples(cfg.data.train, cfg.data.format)
-    elif shots:
-        log(f"note: the training data {cfg.data.train} is not there, so no few-shot baseline")
-    plan = T.plan_task(train_examples, test, metric or cfg.eval.metric, by or cfg.eval.by)
-    plan.format = answer_format if answer_format is not None else cfg.eval.format
-    if answer_format is not None:
-        from tunesmith.config import compile_format
-
-        try:
-            compile_format(answer_format)
-        except ValueError as e:
-            raise ConfigError(f"--format {answer_format!r}: {e}") from None
-    if plan.primary == "format_rate" and plan.format is None:
-        raise ConfigError("--metric format_rate needs the format: pass --format REGEX or set eval.format in the recipe")
-    log(f"eval: {plan.task} on {len(test)} examples of {data_path} (primary metric: {plan.primary})")
-
-    if cfg.train.threads:
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
-    tuned_model, tuned_tok, tuned_renderer = run.load_model()
-    base_model, base_tok = models.load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
-    base_model.eval()
-    base_renderer = Renderer(base_tok, cfg.model.chat_template, cfg.data.system_prompt)
-    systems = [T.System("base_zero_shot", "base, zero-shot", base_model, base_tok, base_renderer)]
-    chosen = T.pick_shots(train_examples, shots, plan.labels, cfg.train.seed) if plan.task != "lm" else []
-    if chosen:
-        systems.append(T.System("base_few_shot", f"base, {len(chosen)}-shot", base_model, base_tok, base_renderer,
-                                shots=chosen))
-    systems.append(T.System("fine_tuned", "fine-tuned", tuned_model, tuned_tok, tuned_renderer,
-                            raw_completion=bool(getattr(tuned_renderer, "raw_prompts", False))))
-    result = T.run_task_eval(run.path, cfg, test, train_examples, data_path, plan, systems,
-                             batch_size=batch_size or cfg.eval.batch_size,
-                             max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, log=log, quiet=quiet)
-    log(f"wrote {run.path / 'eval' / 'task.json'} and {run.path / 'eval' / 'task_examples.jsonl'}")
-    if forgetting and importlib.util.find_spec("tunesmith.evaluation.forgetting") is not None:
-        from tunesmith.evaluation.forgetting import forgetting_eval
-
-        result["forgetting"] = forgetting_eval(run, base=(base_model, base_tok), tuned=(tuned_model, tuned_tok),
-                                               limit=probe_limit if probe_limit is not None else limit, log=log)
-    return result
-
-
-def render_eval_table(result: dict) -> None:
-    """Print evaluate()'s summary table (rich)."""
-    from rich.console import Console
-
-    from tunesmith.evaluation.task_eval import summary_table
-
-    Console().print(summary_table(result))
+    return evaluate_run(run, data=data, metric=metric, by=by, shots=shots, limit=limit, batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, answer_format=answer_format, forgetting=forgetting,
+                        probe_limit=probe_limit, knn_shots=knn_shots, select=select, select_limit=select_limit,
+                        allow_missing_labels=allow_missing_labels, progress=Progress(None) if quiet or progress is None else progress,
+                        log=log)
 
 
 def report(run_dir: str | Path, out: str | Path | None = None, open_browser: bool = False) -> Path:

@@ -163,8 +163,19 @@ def compile_format(pattern: str):
 class EvalConfig(_Section):
     """Defaults of `tunesmith eval` for this recipe (its flags override them)."""
 
-    shots: int = Field(3, ge=0, le=64)
-    """Few-shot examples for the prompted base model, drawn from the training data; 0: no few-shot baseline."""
+    shots: Union[Annotated[int, Field(ge=0, le=64)], Auto] = "auto"
+    """Few-shot examples (random, seeded) for the prompted base model, drawn from the training data; 0: no few-shot
+    baseline. auto: 3, and for classification at least one per label. Fewer than the labels needs
+    allow_missing_labels."""
+    knn_shots: Union[Annotated[int, Field(ge=0, le=64)], Auto] = "auto"
+    """Retrieved shots: per example, the k most similar training examples (TF-IDF); 0: no such variant. auto: 8."""
+    select: bool = True
+    """Try the prompting variants (zero-shot, format instruction, few-shot, retrieved shots, calibrated label
+    scoring) on the validation split and compare the fine-tuned model with the best one on the test split."""
+    select_limit: Union[Annotated[int, Field(ge=1)], None] = None
+    """Validation examples the variants are tried on; None: 100 for classification, 40 for generation tasks."""
+    allow_missing_labels: bool = False
+    """Allow a few-shot prompt with fewer shots than labels (then some labels never appear in the prompt)."""
     metric: str | None = None
     """Task or headline metric; None: chosen from the data (classification, extraction, text or lm)."""
     by: Literal["score", "generate", "both"] = "both"

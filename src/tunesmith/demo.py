@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(output: Path, max_steps: int | None, limit: int | None) -> dict:
     import tunesmith
     from tunesmith import models
+    from tunesmith.cli.display import RichProgress
 
     if not RECIPE.is_file():
         raise SystemExit(f"run the demo from the repository root ({RECIPE} not found)")
@@ -50,7 +51,7 @@ def run_demo(output: Path, max_steps: int | None, limit: int | None) -> dict:
     if max_steps:
         overrides["train.max_steps"] = max_steps
     t0 = time.time()
-    run = tunesmith.train(RECIPE, **overrides)
+    run = tunesmith.train(RECIPE, progress=RichProgress(), **overrides)
     train_s = time.time() - t0
 
     print("\n== 3/4  held-out test set: base model prompted zero-shot and few-shot vs fine-tuned; forgetting")

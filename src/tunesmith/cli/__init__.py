@@ -7,7 +7,6 @@ not import torch and starts in well under a second.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -51,10 +50,10 @@ COMMANDS = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return [name for name in COMMANDS if _available(name)]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
-        if name not in COMMANDS or not _available(name):
+        if name not in COMMANDS:
             return None
         target, _ = COMMANDS[name]
         module, _, attr = target.partition(":")
@@ -66,11 +65,6 @@ class LazyGroup(click.Group):
             return
         with formatter.section("Commands"):
             formatter.write_dl(rows)
-
-
-def _available(name: str) -> bool:
-    module = COMMANDS[name][0].partition(":")[0]
-    return importlib.util.find_spec(module) is not None
 
 
 @click.group(cls=LazyGroup, help=QUICK_START, context_settings={"help_option_names": ["-h", "--help"]})

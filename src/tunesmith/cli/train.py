@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from tunesmith import api
+from tunesmith.cli.display import RichProgress
 from tunesmith.config import parse_override
 from tunesmith.errors import ConfigError
 
@@ -82,15 +83,16 @@ def train(ctx, recipe, log_sinks, resume, quiet, **flags):
     tunesmith train recipes/ticket-triage-lora.yaml --train.max_steps 20
     tunesmith train --resume runs/tickets                 continue after a stop
     """
+    progress = None if quiet else RichProgress()  # --quiet: no bar and no validation lines
     if resume:
         if recipe or any(v is not None for v in flags.values()) or ctx.meta["dotted_overrides"]:
             raise ConfigError("--resume continues a run with its saved config; give no recipe or other flags with it")
-        run = api.train(resume=resume, quiet=quiet, log=click.echo)
+        run = api.train(resume=resume, quiet=quiet, log=click.echo, progress=progress)
     else:
         overrides = [(FLAGS[k], v) for k, v in flags.items() if v is not None]
         overrides = [(k, parse_override(f"{k}={v}")[1] if isinstance(v, str) else v) for k, v in overrides]
         if log_sinks:
             overrides.append(("train.log", list(log_sinks)))
         overrides += ctx.meta["dotted_overrides"]
-        run = api.train(recipe, quiet=quiet, log=click.echo, **dict(overrides))
+        run = api.train(recipe, quiet=quiet, log=click.echo, progress=progress, **dict(overrides))
     click.echo(f"\nrun: {run.path}\nnext: tunesmith generate {run.path} --prompt \"...\"   or   tunesmith chat {run.path}")

@@ -121,9 +121,13 @@ class TooLong(DataError):
 class Renderer:
     """Renders examples for one tokenizer and chat template. See the module docstring for what is trained."""
 
-    def __init__(self, tokenizer, chat_template: str | None = None, system_prompt: str | None = None):
+    def __init__(self, tokenizer, chat_template: str | None = None, system_prompt: str | None = None,
+                 raw_prompts: bool = False):
+        """raw_prompts: the model was trained on raw prompt/completion or text rows, so a prompt is given to it as
+        raw text (tokenizer BOS rules), not through the chat template (run_dir.RunDir.raw_prompts says which)."""
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+        self.raw_prompts = raw_prompts
         self.chat_template, self.template_name = _resolve_template(tokenizer, chat_template)
         self.has_offsets = bool(getattr(tokenizer, "is_fast", False))
         self.bos_token_id: int | None = tokenizer.bos_token_id

@@ -72,7 +72,7 @@ def score_continuations(
     tuning takes `full_sequence_logprobs`."""
     if uses_prompt_learning(model):
         return [full_sequence_logprobs(model, p, c, pad=pad) for p, c in zip(prompts, continuations)]
-    from tunesmith.training.prefix import mask_for, takes_custom_masks
+    from tunesmith.models.functional import mask_for, takes_custom_masks
 
     if not takes_custom_masks(model)[0]:
         return _score_with_copies(model, prompts, continuations, pad=pad, prefix_len=prefix_len,

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from tunesmith.errors import DataError
 from tunesmith.jsonl import read_objects
+from tunesmith.run_dir import RunDir
 
 PROBE_NAME = "tunesmith-general-v1"
 PROBE_DIR = Path(__file__).resolve().parent.parent / "resources" / "probe"
@@ -322,11 +323,9 @@ def mean_kl(base: _System, tuned: _System, sequences: list[list[int]], batch_siz
 
 
 def _kl_sum(p_logits, q_logits, valid) -> tuple[float, int]:
-    import torch
+    from tunesmith.models.functional import kl_per_position
 
-    p_log = torch.log_softmax(p_logits, -1)
-    q_log = torch.log_softmax(q_logits, -1)
-    kl = (p_log.exp() * (p_log - q_log)).sum(-1)
+    kl = kl_per_position(p_logits, q_logits)
     if valid is None:
         return kl.sum().item(), kl.numel()
     return kl[valid].sum().item(), int(valid.sum())
@@ -397,8 +396,8 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
     """Compare base and fine-tuned model on the general-ability probe; write RUN_DIR/eval/forgetting.json
     (docs/eval-format.md) and eval/forgetting_examples.jsonl, and return the JSON object.
 
-    run: a tunesmith Run. base/tuned: (model, tokenizer) already loaded, else tuned comes from run.load_model()
-    and base is the tuned model with its adapter disabled (peft methods) or a fresh copy of the base model.
+    run: the run directory (a path or a RunDir). base/tuned: (model, tokenizer) already loaded, else tuned is
+    loaded from the run and base is the tuned model with its adapter disabled (peft methods) or a fresh copy of the base model.
     limit: use only this many questions (spread evenly over the file) and limit // 8 passages (at least 3), for
     a quick look; the verdict thresholds stay the same but the numbers are noisier.
     probe: a directory with your own general_text.jsonl and questions.jsonl (default: the built-in probe)."""
@@ -406,6 +405,7 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
     from tunesmith.data.templates import Renderer
 
     t0 = time.perf_counter()
+    run = run if isinstance(run, RunDir) else RunDir.open(run)
     cfg = run.config
     data = load_probe(probe)
     texts, questions = data.texts, data.questions
@@ -415,7 +415,11 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
         questions = _spread(questions, limit)
         texts = _spread(texts, max(3, limit // 8))
 
-    tuned_model, tokenizer = tuned if tuned is not None else run.load_model()[:2]
+    if tuned is None:
+        from tunesmith.evaluation.generate import load_run_model
+
+        tuned = load_run_model(run)[:2]
+    tuned_model, tokenizer = tuned
     tuned_sys = _System(tuned_model.eval())
     if base is not None:
         base_sys = _System(base[0].eval())
@@ -428,9 +432,8 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
         base_model, _ = models.load(cfg.model.name, dtype=cfg.model.dtype, device=str(next(tuned_model.parameters()).device))
         base_sys = _System(base_model.eval())
     # the run's template, not its task system prompt: the probe asks general questions
-    renderer = Renderer(tokenizer, cfg.model.chat_template, None)
-    raw = _trained_kind(run.path) in ("completion", "text")
-    renderer.raw_prompts = raw
+    raw = run.raw_prompts
+    renderer = Renderer(tokenizer, cfg.model.chat_template, None, raw_prompts=raw)
 
     text_seqs = text_sequences(tokenizer, [t["text"] for t in texts], min(_context(tuned_model), 2048))
     q_seqs = question_sequences(tokenizer, renderer, questions, raw)
@@ -452,7 +455,7 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
 
     scores = {k: [score_answer(q, a) for q, a in zip(questions, v)] for k, v in answers.items()}
     result = _result(data, len(texts), n_tokens, questions, ppl_base, ppl_tuned, kl, kl_tokens, scores)
-    result["explanation"] = explain(result, _method(run))
+    result["explanation"] = explain(result, cfg.method)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(run.path) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -499,13 +502,6 @@ def _result(data: Probe, n_passages, n_tokens, questions, ppl_base, ppl_tuned, k
     return result
 
 
-def _method(run) -> str | None:
-    try:
-        return run.config.method
-    except Exception:  # a run-like object without a readable config: generic advice
-        return None
-
-
 def _spread(items: list, n: int) -> list:
     """n items spread evenly over the list (every category of a file grouped by category is kept)."""
     if n >= len(items):
@@ -513,9 +509,3 @@ def _spread(items: list, n: int) -> list:
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
 
-
-def _trained_kind(run_dir) -> str:
-    try:
-        return json.loads((Path(run_dir) / "data.json").read_text()).get("kind", "chat")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return "chat"

@@ -16,39 +16,29 @@ from typing import Iterator
 
 import torch
 
+from tunesmith.run_dir import RunDir
 
-def load_run_model(run_dir: Path, cfg, device: str | None = None):
+
+def load_run_model(run: RunDir | str | Path, device: str | None = None):
     """Base model + the run's trained weights, the tokenizer, and a Renderer configured as in training."""
     from tunesmith import methods, models
     from tunesmith.data.templates import Renderer
-    from tunesmith.errors import RunError
 
-    model_dir = Path(run_dir) / "model"
-    if not model_dir.is_dir():
-        raise RunError(
-            f"{run_dir}: training has not finished (no model/ folder). "
-            f"Continue it with: tunesmith train --resume {run_dir}"
-        )
+    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    model_dir = run.require_model("load")
+    cfg = run.config
     model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype, device=device or cfg.model.device)
     model = methods.load_trained(model, model_dir)
     model.eval()
-    renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
-    renderer.raw_prompts = _trained_kind(run_dir) in ("completion", "text")
+    renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt, raw_prompts=run.raw_prompts)
     return model, tokenizer, renderer
-
-
-def _trained_kind(run_dir: Path) -> str:
-    try:
-        return json.loads((Path(run_dir) / "data.json").read_text()).get("kind", "chat")
-    except FileNotFoundError:
-        return "chat"
 
 
 def prompt_ids(tokenizer, renderer, prompt: str | list[dict]) -> list[int]:
     """Token ids a model is given: the chat template with a generation prompt, or raw text for runs trained
     on prompt/completion or plain text."""
     if isinstance(prompt, str):
-        if getattr(renderer, "raw_prompts", False):
+        if renderer.raw_prompts:
             return tokenizer(prompt, add_special_tokens=True)["input_ids"]
         prompt = [{"role": "user", "content": prompt}]
     return renderer.prompt_ids(prompt, add_generation_prompt=True)

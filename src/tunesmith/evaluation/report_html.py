@@ -1,6 +1,6 @@
 """`tunesmith report RUN_DIR`: one self-contained report.html answering "fine-tune or just prompt?".
 
-Reads what the other commands left in the run directory (see DESIGN.md and docs/eval-format.md):
+Reads what the other commands left in the run directory (see docs/architecture.md and docs/eval-format.md):
 config.yaml, data.json, metrics.jsonl (training), eval/task.json + eval/task_examples.jsonl (task metrics),
 eval/forgetting.json (what fine-tuning cost the model). Any of them may be missing or unreadable; the
 report then says so in that section and names the command that fills it, and still shows the rest.
@@ -26,8 +26,8 @@ from tunesmith.errors import RunError
 from tunesmith.evaluation.report_inputs import Inputs, read_inputs
 FLIPPED_SHOWN = 20  # rows per flipped-examples table; the counts are always complete
 TEXT_SHOWN = 400  # characters of an example's text shown in a table cell (the full text is in its tooltip)
-SYSTEM_ORDER = ("base_zero_shot", "base_few_shot", "fine_tuned")
-BASE_SYSTEMS = ("base_zero_shot", "base_few_shot")
+SYSTEM_ORDER = ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned")
+BASE_SYSTEMS = ("base_zero_shot", "base_few_shot", "base_best_prompt")
 # metric names whose values are not rates even when they happen to fall in 0..1
 NOT_RATES = ("loss", "perplexity", "ppl", "kl", "seconds", "tokens", "latency")
 BOOTSTRAP_SAMPLES = 2000
@@ -101,6 +101,9 @@ def _short(text, limit: int = TEXT_SHOWN) -> str:
 def _system_label(s: dict) -> str:
     if s["key"] == "base_few_shot" and _num(s.get("shots")):
         return f"{int(s['shots'])}-shot"
+    if s["key"] == "base_best_prompt":
+        prompt = s.get("prompt") if isinstance(s.get("prompt"), dict) else {}
+        return f"best prompt ({prompt['name']})" if isinstance(prompt.get("name"), str) else "best prompt"
     return {"base_zero_shot": "zero-shot", "base_few_shot": "few-shot", "fine_tuned": "fine-tuned"}.get(s["key"], s["key"])
 
 
@@ -161,7 +164,10 @@ def headline(inp: Inputs) -> str:
 
     rate = _is_rate(metric, [s["metrics"].get(metric) for s in systems.values()])
     sign = 1 if hib is not False else -1  # unknown direction: assume higher is better, and say so below
-    best = max(bases, key=lambda s: sign * s["metrics"][metric])
+    # the prompt chosen on the validation split; choosing the best base system by its test score would flatter
+    # prompting (eval files written before prompt selection existed have no such system)
+    chosen = [s for s in bases if s["key"] == "base_best_prompt"]
+    best = chosen[0] if chosen else max(bases, key=lambda s: sign * s["metrics"][metric])
     gap = tuned["metrics"][metric] - best["metrics"][metric]
     figures = ", ".join(f"{_fmt(s['metrics'][metric], rate)} {escape(_system_label(s))}" for s in bases)
     detail = f"fine-tuned: {_fmt(tuned['metrics'][metric], rate)} {escape(metric)} vs {figures}"
@@ -273,11 +279,34 @@ def _task_section(inp: Inputs) -> str:
         f"{' (lower is better)' if (info.get(m) or {}).get('higher_is_better') is False else ''}</dd>"
         for m in names if m in info)
     bars = report_plots.primary_bars(systems, task["primary"], rates.get(task["primary"], False))
-    parts = [head, about, table, _figure(bars, f"{task['primary']} by system")]
+    parts = [head, about, table, _figure(bars, f"{task['primary']} by system"), _selection_table(task)]
     if legend:
         parts.append(f'<details><summary>What the metrics mean</summary><dl>{legend}</dl></details>')
     parts.append(_per_label_table(task, systems))
     return "".join(parts) + "</section>"
+
+
+def _selection_table(task: dict) -> str:
+    """How the best prompt was chosen: every variant's score on the validation split and its cost."""
+    sel = task.get("prompt_selection")
+    if not isinstance(sel, dict) or not isinstance(sel.get("variants"), list):
+        return ""
+    metric = str(sel.get("metric", task["primary"]))
+    values = [v.get("value") for v in sel["variants"] if isinstance(v, dict)]
+    rate = _is_rate(metric, values)
+    rows = []
+    for v in sel["variants"]:
+        if not isinstance(v, dict):
+            continue
+        mark = ' class="chosen"' if v.get("key") == sel.get("chosen") else ""
+        rows.append(f"<tr{mark}><th scope=\"row\">{escape(str(v.get('name', v.get('key'))))}"
+                    f"{' (chosen)' if mark else ''}</th><td>{_fmt(v.get('value'), rate)}</td>"
+                    f"<td>{_fmt(v.get('prompt_tokens_per_example'))}</td><td>{_fmt(v.get('seconds_per_example'))}</td></tr>")
+    return (f'<details open><summary>Best prompt: chosen on {escape(str(sel.get("examples", "?")))} validation '
+            f'examples ({escape(str(sel.get("split", "")))}), never on the test split</summary>'
+            f'<table class="metrics"><thead><tr><th>prompt variant</th><th>{escape(metric)} (validation)</th>'
+            f'<th>prompt tokens / example</th><th>seconds / example</th></tr></thead><tbody>{"".join(rows)}'
+            f'</tbody></table></details>')
 
 
 def _per_label_table(task: dict, systems: list[dict]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import RunError
+from tunesmith.run_dir import RunDir, read_metrics
 from tunesmith.jsonl import read_objects
 
 FORMAT_VERSION = 1  # the eval-file version this report understands (docs/eval-format.md)
@@ -44,18 +45,20 @@ class Inputs:
 def read_inputs(run_dir: str | Path) -> Inputs:
     import yaml
 
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise RunError(f"{run_dir}: not a run directory (no config.yaml); train one with: tunesmith train ...")
-    inp = Inputs(run_dir=run_dir, config_text=config_path.read_text(encoding="utf-8"))
+    run = RunDir.open(run_dir)
+    run_dir = run.path
+    inp = Inputs(run_dir=run_dir, config_text=run.config_text)
     try:
         loaded = yaml.safe_load(inp.config_text)
     except yaml.YAMLError as e:
-        raise RunError(f"{config_path}: not valid YAML ({e}); restore it from the run or re-train") from None
+        raise RunError(f"{run.config_path}: not valid YAML ({e}); restore it from the run or re-train") from None
+    # the report shows the config as written, even one this version of tunesmith would not validate
     inp.config = loaded if isinstance(loaded, dict) else {}
 
-    inp.data, inp.data_problem = _read_json(run_dir / "data.json", versioned=False)
+    try:
+        inp.data = run.data_summary or None
+    except RunError as e:
+        inp.data_problem = str(e)
     inp.metrics, inp.metrics_problem = _read_metrics(run_dir)
     inp.task, inp.task_problem = _read_json(run_dir / "eval" / "task.json")
     if inp.task is not None:
@@ -102,8 +105,6 @@ def _read_jsonl(path: Path) -> tuple[list[dict] | None, str | None]:
 
 
 def _read_metrics(run_dir: Path) -> tuple[list[dict], str | None]:
-    from tunesmith.training.metrics import read_metrics
-
     try:
         return read_metrics(run_dir), None
     except ValueError:

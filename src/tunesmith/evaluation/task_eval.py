@@ -4,17 +4,9 @@ The question it answers is "fine-tune or just prompt?", so every system is measu
 test examples, with its cost (prompt tokens and seconds per example). The files it writes are the contract in
 docs/eval-format.md (eval/task.json, eval/task_examples.jsonl).
 
-Systems:
-- base_zero_shot: the base model, the same system prompt, the test prompt as the user turn;
-- base_few_shot: the same, with k training examples as prior user/assistant turns after the system prompt;
-- fine_tuned: the run's model, prompted exactly as in training.
-
-Cost: a system's prompts usually share a prefix (system prompt + shots). Its keys/values are computed once
-(the longest common token prefix of all the system's prompts, so the result is exact for any template) and
-copied into every batch, so few-shot costs little more than zero-shot.
-
-Tasks (detected from the data, `metric=` overrides): classification (label scoring and/or greedy generation),
-extraction (JSON answers), text (free text) and lm (raw text: loss and perplexity only).
+This module runs one evaluation: `evaluate_run` reads the run and the test data, assembles the compared systems
+(evaluation/systems.py), measures each (evaluation/measure.py), turns what they produced into metrics
+(evaluation/aggregate.py) and writes the files. What the task is and which metrics it has: evaluation/tasks.py.
 """
 
 from __future__ import annotations
@@ -22,439 +14,117 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.data.example import Example, Message
+from tunesmith.atomic import atomic_write_text
+from tunesmith.data.example import Example
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.evaluation.aggregate import FLIP_THRESHOLD, flipped, system_metrics
+from tunesmith.evaluation.measure import SystemResult, measure
+from tunesmith.evaluation.prompting import (
+    AUTO_KNN_SHOTS, SELECT_LIMIT, PromptVariant, Selection, build_system, decided, instruction_for,
+    labels_missing_from, select_prompt, validation_sample, variants,
+)
+from tunesmith.evaluation.shots import pick_shots
+from tunesmith.evaluation.systems import System, input_text
+from tunesmith.evaluation.tasks import METRICS, TaskPlan, max_new_tokens_for, plan_task
+from tunesmith.progress import Progress
+from tunesmith.run_dir import RunDir
 
 VERSION = 1
-TASKS = ("classification", "extraction", "text", "lm")
-PRIMARY = {"classification": "accuracy", "extraction": "field_f1", "text": "chrf", "lm": "perplexity"}
-SYSTEM_ORDER = ("base_zero_shot", "base_few_shot", "fine_tuned")
-FLIP_THRESHOLD = 0.5  # a per-example score in 0..1 "passes" at or above this (0/1 scores: right or wrong)
-MAX_LABELS = 50
-LABEL_COVERAGE = 0.8  # share of test answers that must be training labels for a classification eval
-
-# name -> (task, higher_is_better, description)
-METRICS: dict[str, tuple[str, bool, str]] = {
-    "accuracy": ("classification", True, "share of examples whose label is right (label scoring)"),
-    "macro_f1": ("classification", True, "mean over labels of F1 (label scoring)"),
-    "accuracy_generated": ("classification", True, "share of greedy generations that name the right label"),
-    "macro_f1_generated": ("classification", True, "mean over labels of F1 of the generated labels"),
-    "invalid_rate": ("classification", False, "share of greedy generations that name no valid label"),
-    "parse_rate": ("extraction", True, "share of outputs that are a JSON object"),
-    "schema_match_rate": ("extraction", True, "share of outputs with the references' keys and value types"),
-    "exact_match": ("text", True, "share of outputs equal to the reference (case and spacing ignored)"),
-    "field_precision": ("extraction", True, "share of output (key, value) pairs that are in the reference"),
-    "field_recall": ("extraction", True, "share of reference (key, value) pairs found in the output"),
-    "field_f1": ("extraction", True, "F1 of (key, value) pairs, nested keys dotted, micro-averaged"),
-    "token_f1": ("text", True, "word-overlap F1 between output and reference (mean per example)"),
-    "chrf": ("text", True, "chrF character n-gram F-score (sacrebleu), 0..1"),
-    "rouge_l": ("text", True, "ROUGE-L: longest common word subsequence F1 (mean per example)"),
-    "loss": ("text", False, "mean negative log-likelihood per reference token (nats)"),
-    "format_rate": ("text", True, "share of generated answers that match eval.format (a regular expression) in full"),
-    "perplexity": ("lm", False, "exp(loss): perplexity of the reference tokens"),
-}
-TASK_METRICS = {
-    "classification": ["accuracy", "macro_f1", "accuracy_generated", "macro_f1_generated", "invalid_rate"],
-    "extraction": ["field_f1", "field_precision", "field_recall", "parse_rate", "schema_match_rate", "exact_match",
-                   "loss", "perplexity"],
-    "text": ["chrf", "rouge_l", "token_f1", "exact_match", "format_rate", "loss", "perplexity"],
-    "lm": ["perplexity", "loss"],
-}
-
-TABLE_METRICS = {  # the summary table's columns (all metrics are in task.json)
-    "classification": ["accuracy", "macro_f1", "accuracy_generated", "invalid_rate"],
-    "extraction": ["field_f1", "parse_rate", "schema_match_rate", "exact_match"],
-    "text": ["chrf", "format_rate", "rouge_l", "token_f1", "exact_match", "perplexity"],
-    "lm": ["perplexity", "loss"],
-}
-HEADERS = {"format_rate": "format","accuracy": "acc", "macro_f1": "macro-F1", "accuracy_generated": "acc (gen)", "invalid_rate": "invalid",
-           "field_f1": "field F1", "parse_rate": "parses", "schema_match_rate": "schema", "exact_match": "exact",
-           "rouge_l": "ROUGE-L", "token_f1": "token F1", "perplexity": "ppl"}
+SYSTEM_ORDER = ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned")
 
 
-# ---- what to evaluate ---------------------------------------------------------------------------------------
+def evaluate_run(
+    run: RunDir | str | Path, *, data: str | Path | None = None, metric: str | None = None, by: str | None = None,
+    shots: int | None = None, limit: int | None = None, batch_size: int | None = None,
+    max_new_tokens: int | None = None, answer_format: str | None = None, forgetting: bool = True,
+    probe_limit: int | None = None, knn_shots: int | str | None = None, select: bool | None = None,
+    select_limit: int | None = None, allow_missing_labels: bool = False, progress: Progress | None = None, log=print,
+) -> dict:
+    """Evaluate a finished run (see tunesmith.api.evaluate for the arguments); returns task.json's content, with
+    the forgetting result under "forgetting" when asked."""
+    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    cfg = run.config
+    run.require_model("evaluate")
+    data_path = str(data) if data is not None else cfg.data.test
+    if not data_path:
+        raise ConfigError(f"{run.path}: no test data to evaluate on; pass --data test.jsonl "
+                          "(or set data.test in the recipe)")
+    if not Path(data_path).is_file():
+        raise DataError(f"{data_path}: test data file not found; pass --data with an existing file")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: give a positive number of examples")
+    shots = cfg.eval.shots if shots is None else shots
+    if shots != "auto" and shots < 0:
+        raise ConfigError(f"--shots {shots}: give 0 (no few-shot baseline) or a positive number")
+    knn_shots = cfg.eval.knn_shots if knn_shots is None else knn_shots
+    if knn_shots != "auto" and knn_shots < 0:
+        raise ConfigError(f"--knn-shots {knn_shots}: give 0 (no retrieved-shots variant) or a positive number")
+    select = cfg.eval.select if select is None else select
+    select_limit = cfg.eval.select_limit if select_limit is None else select_limit
+    if select_limit is not None and select_limit < 1:
+        raise ConfigError(f"--select-limit {select_limit}: give a positive number of validation examples")
+    allow_missing_labels = allow_missing_labels or cfg.eval.allow_missing_labels
+    if answer_format is not None:
+        from tunesmith.config import compile_format
 
+        try:
+            compile_format(answer_format)
+        except ValueError as e:
+            raise ConfigError(f"--format {answer_format!r}: {e}") from None
 
-@dataclass
-class Plan:
-    task: str
-    primary: str
-    labels: list[str] | None = None
-    by: tuple[str, ...] = ()  # classification: ("score",), ("generate",) or both
-    format: str | None = None  # eval.format: generated answers are also checked against this regular expression
+    from tunesmith import models
+    from tunesmith.data.formats import read_examples
+    from tunesmith.data.templates import Renderer
+    from tunesmith.evaluation.generate import load_run_model
 
+    test = read_examples(data_path, cfg.data.format if data is None else "auto")[:limit]
+    if not test:
+        raise DataError(f"{data_path}: no examples to evaluate")
+    train_examples = []
+    if cfg.data.train and Path(cfg.data.train).is_file():
+        train_examples = read_examples(cfg.data.train, cfg.data.format)
+    elif shots:
+        log(f"note: the training data {cfg.data.train} is not there, so no few-shot baseline")
+    plan = plan_task(train_examples, test, metric or cfg.eval.metric, by or cfg.eval.by)
+    plan.format = answer_format if answer_format is not None else cfg.eval.format
+    if plan.primary == "format_rate" and plan.format is None:
+        raise ConfigError("--metric format_rate needs the format: pass --format REGEX or set eval.format in the recipe")
+    log(f"eval: {plan.task} on {len(test)} examples of {data_path} (primary metric: {plan.primary})")
 
-def plan_task(train: list[Example], test: list[Example], metric: str | None, by: str | None) -> Plan:
-    """Task from the data: labels -> classification; every reference a JSON object -> extraction; raw text ->
-    lm; else free text. `metric` (a task name or a metric name) overrides."""
-    from tunesmith.data.validate import is_classification
-    from tunesmith.evaluation.metrics import parse_json_object
+    if cfg.train.threads:
+        import torch
 
-    task = primary = None
-    if metric is not None:
-        if metric in TASKS:
-            task = metric
-        elif metric in METRICS:
-            task, primary = METRICS[metric][0], metric
-            if metric in ("exact_match", "loss") and _references_are_json(test):
-                task = "extraction"
-            if metric == "perplexity" and test and test[0].kind != "text":
-                task = "text"
-        else:
-            raise ConfigError(
-                f"--metric {metric!r} is not known; use a task ({', '.join(TASKS)}) or a metric "
-                f"({', '.join(METRICS)})"
-            )
-    kinds = {ex.kind for ex in test}
-    if "preference" in kinds:
-        raise DataError("the test data holds preference pairs (prompt/chosen/rejected); evaluate on chat, "
-                        "prompt/completion or text rows")
-    if kinds == {"text"} or task == "lm":
-        if kinds != {"text"}:
-            raise DataError(f"--metric {metric}: the lm task measures raw text rows; this test data is {sorted(kinds)}")
-        return Plan("lm", primary if primary in TASK_METRICS["lm"] else "perplexity")
-    if "text" in kinds:
-        raise DataError("the test data mixes raw text rows with prompt/answer rows; use one kind per file")
+        torch.set_num_threads(cfg.train.threads)
+    tuned_model, tuned_tok, tuned_renderer = load_run_model(run)
+    base_model, base_tok = models.load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    base_model.eval()
+    base = (base_model, base_tok, Renderer(base_tok, cfg.model.chat_template, cfg.data.system_prompt))
+    pool, validation, split = _pool_and_validation(cfg, train_examples, log)
+    max_length = cfg.data.max_length if isinstance(cfg.data.max_length, int) else None
+    batch_size = batch_size or cfg.eval.batch_size
+    max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
+    progress = progress or Progress(None)
+    with progress:
+        compared = _compared_systems(cfg, plan, pool, validation, split, base, shots, knn_shots, select,
+                                     select_limit, allow_missing_labels, batch_size, max_new_tokens, max_length,
+                                     progress, log)
+        compared.append(Compared("fine_tuned", "fine-tuned", System("fine_tuned", "fine-tuned", tuned_model, tuned_tok,
+                                                                    tuned_renderer)))
+        result = run_task_eval(run.path, test, data_path, plan, compared, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, max_length=max_length, progress=progress, log=log)
+    if compared.selection is not None:
+        result["prompt_selection"] = compared.selection.to_json()
+        _write_task_json(run.path, result)
+    log(f"wrote {run.eval_dir / 'task.json'} and {run.eval_dir / 'task_examples.jsonl'}")
+    if forgetting:
+        from tunesmith.evaluation.forgetting import forgetting_eval
 
-    labels = None
-    if task in (None, "classification"):
-        # the training labels, if the test answers are (mostly) among them; else labels of the test data itself
-        labels = is_classification(train)
-        refs = [(ex.answer() or "").strip() for ex in test]
-        if labels and sum(r in labels for r in refs) < LABEL_COVERAGE * len(refs):
-            labels = None
-        labels = labels or is_classification(test)
-        if task == "classification" and not labels:
-            answers = sorted({(ex.answer() or "").strip() for ex in [*train, *test]} - {""})
-            if len(answers) > MAX_LABELS:
-                raise DataError(f"--metric {metric}: the answers take {len(answers)} different values; classification "
-                                f"needs at most {MAX_LABELS} labels")
-            labels = answers
-        if labels:
-            task = "classification"
-    if task is None:
-        task = "extraction" if _references_are_json(test) else "text"
-    if task == "extraction" and not _references_are_json(test):
-        bad = [ex.source for ex in test if parse_json_object(ex.answer() or "") is None][:3]
-        raise DataError(f"--metric {metric}: extraction needs every reference answer to be a JSON object; "
-                        f"these are not: {', '.join(bad)}")
-    modes = {"score": ("score",), "generate": ("generate",), "both": ("score", "generate"), None: ("score", "generate")}
-    if by not in modes:
-        raise ConfigError(f"--by {by!r}: use score, generate or both")
-    plan_by = modes[by] if task == "classification" else ()
-    if primary is None or primary not in TASK_METRICS[task]:
-        primary = PRIMARY[task]
-    if task == "classification" and plan_by == ("generate",) and primary in ("accuracy", "macro_f1"):
-        primary += "_generated"
-    if task == "classification" and plan_by == ("score",) and primary in ("accuracy_generated", "macro_f1_generated", "invalid_rate"):
-        raise ConfigError(f"--metric {primary} needs generation; use --by generate or --by both")
-    return Plan(task, primary, labels, plan_by)
-
-
-def _references_are_json(test: list[Example]) -> bool:
-    from tunesmith.evaluation.metrics import parse_json_object
-
-    return bool(test) and all(parse_json_object(ex.answer() or "") is not None for ex in test)
-
-
-def pick_shots(train: list[Example], k: int, labels: list[str] | None, seed: int) -> list[Example]:
-    """k training examples drawn with a fixed seed; for classification with k >= labels, stratified: every label
-    first, round robin over the labels (each label's examples shuffled), then shuffled as a whole."""
-    rng = random.Random(seed)
-    pool = [ex for ex in train if ex.kind in ("chat", "completion") and (ex.answer() or "").strip()]
-    if k <= 0 or not pool:
-        return []
-    k = min(k, len(pool))
-    if labels and k >= len(labels):
-        by_label = {label: [ex for ex in pool if ex.answer().strip() == label] for label in labels}
-        for exs in by_label.values():
-            rng.shuffle(exs)
-        shots: list[Example] = []
-        while len(shots) < k and any(by_label.values()):
-            for label in labels:
-                if by_label[label] and len(shots) < k:
-                    shots.append(by_label[label].pop())
-        rng.shuffle(shots)
-        return shots
-    return rng.sample(pool, k)
-
-
-# ---- systems: a model and how it is prompted ------------------------------------------------------------------
-
-
-@dataclass
-class System:
-    key: str
-    name: str
-    model: object
-    tokenizer: object
-    renderer: object
-    shots: list[Example] = field(default_factory=list)
-    raw_completion: bool = False  # the run was trained on raw prompt/completion rows: prompt it the same way
-
-    @property
-    def pad(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def messages(self, ex: Example) -> list[Message]:
-        """The conversation the model answers: the example's turns (a completion's prompt is the user turn),
-        with the shots inserted after any leading system messages."""
-        turns = list(ex.prompt_messages()) if ex.kind == "chat" else [Message("user", ex.prompt or "")]
-        lead = 0
-        while lead < len(turns) and turns[lead].role == "system":
-            lead += 1
-        shots = [m for s in self.shots for m in (Message("user", _user_text(s)), Message("assistant", s.answer()))]
-        return [*turns[:lead], *shots, *turns[lead:]]
-
-    def prompt(self, ex: Example) -> list[int]:
-        if self.raw_completion and ex.kind == "completion":
-            return self.pair(ex, "")[0]
-        return self.renderer.prompt_ids(self.messages(ex), add_generation_prompt=True)
-
-    def pair(self, ex: Example, answer: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, trained ids of `answer`), as training renders the example with that answer."""
-        from tunesmith.evaluation.classify import split_encoded
-
-        if self.raw_completion and ex.kind == "completion":
-            return split_encoded(self.renderer, Example(kind="completion", prompt=ex.prompt, completion=answer))
-        msgs = self.messages(ex)
-        full = Example(kind="chat", messages=[*msgs, Message("assistant", answer)], source=ex.source)
-        return split_encoded(self.renderer, full, self.renderer.prompt_ids(msgs, add_generation_prompt=True))
-
-
-def _user_text(ex: Example) -> str:
-    if ex.kind == "completion":
-        return ex.prompt or ""
-    users = [m.content for m in ex.prompt_messages() if m.role == "user"]
-    return users[-1] if users else ""
-
-
-def input_text(ex: Example) -> str:
-    if ex.kind == "text":
-        return ex.text or ""
-    return _user_text(ex)
-
-
-# ---- measuring one system -----------------------------------------------------------------------------------
-
-
-@dataclass
-class SystemResult:
-    outputs: list[str] = field(default_factory=list)  # the answer recorded per example
-    generated: list[str] | None = None
-    predictions: list[str | None] | None = None  # classification by label scoring
-    nll: list[tuple[float, int]] | None = None  # reference log-likelihood per example (negated), tokens
-    prompt_tokens: float = 0.0
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def measure(system: System, test: list[Example], plan: Plan, *, batch_size: int, max_new_tokens: int,
-            max_length: int | None, progress) -> SystemResult:
-    """Run one system over the test set: label scoring, generation and/or reference likelihood, as the task needs."""
-    import torch
-
-    from tunesmith.evaluation.generate import common_prefix_length, encode_prefix, uses_prompt_learning
-
-    result = SystemResult()
-    if plan.task == "lm":
-        return _measure_lm(system, test, batch_size=batch_size, max_length=max_length, progress=progress)
-    prompts = [system.prompt(ex) for ex in test]
-    result.prompt_tokens = sum(map(len, prompts)) / len(prompts)
-    # Batches of similar length waste less on padding: measure in order of prompt length, report in test order.
-    order = sorted(range(len(test)), key=lambda i: (len(prompts[i]), i))
-    test, prompts = [test[i] for i in order], [prompts[i] for i in order]
-    t0 = time.perf_counter()
-    prefix_len = 0 if uses_prompt_learning(system.model) else common_prefix_length(prompts)
-    prefix = encode_prefix(system.model, prompts[0][:prefix_len])
-    shared = {"prefix_len": prefix_len, "prefix_cache": prefix}
-    setup = time.perf_counter() - t0
-    with torch.no_grad():
-        if "score" in plan.by:
-            t0 = time.perf_counter()
-            result.predictions = _score_labels(system, test, prompts, plan.labels, batch_size, shared, progress)
-            result.seconds["score"] = setup + time.perf_counter() - t0
-        if plan.task != "classification" or "generate" in plan.by:
-            t0 = time.perf_counter()
-            result.generated = _generate(system, prompts, batch_size, max_new_tokens, shared, progress)
-            result.seconds["generate"] = setup + time.perf_counter() - t0
-        if plan.task in ("extraction", "text"):
-            t0 = time.perf_counter()
-            result.nll = _reference_nll(system, test, prompts, batch_size, shared, progress)
-            result.seconds["reference_loss"] = time.perf_counter() - t0
-    back = [0] * len(order)
-    for pos, i in enumerate(order):
-        back[i] = pos
-    for name in ("predictions", "generated", "nll"):
-        values = getattr(result, name)
-        if values is not None:
-            setattr(result, name, [values[back[i]] for i in range(len(order))])
-    result.outputs = result.predictions if result.predictions is not None else result.generated
+        result["forgetting"] = forgetting_eval(run, base=(base_model, base_tok), tuned=(tuned_model, tuned_tok),
+                                               limit=probe_limit if probe_limit is not None else limit, log=log)
     return result
-
-
-def _score_labels(system, test, prompts, labels, batch_size, shared, progress) -> list[str]:
-    from tunesmith.evaluation.classify import score_continuations
-
-    predictions = []
-    task = progress.start(f"{system.name}: label scoring", len(test))
-    for start in range(0, len(test), batch_size):
-        chunk = range(start, min(start + batch_size, len(test)))
-        conts = []
-        for i in chunk:
-            rows = [system.pair(test[i], label) for label in labels]
-            if any(p != prompts[i] for p, _ in rows):
-                raise RuntimeError(f"{test[i].source}: label rendering changed the prompt tokens")
-            conts.append([c for _, c in rows])
-        scores = score_continuations(system.model, [prompts[i] for i in chunk], conts, pad=system.pad, **shared)
-        for row in scores:
-            predictions.append(labels[max(range(len(labels)), key=lambda k: row[k][0])])
-        progress.advance(task, len(chunk))
-    return predictions
-
-
-def _generate(system, prompts, batch_size, max_new_tokens, shared, progress) -> list[str]:
-    from tunesmith.evaluation.generate import greedy_batch, uses_prompt_learning
-
-    renderer = system.renderer
-    out = []
-    task = progress.start(f"{system.name}: generation", len(prompts))
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        if uses_prompt_learning(system.model):
-            out += _generate_plain(system, chunk, max_new_tokens)
-        else:
-            out += greedy_batch(system.model, system.tokenizer, chunk, stop_ids=renderer.stop_token_ids,
-                                stop_strings=renderer.stop_strings, max_new_tokens=max_new_tokens, **shared)
-        progress.advance(task, len(chunk))
-    return [o.strip() for o in out]
-
-
-def _generate_plain(system, prompts, max_new_tokens) -> list[str]:
-    """model.generate without a shared prefix, for models whose forward() adds virtual tokens."""
-    import torch
-
-    from tunesmith.evaluation.generate import _cut, left_pad
-
-    ids, mask, _ = left_pad(prompts, system.pad, 0)
-    device = next(system.model.parameters()).device
-    kwargs = {"stop_strings": list(system.renderer.stop_strings), "tokenizer": system.tokenizer} \
-        if system.renderer.stop_strings else {}
-    out = system.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                max_new_tokens=max_new_tokens, eos_token_id=system.renderer.stop_token_ids,
-                                pad_token_id=system.pad, **kwargs)
-    return [_cut(system.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True),
-                 list(system.renderer.stop_strings)) for row in out.cpu()]
-
-
-def _reference_nll(system, test, prompts, batch_size, shared, progress) -> list[tuple[float, int]]:
-    from tunesmith.evaluation.classify import score_continuations
-
-    out = []
-    task = progress.start(f"{system.name}: reference likelihood", len(test))
-    for start in range(0, len(test), batch_size):
-        chunk = range(start, min(start + batch_size, len(test)))
-        conts = [[system.pair(test[i], test[i].answer() or "")[1]] for i in chunk]
-        scores = score_continuations(system.model, [prompts[i] for i in chunk], conts, pad=system.pad, **shared)
-        out += [(-row[0][0], row[0][1]) for row in scores]
-        progress.advance(task, len(chunk))
-    return out
-
-
-def _measure_lm(system, test, *, batch_size, max_length, progress) -> SystemResult:
-    """Loss of every text token after the first (which has no context without a BOS), as training scores it."""
-    from tunesmith.evaluation.classify import score_continuations
-
-    encoded = [system.renderer.encode(ex, max_length=max_length).input_ids for ex in test]
-    encoded = [ids if len(ids) >= 2 else ids + ids for ids in encoded]
-    result = SystemResult(outputs=["" for _ in test], nll=[])
-    result.prompt_tokens = sum(map(len, encoded)) / len(encoded)
-    t0 = time.perf_counter()
-    task = progress.start(f"{system.name}: text likelihood", len(test))
-    longest = max(map(len, encoded))
-    rows = max(1, min(batch_size, 4096 // longest))  # bounds the (rows, tokens, vocabulary) logits tensor
-    for start in range(0, len(encoded), rows):
-        chunk = encoded[start : start + rows]
-        scores = score_continuations(system.model, [ids[:1] for ids in chunk], [[ids[1:]] for ids in chunk],
-                                     pad=system.pad)
-        result.nll += [(-row[0][0], row[0][1]) for row in scores]
-        progress.advance(task, len(chunk))
-    result.seconds["likelihood"] = time.perf_counter() - t0
-    return result
-
-
-# ---- metrics per system ---------------------------------------------------------------------------------------
-
-
-def system_metrics(plan: Plan, test: list[Example], res: SystemResult) -> tuple[dict, list[float], dict]:
-    """(metrics, per-example primary score, extra fields: per_label and confusion for classification)."""
-    from tunesmith.evaluation import metrics as M
-
-    refs = [(ex.answer() or "").strip() for ex in test]
-    out: dict[str, float] = {}
-    extra: dict = {}
-    per: dict[str, list[float]] = {}
-    if plan.task == "classification":
-        from tunesmith.evaluation.classify import parse_label
-
-        report = None
-        if res.predictions is not None:
-            report = M.classification_report(refs, res.predictions, plan.labels)
-            out.update(accuracy=report["accuracy"], macro_f1=report["macro_f1"])
-            per["accuracy"] = per["macro_f1"] = [float(p == r) for p, r in zip(res.predictions, refs)]
-        if res.generated is not None:
-            parsed = [parse_label(g, plan.labels) for g in res.generated]
-            gen = M.classification_report(refs, parsed, plan.labels)
-            out.update(accuracy_generated=gen["accuracy"], macro_f1_generated=gen["macro_f1"],
-                       invalid_rate=sum(p is None for p in parsed) / len(parsed))
-            per["accuracy_generated"] = per["macro_f1_generated"] = [float(p == r) for p, r in zip(parsed, refs)]
-            per["invalid_rate"] = [float(p is None) for p in parsed]
-            report = report or gen
-        extra = {"per_label": report["per_label"], "confusion": report["confusion"]}
-    elif plan.task == "extraction":
-        references = [M.parse_json_object(r) for r in refs]
-        out, per_f1 = M.extraction_report(res.generated, references)
-        per = {k: per_f1 for k in out}
-        per["exact_match"] = [float(M.parse_json_object(g) is not None and M.field_pairs(M.parse_json_object(g)) ==
-                                    M.field_pairs(r)) for g, r in zip(res.generated, references)]
-    elif plan.task == "text":
-        out, per = M.text_report(res.generated, refs)
-    if plan.format is not None and res.generated is not None:
-        per["format_rate"] = M.format_matches(res.generated, plan.format)
-        out["format_rate"] = sum(per["format_rate"]) / max(len(per["format_rate"]), 1)
-    if res.nll is not None:
-        total, count = sum(n for n, _ in res.nll), sum(c for _, c in res.nll)
-        out["loss"] = total / count if count else math.nan
-        out["perplexity"] = M.perplexity(total, count)
-        per["loss"] = [n / c if c else 0.0 for n, c in res.nll]
-        per["perplexity"] = [math.exp(n / c) if c else math.inf for n, c in res.nll]
-    return out, per.get(plan.primary, []), extra
-
-
-def flipped(test, records, primary: str) -> dict:
-    """Examples whose outcome changed between base zero-shot and fine-tuned: 0/1 scores flip between right and
-    wrong, scores in 0..1 cross FLIP_THRESHOLD. Lower-is-better metrics (loss, perplexity) have no pass mark:
-    nothing is listed for them."""
-    out = {"improved": [], "regressed": []}
-    if not METRICS[primary][1]:
-        return out
-    for rec in records:
-        scores = rec["scores"]
-        if "base_zero_shot" not in scores or "fine_tuned" not in scores:
-            continue
-        before, after = scores["base_zero_shot"] >= FLIP_THRESHOLD, scores["fine_tuned"] >= FLIP_THRESHOLD
-        if before != after:
-            item = {"id": rec["id"], "input": rec["input"], "reference": rec["reference"],
-                    "base": rec["outputs"].get("base_zero_shot", ""), "tuned": rec["outputs"].get("fine_tuned", "")}
-            out["improved" if after else "regressed"].append(item)
-    return out
-
-
-# ---- the whole evaluation ---------------------------------------------------------------------------------------
 
 
 def example_ids(path: str, examples: list[Example]) -> list[str]:
@@ -476,37 +146,118 @@ def example_ids(path: str, examples: list[Example]) -> list[str]:
     return ids
 
 
-def max_new_tokens_for(plan: Plan, tokenizer, test: list[Example], cap: int = 512) -> int:
-    """Room for the longest reference and a margin: 1.5x its tokens + 16 (labels: + 8), at most `cap`."""
-    if plan.task == "classification":
-        return max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in plan.labels) + 8
-    longest = max(len(tokenizer(ex.answer() or "", add_special_tokens=False)["input_ids"]) for ex in test)
-    return min(cap, math.ceil(1.5 * longest) + 16)
+@dataclass
+class Compared:
+    """One system of task.json: its key and name, the System measured, and (base systems) the prompt variant
+    whose decision rule applies. Entries that share a System share its measurement."""
+
+    key: str
+    name: str
+    system: System
+    variant: PromptVariant | None = None
+    labels_missing: list[str] = field(default_factory=list)
 
 
-def run_task_eval(run_dir: Path, cfg, test: list[Example], train: list[Example], data_path: str, plan: Plan,
-                  systems: list[System], *, batch_size: int, max_new_tokens: int | None, log=print,
-                  quiet: bool = False) -> dict:
+class ComparedList(list):
+    selection: Selection | None = None
+
+
+def _pool_and_validation(cfg, train: list[Example], log) -> tuple[list[Example], list[Example], str]:
+    """(shot pool, validation examples, where they came from). The validation split is the run's data.validation,
+    else the part of the training file training held out (data.val_fraction, same seed), else 10% of it held out
+    here; shots are then drawn from the rest, so no validation example is ever its own shot."""
+    from tunesmith.data.formats import read_examples
+    from tunesmith.data.split import split_train_val
+
+    if cfg.data.validation and Path(cfg.data.validation).is_file():
+        return train, read_examples(cfg.data.validation, cfg.data.format), cfg.data.validation
+    if len(train) < 20:
+        return train, [], ""
+    fraction = cfg.data.val_fraction if cfg.data.val_fraction > 0 else 0.1
+    rest, held = split_train_val(train, fraction, cfg.train.seed)
+    return rest, held, f"{fraction:.0%} of {cfg.data.train} held out (seed {cfg.train.seed})"
+
+
+def _compared_systems(cfg, plan: TaskPlan, pool, validation, split, base, shots, knn_shots, select, select_limit,
+                      allow_missing_labels, batch_size, max_new_tokens, max_length, progress, log) -> ComparedList:
+    """base zero-shot, base few-shot (every label covered) and the best prompt chosen on validation."""
+    compared = ComparedList()
+    if plan.task == "lm":  # raw text: the base model is measured as it is; there is nothing to prompt
+        compared.append(Compared("base_zero_shot", "base", System("base_zero_shot", "base", *base)))
+        return compared
+    labels = plan.labels or []
+    few_k = (max(3, len(labels)) if shots == "auto" else shots) if pool else 0
+    knn_k = (AUTO_KNN_SHOTS if knn_shots == "auto" else knn_shots) if pool else 0
+    if shots != "auto" and labels and 0 < few_k < len(labels) and not allow_missing_labels:
+        pick_shots(pool, few_k, labels, cfg.train.seed)  # raises the ConfigError that says what to do
+    instruction = instruction_for(plan, pool)
+    seed = cfg.train.seed
+
+    def system_for(variant: PromptVariant, key: str) -> System:
+        return build_system(variant, key, *base, pool, plan, seed, instruction, allow_missing_labels)
+
+    zero, few = PromptVariant(), PromptVariant("random", few_k)
+    by_prompt = {zero.prompt: system_for(zero, "base_zero_shot")}
+    compared.append(Compared("base_zero_shot", "base, zero-shot", by_prompt[zero.prompt]))
+    if few_k:
+        by_prompt[few.prompt] = system_for(few, "base_few_shot")
+        missing = labels_missing_from(by_prompt[few.prompt], plan)
+        if missing:
+            log(f"note: the {few_k}-shot prompt shows no example of {', '.join(missing)} (fewer shots than labels)")
+        compared.append(Compared("base_few_shot", f"base, {few_k}-shot", by_prompt[few.prompt],
+                                 labels_missing=missing))
+    if not select:
+        return compared
+    if not validation:
+        log("note: no validation examples to choose a prompt on (data.validation, or 20+ training examples): "
+            "the fine-tuned model is compared with zero- and few-shot prompting only")
+        return compared
+    limit = select_limit or SELECT_LIMIT[plan.task]
+    sample = validation_sample(validation, limit, seed)
+    tried = variants(plan, few_k, knn_k, instruction)
+    log(f"eval: trying {len(tried)} prompt variants on {len(sample)} validation examples")
+    compared.selection = select_prompt(
+        sample, split, pool, plan, tried, base, seed=seed, instruction=instruction, batch_size=batch_size,
+        max_new_tokens=max_new_tokens or max_new_tokens_for(plan, base[1], sample), max_length=max_length,
+        progress=progress, log=log, allow_missing_labels=allow_missing_labels)
+    chosen = compared.selection.chosen
+    if chosen.prompt not in by_prompt:
+        by_prompt[chosen.prompt] = system_for(chosen, "base_best_prompt")
+    compared.append(Compared("base_best_prompt", "base, best prompt", by_prompt[chosen.prompt], chosen))
+    return compared
+
+
+def run_task_eval(run_dir: Path, test: list[Example], data_path: str, plan: TaskPlan, compared: list[Compared], *,
+                  batch_size: int, max_new_tokens: int | None, max_length: int | None, progress: Progress,
+                  log=print) -> dict:
     """Measure every system, write eval/task.json and eval/task_examples.jsonl, return task.json's content."""
-    from tunesmith.atomic import atomic_write_text
-
     ids = example_ids(data_path, test)
-    max_new = max_new_tokens or max_new_tokens_for(plan, systems[-1].tokenizer, test)
-    max_length = cfg.data.max_length if isinstance(cfg.data.max_length, int) else None
+    max_new = max_new_tokens or max_new_tokens_for(plan, compared[-1].system.tokenizer, test)
+    measured: dict[int, SystemResult] = {}
     entries, per_example = [], {}
-    with Progress(quiet) as progress:
-        for system in systems:
-            res = measure(system, test, plan, batch_size=batch_size, max_new_tokens=max_new, max_length=max_length,
-                          progress=progress)
-            metrics, scores, extra = system_metrics(plan, test, res)
-            seconds = sum(res.seconds.values())
-            entry = {"key": system.key, "name": system.name, "shots": len(system.shots), "metrics": metrics, **extra,
-                     "prompt_tokens_per_example": res.prompt_tokens, "seconds_per_example": seconds / len(test),
-                     "seconds": seconds, "seconds_by_mode": res.seconds}
-            entries.append(entry)
-            per_example[system.key] = (res, scores)
-            log(f"  {system.name}: {plan.primary} {_fmt(plan.primary, metrics.get(plan.primary))}  "
-                f"({res.prompt_tokens:.0f} prompt tokens, {seconds / len(test):.3f} s per example)")
+    for c in compared:
+        if id(c.system) not in measured:
+            calibrate = any(o.variant is not None and o.variant.calibrated for o in compared if o.system is c.system)
+            measured[id(c.system)] = measure(c.system, test, plan, batch_size=batch_size, max_new_tokens=max_new,
+                                             max_length=max_length, progress=progress, calibrate=calibrate)
+        res = measured[id(c.system)]
+        if c.variant is not None:
+            res = decided(res, c.variant, plan)
+        metrics, scores, extra = system_metrics(plan, test, res)
+        calibrated = c.variant is not None and c.variant.calibrated
+        by_mode = {k: v for k, v in res.seconds.items() if k != "calibration" or calibrated}
+        seconds = sum(by_mode.values())
+        entry = {"key": c.key, "name": c.name, "shots": c.system.n_shots, "metrics": metrics, **extra,
+                 "prompt_tokens_per_example": res.prompt_tokens, "seconds_per_example": seconds / len(test),
+                 "seconds": seconds, "seconds_by_mode": by_mode}
+        if c.key != "fine_tuned":
+            entry["prompt"] = (c.variant or _variant_of(c.system)).describe()
+        if c.labels_missing:
+            entry["labels_missing"] = c.labels_missing
+        entries.append(entry)
+        per_example[c.key] = (res, scores)
+        log(f"  {c.name}: {plan.primary} {_fmt(plan.primary, metrics.get(plan.primary))}  "
+            f"({res.prompt_tokens:.0f} prompt tokens, {seconds / len(test):.3f} s per example)")
 
     records = []
     for i, ex in enumerate(test):
@@ -537,11 +288,22 @@ def run_task_eval(run_dir: Path, cfg, test: list[Example], train: list[Example],
         "max_new_tokens": max_new,
         "by": list(plan.by),
     }
-    out = Path(run_dir) / "eval"
-    atomic_write_text(out / "task_examples.jsonl",
+    atomic_write_text(Path(run_dir) / "eval" / "task_examples.jsonl",
                       "".join(json.dumps(_finite(r), ensure_ascii=False) + "\n" for r in records))
-    atomic_write_text(out / "task.json", json.dumps(_finite(result), indent=2, ensure_ascii=False))
+    _write_task_json(run_dir, result)
     return result
+
+
+def _write_task_json(run_dir: Path, result: dict) -> None:
+    atomic_write_text(Path(run_dir) / "eval" / "task.json",
+                      json.dumps(_finite({k: v for k, v in result.items() if k != "forgetting"}), indent=2,
+                                 ensure_ascii=False))
+
+
+def _variant_of(system: System) -> PromptVariant:
+    if system.retriever is not None:
+        return PromptVariant("knn", system.retriever.k, system.instruction is not None)
+    return PromptVariant("random" if system.shots else "none", len(system.shots), system.instruction is not None)
 
 
 def _finite(obj):
@@ -561,68 +323,3 @@ def _fmt(name: str, value) -> str:
     if name in ("loss", "perplexity"):
         return f"{value:.3f}"
     return f"{value:.1%}"
-
-
-# ---- progress and the summary table -----------------------------------------------------------------------------
-
-
-class Progress:
-    """A rich progress bar per measured pass, with rate and ETA (nothing when quiet)."""
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self._bar = None
-
-    def __enter__(self):
-        if not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = RichProgress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            )
-            self._bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def start(self, description: str, total: int):
-        if self._bar is None:
-            return None
-        return self._bar.add_task(description, total=total, rate="")
-
-    def advance(self, task, n: int) -> None:
-        if self._bar is None or task is None:
-            return
-        self._bar.advance(task, n)
-        speed = self._bar.tasks[task].speed if task < len(self._bar.tasks) else None
-        self._bar.update(task, rate=f"{speed:.2f} ex/s" if speed else "")
-
-
-def summary_table(result: dict):
-    """A rich Table: each system's headline metrics, deltas vs base zero-shot, prompt tokens and latency."""
-    from rich.table import Table
-
-    shown = [m for m in TABLE_METRICS[result["task"]] if any(m in s["metrics"] for s in result["systems"])]
-    base = next((s for s in result["systems"] if s["key"] == "base_zero_shot"), None)
-    table = Table(title=f"{result['task']} eval, {result['data']['examples']} examples",
-                  caption=f"primary: {result['primary']}; (+x): change vs base zero-shot, in points for rates")
-    table.add_column("system", no_wrap=True)
-    for m in shown:
-        table.add_column(HEADERS.get(m, m), justify="right")
-    table.add_column("prompt tok", justify="right")
-    table.add_column("s/ex", justify="right")
-    for s in result["systems"]:
-        cells = []
-        for m in shown:
-            value = s["metrics"].get(m)
-            cell = _fmt(m, value)
-            if base is not None and s is not base and value is not None and base["metrics"].get(m) is not None:
-                delta = value - base["metrics"][m]
-                cell += f" ({delta:+.2f})" if m in ("loss", "perplexity") else f" ({delta * 100:+.1f})"
-            cells.append(cell)
-        table.add_row(s["name"], *cells, f"{s['prompt_tokens_per_example']:.0f}", f"{s['seconds_per_example']:.2f}")
-    return table

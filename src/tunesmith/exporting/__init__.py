@@ -21,6 +21,7 @@ from typing import Callable
 
 from tunesmith.atomic import atomic_dir
 from tunesmith.errors import RunError, TunesmithError
+from tunesmith.run_dir import RunDir
 
 KINDS = ("merge", "gguf", "adapter")
 CHECK_FILE = "equivalence.json"
@@ -43,7 +44,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, kind: str, quant: str = 
     run_dir, out = Path(run_dir), Path(out)
     if kind not in KINDS:
         raise RunError(f"unknown export kind {kind!r}; use one of {', '.join(KINDS)}")
-    config = _run_config(run_dir)
+    config = RunDir.open(run_dir).config
     _check_out(run_dir, out, force)
     if kind == "gguf":
         from tunesmith.exporting.gguf_file import QUANTS
@@ -248,17 +249,6 @@ def _failure(result: dict, out: Path) -> str:
     else:
         lines.append("This is a bug in tunesmith's exporter; please report it with the run's config.yaml.")
     return "\n".join(lines)
-
-
-def _run_config(run_dir: Path):
-    import yaml
-
-    from tunesmith.config import validate_config
-
-    if not (run_dir / "config.yaml").is_file():
-        what = "does not exist" if not run_dir.exists() else "is not a run directory (no config.yaml)"
-        raise RunError(f"{run_dir} {what}; pass a directory made by tunesmith train (e.g. runs/<name>)")
-    return validate_config(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
 
 
 def _check_out(run_dir: Path, out: Path, force: bool) -> None:

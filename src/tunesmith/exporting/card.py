@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunesmith.errors import RunError
+from tunesmith.run_dir import RunDir
+
 
 def model_card(run_dir: Path, config, method: str, kind: str, files: list[str], check: dict,
                quant: str | None = None) -> str:
@@ -84,8 +87,8 @@ def _usage(kind: str, base: str, files: list[str]) -> list[str]:
 
 def _data_summary(run_dir: Path) -> dict:
     try:
-        return json.loads((run_dir / "data.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return RunDir(run_dir).data_summary
+    except RunError:  # an unreadable data.json: the card goes without the data section
         return {}
 
 

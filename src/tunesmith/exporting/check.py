@@ -115,6 +115,6 @@ def logits(model, ids: list[int], offset: int = 0) -> torch.Tensor:
 def _prompt_ids(source, prompt: str) -> list[int]:
     """As tunesmith generate feeds a prompt: the chat template with a generation prompt, or raw text for runs
     trained on prompt/completion or plain text."""
-    if source.raw_prompts:
+    if source.renderer.raw_prompts:
         return source.tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return source.renderer.prompt_ids([{"role": "user", "content": prompt}], add_generation_prompt=True)

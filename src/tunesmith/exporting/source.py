@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import RunError
+from tunesmith.run_dir import RunDir
 
 MERGEABLE = ("lora", "dora", "ia3", "full", "freeze")
 PEFT_ADAPTERS = ("lora", "dora", "ia3", "prefix", "prompt")
@@ -38,20 +39,14 @@ class Source:
     method: str
     model: object  # the fine-tuned model (a PeftModel for peft methods), float32, CPU, eval mode
     tokenizer: object
-    renderer: object
-    raw_prompts: bool
+    renderer: object  # its raw_prompts says whether the run is prompted with raw text
 
 
 def check_exportable(run_dir: Path, kind: str) -> str:
     """The run's method, or RunError when `kind` ("merge", "gguf", "adapter") cannot be made from it."""
     from tunesmith.methods import saved_method
 
-    model_dir = run_dir / "model"
-    if not model_dir.is_dir():
-        raise RunError(
-            f"{run_dir}: training has not finished (no model/ folder); finish it with: tunesmith train --resume {run_dir}"
-        )
-    method = saved_method(model_dir)
+    method = saved_method(RunDir(run_dir).require_model("export"))
     if kind in ("merge", "gguf") and method not in MERGEABLE:
         why = WHY_NOT_MERGEABLE.get(method, f"method {method!r} cannot be merged")
         if method in PEFT_ADAPTERS:
@@ -81,8 +76,9 @@ def load_source(run_dir: Path, config, method: str) -> Source:
 
     model, tokenizer = models.load(config.model.name, dtype="float32", device="cpu")
     model = methods.load_trained(model, run_dir / "model").eval()
-    renderer = Renderer(tokenizer, config.model.chat_template, config.data.system_prompt)
-    return Source(run_dir, config, method, model, tokenizer, renderer, _trained_kind(run_dir) in ("completion", "text"))
+    raw = RunDir(run_dir).raw_prompts
+    renderer = Renderer(tokenizer, config.model.chat_template, config.data.system_prompt, raw_prompts=raw)
+    return Source(run_dir, config, method, model, tokenizer, renderer)
 
 
 def merged(source: Source):
@@ -93,9 +89,3 @@ def merged(source: Source):
     source.model = None
     return model.eval()
 
-
-def _trained_kind(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "data.json").read_text()).get("kind", "chat")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return "chat"

@@ -28,10 +28,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 META = "tunesmith.json"
 
 
-def save_trained(model: nn.Module, config: Config, out_dir: Path) -> None:
-    """Write the fine-tuned model to `out_dir`, replacing it whole: a crash leaves the old or the new dir."""
+def save_trained(model: nn.Module, config: Config, out_dir: Path, tokenizer=None) -> None:
+    """Write the fine-tuned model (and its tokenizer) to `out_dir`, replacing it whole: a crash leaves the old or
+    the new dir, never a model/ without its tokenizer."""
     with atomic_dir(Path(out_dir)) as tmp:
         _write(model, config, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def _write(model: nn.Module, config: Config, path: Path) -> None:

@@ -63,11 +63,12 @@ def build(runs: list[str | Path] = (), base: str | None = None, *, api_key: str 
           dtype: str = "auto", device: str = "auto", watch: str | Path | None = None, log=print, **limits):
     """(app, registry): load the base model once, attach every run's adapter, build the app (not started)."""
     from tunesmith.serving.app import Limits, create_app
-    from tunesmith.serving.registry import Registry, _run_config
+    from tunesmith.run_dir import RunDir
+    from tunesmith.serving.registry import Registry
 
     if base is None:
         if runs:
-            base = _run_config(Path(runs[0]).expanduser().resolve()).model.name
+            base = RunDir.open(Path(runs[0]).expanduser().resolve()).config.model.name
         else:
             from tunesmith.config import ModelConfig
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import TunesmithError
+from tunesmith.run_dir import CONFIG, RunDir
 from tunesmith.serving import schemas
 from tunesmith.serving.engine import Engine, Generation, Overloaded
 from tunesmith.serving.registry import Conflict, Registry, UnknownModel
@@ -365,9 +366,9 @@ class Watcher:
 
     def scan(self) -> list[str]:
         added = []
-        for run in sorted(p for p in self.folder.glob("*") if (p / "config.yaml").is_file() and (p / "model").is_dir()):
-            run = run.resolve()
-            stamp = (run / "model").stat().st_mtime
+        candidates = (RunDir(p) for p in self.folder.glob("*") if (p / CONFIG).is_file())
+        for run in sorted(r.path.resolve() for r in candidates if r.has_model):
+            stamp = RunDir(run).model_dir.stat().st_mtime
             if self._tried.get(run) == stamp or self.registry.serves_run(run):
                 continue
             self._tried[run] = stamp

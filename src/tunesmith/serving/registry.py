@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import ModelError, RunError
+from tunesmith.run_dir import RunDir
 
 # saved method -> peft adapter type, for the methods that can share the base
 SWITCHABLE = {"lora": "LORA", "dora": "LORA", "ia3": "IA3"}
@@ -160,7 +161,7 @@ class Registry:
         from tunesmith.data.templates import Renderer
 
         path = Path(run_dir).expanduser().resolve()
-        cfg = _run_config(path)
+        cfg = RunDir.open(path).config
         method = _check_model_dir(path)
         self._check_base(path, cfg.model.name)
         run_name = name or cfg.name or path.name
@@ -213,23 +214,10 @@ class Registry:
             )
 
 
-def _run_config(path: Path):
-    import yaml
-
-    from tunesmith.config import validate_config
-
-    if not (path / "config.yaml").is_file():
-        raise RunError(f"{path}: not a run directory (no config.yaml); train one with: tunesmith train ...")
-    return validate_config(yaml.safe_load((path / "config.yaml").read_text()), source=str(path / "config.yaml"))
-
-
 def _check_model_dir(path: Path) -> str:
     from tunesmith.methods.saving import saved_method
 
-    model_dir = path / "model"
-    if not model_dir.is_dir():
-        raise RunError(f"{path}: training has not finished (no model/ folder); continue it with: "
-                       f"tunesmith train --resume {path}")
+    model_dir = RunDir(path).require_model("serve")
     method = saved_method(model_dir)
     if method == "peft":  # made elsewhere: serve it if it is a LoRA
         peft_type = json.loads((model_dir / "adapter_config.json").read_text()).get("peft_type")

@@ -37,7 +37,7 @@ TOKENS_PER_FORWARD = {"cpu": 4096, "cuda": 16384, "mps": 8192}
 
 
 @dataclass
-class Plan:
+class TrainingPlan:
     """Resolved hyperparameters and, for each chosen automatically, why."""
 
     epochs: int
@@ -56,7 +56,7 @@ class Plan:
 def plan_training(
     train_cfg, method: str, n_examples: int, lengths: list[int], device_type: str = "cpu", val_tokens: int = 0,
     memory: tuple[int, int] | None = None,
-) -> Plan:
+) -> TrainingPlan:
     """memory: (bytes available for training, activation bytes per token), to cap the auto micro-batch."""
     reasons: dict[str, str] = {}
     t = train_cfg
@@ -125,10 +125,10 @@ def plan_training(
     save_every = eval_every if t.save_every == "auto" else t.save_every
     if t.eval_every == "auto":
         reasons["eval_every"] = f"{n_evals} evaluations: validation kept under ~15% of the training compute"
-    return Plan(epochs, batch, micro, lr, warmup, steps_per_epoch, total, eval_every, save_every, batching, reasons)
+    return TrainingPlan(epochs, batch, micro, lr, warmup, steps_per_epoch, total, eval_every, save_every, batching, reasons)
 
 
-def lr_at(step: int, plan: Plan, schedule: str) -> float:
+def lr_at(step: int, plan: TrainingPlan, schedule: str) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine/linear decay to 0 or constant."""
     if step < plan.warmup_steps:
         return plan.lr * (step + 1) / plan.warmup_steps

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +21,31 @@ from tunesmith.atomic import atomic_dir
 PREFIX = "step-"
 
 
-def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer, state: dict, keep: int) -> Path:
-    target = Path(run_dir) / "checkpoints" / f"{PREFIX}{step}"
+@dataclass
+class LoopState:
+    """What the training loop carries from step to step, saved as a checkpoint's state.json."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on so far (padding excluded)
+    best_val_loss: float | None = None
+    evals_without_improvement: int = 0  # validations since best_val_loss last improved (early stopping)
+
+    def to_dict(self) -> dict:
+        """state.json's content; its key order is the file format's (kept from before this class existed)."""
+        return {
+            "step": self.step, "best_val_loss": self.best_val_loss,
+            "evals_without_improvement": self.evals_without_improvement, "tokens": self.tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LoopState":
+        """From a state.json; keys it lacks take their defaults, keys it does not know are ignored."""
+        return cls(**{k: raw[k] for k in ("step", "tokens", "best_val_loss", "evals_without_improvement") if k in raw})
+
+
+def save_checkpoint(run_dir: Path, trainable: dict, optimizer, state: LoopState, keep: int) -> Path:
+    """checkpoints/step-N/ for the loop state `state` (N = state.step), then prune to the last `keep`."""
+    target = Path(run_dir) / "checkpoints" / f"{PREFIX}{state.step}"
     with atomic_dir(target) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -30,7 +54,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer, state:
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda{i}"] = s
         save_file(rng, tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+        (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=2))
     prune(run_dir, keep)
     return target
 
@@ -53,7 +77,7 @@ def prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, device) -> tuple[dict, dict, dict]:
+def load_checkpoint(path: Path, device) -> tuple[dict, dict, LoopState]:
     """Returns (trainable state, optimizer state, loop state) and restores the RNG states."""
     path = Path(path)
     trainable = load_file(path / "trainable.safetensors", device=str(device))
@@ -64,5 +88,5 @@ def load_checkpoint(path: Path, device) -> tuple[dict, dict, dict]:
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    state = json.loads((path / "state.json").read_text())
+    state = LoopState.from_dict(json.loads((path / "state.json").read_text()))
     return trainable, optim, state

@@ -20,21 +20,24 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tunesmith import methods, models
 from tunesmith.config import Config, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
-from tunesmith.training.auto import Plan, activation_bytes_per_token, available_memory, lr_at, plan_training
+from tunesmith.progress import Progress
+from tunesmith.run_dir import CONFIG, RunDir
+from tunesmith.training.auto import TrainingPlan, activation_bytes_per_token, available_memory, lr_at, plan_training
 from tunesmith.atomic import atomic_write_text
 from tunesmith.training import chunked_loss, prefix
-from tunesmith.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tunesmith.training.metrics import MetricsLogger, Progress
-from tunesmith.training.mitigations import KLToBase, frozen_base
+from tunesmith.training.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tunesmith.training.metrics import MetricsLogger
+from tunesmith.training.mitigations import KLToBase, frozen_base, mix_replay
 
 # peft 0.21 still asks transformers 5.23 for the old attribute name; the warning is not the user's business
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -51,32 +54,35 @@ ROW_TOKENS = 256
 SHARED_ROW_TOKENS = 512
 
 
-def train(config: Config, resume: bool = False, quiet: bool = False, log=print) -> Path:
-    """Fine-tune per `config`; returns the run directory. With resume=True, continue from its last checkpoint."""
+def train(config: Config, resume: bool = False, progress: Progress | None = None, log=print) -> Path:
+    """Fine-tune per `config`; returns the run directory. With resume=True, continue from its last checkpoint.
+
+    `progress` is told the steps done and shown the validation results (default: no bar, those lines to `log`);
+    `log` gets everything else (what is loaded, the data, the plan)."""
+    progress = Progress(log) if progress is None else progress
     run_dir = config.run_dir()
-    if resume:
-        config = _load_run_config(run_dir)
-    else:
-        _check_fresh(run_dir)
-    cfg = config
+    if not resume and RunDir(run_dir).holds_training:
+        raise RunError(
+            f"{run_dir} already holds a run. Continue it with: tunesmith train --resume {run_dir}\n"
+            f"or write elsewhere with --output DIR (or delete {run_dir})"
+        )
+    cfg = _saved_config(run_dir) if resume else config
     _set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-
-    from tunesmith import methods, models
 
     device = models.pick_device(cfg.model.device)
     dtype = models.pick_dtype(cfg.model.dtype, device)
     log(f"loading {cfg.model.name} ({dtype}, {device})")
     model, tokenizer = models.load(cfg.model.name, dtype="float32", device=str(device))
     data = _prepare_data(cfg, tokenizer, model, log)
-    lengths = [len(e.input_ids) for e in data["train"]]
-    val_tokens = sum(len(e.input_ids) for e in data["validation"])
+    lengths = [len(e.input_ids) for e in data.train]
+    val_tokens = sum(len(e.input_ids) for e in data.validation)
     free = available_memory(device)
     if free is not None and cfg.method in ("full", "freeze"):  # gradients and two AdamW moments, allocated later
         free -= 12 * sum(p.numel() for p in model.parameters())
     memory = None if free is None else (max(free, 0), activation_bytes_per_token(model.config))
-    plan = plan_training(cfg.train, cfg.method, len(data["train"]), lengths, device.type, val_tokens, memory)
-    cfg = _resolved(cfg, plan)
+    plan = plan_training(cfg.train, cfg.method, len(data.train), lengths, device.type, val_tokens, memory)
+    cfg = _resolved(cfg, plan, data.max_length)
     _print_plan(plan, log)
 
     torch.manual_seed(cfg.train.seed)
@@ -89,7 +95,7 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
         enable()
     optimizer = _optimizer(model, cfg)
 
-    state = {"step": 0, "best_val_loss": None, "evals_without_improvement": 0, "tokens": 0}
+    state = LoopState()
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -97,61 +103,73 @@ def train(config: Config, resume: bool = False, quiet: bool = False, log=print) 
         trainable, optim_state, state = load_checkpoint(ckpt, device)
         methods.load_trainable_state_dict(model, trainable)
         optimizer.load_state_dict(optim_state)
-        log(f"resuming from {ckpt} (step {state['step']} of {plan.total_steps})")
+        log(f"resuming from {ckpt} (step {state.step} of {plan.total_steps})")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         where = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-        atomic_write_text(run_dir / "data.json", json.dumps(data["summary"] | {"plan": asdict(plan), **where}, indent=2))
+        atomic_write_text(run_dir / "data.json", json.dumps(data.summary | {"plan": asdict(plan), **where}, indent=2))
 
-    metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state["step"] if resume else None)
-    ctx = _LoopContext(cfg, plan, model, optimizer, data, device, dtype, metrics, run_dir, tokenizer.pad_token_id)
-    ctx.kl = KLToBase.create(cfg, model, base_copy)
+    metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state.step if resume else None)
+    # share a micro-batch's common prefix (a fixed system prompt) when that is exact for this model and method
+    shareable, _ = prefix.supports_prefix_sharing(model, cfg.method, cfg.train.gradient_checkpointing)
+    ctx = TrainingContext(
+        cfg=cfg, plan=plan, model=model, optimizer=optimizer, train_set=data.train, validation=data.validation,
+        device=device, dtype=dtype, metrics=metrics, run_dir=run_dir,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        kl=KLToBase.create(cfg, model, base_copy),
+        virtual_tokens=cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0,
+        autocast=device.type == "cuda" and dtype != torch.float32,
+        share_prefix=prefix.MIN_PREFIX_TOKENS if shareable and plan.batching == "pack" else 0,
+    )
     try:
-        _run_steps(ctx, state, quiet, log)
+        _run_steps(ctx, state, progress)
     finally:
         metrics.close()
 
-    methods.save_trained(model, cfg, run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
+    methods.save_trained(model, cfg, run_dir / "model", tokenizer)
     log(f"done: {run_dir}/model")
     return run_dir
 
 
-class _LoopContext:
-    def __init__(self, cfg, plan, model, optimizer, data, device, dtype, metrics, run_dir, pad_id):
-        self.cfg, self.plan, self.model, self.optimizer = cfg, plan, model, optimizer
-        self.data, self.device, self.dtype, self.metrics, self.run_dir = data, device, dtype, metrics, run_dir
-        self.pad_id = pad_id if pad_id is not None else 0
-        # prompt tuning prepends virtual tokens to every row: the kept-positions mask must cover them too
-        self.virtual_tokens = cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0
-        self.autocast = device.type == "cuda" and dtype != torch.float32
-        # share a common prefix across each micro-batch when that is exact for this model and method
-        ok, _ = prefix.supports_prefix_sharing(model, cfg.method, cfg.train.gradient_checkpointing)
-        self.share_prefix = prefix.MIN_PREFIX_TOKENS if ok and plan.batching == "pack" else 0
+@dataclass(frozen=True)
+class TrainingContext:
+    """What the steps of a run work with; built once in `train()`, never changed after."""
+
+    cfg: Config  # resolved: no `auto` left in train.* or data.max_length
+    plan: TrainingPlan
+    model: torch.nn.Module  # the method applied
+    optimizer: torch.optim.Optimizer
+    train_set: list  # encoded examples (data.templates.Encoded), replay examples included
+    validation: list  # encoded validation examples; empty: no validation
+    device: torch.device
+    dtype: torch.dtype  # compute dtype (autocast on CUDA); the weights stay float32
+    metrics: MetricsLogger
+    run_dir: Path
+    pad_id: int
+    kl: KLToBase | None  # the train.kl_to_base penalty; None without it
+    virtual_tokens: int  # prompt tuning prepends them to every row: the kept-positions mask must cover them too
+    autocast: bool
+    share_prefix: int  # encode a micro-batch's common prefix once when it has this many tokens (0: never)
 
 
-def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
+def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> None:
     cfg, plan, model, optimizer = ctx.cfg, ctx.plan, ctx.model, ctx.optimizer
-    train_set = ctx.data["train"]
-    lengths = [len(e.input_ids) for e in train_set]
+    lengths = [len(e.input_ids) for e in ctx.train_set]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    progress = Progress(plan.total_steps, start=state["step"], quiet=quiet)
+    bar = progress.start("train", plan.total_steps, completed=state.step)
     stop = _StopFlag()
     epoch_steps: dict[int, list[list[int]]] = {}
     window_tokens, window_time = 0, 0.0
     model.train()
     try:
-        while state["step"] < plan.total_steps:
-            step = state["step"]
+        while state.step < plan.total_steps:
+            step = state.step
             epoch, in_epoch = divmod(step, plan.steps_per_epoch)
             if epoch not in epoch_steps:
                 epoch_steps = {epoch: step_indices(lengths, plan.batch_size, cfg.train.seed, epoch, plan.batching)}
-            examples = [train_set[i] for i in epoch_steps[epoch][in_epoch]]
-            batches = make_batches(
-                examples, plan.batching, plan.micro_batch_size, ctx.pad_id, _row_tokens(cfg), ctx.share_prefix,
-                SHARED_ROW_TOKENS,
-            )
+            examples = [ctx.train_set[i] for i in epoch_steps[epoch][in_epoch]]
+            batches = _batches(ctx, examples)
             n_targets = sum(b.n_targets for b in batches)
 
             t0 = time.perf_counter()
@@ -175,35 +193,37 @@ def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
             elapsed = time.perf_counter() - t0
 
             n_tokens = sum(b.n_tokens for b in batches)
-            state["step"] = step + 1
-            state["tokens"] += n_tokens
+            state.step = step + 1
+            state.tokens += n_tokens
             window_tokens, window_time = window_tokens + n_tokens, window_time + elapsed
             record = {
                 "kind": "train", "step": step + 1, "epoch": round((step + 1) / plan.steps_per_epoch, 4),
-                "loss": round(loss, 6), "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
+                "loss": round(loss, 6), "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                 "label_tokens": n_targets, "tokens_per_s": round(n_tokens / elapsed, 1), "step_time": round(elapsed, 4),
             }
             if ctx.kl is not None:  # log the task loss and the KL term apart
                 record.update(ctx.kl.pop(n_targets, loss))
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps:
                 ctx.metrics.log(record)
-            progress.update(state["step"], f"loss {loss:.4f}  {window_tokens / max(window_time, 1e-9):,.0f} tok/s")
+            progress.update(
+                bar, completed=state.step, info=f"loss {loss:.4f}  {window_tokens / max(window_time, 1e-9):,.0f} tok/s"
+            )
 
-            last = state["step"] == plan.total_steps
+            last = state.step == plan.total_steps
             stop_early = False
-            if ctx.data["validation"] and (state["step"] % plan.eval_every == 0 or last):
+            if ctx.validation and (state.step % plan.eval_every == 0 or last):
                 stop_early = _evaluate_and_track(ctx, state, progress)
-            if state["step"] % plan.save_every == 0 or last or stop_early or stop.requested:
+            if state.step % plan.save_every == 0 or last or stop_early or stop.requested:
                 _checkpoint(ctx, state)
             if stop_early:
                 progress.print(
                     f"early stopping: validation loss has not improved for {cfg.train.early_stopping_patience} "
-                    f"evaluations (best {state['best_val_loss']:.4f})"
+                    f"evaluations (best {state.best_val_loss:.4f})"
                 )
                 break
             if stop.requested:
                 raise Interrupted(
-                    f"interrupted at step {state['step']} of {plan.total_steps}; checkpoint saved.\n"
+                    f"interrupted at step {state.step} of {plan.total_steps}; checkpoint saved.\n"
                     f"Resume with: tunesmith train --resume {ctx.run_dir}"
                 )
     finally:
@@ -211,7 +231,7 @@ def _run_steps(ctx: _LoopContext, state: dict, quiet: bool, log) -> None:
         progress.close()
 
 
-def _forward(ctx: _LoopContext, batch) -> tuple[torch.Tensor, int]:
+def _forward(ctx: TrainingContext, batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the batch's labelled positions, and how many were predicted right."""
     keep = batch.keep
     if ctx.virtual_tokens:
@@ -238,24 +258,28 @@ def _forward(ctx: _LoopContext, batch) -> tuple[torch.Tensor, int]:
     return loss, correct
 
 
-def _model_outputs(ctx: _LoopContext, batch, kwargs: dict) -> torch.Tensor:
+def _model_outputs(ctx: TrainingContext, batch, kwargs: dict) -> torch.Tensor:
     """The model's output at the batch's kept positions: logits, or hidden states with the head swapped out."""
     if batch.prefix_ids is not None:
         return prefix.forward_shared_prefix(ctx.model, batch)
     return ctx.model(**kwargs).logits
 
 
+def _batches(ctx: TrainingContext, examples) -> list:
+    """`examples` cut into micro-batches as the plan says (packed or padded rows, a shared prefix when exact)."""
+    return make_batches(
+        examples, ctx.plan.batching, ctx.plan.micro_batch_size, ctx.pad_id, ROW_TOKENS, ctx.share_prefix,
+        SHARED_ROW_TOKENS,
+    )
+
+
 @torch.no_grad()
-def evaluate_loss(ctx: _LoopContext, examples) -> dict:
+def evaluate_loss(ctx: TrainingContext, examples) -> dict:
     """Validation loss (mean over labelled tokens) and token accuracy."""
     was_training = ctx.model.training
     ctx.model.eval()
     total, correct, n = 0.0, 0, 0
-    batches = make_batches(
-        examples, ctx.plan.batching, ctx.plan.micro_batch_size, ctx.pad_id, _row_tokens(ctx.cfg), ctx.share_prefix,
-        SHARED_ROW_TOKENS,
-    )
-    for batch in batches:
+    for batch in _batches(ctx, examples):
         loss, right = _forward(ctx, batch.to(ctx.device))
         total += loss.item()
         correct += right
@@ -265,29 +289,25 @@ def evaluate_loss(ctx: _LoopContext, examples) -> dict:
     return {"val_loss": total / max(n, 1), "val_token_acc": correct / max(n, 1), "val_tokens": n}
 
 
-def _evaluate_and_track(ctx: _LoopContext, state: dict, progress: Progress) -> bool:
+def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progress) -> bool:
     """Validate, log, and return True when early stopping says stop."""
-    result = evaluate_loss(ctx, ctx.data["validation"])
-    ctx.metrics.log({"kind": "eval", "step": state["step"], **{k: round(v, 6) for k, v in result.items()}})
+    result = evaluate_loss(ctx, ctx.validation)
+    ctx.metrics.log({"kind": "eval", "step": state.step, **{k: round(v, 6) for k, v in result.items()}})
     progress.print(
-        f"step {state['step']}: val_loss {result['val_loss']:.4f}  val_token_acc {result['val_token_acc']:.3f}"
+        f"step {state.step}: val_loss {result['val_loss']:.4f}  val_token_acc {result['val_token_acc']:.3f}"
     )
-    best = state["best_val_loss"]
-    if best is None or result["val_loss"] < best - 1e-6:
-        state["best_val_loss"] = result["val_loss"]
-        state["evals_without_improvement"] = 0
+    if state.best_val_loss is None or result["val_loss"] < state.best_val_loss - 1e-6:
+        state.best_val_loss = result["val_loss"]
+        state.evals_without_improvement = 0
     else:
-        state["evals_without_improvement"] += 1
+        state.evals_without_improvement += 1
     patience = ctx.cfg.train.early_stopping_patience
-    return patience is not None and state["evals_without_improvement"] >= patience
+    return patience is not None and state.evals_without_improvement >= patience
 
 
-def _checkpoint(ctx: _LoopContext, state: dict) -> None:
-    from tunesmith import methods
-
+def _checkpoint(ctx: TrainingContext, state: LoopState) -> None:
     save_checkpoint(
-        ctx.run_dir, state["step"], methods.trainable_state_dict(ctx.model), ctx.optimizer, state,
-        keep=ctx.cfg.train.keep_checkpoints,
+        ctx.run_dir, methods.trainable_state_dict(ctx.model), ctx.optimizer, state, keep=ctx.cfg.train.keep_checkpoints
     )
 
 
@@ -295,8 +315,18 @@ def _checkpoint(ctx: _LoopContext, state: dict) -> None:
 # Set-up helpers
 
 
-def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
-    """Read, split and encode the data; returns encoded train/validation sets and a summary for data.json."""
+@dataclass
+class PreparedData:
+    """The encoded data of a run and what data.json says about it."""
+
+    train: list  # data.templates.Encoded, replay examples (train.replay) after the task's
+    validation: list
+    summary: dict  # data.json without the plan and the device
+    max_length: int  # data.max_length resolved (auto: the model's context, at most AUTO_MAX_LENGTH)
+
+
+def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
+    """Read, split and encode the data (`cfg` is left as it is: data.max_length auto is resolved in the result)."""
     from tunesmith.data.formats import read_examples
     from tunesmith.data.split import split_train_val
     from tunesmith.data.templates import Renderer
@@ -315,12 +345,16 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
 
     context = getattr(model.config, "max_position_embeddings", None) or 2048
     if cfg.data.max_length == "auto":
-        cfg.data.max_length = min(context, AUTO_MAX_LENGTH)
+        max_length = min(context, AUTO_MAX_LENGTH)
     elif cfg.data.max_length > context:
         raise ConfigError(
             f"data.max_length={cfg.data.max_length} is longer than the model's context ({context} tokens); "
             f"set data.max_length to at most {context}"
         )
+    else:
+        max_length = cfg.data.max_length
+    # encoding and replay read data.max_length: give them a copy with it resolved, not the caller's config
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": max_length})})
     renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
     encoded, summary = {}, {"template": renderer.template_name, "kind": train_examples[0].kind}
     for split, examples in (("train", train_examples), ("validation", val_examples)):
@@ -328,8 +362,6 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
     if not encoded["train"]:
         raise DataError(f"{cfg.data.train}: no trainable example left after filtering")
     if cfg.train.replay:  # general examples against forgetting (training/mitigations.py); validation stays task-only
-        from tunesmith.training.mitigations import mix_replay
-
         encoded["train"], summary["replay"] = mix_replay(encoded["train"], cfg, tokenizer, log)
     summary["files"] = {
         k: {"path": v, "sha256": _sha256(v)} for k, v in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)) if v
@@ -341,7 +373,9 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> dict:
         + (f", {s['truncated']} truncated" if s["truncated"] else "")
         + (f", {s['dropped']} dropped (too long)" if s["dropped"] else "")
     )
-    return {"train": encoded["train"], "validation": encoded["validation"], "summary": summary}
+    return PreparedData(
+        train=encoded["train"], validation=encoded["validation"], summary=summary, max_length=max_length
+    )
 
 
 def _encode_all(examples, renderer, cfg: Config) -> tuple[list, dict]:
@@ -390,12 +424,10 @@ def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-def _row_tokens(cfg: Config) -> int:
-    return ROW_TOKENS
-
-
-def _resolved(cfg: Config, plan: Plan) -> Config:
+def _resolved(cfg: Config, plan: TrainingPlan, max_length: int) -> Config:
+    """The config with every `auto` of training and data.max_length replaced by the value used (config.yaml)."""
     raw = cfg.model_dump(mode="json")
+    raw["data"]["max_length"] = max_length
     raw["train"].update(
         epochs=plan.epochs, batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size, lr=plan.lr,
         warmup=plan.warmup_steps, eval_every=plan.eval_every, save_every=plan.save_every, batching=plan.batching,
@@ -404,7 +436,7 @@ def _resolved(cfg: Config, plan: Plan) -> Config:
     return validate_config(raw, source="resolved config")
 
 
-def _print_plan(plan: Plan, log) -> None:
+def _print_plan(plan: TrainingPlan, log) -> None:
     log(
         f"plan: {plan.total_steps} steps ({plan.epochs} epoch{'s' if plan.epochs > 1 else ''} x {plan.steps_per_epoch}), "
         f"batch {plan.batch_size} (micro {plan.micro_batch_size}), lr {plan.lr:g}, warmup {plan.warmup_steps}, "
@@ -414,21 +446,11 @@ def _print_plan(plan: Plan, log) -> None:
         log(f"  auto {key}: {why}")
 
 
-def _check_fresh(run_dir: Path) -> None:
-    if (run_dir / "checkpoints").exists() or (run_dir / "model").exists():
-        raise RunError(
-            f"{run_dir} already holds a run. Continue it with: tunesmith train --resume {run_dir}\n"
-            f"or write elsewhere with --output DIR (or delete {run_dir})"
-        )
-
-
-def _load_run_config(run_dir: Path) -> Config:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise RunError(f"{run_dir}: not a run directory (no config.yaml); nothing to resume")
-    return validate_config(yaml.safe_load(path.read_text()), source=str(path))
+def _saved_config(run_dir: Path) -> Config:
+    """The config a run to resume was trained with (its config.yaml)."""
+    if not (run_dir / CONFIG).is_file():
+        raise RunError(f"{run_dir}: not a run directory (no {CONFIG}); nothing to resume")
+    return RunDir.open(run_dir).config
 
 
 def _set_threads(threads: int | None) -> None:

@@ -1,4 +1,4 @@
-"""Metric sinks (metrics.jsonl always, TensorBoard optionally) and the progress display."""
+"""Metric sinks: metrics.jsonl always, TensorBoard optionally. (Progress display: tunesmith.progress.)"""
 
 from __future__ import annotations
 
@@ -49,47 +49,3 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
 
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class Progress:
-    """A progress bar with step, loss, tokens/s and ETA (rich), quiet when asked."""
-
-    def __init__(self, total: int, start: int = 0, quiet: bool = False):
-        self.quiet = quiet
-        self._bar = None
-        if quiet:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._bar = RichProgress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self._task = self._bar.add_task("train", total=total, completed=start, info="")
-        self._bar.start()
-
-    def update(self, step: int, info: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
-
-    def print(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(text)
-        elif not self.quiet:
-            print(text)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()

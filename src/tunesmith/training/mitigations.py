@@ -28,11 +28,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import DataError
+from tunesmith.models.functional import kl_per_position
 
 REPLAY_DEFAULT = Path(__file__).resolve().parent.parent / "resources" / "replay" / "general-chat.jsonl"
 
@@ -128,7 +130,7 @@ class KLToBase:
     def base_logits(self, batch, kwargs: dict) -> torch.Tensor:
         """Base model logits at batch.keep, (n_keep, vocab), computed the way the loop computed the model's."""
         model = self.base if self.base is not None else self.model
-        ctx = self.model.disable_adapter() if self.base is None else _nullcontext()
+        ctx = self.model.disable_adapter() if self.base is None else nullcontext()
         with ctx:
             if getattr(batch, "prefix_ids", None) is not None:  # a micro-batch sharing its system prompt
                 from tunesmith.training.prefix import forward_shared_prefix
@@ -141,9 +143,7 @@ class KLToBase:
 
     def penalty(self, batch, kwargs: dict, logits: torch.Tensor) -> torch.Tensor:
         """weight * sum over kept positions of KL(p_base || p_model); logits: the model's (n_keep, vocab)."""
-        p_log = torch.log_softmax(self.base_logits(batch, kwargs), -1)
-        q_log = torch.log_softmax(logits, -1)
-        kl = (p_log.exp() * (p_log - q_log)).sum()
+        kl = kl_per_position(self.base_logits(batch, kwargs), logits).sum()
         self.kl_sum += kl.item()
         return self.weight * kl
 
@@ -153,11 +153,3 @@ class KLToBase:
         kl = self.kl_sum / max(n_targets, 1)
         self.kl_sum = 0.0
         return {"loss": round(objective - self.weight * kl, 6), "kl_to_base": round(kl, 6), "objective": round(objective, 6)}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

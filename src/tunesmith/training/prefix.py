@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.models.functional import mask_for, takes_custom_masks
+
 # Below this many shared tokens the extra prefix pass costs more than it saves (measured: see bench/RESULTS.md).
 MIN_PREFIX_TOKENS = 8
 
@@ -35,22 +37,6 @@ def supports_prefix_sharing(model, method: str, gradient_checkpointing: bool) ->
     if gradient_checkpointing:
         return False, "gradient checkpointing recomputes layers without a cache"
     return takes_custom_masks(model)
-
-
-def takes_custom_masks(model) -> tuple[bool, str]:
-    """Whether a custom 4D attention mask means the same to every attention layer of the model (not so for
-    sliding-window layers, nor for kernels that take no 4D mask); the reason when it does not."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return False, "the model has no config"
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text_config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or getattr(text_config, "sliding_window", None):
-        return False, "the model has sliding-window attention layers"
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):
-        return False, f"attention implementation {impl!r} takes no custom 4D mask"
-    return True, ""
 
 
 def forward_shared_prefix(model, batch) -> torch.Tensor:
@@ -67,12 +53,3 @@ def forward_shared_prefix(model, batch) -> torch.Tensor:
         attention_mask=mask_for(model, batch.attention_mask), past_key_values=cache, use_cache=True, logits_to_keep=batch.keep,
     )
     return out.logits
-
-
-def mask_for(model, mask: torch.Tensor) -> torch.Tensor:
-    """A boolean 4D mask (True: may attend) as the model's attention takes it: as is for SDPA, additive
-    (0 / most negative value) for eager attention, which adds the mask to the scores."""
-    if getattr(model.config, "_attn_implementation", "eager") == "sdpa":
-        return mask
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

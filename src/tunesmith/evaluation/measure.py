@@ -1,0 +1,232 @@
+"""Measuring one system over the test examples: label scoring, greedy generation and reference likelihood.
+
+Cost: a system's prompts usually share a prefix (system prompt + shots). Its keys/values are computed once
+(the longest common token prefix of all the system's prompts, so the result is exact for any template) and
+copied into every batch, so few-shot costs little more than zero-shot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tunesmith.data.example import Example
+from tunesmith.evaluation.systems import System
+from tunesmith.evaluation.tasks import TaskPlan
+
+# Contextual calibration's content-free inputs (Zhao et al. 2021, "Calibrate Before Use", section 5). A prompt with
+# fixed shots needs them scored once; retrieved shots make every example's prompt different, so each example would
+# need its own: there only "N/A" is scored, which keeps calibration at twice the label-scoring cost, not four times.
+CONTENT_FREE = ("N/A", "", "[MASK]")
+CONTENT_FREE_PER_EXAMPLE = ("N/A",)
+
+
+@dataclass
+class SystemResult:
+    outputs: list[str] = field(default_factory=list)  # the answer recorded per example
+    generated: list[str] | None = None
+    predictions: list[str | None] | None = None  # classification by label scoring
+    label_scores: list[list[tuple[float, int]]] | None = None  # per example, per label: (log-probability, tokens)
+    content_free: list[list[list[float]]] | None = None  # per example: label log-probabilities per content-free input
+    nll: list[tuple[float, int]] | None = None  # reference log-likelihood per example (negated), tokens
+    prompt_tokens: float = 0.0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def decided(self, labels: list[str], calibrated: bool = False, length_norm: bool = False) -> "SystemResult":
+        """A copy whose label-scoring predictions follow another decision rule: contextual calibration (each
+        label's probability divided by its probability for content-free inputs) and/or length normalisation
+        (mean log-probability per token instead of the sum)."""
+        from dataclasses import replace
+
+        from tunesmith.evaluation.calibration import content_free_prior, predict
+
+        if self.label_scores is None or (calibrated and self.content_free is None):
+            raise ValueError("this result has no label scores (or no content-free scores) to decide on")
+        predictions = []
+        for i, row in enumerate(self.label_scores):
+            logprobs = [lp for lp, _ in row]
+            counts = [n for _, n in row] if length_norm else None
+            prior = content_free_prior(self.content_free[i], counts) if calibrated else None
+            predictions.append(labels[predict(logprobs, prior=prior, token_counts=counts)])
+        outputs = predictions if self.outputs is self.predictions or self.generated is None else self.outputs
+        return replace(self, predictions=predictions, outputs=outputs)
+
+
+def measure(system: System, test: list[Example], plan: TaskPlan, *, batch_size: int, max_new_tokens: int,
+            max_length: int | None, progress, calibrate: bool = False, reference_loss: bool = True) -> SystemResult:
+    """Run one system over the test set: label scoring, generation and/or reference likelihood, as the task needs.
+    calibrate: also score the labels after content-free inputs (classification label scoring), so that
+    `SystemResult.decided(calibrated=True)` can apply contextual calibration. reference_loss: also the likelihood
+    of the reference answers (extraction and text)."""
+    import torch
+
+    from tunesmith.evaluation.generate import common_prefix_length, encode_prefix, uses_prompt_learning
+
+    result = SystemResult()
+    if plan.task == "lm":
+        return _measure_lm(system, test, batch_size=batch_size, max_length=max_length, progress=progress)
+    system.prepare(test)
+    prompts = [system.prompt(ex) for ex in test]
+    result.prompt_tokens = sum(map(len, prompts)) / len(prompts)
+    # Batches of similar length waste less on padding: measure in order of prompt length, report in test order.
+    order = sorted(range(len(test)), key=lambda i: (len(prompts[i]), i))
+    test, prompts = [test[i] for i in order], [prompts[i] for i in order]
+    t0 = time.perf_counter()
+    prefix_len = 0 if uses_prompt_learning(system.model) else common_prefix_length(prompts)
+    prefix = encode_prefix(system.model, prompts[0][:prefix_len])
+    shared = {"prefix_len": prefix_len, "prefix_cache": prefix}
+    setup = time.perf_counter() - t0
+    with torch.no_grad():
+        if "score" in plan.by:
+            t0 = time.perf_counter()
+            result.label_scores = _score_labels(system, test, prompts, plan.labels, batch_size, shared, progress)
+            result.predictions = [plan.labels[max(range(len(row)), key=lambda k: row[k][0])]
+                                  for row in result.label_scores]
+            result.seconds["score"] = setup + time.perf_counter() - t0
+            if calibrate:
+                t0 = time.perf_counter()
+                result.content_free = _score_content_free(system, test, plan.labels, batch_size, shared, progress)
+                result.seconds["calibration"] = time.perf_counter() - t0
+        if plan.task != "classification" or "generate" in plan.by:
+            t0 = time.perf_counter()
+            result.generated = _generate(system, prompts, batch_size, max_new_tokens, shared, progress)
+            result.seconds["generate"] = setup + time.perf_counter() - t0
+        if plan.task in ("extraction", "text") and reference_loss:
+            t0 = time.perf_counter()
+            result.nll = _reference_nll(system, test, prompts, batch_size, shared, progress)
+            result.seconds["reference_loss"] = time.perf_counter() - t0
+    back = [0] * len(order)
+    for pos, i in enumerate(order):
+        back[i] = pos
+    for name in ("predictions", "label_scores", "content_free", "generated", "nll"):
+        values = getattr(result, name)
+        if values is not None:
+            setattr(result, name, [values[back[i]] for i in range(len(order))])
+    result.outputs = result.predictions if result.predictions is not None else result.generated
+    return result
+
+
+def _score_labels(system, test, prompts, labels, batch_size, shared, progress) -> list[list[tuple[float, int]]]:
+    from tunesmith.evaluation.classify import score_continuations
+
+    out = []
+    task = progress.start(f"{system.name}: label scoring", len(test))
+    for start in range(0, len(test), batch_size):
+        chunk = range(start, min(start + batch_size, len(test)))
+        conts = []
+        for i in chunk:
+            rows = [system.pair(test[i], label) for label in labels]
+            if any(p != prompts[i] for p, _ in rows):
+                raise RuntimeError(f"{test[i].source}: label rendering changed the prompt tokens")
+            conts.append([c for _, c in rows])
+        out += score_continuations(system.model, [prompts[i] for i in chunk], conts, pad=system.pad, **shared)
+        progress.update(task, advance=len(chunk))
+    return out
+
+
+def _score_content_free(system, test, labels, batch_size, shared, progress) -> list[list[list[float]]]:
+    """Per example, the label log-probabilities after each content-free input in the example's own prompt (its
+    system prompt and shots). Identical content-free prompts (fixed shots: all of them) are scored once."""
+    from tunesmith.evaluation.classify import score_continuations
+
+    texts = CONTENT_FREE_PER_EXAMPLE if system.retriever is not None else CONTENT_FREE
+    rows, index = [], {}  # distinct (prompt, continuations) rows, and each example's row numbers
+    per_example = []
+    for ex in test:
+        mine = []
+        for text in texts:
+            free = system.content_free(ex, text)
+            pairs = [system.pair(free, label, system.shots_for(ex)) for label in labels]
+            key = (tuple(pairs[0][0]), tuple(tuple(c) for _, c in pairs))
+            if key not in index:
+                index[key] = len(rows)
+                rows.append((pairs[0][0], [c for _, c in pairs]))
+            mine.append(index[key])
+        per_example.append(mine)
+    task = progress.start(f"{system.name}: content-free inputs (calibration)", len(rows))
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        got = score_continuations(system.model, [p for p, _ in chunk], [c for _, c in chunk], pad=system.pad,
+                                  **_usable(shared, [p for p, _ in chunk]))
+        scores += [[lp for lp, _ in row] for row in got]
+        progress.update(task, advance=len(chunk))
+    return [[scores[r] for r in mine] for mine in per_example]
+
+
+def _usable(shared: dict, prompts: list[list[int]]) -> dict:
+    """The shared prefix cache where these prompts start with it too (a content-free prompt may end inside it)."""
+    n = shared.get("prefix_len", 0)
+    if n and all(len(p) > n for p in prompts):
+        return shared
+    return {}
+
+
+def _generate(system, prompts, batch_size, max_new_tokens, shared, progress) -> list[str]:
+    from tunesmith.evaluation.generate import greedy_batch, uses_prompt_learning
+
+    renderer = system.renderer
+    out = []
+    task = progress.start(f"{system.name}: generation", len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        if uses_prompt_learning(system.model):
+            out += _generate_plain(system, chunk, max_new_tokens)
+        else:
+            out += greedy_batch(system.model, system.tokenizer, chunk, stop_ids=renderer.stop_token_ids,
+                                stop_strings=renderer.stop_strings, max_new_tokens=max_new_tokens, **shared)
+        progress.update(task, advance=len(chunk))
+    return [o.strip() for o in out]
+
+
+def _generate_plain(system, prompts, max_new_tokens) -> list[str]:
+    """model.generate without a shared prefix, for models whose forward() adds virtual tokens."""
+    import torch
+
+    from tunesmith.evaluation.generate import _cut, left_pad
+
+    ids, mask, _ = left_pad(prompts, system.pad, 0)
+    device = next(system.model.parameters()).device
+    kwargs = {"stop_strings": list(system.renderer.stop_strings), "tokenizer": system.tokenizer} \
+        if system.renderer.stop_strings else {}
+    out = system.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                max_new_tokens=max_new_tokens, eos_token_id=system.renderer.stop_token_ids,
+                                pad_token_id=system.pad, **kwargs)
+    return [_cut(system.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True),
+                 list(system.renderer.stop_strings)) for row in out.cpu()]
+
+
+def _reference_nll(system, test, prompts, batch_size, shared, progress) -> list[tuple[float, int]]:
+    from tunesmith.evaluation.classify import score_continuations
+
+    out = []
+    task = progress.start(f"{system.name}: reference likelihood", len(test))
+    for start in range(0, len(test), batch_size):
+        chunk = range(start, min(start + batch_size, len(test)))
+        conts = [[system.pair(test[i], test[i].answer() or "")[1]] for i in chunk]
+        scores = score_continuations(system.model, [prompts[i] for i in chunk], conts, pad=system.pad, **shared)
+        out += [(-row[0][0], row[0][1]) for row in scores]
+        progress.update(task, advance=len(chunk))
+    return out
+
+
+def _measure_lm(system, test, *, batch_size, max_length, progress) -> SystemResult:
+    """Loss of every text token after the first (which has no context without a BOS), as training scores it."""
+    from tunesmith.evaluation.classify import score_continuations
+
+    encoded = [system.renderer.encode(ex, max_length=max_length).input_ids for ex in test]
+    encoded = [ids if len(ids) >= 2 else ids + ids for ids in encoded]
+    result = SystemResult(outputs=["" for _ in test], nll=[])
+    result.prompt_tokens = sum(map(len, encoded)) / len(encoded)
+    t0 = time.perf_counter()
+    task = progress.start(f"{system.name}: text likelihood", len(test))
+    longest = max(map(len, encoded))
+    rows = max(1, min(batch_size, 4096 // longest))  # bounds the (rows, tokens, vocabulary) logits tensor
+    for start in range(0, len(encoded), rows):
+        chunk = encoded[start : start + rows]
+        scores = score_continuations(system.model, [ids[:1] for ids in chunk], [[ids[1:]] for ids in chunk],
+                                     pad=system.pad)
+        result.nll += [(-row[0][0], row[0][1]) for row in scores]
+        progress.update(task, advance=len(chunk))
+    result.seconds["likelihood"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,185 @@
+"""The strongest cheap prompt of the base model, chosen on the validation split.
+
+"Fine-tuned beats prompting" is only worth what the prompting was. On a real 8-label task, a 4-shot prompt that
+showed half the labels scored 13.8% (chance 12.5%) while the 8 most similar training examples as shots scored
+58.8%: the margin fine-tuning was credited with shrank from ~46 points to ~14. So `tunesmith eval` tries the
+variants a practitioner would try and compares the fine-tuned model with the best of them:
+
+- zero-shot: the dataset's system prompt and the input;
+- instructed: the same plus an instruction naming the answer format (classification: the labels; extraction:
+  the JSON keys) — for a base model that otherwise answers in prose;
+- few-shot: k random training examples as prior turns, every label covered (evaluation/shots.py);
+- knn: per example, the k most similar training examples (TF-IDF, evaluation/shots.py), most similar last;
+- for label scoring, each of those with contextual calibration (Zhao et al. 2021) and/or length normalisation
+  (mean log-probability per label token): rules that reuse the same forward passes, so they cost little.
+
+The variants are measured on validation examples (never the test split), the best by the primary metric is
+chosen (ties: the earlier, i.e. cheaper, variant), and only that one is measured on the test split, beside the
+plain zero- and few-shot systems. Whether calibration or length normalisation helps is thus decided per dataset
+by measurement, and the selection table (every variant's validation score, prompt tokens, seconds per example)
+is kept in eval/task.json.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from tunesmith.data.example import Example
+from tunesmith.evaluation.aggregate import system_metrics
+from tunesmith.evaluation.measure import SystemResult, measure
+from tunesmith.evaluation.shots import ShotRetriever, missing_labels, pick_shots
+from tunesmith.evaluation.systems import System
+from tunesmith.evaluation.tasks import METRICS, TaskPlan
+
+AUTO_KNN_SHOTS = 8  # retrieved shots: what lifted the 8-label task above (4 did as well on a one-line summary task)
+SELECT_LIMIT = {"classification": 100, "extraction": 40, "text": 40}  # validation examples the variants are tried on
+MAX_INSTRUCTION_KEYS = 20
+
+
+@dataclass(frozen=True)
+class PromptVariant:
+    """One way to prompt the base model: the prompt (shots, instruction) and the label-scoring decision rule."""
+
+    shots: str = "none"  # none | random | knn
+    k: int = 0
+    instructed: bool = False
+    calibrated: bool = False
+    length_norm: bool = False
+
+    @property
+    def prompt(self) -> tuple[str, int, bool]:
+        """What must be measured: variants that differ only in the decision rule share one measurement."""
+        return self.shots, self.k, self.instructed
+
+    @property
+    def key(self) -> str:
+        parts = ["zero_shot" if self.shots == "none" else f"{self.shots}_{self.k}"]
+        parts += [name for name, on in (("instructed", self.instructed), ("calibrated", self.calibrated),
+                                        ("length_norm", self.length_norm)) if on]
+        return "+".join(parts)
+
+    @property
+    def name(self) -> str:
+        text = {"none": "zero-shot", "random": f"{self.k}-shot", "knn": f"{self.k} retrieved shots"}[self.shots]
+        extras = [name for name, on in (("format instruction", self.instructed), ("calibrated", self.calibrated),
+                                        ("length-normalised", self.length_norm)) if on]
+        return text + (f" ({', '.join(extras)})" if extras else "")
+
+    def describe(self) -> dict:
+        return {"key": self.key, "name": self.name, **asdict(self)}
+
+
+def instruction_for(plan: TaskPlan, train: list[Example]) -> str | None:
+    """The answer-format instruction a prompter would add to the system prompt; None where there is none to give."""
+    if plan.task == "classification":
+        return f"Answer with exactly one of these labels and nothing else: {', '.join(plan.labels)}."
+    if plan.task == "extraction":
+        from tunesmith.evaluation.metrics import parse_json_object
+
+        keys = Counter(k for ex in train for k in (parse_json_object(ex.answer() or "") or {}))
+        if not keys:
+            return None
+        names = [k for k, _ in keys.most_common(MAX_INSTRUCTION_KEYS)]
+        return f"Answer with only a JSON object with the keys {', '.join(names)}; no other text."
+    return None
+
+
+def variants(plan: TaskPlan, few_k: int, knn_k: int, instruction: str | None) -> list[PromptVariant]:
+    """Every variant to try, cheapest first (ties go to the earlier one)."""
+    prompts = [PromptVariant()]
+    if instruction:
+        prompts.append(PromptVariant(instructed=True))
+    if few_k:
+        prompts.append(PromptVariant("random", few_k))
+    if knn_k:
+        prompts.append(PromptVariant("knn", knn_k))
+    if plan.task != "classification" or "score" not in plan.by:
+        return prompts
+    return [PromptVariant(p.shots, p.k, p.instructed, calibrated, norm)
+            for p in prompts for norm in (False, True) for calibrated in (False, True)]
+
+
+def build_system(variant: PromptVariant, key: str, model, tokenizer, renderer, pool: list[Example],
+                 plan: TaskPlan, seed: int, instruction: str | None, allow_missing_labels: bool = False) -> System:
+    """The base-model System that prompts as `variant` says; shots come from `pool` (training examples only)."""
+    shots, retriever = [], None
+    if variant.shots == "random":
+        shots = pick_shots(pool, variant.k, plan.labels, seed, allow_missing_labels=allow_missing_labels)
+    elif variant.shots == "knn":
+        retriever = ShotRetriever(pool, variant.k)
+    return System(key, f"base, {variant.name}", model, tokenizer, renderer, shots=shots, retriever=retriever,
+                  instruction=instruction if variant.instructed else None)
+
+
+def decided(res: SystemResult, variant: PromptVariant, plan: TaskPlan) -> SystemResult:
+    """The result under the variant's decision rule (the plain rule needs nothing new)."""
+    if plan.task != "classification" or res.label_scores is None or not (variant.calibrated or variant.length_norm):
+        return res
+    return res.decided(plan.labels, calibrated=variant.calibrated, length_norm=variant.length_norm)
+
+
+def validation_sample(examples: list[Example], limit: int, seed: int) -> list[Example]:
+    """At most `limit` examples, drawn with the seed and kept in file order (files are often sorted by label)."""
+    if len(examples) <= limit:
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+@dataclass
+class Selection:
+    chosen: PromptVariant
+    rows: list[dict]  # every variant: key, name, value of the primary metric, prompt tokens, seconds per example
+    split: str  # where the validation examples came from
+    examples: int
+    metric: str
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "examples": self.examples, "metric": self.metric, "chosen": self.chosen.key,
+                "rule": "the variant with the best validation score; ties go to the cheaper variant listed first",
+                "variants": self.rows}
+
+
+def select_prompt(validation: list[Example], split: str, pool: list[Example], plan: TaskPlan, tried: list[PromptVariant],
+                  base: tuple, *, seed: int, instruction: str | None, batch_size: int, max_new_tokens: int,
+                  max_length: int | None, progress, log=print, allow_missing_labels: bool = False) -> Selection:
+    """Measure every variant on the validation examples and pick the best by the primary metric."""
+    model, tokenizer, renderer = base
+    # choose by what the test reports first: label scoring when it is on, else generation
+    by = ("score",) if "score" in plan.by else plan.by
+    val_plan = TaskPlan(plan.task, plan.primary, plan.labels, by, plan.format)
+    higher = METRICS[plan.primary][1]
+    measured: dict[tuple, tuple[SystemResult, float]] = {}
+    rows, best, best_value = [], None, None
+    for variant in tried:
+        if variant.prompt not in measured:
+            system = build_system(variant, f"select:{variant.key}", model, tokenizer, renderer, pool, plan, seed,
+                                  instruction, allow_missing_labels)
+            t0 = time.perf_counter()
+            res = measure(system, validation, val_plan, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          max_length=max_length, progress=progress,
+                          calibrate=any(v.calibrated and v.prompt == variant.prompt for v in tried),
+                          reference_loss=False)
+            measured[variant.prompt] = (res, time.perf_counter() - t0)
+        res, _ = measured[variant.prompt]
+        metrics, _, _ = system_metrics(val_plan, validation, decided(res, variant, plan))
+        value = metrics.get(plan.primary)
+        seconds = sum(v for k, v in res.seconds.items() if k != "calibration" or variant.calibrated)
+        rows.append({**variant.describe(), "value": value, "prompt_tokens_per_example": res.prompt_tokens,
+                     "seconds_per_example": seconds / len(validation)})
+        if value is not None and (best_value is None or (value > best_value if higher else value < best_value)):
+            best, best_value = variant, value
+    best = best or tried[0]
+    log(f"  prompt chosen on {len(validation)} validation examples ({split}): {best.name}, "
+        f"{plan.primary} {best_value if best_value is None else round(best_value, 4)}")
+    return Selection(best, rows, split, len(validation), plan.primary)
+
+
+def labels_missing_from(system: System, plan: TaskPlan) -> list[str]:
+    """The labels a fixed-shot prompt never shows (reported beside the system)."""
+    if plan.task != "classification" or system.retriever is not None or not system.shots:
+        return []
+    return missing_labels(system.shots, plan.labels)

@@ -1,0 +1,44 @@
+"""Tensor functions on a model's inputs and outputs that training and evaluation both use.
+
+- `takes_custom_masks` / `mask_for`: custom 4D attention masks (the shared-prefix training path and label scoring
+  both put several sequences' tokens after one cached prefix);
+- `kl_per_position`: KL(p || q) of next-token distributions, the one definition behind the `train.kl_to_base`
+  penalty and the forgetting measure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def takes_custom_masks(model) -> tuple[bool, str]:
+    """Whether a custom 4D attention mask means the same to every attention layer of the model (not so for
+    sliding-window layers, nor for kernels that take no 4D mask); the reason when it does not."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False, "the model has no config"
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text_config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(text_config, "sliding_window", None):
+        return False, "the model has sliding-window attention layers"
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        return False, f"attention implementation {impl!r} takes no custom 4D mask"
+    return True, ""
+
+
+def mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean 4D mask (True: may attend) as the model's attention takes it: as is for SDPA, additive
+    (0 / most negative value) for eager attention, which adds the mask to the scores."""
+    if getattr(model.config, "_attn_implementation", "eager") == "sdpa":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def kl_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) in nats at every position, from logits over the vocabulary (last dimension); differentiable in
+    both arguments. Computed from log-softmax, so large logits do not overflow."""
+    p_log = torch.log_softmax(p_logits, -1)
+    q_log = torch.log_softmax(q_logits, -1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
