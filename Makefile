@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench results clean-venv browser
+.PHONY: install demo test test-fast lint format bench results clean-venv browser
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run: make PY=python3 ..." >&2; exit 2; }
@@ -42,7 +42,16 @@ browser:
 	  echo "note: no chromium and no way to install it (not root, no passwordless sudo): the report browser test will skip" >&2; \
 	fi
 
-test: $(STAMP) browser
+# ruff (rules and why in pyproject.toml): the formatter's layout and a small lint rule set, on the whole tree
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) browser lint
 	$(BIN)/python -m pytest -q --timeout=900 tests
 
 test-fast: $(STAMP)

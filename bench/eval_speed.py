@@ -30,8 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--run", help="a run directory: also time its fine-tuned model (prompted as in training)")
-    parser.add_argument("--data", default=str(ROOT / "data" / "ticket-triage"),
-                        help="folder with train.jsonl (shots) and test.jsonl")
+    parser.add_argument(
+        "--data", default=str(ROOT / "data" / "ticket-triage"), help="folder with train.jsonl (shots) and test.jsonl"
+    )
     parser.add_argument("--examples", type=int, default=48)
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
@@ -48,9 +49,9 @@ def main() -> None:
     from tunesmith.data.templates import Renderer
     from tunesmith.evaluation import systems as S
     from tunesmith.evaluation import tasks
+    from tunesmith.evaluation.classify import parse_label
     from tunesmith.evaluation.measure import measure
     from tunesmith.progress import Progress
-    from tunesmith.evaluation.classify import parse_label
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)
@@ -74,12 +75,16 @@ def main() -> None:
         systems.append(S.System("fine_tuned", "fine-tuned", tuned.eval(), tuned_tok, tuned_renderer))
     max_new = tasks.max_new_tokens_for(plan, tokenizer, test)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    print(f"load average: {os.getloadavg()[0]:.2f}; {len(test)} test examples of {data}, labels {labels}; "
-          f"batch {args.batch}, {args.threads} threads, max_new_tokens {max_new}", flush=True)
+    print(
+        f"load average: {os.getloadavg()[0]:.2f}; {len(test)} test examples of {data}, labels {labels}; "
+        f"batch {args.batch}, {args.threads} threads, max_new_tokens {max_new}",
+        flush=True,
+    )
 
     def score(system) -> list[str]:
-        res = measure(system, test, plan, batch_size=args.batch, max_new_tokens=max_new, max_length=None,
-                        progress=Progress(None))
+        res = measure(
+            system, test, plan, batch_size=args.batch, max_new_tokens=max_new, max_length=None, progress=Progress(None)
+        )
         return res.predictions
 
     def generate(system, batch: int) -> tuple[list[str | None], list[str]]:
@@ -92,8 +97,12 @@ def main() -> None:
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
             with torch.no_grad():
                 out = system.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                    eos_token_id=system.renderer.stop_token_ids, pad_token_id=pad,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    eos_token_id=system.renderer.stop_token_ids,
+                    pad_token_id=pad,
                 )
             texts += system.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [parse_label(t, labels) for t in texts], texts
@@ -120,8 +129,7 @@ def main() -> None:
                 if m == "score":
                     continue
                 valid = [(g, s) for g, s in zip(answers[m], answers["score"]) if g is not None]
-                row[m] = {"valid": len(valid), "same": sum(g == s for g, s in valid),
-                          "ratio": med[m] / med["score"]}
+                row[m] = {"valid": len(valid), "same": sum(g == s for g, s in valid), "ratio": med[m] / med["score"]}
                 if m == "generate":
                     row["first"] = answers[m + ":text"][:2]
         rows.append(row)
@@ -134,7 +142,8 @@ def main() -> None:
     print(head)
     for row in rows:
         line = f"{row['system']:<18} {row['prompt_tokens']:>10.0f} " + " ".join(
-            f"{row['median'][m]:>13.2f}" for m in methods)
+            f"{row['median'][m]:>13.2f}" for m in methods
+        )
         if "score" in methods:
             line += " " + " ".join(f"{row[m]['ratio']:>13.1f}x" for m in others)
             line += "  " + ", ".join(f"{m}: {row[m]['same']}/{row[m]['valid']}" for m in others)

@@ -48,23 +48,33 @@ def main() -> None:
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"error: the {variant} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            runs[variant].append(json.loads(lines[-1][len("RESULT "):]))
+            runs[variant].append(json.loads(lines[-1][len("RESULT ") :]))
             r = runs[variant][-1]
             print(f"{variant:<8} peak RSS {r['peak_rss_mb']:6.0f} MB  rise {r['rise_mb']:6.0f} MB", flush=True)
-    rows = [{**v[0], **{k: statistics.median(r[k] for r in v) for k in ("saved_mb", "peak_rss_mb", "rise_mb")}}
-            for v in runs.values()]
+    rows = [
+        {**v[0], **{k: statistics.median(r[k] for r in v) for k in ("saved_mb", "peak_rss_mb", "rise_mb")}}
+        for v in runs.values()
+    ]
     r0 = rows[0]
     if not r0["engaged"]:
         print("note: the chunked path did not engage (too few labelled positions): both rows ran the plain head")
-    print(f"{args.method}, {r0['tokens']} tokens in {args.examples} passages, {r0['labelled']} labelled, "
-          f"vocabulary {r0['vocab']:,}; estimate (auto.activation_bytes_per_token): {r0['estimate_mb_per_token']:.2f} MB/token")
-    print(f"{'variant':<8} {'saved for backward':>19} {'peak RSS':>9} {'rise over model':>16} {'rise/token':>11} {'loss':>10}")
+    print(
+        f"{args.method}, {r0['tokens']} tokens in {args.examples} passages, {r0['labelled']} labelled, "
+        f"vocabulary {r0['vocab']:,}; estimate (auto.activation_bytes_per_token): {r0['estimate_mb_per_token']:.2f} MB/token"
+    )
+    print(
+        f"{'variant':<8} {'saved for backward':>19} {'peak RSS':>9} {'rise over model':>16} {'rise/token':>11} {'loss':>10}"
+    )
     for r in rows:
-        print(f"{r['variant']:<8} {r['saved_mb']:>16.0f} MB {r['peak_rss_mb']:>6.0f} MB {r['rise_mb']:>13.0f} MB "
-              f"{r['rise_mb'] / r['tokens']:>8.2f} MB {r['loss']:>10.6f}")
+        print(
+            f"{r['variant']:<8} {r['saved_mb']:>16.0f} MB {r['peak_rss_mb']:>6.0f} MB {r['rise_mb']:>13.0f} MB "
+            f"{r['rise_mb'] / r['tokens']:>8.2f} MB {r['loss']:>10.6f}"
+        )
     plain, chunked = rows[1], rows[0]
-    print(f"chunked / plain: saved {chunked['saved_mb'] / plain['saved_mb']:.2f}x, peak RSS "
-          f"{chunked['peak_rss_mb'] / plain['peak_rss_mb']:.2f}x, rise {chunked['rise_mb'] / plain['rise_mb']:.2f}x")
+    print(
+        f"chunked / plain: saved {chunked['saved_mb'] / plain['saved_mb']:.2f}x, peak RSS "
+        f"{chunked['peak_rss_mb'] / plain['peak_rss_mb']:.2f}x, rise {chunked['rise_mb'] / plain['rise_mb']:.2f}x"
+    )
 
 
 def run_worker(args) -> dict:
@@ -81,10 +91,13 @@ def run_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.worker == "plain":
         chunked_loss.should_chunk = lambda model, n_keep: False
-    cfg = validate_config({
-        "model": {"name": args.model}, "method": args.method,
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target": "all-linear"},
-    })
+    cfg = validate_config(
+        {
+            "model": {"name": args.model},
+            "method": args.method,
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target": "all-linear"},
+        }
+    )
     model, tokenizer = models.load(args.model, dtype="float32", device="cpu")
     renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
     examples = read_examples(args.data, "auto")[: args.examples]
@@ -101,8 +114,18 @@ def run_worker(args) -> dict:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    ctx = type("Ctx", (), {"model": model, "kl": None, "virtual_tokens": 0, "device": torch.device("cpu"),
-                           "dtype": torch.float32, "autocast": False})()
+    ctx = type(
+        "Ctx",
+        (),
+        {
+            "model": model,
+            "kl": None,
+            "virtual_tokens": 0,
+            "device": torch.device("cpu"),
+            "dtype": torch.float32,
+            "autocast": False,
+        },
+    )()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = loop._forward(ctx, batch)
@@ -110,9 +133,15 @@ def run_worker(args) -> dict:
     saved = sum(n for ptr, n in seen.items() if ptr not in params)
     head = model.get_output_embeddings()
     return {
-        "variant": args.worker, "engaged": chunked_loss.should_chunk(model, int(batch.n_targets)), "tokens": int(batch.n_tokens), "labelled": int(batch.n_targets),
-        "vocab": head.out_features, "saved_mb": saved / 2**20, "peak_rss_mb": _peak_rss_mb(),
-        "rise_mb": _peak_rss_mb() - before, "loss": loss.item() / batch.n_targets,
+        "variant": args.worker,
+        "engaged": chunked_loss.should_chunk(model, int(batch.n_targets)),
+        "tokens": int(batch.n_tokens),
+        "labelled": int(batch.n_targets),
+        "vocab": head.out_features,
+        "saved_mb": saved / 2**20,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rise_mb": _peak_rss_mb() - before,
+        "loss": loss.item() / batch.n_targets,
         "estimate_mb_per_token": activation_bytes_per_token(model.config) / 2**20,
     }
 

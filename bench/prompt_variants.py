@@ -58,31 +58,62 @@ def main() -> int:
     instruction = prompting.instruction_for(plan, pool)
     sample = prompting.validation_sample(validation, args.limit or prompting.SELECT_LIMIT[plan.task], cfg.train.seed)
     tried = prompting.variants(plan, few_k, knn_k, instruction)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    print(f"{args.recipe}: {plan.task}, primary {plan.primary}; {len(sample)} validation examples ({split}); "
-          f"{len(tried)} variants; {args.threads} threads on {cpu}; load {os.getloadavg()[0]:.2f}", flush=True)
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "?"
+    )
+    print(
+        f"{args.recipe}: {plan.task}, primary {plan.primary}; {len(sample)} validation examples ({split}); "
+        f"{len(tried)} variants; {args.threads} threads on {cpu}; load {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     selection = prompting.select_prompt(
-        sample, split, pool, plan, tried, base, seed=cfg.train.seed, instruction=instruction,
-        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens or max_new_tokens_for(plan, tokenizer,
-                                                                                                     sample),
-        max_length=None, progress=Progress(None))
+        sample,
+        split,
+        pool,
+        plan,
+        tried,
+        base,
+        seed=cfg.train.seed,
+        instruction=instruction,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens or max_new_tokens_for(plan, tokenizer, sample),
+        max_length=None,
+        progress=Progress(None),
+    )
     print(f"selection took {time.perf_counter() - t0:.0f} s\n")
     print(f"| variant | {plan.primary} (validation) | prompt tokens / example | seconds / example |")
     print("|---|---|---|---|")
     for row in selection.rows:
         mark = " **(chosen)**" if row["key"] == selection.chosen.key else ""
-        print(f"| {row['name']}{mark} | {row['value']:.4f} | {row['prompt_tokens_per_example']:.0f} | "
-              f"{row['seconds_per_example']:.3f} |")
+        print(
+            f"| {row['name']}{mark} | {row['value']:.4f} | {row['prompt_tokens_per_example']:.0f} | "
+            f"{row['seconds_per_example']:.3f} |"
+        )
     out = {"recipe": args.recipe, "cpu": cpu, "threads": args.threads, "selection": selection.to_json()}
     if args.test:
         test = test[: args.test]
         for variant, key in ((prompting.PromptVariant(), "zero_shot"), (selection.chosen, "chosen")):
             system = prompting.build_system(variant, key, *base, pool, plan, cfg.train.seed, instruction)
-            res = measure(system, test, plan, batch_size=cfg.eval.batch_size,
-                          max_new_tokens=cfg.eval.max_new_tokens or max_new_tokens_for(plan, tokenizer, test),
-                          max_length=None, progress=Progress(None), calibrate=variant.calibrated)
+            res = measure(
+                system,
+                test,
+                plan,
+                batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens or max_new_tokens_for(plan, tokenizer, test),
+                max_length=None,
+                progress=Progress(None),
+                calibrate=variant.calibrated,
+            )
             metrics, _, _ = system_metrics(plan, test, prompting.decided(res, variant, plan))
             out[f"test_{key}"] = {"variant": variant.name, "metrics": metrics}
             print(f"test ({len(test)}): {variant.name}: {plan.primary} {metrics.get(plan.primary):.4f}")

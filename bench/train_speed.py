@@ -51,7 +51,9 @@ SEED = 42
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data", default=str(ROOT / "data" / "ticket-triage"), help="folder with train/validation.jsonl")
+    parser.add_argument(
+        "--data", default=str(ROOT / "data" / "ticket-triage"), help="folder with train/validation.jsonl"
+    )
     parser.add_argument("--examples", type=int, default=64, help="training examples (steps x batch at most)")
     parser.add_argument("--val", type=int, default=32, help="validation examples for the final validation loss")
     parser.add_argument("--batch", type=int, default=8, help="examples per optimizer step (no accumulation)")
@@ -76,7 +78,9 @@ def main() -> None:
     if unknown:
         sys.exit(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     full_repeats = args.full_repeats
-    print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}", flush=True)
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}", flush=True
+    )
     ceiling = matmul_gflops(args.threads)
     print(f"fp32 2048x2048 matmul, {args.threads} threads: {ceiling:.1f} GFLOP/s", flush=True)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -97,7 +101,9 @@ def main() -> None:
     print(f"fp32 matmul again at the end: {ceiling_after:.1f} GFLOP/s", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "matmul_gflops": [ceiling, ceiling_after], "runs": runs}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "matmul_gflops": [ceiling, ceiling_after], "runs": runs}, indent=2)
+        )
     print_table(runs, (ceiling + ceiling_after) / 2)
 
 
@@ -115,8 +121,10 @@ def spawn(variant: str, args, workdir: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"error: the {variant} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+        sys.exit(
+            f"error: the {variant} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["wall_s"] = time.perf_counter() - t0
     return result
 
@@ -126,15 +134,17 @@ def print_table(runs: dict[str, list[dict]], ceiling: float) -> None:
         return statistics.median(r[key] for r in runs[v])
 
     print()
-    print(f"{'variant':<11} {'runs':>4} {'useful tok/s':>12} {'vs hf':>6} {'vs group':>8} {'peak RSS MB':>11} {'vs hf':>6}"
-          f" {'first loss':>10} {'val loss':>9} {'GFLOP/s':>8} {'of matmul':>9}")
+    print(
+        f"{'variant':<11} {'runs':>4} {'useful tok/s':>12} {'vs hf':>6} {'vs group':>8} {'peak RSS MB':>11} {'vs hf':>6}"
+        f" {'first loss':>10} {'val loss':>9} {'GFLOP/s':>8} {'of matmul':>9}"
+    )
     for v, rs in runs.items():
         if not rs:
             continue
         base = "hf-full" if v.endswith("full") else "hf"
         group = None if v.endswith("full") else "hf-group"
         tps = med(v, "tokens_per_s")
-        ratio = lambda b, key: f"{med(v, key) / med(b, key):.2f}x" if runs.get(b) else "-"  # noqa: E731
+        ratio = lambda b, key, v=v: f"{med(v, key) / med(b, key):.2f}x" if runs.get(b) else "-"  # noqa: E731
         gflops = med(v, "gflops")
         print(
             f"{v:<11} {len(rs):>4} {tps:>12.1f} {ratio(base, 'tokens_per_s'):>6} "
@@ -220,9 +230,19 @@ def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target": "all-linear"},
         "data": {"train": str(train_file), "validation": str(val_file)},
         "train": {
-            "batch_size": args.batch, "micro_batch_size": args.batch, "max_steps": steps, "lr": _lr(variant, args),
-            "warmup": 0, "schedule": "constant", "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": SEED,
-            "eval_every": steps, "save_every": steps, "threads": args.threads, "batching": "pack",
+            "batch_size": args.batch,
+            "micro_batch_size": args.batch,
+            "max_steps": steps,
+            "lr": _lr(variant, args),
+            "warmup": 0,
+            "schedule": "constant",
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "seed": SEED,
+            "eval_every": steps,
+            "save_every": steps,
+            "threads": args.threads,
+            "batching": "pack",
         },
         "output": str(workdir / "run"),
     }
@@ -232,8 +252,11 @@ def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     return _summary(
-        [r["tokens_per_s"] for r in train], train[0]["loss"], evals[-1]["val_loss"],
-        _work_flops(variant, run.path, args), peak,
+        [r["tokens_per_s"] for r in train],
+        train[0]["loss"],
+        evals[-1]["val_loss"],
+        _work_flops(variant, run.path, args),
+        peak,
     )
 
 
@@ -251,8 +274,15 @@ def _work_flops(variant: str, run_dir, args) -> float:
     k = 6 if variant.endswith("full") else 4
     flops = useful = 0
     for step in steps:
-        for b in make_batches([encoded[i] for i in step], "pack", args.batch, 0, loop.ROW_TOKENS,
-                              prefix.MIN_PREFIX_TOKENS, loop.SHARED_ROW_TOKENS):
+        for b in make_batches(
+            [encoded[i] for i in step],
+            "pack",
+            args.batch,
+            0,
+            loop.ROW_TOKENS,
+            prefix.MIN_PREFIX_TOKENS,
+            loop.SHARED_ROW_TOKENS,
+        ):
             computed = b.input_ids.numel() + (b.prefix_ids.numel() if b.prefix_ids is not None else 0)
             flops += k * (body * computed + head * b.n_targets)
             useful += b.n_tokens
@@ -292,12 +322,17 @@ def _hf_run(variant: str, args, workdir: Path, train_file: Path, val_file: Path)
     full = variant.endswith("full")
     if not full:
         # the same peft LoRA, initialised from the same seed, as the tunesmith run
-        cfg = validate_config({"model": {"name": args.model}, "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}})
+        cfg = validate_config(
+            {"model": {"name": args.model}, "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}}
+        )
         torch.manual_seed(SEED)
         model = methods.apply_method(model, cfg, tokenizer=tokenizer)
     encoded = _encode(args.model, tokenizer, train_file)
     order = epoch_order(len(encoded), SEED, 0)  # tunesmith's order for epoch 0
-    train = [{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels, "attention_mask": [1] * len(encoded[i])} for i in order]
+    train = [
+        {"input_ids": encoded[i].input_ids, "labels": encoded[i].labels, "attention_mask": [1] * len(encoded[i])}
+        for i in order
+    ]
 
     seq2seq = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
     shapes: list[tuple[int, int]] = []  # (useful tokens, padded positions) of each batch, in step order
@@ -328,15 +363,34 @@ def _hf_run(variant: str, args, workdir: Path, train_file: Path, val_file: Path)
 
     steps = _steps(variant, args)
     training_args = TrainingArguments(
-        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        max_steps=steps, learning_rate=_lr(variant, args), lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        output_dir=str(workdir / "hf"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=_lr(variant, args),
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
         train_sampling_strategy="group_by_length" if variant == "hf-group" else "sequential",
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], seed=SEED, use_cpu=True,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=SEED,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
     )
     clock = Clock()
-    trainer = LossTrainer(model=model, args=training_args, train_dataset=train, data_collator=collate, callbacks=[clock])
+    trainer = LossTrainer(
+        model=model, args=training_args, train_dataset=train, data_collator=collate, callbacks=[clock]
+    )
     trainer.train()
     useful = [u for u, _ in shapes[:steps]]
     padded = [p for _, p in shapes[:steps]]
@@ -357,10 +411,16 @@ def _hf_val_loss(model, tokenizer, encoded, collator, batch_size: int) -> float:
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            batch = collator([{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in chunk])
+            batch = collator(
+                [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e)} for e in chunk]
+            )
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             targets = batch["labels"][:, 1:]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"))
+            total += float(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            )
             n += int((targets != -100).sum())
     return total / n
 
@@ -369,8 +429,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _summary(step_rates: list[float], first_loss: float, val_loss: float, flops_per_useful_token: float,
-             peak_rss_mb: float) -> dict:
+def _summary(
+    step_rates: list[float], first_loss: float, val_loss: float, flops_per_useful_token: float, peak_rss_mb: float
+) -> dict:
     steady = step_rates[1:] or step_rates
     tps = statistics.median(steady)
     return {

@@ -41,8 +41,13 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     from tunesmith.evaluation.forgetting import forgetting_eval
 
     out = OUT / name
-    budget = {"train.max_steps": args.steps, "train.threads": args.threads, "train.eval_every": args.steps,
-              "output": str(out), "name": f"forgetting-{name}"}
+    budget = {
+        "train.max_steps": args.steps,
+        "train.threads": args.threads,
+        "train.eval_every": args.steps,
+        "output": str(out),
+        "name": f"forgetting-{name}",
+    }
     print(f"\n=== {name}: {overrides}", flush=True)
     if (out / "model").is_dir():
         run = tunesmith.load(out)  # trained by an earlier, interrupted invocation
@@ -54,12 +59,20 @@ def run_variant(name: str, overrides: dict, args) -> dict:
     model, tok, _ = run.load_model()
     fg = forgetting_eval(run, tuned=(model, tok), limit=args.probe_limit)
     return {
-        "variant": name, "overrides": overrides, "steps": args.steps, "train_seconds": train_seconds,
-        "accuracy_base": acc.get("base_zero_shot"), "accuracy_tuned": acc.get("fine_tuned"),
+        "variant": name,
+        "overrides": overrides,
+        "steps": args.steps,
+        "train_seconds": train_seconds,
+        "accuracy_base": acc.get("base_zero_shot"),
+        "accuracy_tuned": acc.get("fine_tuned"),
         "test_examples": task["data"]["examples"],
-        "perplexity_change": fg["perplexity"]["change"], "kl": fg["kl"]["mean_per_token"],
-        "score_base": fg["questions"]["base"], "score_tuned": fg["questions"]["fine_tuned"],
-        "score_change": fg["questions"]["change"], "verdict": fg["verdict"], "probe_questions": fg["probe"]["questions"],
+        "perplexity_change": fg["perplexity"]["change"],
+        "kl": fg["kl"]["mean_per_token"],
+        "score_base": fg["questions"]["base"],
+        "score_tuned": fg["questions"]["fine_tuned"],
+        "score_change": fg["questions"]["change"],
+        "verdict": fg["verdict"],
+        "probe_questions": fg["probe"]["questions"],
         "forgetting_seconds": fg["seconds"],
     }
 
@@ -74,8 +87,12 @@ def write_doc(rows: list[dict], args, started: str) -> None:
         f"trained {args.steps} optimizer steps of 8 examples, seed 42. Task accuracy: label scoring on "
         f"{rows[0]['test_examples'] if rows else '?'} test examples. Forgetting: the tunesmith-general-v1 probe "
         f"({rows[0]['probe_questions'] if rows else '?'} questions"
-        + (f", {rows[0].get('probe_passages', '?') if rows else '?'} of the 35 passages: a subset spread over the probe"
-           if args.probe_limit else ", all 35 passages") + ").",
+        + (
+            f", {rows[0].get('probe_passages', '?') if rows else '?'} of the 35 passages: a subset spread over the probe"
+            if args.probe_limit
+            else ", all 35 passages"
+        )
+        + ").",
         "",
         "| variant | task acc. base | task acc. tuned | perplexity change | KL(base‖tuned) nats/token | question score base → tuned (change) | verdict | training time |",
         "|---|---:|---:|---:|---:|---|---|---:|",
@@ -97,7 +114,9 @@ def _seconds(s) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=63, help="optimizer steps per variant (63 = one epoch of 500)")
-    parser.add_argument("--test-limit", type=int, default=None, help="test examples for task accuracy (default all 200)")
+    parser.add_argument(
+        "--test-limit", type=int, default=None, help="test examples for task accuracy (default all 200)"
+    )
     parser.add_argument("--probe-limit", type=int, default=None, help="probe questions (default all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", default="full,lora,lora+replay,lora+kl_to_base")

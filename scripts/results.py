@@ -36,18 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default="", help="comma-separated recipe names (file stems); default: all")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N test examples only")
-    parser.add_argument("--shots", type=int, default=None,
-                        help="examples in the few-shot prompt of the base model (default: the recipe's eval.shots)")
-    parser.add_argument("--probe-limit", type=int, default=100,
-                        help="forgetting probe questions to ask (the whole probe, 305, takes ~15 min per run)")
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=None,
+        help="examples in the few-shot prompt of the base model (default: the recipe's eval.shots)",
+    )
+    parser.add_argument(
+        "--probe-limit",
+        type=int,
+        default=100,
+        help="forgetting probe questions to ask (the whole probe, 305, takes ~15 min per run)",
+    )
     parser.add_argument("--runs", default="runs/results", help="where the runs go")
     parser.add_argument("--out", default="docs/results.md")
-    parser.add_argument("--records", default="docs/results",
-                        help="where each measured recipe's record (the table's source) is kept, one JSON per recipe")
+    parser.add_argument(
+        "--records",
+        default="docs/results",
+        help="where each measured recipe's record (the table's source) is kept, one JSON per recipe",
+    )
     parser.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
-    parser.add_argument("--note", action="append", default=[],
-                        help="a paragraph printed under the table's header (how and when the runs were made)")
+    parser.add_argument(
+        "--note",
+        action="append",
+        default=[],
+        help="a paragraph printed under the table's header (how and when the runs were made)",
+    )
     args = parser.parse_args(argv)
 
     recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -55,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {r.strip() for r in args.recipes.split(",") if r.strip()}
         unknown = wanted - {r.stem for r in recipes}
         if unknown:
-            print(f"error: unknown recipe(s): {', '.join(sorted(unknown))}; "
-                  f"known: {', '.join(r.stem for r in recipes)}", file=sys.stderr)
+            print(
+                f"error: unknown recipe(s): {', '.join(sorted(unknown))}; known: {', '.join(r.stem for r in recipes)}",
+                file=sys.stderr,
+            )
             return 2
         order = [r.strip() for r in args.recipes.split(",") if r.strip()]
         recipes = sorted((r for r in recipes if r.stem in wanted), key=lambda r: order.index(r.stem))
@@ -71,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         if row is not None:
             save_record(row, records)
     # the table: every shipped recipe, from its record (the runs above just refreshed theirs)
-    rows = [load_record(recipe.stem, records) or {"recipe": recipe.stem, "missing": True}
-            for recipe in sorted((ROOT / "recipes").rglob("*.yaml"))]
+    rows = [
+        load_record(recipe.stem, records) or {"recipe": recipe.stem, "missing": True}
+        for recipe in sorted((ROOT / "recipes").rglob("*.yaml"))
+    ]
     write_table(rows, ROOT / args.out, args)
     print(f"\nwrote {args.out} ({len(rows)} recipe(s))")
     return 0
@@ -121,11 +140,14 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
                 stamp.write_text(json.dumps({"recipe_sha": sha, "commit": commit}))
                 tunesmith.train(recipe, output=str(run_dir), progress=RichProgress())
         except (TunesmithError, KeyboardInterrupt):
-            so_far = {"recipe_sha": sha, "commit": commit, "train_seconds_interrupted": round(earlier + time.time() - t0, 1)}
+            so_far = {
+                "recipe_sha": sha,
+                "commit": commit,
+                "train_seconds_interrupted": round(earlier + time.time() - t0, 1),
+            }
             stamp.write_text(json.dumps(so_far, indent=2))
             raise
-        done = {"recipe_sha": sha, "commit": commit,
-                "train_seconds": round(earlier + time.time() - t0, 1)}
+        done = {"recipe_sha": sha, "commit": commit, "train_seconds": round(earlier + time.time() - t0, 1)}
         stamp.write_text(json.dumps(done, indent=2))
     # the run's config.yaml keeps the eval section it was trained with; the recipe's current one is what counts
     answer_format = _recipe_eval(recipe).get("format")
@@ -134,8 +156,14 @@ def produce(recipe: Path, run_dir: Path, args) -> None:
         settings["format"] = answer_format
     if done.get("eval_settings") != settings or not (run_dir / "eval" / "task.json").is_file():
         t0 = time.time()
-        tunesmith.evaluate(tunesmith.load(run_dir), limit=args.limit, shots=args.shots, forgetting=True,
-                           probe_limit=args.probe_limit, answer_format=answer_format)
+        tunesmith.evaluate(
+            tunesmith.load(run_dir),
+            limit=args.limit,
+            shots=args.shots,
+            forgetting=True,
+            probe_limit=args.probe_limit,
+            answer_format=answer_format,
+        )
         done |= {"eval_settings": settings, "eval_seconds": round(time.time() - t0, 1), "eval_commit": commit}
         stamp.write_text(json.dumps(done, indent=2))
 
@@ -166,7 +194,9 @@ def collect(recipe: Path, run_dir: Path) -> dict | None:
         "train_seconds": stamp.get("train_seconds"),
         "eval_settings": stamp.get("eval_settings"),
         "device": data.get("device"),
-        "paired": paired_against_best_prompt(task, run_dir / "eval" / (task.get("examples_file") or "task_examples.jsonl")),
+        "paired": paired_against_best_prompt(
+            task, run_dir / "eval" / (task.get("examples_file") or "task_examples.jsonl")
+        ),
         "measured": date.fromtimestamp(task_file.stat().st_mtime).isoformat(),
         "commit": stamp.get("eval_commit") or stamp.get("commit"),
     }
@@ -195,8 +225,11 @@ def best_prompt_key(task: dict) -> str | None:
     (base_best_prompt); for records made before prompt selection existed, the best base system on the test split
     (which flatters prompting, and is marked so in the table)."""
     primary = task["primary"]
-    prompted = {s["key"]: s["metrics"].get(primary) for s in task["systems"]
-                if s["key"] != "fine_tuned" and s["metrics"].get(primary) is not None}
+    prompted = {
+        s["key"]: s["metrics"].get(primary)
+        for s in task["systems"]
+        if s["key"] != "fine_tuned" and s["metrics"].get(primary) is not None
+    }
     if "base_best_prompt" in prompted:
         return "base_best_prompt"
     if not prompted:
@@ -223,8 +256,9 @@ def _commit() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -270,16 +304,21 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         info = task.get("metrics_info", {}).get(primary, {})
         higher = info.get("higher_is_better", True)
         systems = {s["key"]: s for s in task["systems"]}
-        value = {k: systems[k]["metrics"].get(primary) if k in systems else None
-                 for k in ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned")}
+        value = {
+            k: systems[k]["metrics"].get(primary) if k in systems else None
+            for k in ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned")
+        }
         best_key = best_prompt_key(task)
         verdict = "—"
         if best_key is not None and value["fine_tuned"] is not None:
             best = systems[best_key]["metrics"][primary]
             gain = value["fine_tuned"] - best
             better = gain > 0 if higher else gain < 0
-            size = (f"{100 * gain:+.1f} points" if abs(best) <= 1 and primary not in {"perplexity", "loss"}
-                    else f"{gain:+.3g} {primary}")
+            size = (
+                f"{100 * gain:+.1f} points"
+                if abs(best) <= 1 and primary not in {"perplexity", "loss"}
+                else f"{gain:+.3g} {primary}"
+            )
             paired = row.get("paired")
             if paired and paired["low"] <= 0 <= paired["high"]:
                 verdict = f"**tie** with prompting: {size}, not significant"
@@ -289,8 +328,10 @@ def write_table(rows: list[dict], out: Path, args) -> None:
                 against = "the base model" if task["task"] == "lm" else "prompting"  # raw text: no prompt to try
                 verdict = (f"**beats** {against} by " if better else f"does **not** beat {against}: ") + size
             if paired:
-                verdict += (f" (per-example 95% CI {100 * paired['low']:+.1f} to {100 * paired['high']:+.1f}, "
-                            f"n={paired['examples']})")
+                verdict += (
+                    f" (per-example 95% CI {100 * paired['low']:+.1f} to {100 * paired['high']:+.1f}, "
+                    f"n={paired['examples']})"
+                )
             if best_key != "base_best_prompt" and task["task"] != "lm":
                 verdict += "; no validation-chosen prompt in this record (measured before prompt selection)"
         chosen = systems.get("base_best_prompt", {}).get("prompt", {}).get("name")
@@ -298,9 +339,14 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         if task["task"] == "lm":
             best_cell = "— (raw text)"
         f = row["forgetting"]
-        forgot = "not measured" if not f else (
-            f"{f['verdict']}: {100 * f['perplexity']['change']:+.1f}%, {f['kl']['mean_per_token']:.3f}, "
-            f"{100 * f['questions']['change']:+.1f} pts")
+        forgot = (
+            "not measured"
+            if not f
+            else (
+                f"{f['verdict']}: {100 * f['perplexity']['change']:+.1f}%, {f['kl']['mean_per_token']:.3f}, "
+                f"{100 * f['questions']['change']:+.1f} pts"
+            )
+        )
         minutes = f"{row['train_seconds'] / 60:.1f} min" if row.get("train_seconds") else "—"
         speed = f"{row['tokens_per_s']:.0f}" if row.get("tokens_per_s") else "—"
         lines.append(
@@ -309,8 +355,11 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             f"{_fmt(primary, value['fine_tuned'])} | {verdict} | {forgot} | {minutes}, {speed} |"
         )
     if missing:
-        lines += ["", f"Not measured yet (no record in {args.records}/): {', '.join(missing)}. "
-                  f"`make results RESULTS_ARGS=\"--recipes {','.join(missing)}\"` trains and evaluates them."]
+        lines += [
+            "",
+            f"Not measured yet (no record in {args.records}/): {', '.join(missing)}. "
+            f'`make results RESULTS_ARGS="--recipes {",".join(missing)}"` trains and evaluates them.',
+        ]
     lines += ["", "## All metrics", ""]
     for row in rows:
         task = row["task"]
@@ -320,18 +369,25 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         lines.append("|---|" + "---|" * (len(names) + 2))
         for s in task["systems"]:
             cells = [_fmt(m, s["metrics"].get(m)) for m in names]
-            lines.append(f"| {s['name']} | " + " | ".join(cells)
-                         + f" | {s.get('prompt_tokens_per_example', 0):.0f} | {s.get('seconds_per_example', 0):.3f} |")
+            lines.append(
+                f"| {s['name']} | "
+                + " | ".join(cells)
+                + f" | {s.get('prompt_tokens_per_example', 0):.0f} | {s.get('seconds_per_example', 0):.3f} |"
+            )
         settings = row.get("eval_settings") or {}
         shots = next((s.get("shots") for s in task["systems"] if s["key"] == "base_few_shot"), 0)
         f = row["forgetting"] or {}
         probe = f.get("probe", {}).get("questions") or settings.get("probe_limit")
-        lines += ["", f"Training examples {row['train_examples']}, {row['steps']} steps on {row['device']}; "
-                  f"evaluated on {task['data']['examples']} test examples"
-                  f"{' (the first ' + str(settings['limit']) + ')' if settings.get('limit') else ' (all)'}, "
-                  f"few-shot k = {shots}; forgetting probe: {probe or 'not run'} questions. "
-                  f"Measured {row.get('measured', '?')} at commit {row.get('commit') or '?'}."
-                  + (f" {row['source']}" if row.get("source") else ""), ""]
+        lines += [
+            "",
+            f"Training examples {row['train_examples']}, {row['steps']} steps on {row['device']}; "
+            f"evaluated on {task['data']['examples']} test examples"
+            f"{' (the first ' + str(settings['limit']) + ')' if settings.get('limit') else ' (all)'}, "
+            f"few-shot k = {shots}; forgetting probe: {probe or 'not run'} questions. "
+            f"Measured {row.get('measured', '?')} at commit {row.get('commit') or '?'}."
+            + (f" {row['source']}" if row.get("source") else ""),
+            "",
+        ]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")

@@ -69,5 +69,7 @@ def test_micro_batch_shrinks_to_the_memory_available():
     assert "8.0 GB available" in tight.reasons["micro_batch_size"]
     starved = plan_training(TrainConfig(batch_size=8), "lora", 600, [480] * 600, memory=(2**20, per_token))
     assert starved.micro_batch_size == 1  # never zero
-    fixed = plan_training(TrainConfig(batch_size=8, micro_batch_size=8), "lora", 600, [480] * 600, memory=(2**20, per_token))
+    fixed = plan_training(
+        TrainConfig(batch_size=8, micro_batch_size=8), "lora", 600, [480] * 600, memory=(2**20, per_token)
+    )
     assert fixed.micro_batch_size == 8  # a micro_batch_size the user set is kept

@@ -41,7 +41,11 @@ def _batched_loss(model, examples, mode, micro):
     n = sum(b.n_targets for b in batches)
     total = 0.0
     for b in batches:
-        kwargs = {"input_ids": b.input_ids, "logits_to_keep": b.keep, "use_cache": False}  # a cache disables packed-mask detection
+        kwargs = {
+            "input_ids": b.input_ids,
+            "logits_to_keep": b.keep,
+            "use_cache": False,
+        }  # a cache disables packed-mask detection
         if b.attention_mask is None:
             kwargs["position_ids"] = b.position_ids
         else:

@@ -49,8 +49,8 @@ def test_a_uniform_prior_changes_nothing():
 def test_prior_averages_the_normalised_distributions_of_the_content_free_inputs():
     cf = [
         [math.log(0.09), math.log(0.01)],  # "N/A":    raw (0.09, 0.01) -> normalised (0.9, 0.1)
-        [math.log(0.2), math.log(0.2)],    # "":       (0.5, 0.5)
-        [math.log(0.7), math.log(0.3)],    # "[MASK]": (0.7, 0.3)
+        [math.log(0.2), math.log(0.2)],  # "":       (0.5, 0.5)
+        [math.log(0.7), math.log(0.3)],  # "[MASK]": (0.7, 0.3)
     ]
     # ((0.9 + 0.5 + 0.7) / 3, (0.1 + 0.5 + 0.3) / 3) = (0.7, 0.3)
     prior = C.content_free_prior(cf)

@@ -34,7 +34,9 @@ def test_chunked_head_ce_matches_plain_head_and_loss(monkeypatch):
     for a, b in zip(got, [hidden.grad, head.weight.grad, head.bias.grad]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # validation: same loss, no gradients computed
-        assert chunked_loss.chunked_cross_entropy(hidden, head, targets)[0].item() == pytest.approx(ref.item(), rel=1e-6)
+        assert chunked_loss.chunked_cross_entropy(hidden, head, targets)[0].item() == pytest.approx(
+            ref.item(), rel=1e-6
+        )
 
 
 def _lm_examples(n=6, seed=0, prefix=(7, 11, 13, 17, 19, 23), label_prefix=True):
@@ -43,7 +45,7 @@ def _lm_examples(n=6, seed=0, prefix=(7, 11, 13, 17, 19, 23), label_prefix=True)
     out = []
     for _ in range(n):
         ids = list(prefix) + [rng.randint(50, 399) for _ in range(rng.randint(10, 30))]
-        labels = list(ids) if label_prefix else [-100] * len(prefix) + ids[len(prefix):]
+        labels = list(ids) if label_prefix else [-100] * len(prefix) + ids[len(prefix) :]
         out.append(Encoded(ids, labels))
     return out
 
@@ -64,8 +66,9 @@ def _model(tiny_model_dir, lora: bool):
 
 
 def _loss_and_grads(model, batches):
-    ctx = SimpleNamespace(model=model, kl=None, virtual_tokens=0, device=torch.device("cpu"), dtype=torch.float32,
-                          autocast=False)
+    ctx = SimpleNamespace(
+        model=model, kl=None, virtual_tokens=0, device=torch.device("cpu"), dtype=torch.float32, autocast=False
+    )
     total, hits = 0.0, 0
     for b in batches:
         loss, right = loop._forward(ctx, b)
@@ -80,8 +83,15 @@ def _loss_and_grads(model, batches):
 @pytest.mark.parametrize("lora,share", [(False, 0), (True, 0), (True, 4)])
 def test_loop_forward_chunked_equals_plain(tiny_model_dir, monkeypatch, lora, share):
     model = _model(tiny_model_dir, lora)
-    batches = make_batches(_lm_examples(label_prefix=not share), "pack", 6, pad_id=0, row_tokens=64, share_prefix=share,
-                           shared_row_tokens=64)
+    batches = make_batches(
+        _lm_examples(label_prefix=not share),
+        "pack",
+        6,
+        pad_id=0,
+        row_tokens=64,
+        share_prefix=share,
+        shared_row_tokens=64,
+    )
     assert any(b.prefix_ids is not None for b in batches) == bool(share)
     monkeypatch.setattr(chunked_loss, "should_chunk", lambda model, n: False)
     ref_loss, ref_hits, ref_grads = _loss_and_grads(model, batches)

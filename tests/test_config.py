@@ -41,7 +41,10 @@ def test_unknown_method_and_section(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, [("method", "qlora"), ("lorra.r", 4)])
     text = str(err.value)
-    assert "method: expected 'full', 'freeze', 'lora', 'dora', 'ia3', 'prefix', 'prompt' or 'adapter' (got 'qlora')" in text
+    assert (
+        "method: expected 'full', 'freeze', 'lora', 'dora', 'ia3', 'prefix', 'prompt' or 'adapter' (got 'qlora')"
+        in text
+    )
     assert "unknown key 'lorra'; did you mean 'lora'?" in text
 
 

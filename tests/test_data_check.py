@@ -74,21 +74,31 @@ def test_distinct_rows_are_not_flagged(tmp_path):
     rows = [(" ".join(rng.sample(words, 12)), rng.choice(["a", "b", "c"])) for _ in range(300)]
     report = check(write_chat(tmp_path / "t.jsonl", rows))
     assert report.warnings == []
-    assert report.train.labels == {label: n for label, n in sorted(
-        ((label, sum(1 for _, a in rows if a == label)) for label in "abc"), key=lambda kv: (-kv[1], kv[0]))}
+    assert report.train.labels == {
+        label: n
+        for label, n in sorted(
+            ((label, sum(1 for _, a in rows if a == label)) for label in "abc"), key=lambda kv: (-kv[1], kv[0])
+        )
+    }
 
 
 def test_train_validation_overlap(tmp_path):
-    train = write_chat(tmp_path / "train.jsonl", [
-        (DAMAGED, "shipping"),
-        ("I was charged twice for my subscription this month", "billing"),
-        ("How do I change the email address on my account", "account"),
-    ])
-    val = write_chat(tmp_path / "val.jsonl", [
-        ("The app crashes whenever I open the settings page", "tech"),
-        ("I was charged twice for my subscription this month", "refund"),
-        (DAMAGED.replace("soaking", "very"), "shipping"),
-    ])
+    train = write_chat(
+        tmp_path / "train.jsonl",
+        [
+            (DAMAGED, "shipping"),
+            ("I was charged twice for my subscription this month", "billing"),
+            ("How do I change the email address on my account", "account"),
+        ],
+    )
+    val = write_chat(
+        tmp_path / "val.jsonl",
+        [
+            ("The app crashes whenever I open the settings page", "tech"),
+            ("I was charged twice for my subscription this month", "refund"),
+            (DAMAGED.replace("soaking", "very"), "shipping"),
+        ],
+    )
     report = check(train, val)
     assert (report.overlap_exact, report.overlap_near) == (1, 1)
     assert report.validation.examples == 3
@@ -101,8 +111,11 @@ def test_train_validation_overlap(tmp_path):
 
 
 def test_labels_imbalance_and_unseen_validation_labels(tmp_path):
-    train = write_chat(tmp_path / "train.jsonl", [(f"ticket {i} about money", "billing") for i in range(20)]
-                       + [("ticket about a parcel", "shipping"), ("ticket about a box", "shipping")])
+    train = write_chat(
+        tmp_path / "train.jsonl",
+        [(f"ticket {i} about money", "billing") for i in range(20)]
+        + [("ticket about a parcel", "shipping"), ("ticket about a box", "shipping")],
+    )
     val = write_chat(tmp_path / "val.jsonl", [("ticket about a login", "account"), ("a refund ticket", "billing")])
     report = check(train, val)
     assert report.train.labels == {"billing": 20, "shipping": 2}
@@ -110,7 +123,7 @@ def test_labels_imbalance_and_unseen_validation_labels(tmp_path):
     assert report.warnings == [
         f'{train}: warning: labels are imbalanced ("billing": 20 examples, "shipping": 2); add examples of the '
         'rare labels, or the model may learn to answer "billing"',
-        f"{val}:1: warning: answer \"account\" is not one of the training file's labels; add examples of it to "
+        f'{val}:1: warning: answer "account" is not one of the training file\'s labels; add examples of it to '
         "the training file, or fix the label",
     ]
 
@@ -122,8 +135,13 @@ def test_token_lengths_and_truncation(tmp_path, tokenizer):
     answers = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in rows]
     totals = sorted(len(tokenizer(u, add_special_tokens=False)["input_ids"]) + n for (u, _), n in zip(rows, answers))
     report = check(path, tokenizer=tokenizer, max_length=totals[1])
-    assert report.train.tokens["user"] == {"p50": user[1], "p90": user[2], "p99": user[2], "max": user[2],
-                                           "mean": round(sum(user) / 3, 1)}
+    assert report.train.tokens["user"] == {
+        "p50": user[1],
+        "p90": user[2],
+        "p99": user[2],
+        "max": user[2],
+        "mean": round(sum(user) / 3, 1),
+    }
     assert report.train.tokens["total"]["max"] == totals[2]
     assert report.train.over_max_length == 1
     assert report.warnings == [
@@ -148,7 +166,9 @@ def test_check_reports_the_problems_of_both_files(tmp_path):
 def test_ten_thousand_rows_without_comparing_every_pair(tmp_path):
     rng = random.Random(0)
     vocab = [f"w{i}" for i in range(3000)]
-    rows = [(" ".join(rng.choice(vocab) for _ in range(rng.randint(8, 30))), rng.choice("abcde")) for _ in range(10_000)]
+    rows = [
+        (" ".join(rng.choice(vocab) for _ in range(rng.randint(8, 30))), rng.choice("abcde")) for _ in range(10_000)
+    ]
     copy = [f"x{i}" for i in range(15)]
     rows[123] = (" ".join(copy), "a")
     copy[7] = "changed"
@@ -193,14 +213,18 @@ def test_cli_summary_and_warnings(tmp_path, capsys):
 
 
 def test_cli_json_with_model_tokenizer(capsys):
-    code = main(["data", "check", str(FILES / "chat.jsonl"), "--model", str(TOKENIZER_DIR), "--max-length", "40", "--json"])
+    code = main(
+        ["data", "check", str(FILES / "chat.jsonl"), "--model", str(TOKENIZER_DIR), "--max-length", "40", "--json"]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["train"]["format"] == "chat"
     assert report["train"]["examples"] == 3
     assert report["max_length"] == 40
     # totals come from the chat template (SmolLM2's adds a default system prompt), so exceed the content sum
-    assert report["train"]["tokens"]["total"]["max"] > sum(report["train"]["tokens"][r]["max"] for r in ("system", "user", "assistant"))
+    assert report["train"]["tokens"]["total"]["max"] > sum(
+        report["train"]["tokens"][r]["max"] for r in ("system", "user", "assistant")
+    )
     assert report["train"]["over_max_length"] == sum("longer than max_length 40" in w for w in report["warnings"])
 
 

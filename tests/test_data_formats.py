@@ -32,19 +32,44 @@ def chat(user: str, answer: str, source: str = "") -> Example:
 
 GOOD = [
     # file, detected format, sources of the examples, (first example's fields)
-    ("chat.jsonl", "chat", ["1", "2", "4"], {"messages": [("system", "You sort support tickets.", None),
-                                                          ("user", "My card was charged twice.", None),
-                                                          ("assistant", "billing", None)]}),
-    ("alpaca.json", "alpaca", ["2", "7", "8"], {"messages": [("user", "Translate to French.\n\nGood morning", None),
-                                                            ("assistant", "Bonjour", None)]}),
-    ("alpaca_data.json", "alpaca", ["2", "3"], {"messages": [("user", "Translate to French.\n\nGood night", None),
-                                                            ("assistant", "Bonne nuit", None)]}),
+    (
+        "chat.jsonl",
+        "chat",
+        ["1", "2", "4"],
+        {
+            "messages": [
+                ("system", "You sort support tickets.", None),
+                ("user", "My card was charged twice.", None),
+                ("assistant", "billing", None),
+            ]
+        },
+    ),
+    (
+        "alpaca.json",
+        "alpaca",
+        ["2", "7", "8"],
+        {"messages": [("user", "Translate to French.\n\nGood morning", None), ("assistant", "Bonjour", None)]},
+    ),
+    (
+        "alpaca_data.json",
+        "alpaca",
+        ["2", "3"],
+        {"messages": [("user", "Translate to French.\n\nGood night", None), ("assistant", "Bonne nuit", None)]},
+    ),
     ("completion.csv", "completion", ["2", "4"], {"prompt": "Q: capital of France?\nA:", "completion": " Paris"}),
     ("chat.csv", "chat", ["2", "3"], {"messages": [("user", "Hi", None), ("assistant", "Hello!", None)]}),
     ("text.jsonl", "text", ["1", "2"], {"text": "The first document."}),
     ("notes.txt", "text", ["1", "5", "7"], {"text": "The first paragraph\nspans two lines."}),
-    ("preference.jsonl", "preference", ["1", "2"], {"prompt": "Summarise: the cat sat on the mat.",
-                                                    "chosen": "A cat sat on a mat.", "rejected": "Dogs are great."}),
+    (
+        "preference.jsonl",
+        "preference",
+        ["1", "2"],
+        {
+            "prompt": "Summarise: the cat sat on the mat.",
+            "chosen": "A cat sat on a mat.",
+            "rejected": "Dogs are great.",
+        },
+    ),
 ]
 
 
@@ -65,7 +90,10 @@ def test_good_files(name, fmt, lines, first):
 def test_chat_weights_and_ignored_keys():
     examples = read_examples(FILES / "chat.jsonl")
     assert [(m.role, m.weight, m.trained) for m in examples[1].messages] == [
-        ("user", None, False), ("assistant", 0, False), ("user", None, False), ("assistant", 1, True),
+        ("user", None, False),
+        ("assistant", 0, False),
+        ("user", None, False),
+        ("assistant", 1, True),
     ]
     assert examples[2].answer() == "Bonjour !"  # its "id" key was read and dropped
 
@@ -161,7 +189,9 @@ def test_committed_empty_file_and_empty_csv(tmp_path):
     assert problems_of(FILES / "empty.jsonl")[0].startswith(f"{FILES / 'empty.jsonl'}: the file is empty;")
     path = tmp_path / "e.csv"
     path.write_text("")
-    assert problems_of(path) == [f"{path}: the file is empty; write a header row (e.g. instruction,input,output) and one row per example"]
+    assert problems_of(path) == [
+        f"{path}: the file is empty; write a header row (e.g. instruction,input,output) and one row per example"
+    ]
 
 
 def test_json_file_problems_carry_the_line_of_the_row(tmp_path):
@@ -182,7 +212,9 @@ def test_json_rows_on_one_line_are_numbered(tmp_path):
 def test_invalid_json_file(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('[\n  {"text": "a"},\n  {"text": "b"\n]\n')
-    assert problems_of(path) == [f"{path}:4: invalid JSON at column 1: Expecting ',' delimiter; fix the JSON syntax there"]
+    assert problems_of(path) == [
+        f"{path}:4: invalid JSON at column 1: Expecting ',' delimiter; fix the JSON syntax there"
+    ]
 
 
 def test_json_that_is_not_a_list(tmp_path):
@@ -194,11 +226,11 @@ def test_json_that_is_not_a_list(tmp_path):
 def test_csv_problems(tmp_path):
     path = tmp_path / "chat.csv"
     path.write_text(
-        'messages,note\n'
+        "messages,note\n"
         '"[{""role"": ""user"", ""content"": ""Hi""}]",x\n'
         '"[{""role"": ""user"" ""content"": ""Hi""}]",x\n'
-        'only one field\n'
-        '\n'
+        "only one field\n"
+        "\n"
         '"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": """"}]",\n'
     )
     assert problems_of(path) == [
@@ -226,7 +258,9 @@ def test_alpaca_and_preference_field_problems(tmp_path):
         f'{path}:3: missing key "instruction"; add it (alpaca rows need instruction, output)',
     ]
     path = tmp_path / "p.jsonl"
-    path.write_text('{"prompt": "Hi", "chosen": "Hello", "rejected": " Hello "}\n{"prompt": "Hi", "chosen": null, "rejected": "x"}\n')
+    path.write_text(
+        '{"prompt": "Hi", "chosen": "Hello", "rejected": " Hello "}\n{"prompt": "Hi", "chosen": null, "rejected": "x"}\n'
+    )
     assert problems_of(path) == [
         f"{path}:1: chosen and rejected are the same; a preference pair needs two different answers",
         f"{path}:2: chosen is null; expected a string",
@@ -259,7 +293,9 @@ def test_whole_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file$"):
         read_examples(tmp_path / "nope.jsonl")
     (tmp_path / "x.xlsx").write_bytes(b"PK")
-    with pytest.raises(DataError, match=r"unsupported file type \.xlsx; use \.jsonl, \.json, \.csv, \.parquet or \.txt"):
+    with pytest.raises(
+        DataError, match=r"unsupported file type \.xlsx; use \.jsonl, \.json, \.csv, \.parquet or \.txt"
+    ):
         read_examples(tmp_path / "x.xlsx")
     with pytest.raises(DataError, match="unknown data format 'sharegpt'"):
         read_examples(FILES / "chat.jsonl", format="sharegpt")

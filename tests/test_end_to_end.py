@@ -19,8 +19,21 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    code = main(["train", str(RECIPE), "--output", str(out), "--quiet", "--max-steps", "6", "--batch-size", "8",
-                 "--train.eval_every", "3"])
+    code = main(
+        [
+            "train",
+            str(RECIPE),
+            "--output",
+            str(out),
+            "--quiet",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--train.eval_every",
+            "3",
+        ]
+    )
     assert code == 0
     return out
 
@@ -43,8 +56,19 @@ def test_short_lora_run_learns_and_generates(short_run, capsys):
     peft.PeftModel.from_pretrained(base, short_run / "model")
 
     capsys.readouterr()
-    assert main(["generate", str(short_run), "--prompt", "I was charged twice for my subscription this month.",
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(short_run),
+                "--prompt",
+                "I was charged twice for my subscription this month.",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip()
 
 

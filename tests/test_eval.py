@@ -13,9 +13,8 @@ import pytest
 
 import tunesmith
 from tunesmith.cli import main
-from tunesmith.evaluation import aggregate, task_eval
+from tunesmith.evaluation import aggregate, task_eval, tasks
 from tunesmith.evaluation import systems as S
-from tunesmith.evaluation import tasks
 from tunesmith.evaluation.shots import pick_shots
 
 WORDS = {
@@ -34,7 +33,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def chat(user: str, answer: str, system: str | None = "Classify the ticket.") -> dict:
     msgs = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
     return {"messages": msgs}
 
 
@@ -47,7 +48,7 @@ def classification_rows(n: int, seed: int) -> list[dict]:
 def extraction_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _i in range(n):
         name, item, qty = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(1, 9)
         answer = {"name": name, "order": {"item": item, "qty": qty}}
         rows.append(chat(f"{name} wants {qty} {item}", json.dumps(answer), system="Extract the order as JSON."))
@@ -56,18 +57,40 @@ def extraction_rows(n: int, seed: int) -> list[dict]:
 
 def text_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [chat(f"describe {rng.choice(ITEMS)}", f"they are {rng.choice(['sweet', 'round', 'green'])} fruit, {i} of them", None)
-            for i in range(n)]
+    return [
+        chat(
+            f"describe {rng.choice(ITEMS)}",
+            f"they are {rng.choice(['sweet', 'round', 'green'])} fruit, {i} of them",
+            None,
+        )
+        for i in range(n)
+    ]
 
 
 def train_run(tiny_model_dir, root: Path, name: str, train_rows, test_rows, **extra) -> Path:
     train = write_jsonl(root / f"{name}-train.jsonl", train_rows)
     test = write_jsonl(root / f"{name}-test.jsonl", test_rows)
-    run = tunesmith.train(None, quiet=True, log=lambda *_: None, **{
-        "model.name": str(tiny_model_dir), "data.train": str(train), "data.test": str(test),
-        "output": str(root / name), "train.max_steps": 2, "train.batch_size": 4, "train.batching": "pad",
-        "data.max_length": 96, "train.lr": 5e-2, "lora.r": 4, "train.seed": 1, "data.val_fraction": 0.0,
-        "train.threads": 2, **extra})
+    run = tunesmith.train(
+        None,
+        quiet=True,
+        log=lambda *_: None,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(train),
+            "data.test": str(test),
+            "output": str(root / name),
+            "train.max_steps": 2,
+            "train.batch_size": 4,
+            "train.batching": "pad",
+            "data.max_length": 96,
+            "train.lr": 5e-2,
+            "lora.r": 4,
+            "train.seed": 1,
+            "data.val_fraction": 0.0,
+            "train.threads": 2,
+            **extra,
+        },
+    )
     return run.path
 
 
@@ -77,14 +100,32 @@ def runs(tiny_model_dir, tmp_path_factory):
     return {
         "cls": train_run(tiny_model_dir, root, "cls", classification_rows(30, 0), classification_rows(9, 1)),
         "ext": train_run(tiny_model_dir, root, "ext", extraction_rows(24, 0), extraction_rows(6, 1)),
-        "lm": train_run(tiny_model_dir, root, "lm", [{"text": f"plums and pears number {i}."} for i in range(16)],
-                        [{"text": "apples are round."}, {"text": "a pear, a plum and apples."}]),
+        "lm": train_run(
+            tiny_model_dir,
+            root,
+            "lm",
+            [{"text": f"plums and pears number {i}."} for i in range(16)],
+            [{"text": "apples are round."}, {"text": "a pear, a plum and apples."}],
+        ),
         "completion": train_run(
-            tiny_model_dir, root, "completion",
-            [{"prompt": f"Ticket: {r['messages'][1]['content']}\nCategory:", "completion": " " + r["messages"][2]["content"]}
-             for r in classification_rows(24, 2)],
-            [{"prompt": f"Ticket: {r['messages'][1]['content']}\nCategory:", "completion": r["messages"][2]["content"]}
-             for r in classification_rows(6, 3)]),
+            tiny_model_dir,
+            root,
+            "completion",
+            [
+                {
+                    "prompt": f"Ticket: {r['messages'][1]['content']}\nCategory:",
+                    "completion": " " + r["messages"][2]["content"],
+                }
+                for r in classification_rows(24, 2)
+            ],
+            [
+                {
+                    "prompt": f"Ticket: {r['messages'][1]['content']}\nCategory:",
+                    "completion": r["messages"][2]["content"],
+                }
+                for r in classification_rows(6, 3)
+            ],
+        ),
         "root": root,
     }
 
@@ -123,8 +164,14 @@ def test_label_scores_with_prefix_cache_equal_full_sequence_likelihoods(runs):
         conts = [[system.pair(ex, label)[1] for label in labels] for ex in test]
         prefix_len = common_prefix_length(prompts)
         assert prefix_len > 5  # the system prompt (and shots) are shared
-        cached = score_continuations(system.model, prompts, conts, pad=system.pad, prefix_len=prefix_len,
-                                     prefix_cache=encode_prefix(system.model, prompts[0][:prefix_len]))
+        cached = score_continuations(
+            system.model,
+            prompts,
+            conts,
+            pad=system.pad,
+            prefix_len=prefix_len,
+            prefix_cache=encode_prefix(system.model, prompts[0][:prefix_len]),
+        )
         plain = score_continuations(system.model, prompts, conts, pad=system.pad)
         for p, c, row_cached, row_plain in zip(prompts, conts, cached, plain):
             full = full_sequence_logprobs(system.model, p, c, pad=system.pad)
@@ -132,8 +179,9 @@ def test_label_scores_with_prefix_cache_equal_full_sequence_likelihoods(runs):
             assert [s for s, _ in row_cached] == pytest.approx([s for s, _ in full], abs=2e-5)
             assert [s for s, _ in row_plain] == pytest.approx([s for s, _ in full], abs=2e-5)
             # the predicted label is the argmax of the full-sequence log-likelihoods
-            assert max(range(len(labels)), key=lambda k: row_cached[k][0]) == \
-                max(range(len(labels)), key=lambda k: full[k][0])
+            assert max(range(len(labels)), key=lambda k: row_cached[k][0]) == max(
+                range(len(labels)), key=lambda k: full[k][0]
+            )
 
 
 def test_few_shot_prompt_has_shots_after_the_system_prompt(runs):
@@ -146,8 +194,8 @@ def test_few_shot_prompt_has_shots_after_the_system_prompt(runs):
 
 
 def test_pick_shots_is_seeded_and_stratified():
-    from tunesmith.data.formats import read_examples  # noqa: F401  (the Example type comes from data)
     from tunesmith.data.example import Example, Message
+    from tunesmith.data.formats import read_examples  # noqa: F401  (the Example type comes from data)
 
     train = [Example("chat", [Message("user", f"u{i}"), Message("assistant", "ab"[i % 2])]) for i in range(20)]
     a = pick_shots(train, 4, ["a", "b"], seed=7)
@@ -165,23 +213,35 @@ def test_greedy_batch_with_prefix_cache_matches_model_generate(runs):
     _, few, test = _systems(runs["cls"])
     prompts = [few.prompt(ex) for ex in test[:4]]
     n = common_prefix_length(prompts)
-    ours = greedy_batch(few.model, few.tokenizer, prompts, stop_ids=few.renderer.stop_token_ids,
-                        stop_strings=few.renderer.stop_strings, max_new_tokens=6, prefix_len=n,
-                        prefix_cache=encode_prefix(few.model, prompts[0][:n]))
+    ours = greedy_batch(
+        few.model,
+        few.tokenizer,
+        prompts,
+        stop_ids=few.renderer.stop_token_ids,
+        stop_strings=few.renderer.stop_strings,
+        max_new_tokens=6,
+        prefix_len=n,
+        prefix_cache=encode_prefix(few.model, prompts[0][:n]),
+    )
     for p, answer in zip(prompts, ours):
-        out = few.model.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=6, do_sample=False, eos_token_id=few.renderer.stop_token_ids,
-                                 pad_token_id=few.pad)
-        assert answer == few.tokenizer.decode(out[0, len(p):], skip_special_tokens=True)
+        out = few.model.generate(
+            input_ids=torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=few.renderer.stop_token_ids,
+            pad_token_id=few.pad,
+        )
+        assert answer == few.tokenizer.decode(out[0, len(p) :], skip_special_tokens=True)
 
 
 # ---- task detection ------------------------------------------------------------------------------------------
 
 
 def _examples(rows):
-    from tunesmith.data.formats import read_examples
-
     import tempfile
+
+    from tunesmith.data.formats import read_examples
 
     with tempfile.TemporaryDirectory() as d:
         return read_examples(str(write_jsonl(Path(d) / "x.jsonl", rows)))
@@ -190,8 +250,10 @@ def _examples(rows):
 def test_plan_task_detects_each_kind_and_metric_overrides():
     cls, ext, txt = _examples(classification_rows(30, 0)), _examples(extraction_rows(6, 0)), _examples(text_rows(6, 0))
     lm = _examples([{"text": "some words"}])
-    assert tasks.plan_task(cls, cls[:6], None, None) == tasks.TaskPlan("classification", "accuracy", sorted(WORDS), ("score", "generate"))
-    assert tasks.plan_task(cls, ext, None, None).task == "extraction"   # test answers are not the training labels
+    assert tasks.plan_task(cls, cls[:6], None, None) == tasks.TaskPlan(
+        "classification", "accuracy", sorted(WORDS), ("score", "generate")
+    )
+    assert tasks.plan_task(cls, ext, None, None).task == "extraction"  # test answers are not the training labels
     assert tasks.plan_task(ext, ext, None, None).primary == "field_f1"
     assert tasks.plan_task(txt, txt, None, None).task == "text"
     assert tasks.plan_task(lm, lm, None, None) == tasks.TaskPlan("lm", "perplexity")
@@ -218,12 +280,27 @@ def test_example_ids_come_from_the_rows_or_their_lines(tmp_path):
 
 def test_flipped_lists_follow_the_per_example_scores():
     records = [
-        {"id": "a", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "x", "fine_tuned": "r"},
-         "scores": {"base_zero_shot": 0.0, "fine_tuned": 1.0}},
-        {"id": "b", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "r", "fine_tuned": "x"},
-         "scores": {"base_zero_shot": 0.9, "fine_tuned": 0.2}},
-        {"id": "c", "input": "i", "reference": "r", "outputs": {"base_zero_shot": "r", "fine_tuned": "r"},
-         "scores": {"base_zero_shot": 0.6, "fine_tuned": 0.9}},  # passes both times: not flipped
+        {
+            "id": "a",
+            "input": "i",
+            "reference": "r",
+            "outputs": {"base_zero_shot": "x", "fine_tuned": "r"},
+            "scores": {"base_zero_shot": 0.0, "fine_tuned": 1.0},
+        },
+        {
+            "id": "b",
+            "input": "i",
+            "reference": "r",
+            "outputs": {"base_zero_shot": "r", "fine_tuned": "x"},
+            "scores": {"base_zero_shot": 0.9, "fine_tuned": 0.2},
+        },
+        {
+            "id": "c",
+            "input": "i",
+            "reference": "r",
+            "outputs": {"base_zero_shot": "r", "fine_tuned": "r"},
+            "scores": {"base_zero_shot": 0.6, "fine_tuned": 0.9},
+        },  # passes both times: not flipped
     ]
     out = aggregate.flipped(None, records, "chrf")
     assert [x["id"] for x in out["improved"]] == ["a"] and out["improved"][0]["tuned"] == "r"
@@ -244,8 +321,12 @@ def test_classification_eval_writes_the_documented_files(runs, capsys):
     assert result["version"] == 1 and result["task"] == "classification" and result["primary"] == "accuracy"
     assert result["labels"] == sorted(WORDS)
     assert result["data"]["examples"] == 9 and len(result["data"]["sha256"]) == 64
-    assert [s["key"] for s in result["systems"]] == ["base_zero_shot", "base_few_shot", "base_best_prompt",
-                                                     "fine_tuned"]
+    assert [s["key"] for s in result["systems"]] == [
+        "base_zero_shot",
+        "base_few_shot",
+        "base_best_prompt",
+        "fine_tuned",
+    ]
     assert result["examples_file"] == "task_examples.jsonl"
     # the best prompt was chosen on validation examples among every variant, and is the best of them there
     selection = result["prompt_selection"]
@@ -271,11 +352,15 @@ def test_classification_eval_writes_the_documented_files(runs, capsys):
     tokens = {s["key"]: s["prompt_tokens_per_example"] for s in result["systems"]}
     assert tokens["base_few_shot"] > tokens["base_zero_shot"] == tokens["fine_tuned"]
     assert result["systems"][1]["shots"] == 3
-    assert all(set(e["generated"]) == {"base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned"}
-               for e in examples)
+    assert all(
+        set(e["generated"]) == {"base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned"} for e in examples
+    )
     # flipped: exactly the examples whose base and tuned outcome differ
-    changed = {e["id"]: e["scores"]["fine_tuned"] > e["scores"]["base_zero_shot"]
-               for e in examples if e["scores"]["fine_tuned"] != e["scores"]["base_zero_shot"]}
+    changed = {
+        e["id"]: e["scores"]["fine_tuned"] > e["scores"]["base_zero_shot"]
+        for e in examples
+        if e["scores"]["fine_tuned"] != e["scores"]["base_zero_shot"]
+    }
     assert {x["id"] for x in result["flipped"]["improved"]} == {k for k, up in changed.items() if up}
     assert {x["id"] for x in result["flipped"]["regressed"]} == {k for k, up in changed.items() if not up}
 
@@ -329,18 +414,26 @@ def test_format_rate_is_the_share_of_answers_matching_the_format(runs):
 
     data = write_jsonl(runs["root"] / "free-text-format.jsonl", text_rows(5, 4))
     pattern = r"[a-z ,0-9]+"
-    result = tunesmith.evaluate(runs["ext"], data=str(data), shots=1, max_new_tokens=12, answer_format=pattern, **quiet())
+    result = tunesmith.evaluate(
+        runs["ext"], data=str(data), shots=1, max_new_tokens=12, answer_format=pattern, **quiet()
+    )
     assert result["primary"] == "chrf"
     examples = read_examples_file(runs["ext"])
     for s in result["systems"]:
         outputs = [e["outputs"][s["key"]] for e in examples]
         expected = sum(re.fullmatch(pattern, o.strip()) is not None for o in outputs) / len(outputs)
         assert s["metrics"]["format_rate"] == pytest.approx(expected)
-    assert M.format_matches(["Answer: yes\nWhy: it is\nConfidence: high  ", "Answer: yes\nConfidence: high",
-                             "Answer: yes\nWhy: it is\nConfidence: sure"],
-                            r"Answer: .+\nWhy: .+\nConfidence: (high|medium|low)") == [1.0, 0.0, 0.0]
-    as_primary = tunesmith.evaluate(runs["ext"], data=str(data), shots=0, max_new_tokens=12, metric="format_rate",
-                                    answer_format=pattern, **quiet())
+    assert M.format_matches(
+        [
+            "Answer: yes\nWhy: it is\nConfidence: high  ",
+            "Answer: yes\nConfidence: high",
+            "Answer: yes\nWhy: it is\nConfidence: sure",
+        ],
+        r"Answer: .+\nWhy: .+\nConfidence: (high|medium|low)",
+    ) == [1.0, 0.0, 0.0]
+    as_primary = tunesmith.evaluate(
+        runs["ext"], data=str(data), shots=0, max_new_tokens=12, metric="format_rate", answer_format=pattern, **quiet()
+    )
     assert as_primary["primary"] == "format_rate"
 
 
@@ -437,8 +530,22 @@ def test_real_model_ticket_triage_eval(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    assert main(["train", str(root / "recipes" / "ticket-triage-lora.yaml"), "--output", str(out), "--quiet",
-                 "--max-steps", "4", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(root / "recipes" / "ticket-triage-lora.yaml"),
+                "--output",
+                str(out),
+                "--quiet",
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     # a small prompt selection keeps the real-model path covered (6 validation tickets, 3 retrieved shots)
     result = tunesmith.evaluate(out, limit=16, shots=5, knn_shots=3, select_limit=6, **quiet())
     assert result["prompt_selection"]["examples"] == 6 and len(result["prompt_selection"]["variants"]) == 16
@@ -471,14 +578,21 @@ def test_tree_scoring_equals_full_sequences_and_the_copying_path(tiny_model_dir,
     rng = random.Random(3)
     shared = [rng.randrange(5, 500) for _ in range(7)]
     prompts = [shared + [rng.randrange(5, 500) for _ in range(n)] for n in (1, 6, 3, 9)]
-    conts = [[[rng.randrange(5, 500) for _ in range(n)] for n in lens]
-             for lens in ([1, 3, 2], [4, 1], [2, 2, 5, 1], [1])]
+    conts = [
+        [[rng.randrange(5, 500) for _ in range(n)] for n in lens] for lens in ([1, 3, 2], [4, 1], [2, 2, 5, 1], [1])
+    ]
     with torch.no_grad():
         for prefix_len in (0, len(shared)):
             cache = encode_prefix(model, shared[:prefix_len])
             tree = score_continuations(model, prompts, conts, pad=0, prefix_len=prefix_len, prefix_cache=cache)
-            copies = _score_with_copies(model, prompts, conts, pad=0, prefix_len=prefix_len,
-                                        prefix_cache=encode_prefix(model, shared[:prefix_len]))
+            copies = _score_with_copies(
+                model,
+                prompts,
+                conts,
+                pad=0,
+                prefix_len=prefix_len,
+                prefix_cache=encode_prefix(model, shared[:prefix_len]),
+            )
             for p, c, row_tree, row_copies in zip(prompts, conts, tree, copies):
                 full = full_sequence_logprobs(model, p, c, pad=0)
                 assert [n for _, n in row_tree] == [len(x) for x in c]

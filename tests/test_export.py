@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import tunesmith
-from tunesmith.cli import main
-from tunesmith.errors import ModelError, RunError
-
 from conftest import TOKENIZER_DIR
+from tunesmith.cli import main
+from tunesmith.errors import ModelError
 
 torch.set_num_threads(2)
 
@@ -27,7 +26,10 @@ def write_data(path: Path, n: int = 24) -> Path:
     with open(path, "w") as fh:
         for i in range(n):
             label = list(labels)[i % 3]
-            msgs = [{"role": "user", "content": f"ticket {i}: {labels[label]}"}, {"role": "assistant", "content": label}]
+            msgs = [
+                {"role": "user", "content": f"ticket {i}: {labels[label]}"},
+                {"role": "assistant", "content": label},
+            ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
@@ -52,9 +54,18 @@ def build_tiny_gemma3(path: Path, seed: int = 0) -> Path:
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     config = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=8,
-        max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=8,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -126,8 +137,15 @@ def test_merge_writes_a_dir_transformers_loads_alone(lora_run, tiny_model_dir, t
     result = tunesmith.export(lora_run, out, merge=True, log=lambda *a: None)
 
     files = set(result["files"])
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja",
-            "equivalence.json", "README.md"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "equivalence.json",
+        "README.md",
+    } <= files
     assert "adapter_config.json" not in files and "tunesmith.json" not in files
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
 
@@ -146,20 +164,24 @@ def test_merge_writes_a_dir_transformers_loads_alone(lora_run, tiny_model_dir, t
     assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-2  # the adapter really is in there
 
     tok = AutoTokenizer.from_pretrained(out)
-    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}],
-                                                              add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     card = (out / "README.md").read_text()
     assert "method: lora (r=" in card and "base_model:" in card
     assert "steps: 4; last training loss: " in card and "21 training examples, 3 validation examples" in card
     assert "last validation loss: n/a" not in card and "max |logit difference|" in card
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("dora", {"lora": {"r": 4}}),
-    ("ia3", {}),
-    ("full", {}),
-    ("freeze", {"freeze": {"last_n_blocks": 1}}),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("dora", {"lora": {"r": 4}}),
+        ("ia3", {}),
+        ("full", {}),
+        ("freeze", {"freeze": {"last_n_blocks": 1}}),
+    ],
+)
 def test_merge_other_mergeable_methods(method, extra, tiny_model_dir, data, tmp_path):
     run = train_run(tiny_model_dir, tmp_path / "run", data, method=method, steps=3, **extra)
     result = tunesmith.export(run, tmp_path / "out", merge=True, log=lambda *a: None)
@@ -185,14 +207,33 @@ def test_gguf_f16_llama_layout_and_metadata(lora_run, tmp_path):
     assert name == "lora-f16.gguf" and sorted(result["files"]) == sorted([name, "equivalence.json", "README.md"])
 
     fields, tensors = gguf_fields(out / name)
-    meta = {k: fields[k].contents() for k in ("general.architecture", "llama.block_count", "llama.attention.head_count",
-                                              "llama.attention.head_count_kv", "llama.rope.dimension_count",
-                                              "llama.embedding_length", "tokenizer.ggml.model", "tokenizer.ggml.pre",
-                                              "tokenizer.ggml.eos_token_id", "general.file_type")}
-    assert meta == {"general.architecture": "llama", "llama.block_count": 2, "llama.attention.head_count": 4,
-                    "llama.attention.head_count_kv": 2, "llama.rope.dimension_count": 8, "llama.embedding_length": 32,
-                    "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.eos_token_id": 2,
-                    "general.file_type": 1}
+    meta = {
+        k: fields[k].contents()
+        for k in (
+            "general.architecture",
+            "llama.block_count",
+            "llama.attention.head_count",
+            "llama.attention.head_count_kv",
+            "llama.rope.dimension_count",
+            "llama.embedding_length",
+            "tokenizer.ggml.model",
+            "tokenizer.ggml.pre",
+            "tokenizer.ggml.eos_token_id",
+            "general.file_type",
+        )
+    }
+    assert meta == {
+        "general.architecture": "llama",
+        "llama.block_count": 2,
+        "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": 2,
+        "llama.rope.dimension_count": 8,
+        "llama.embedding_length": 32,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.eos_token_id": 2,
+        "general.file_type": 1,
+    }
     assert "<|im_start|>" in fields["tokenizer.chat_template"].contents()
     assert len(fields["tokenizer.ggml.tokens"].data) == 49152 and len(fields["tokenizer.ggml.merges"].data) == 48900
     assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd
@@ -234,13 +275,20 @@ def test_gguf_gemma3_stores_norms_plus_one(gemma_run, tmp_path):
     assert fields["general.architecture"].contents() == "gemma3"
     assert fields["gemma3.attention.sliding_window"].contents() == 8
     assert fields["gemma3.attention.key_length"].contents() == 256
-    assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight", "blk.0.post_attention_norm.weight",
-            "blk.0.post_ffw_norm.weight", "blk.0.ffn_norm.weight"} <= set(tensors)
+    assert {
+        "blk.0.attn_q_norm.weight",
+        "blk.0.attn_k_norm.weight",
+        "blk.0.post_attention_norm.weight",
+        "blk.0.post_ffw_norm.weight",
+        "blk.0.ffn_norm.weight",
+    } <= set(tensors)
 
     hf = merged_state(gemma_run)
-    for hf_name, gguf_name in (("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
-                               ("model.layers.2.self_attn.q_norm.weight", "blk.2.attn_q_norm.weight"),
-                               ("model.norm.weight", "output_norm.weight")):
+    for hf_name, gguf_name in (
+        ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
+        ("model.layers.2.self_attn.q_norm.weight", "blk.2.attn_q_norm.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+    ):
         stored = np.asarray(tensors[gguf_name].data, dtype=np.float32)
         assert np.allclose(stored, hf[hf_name].numpy() + 1.0, atol=1e-6)
 
@@ -255,8 +303,15 @@ def test_gemma3_settings_llama_cpp_cannot_express_are_refused():
     with pytest.raises(ModelError, match=r"query_pre_attn_scalar=128 != head_dim=256"):
         _check_gemma3(Gemma3TextConfig(num_hidden_layers=6, head_dim=256, query_pre_attn_scalar=128), 256)
     with pytest.raises(ModelError, match="one global layer in six"):
-        _check_gemma3(Gemma3TextConfig(num_hidden_layers=2, head_dim=256, query_pre_attn_scalar=256,
-                                       layer_types=["full_attention", "full_attention"]), 256)
+        _check_gemma3(
+            Gemma3TextConfig(
+                num_hidden_layers=2,
+                head_dim=256,
+                query_pre_attn_scalar=256,
+                layer_types=["full_attention", "full_attention"],
+            ),
+            256,
+        )
 
 
 def test_vocab_matches_llama_cpp_conventions(tokenizer):
@@ -279,9 +334,15 @@ def test_vocab_matches_llama_cpp_conventions(tokenizer):
 def test_adapter_only_copies_peft_files_and_checks_them(lora_run, tmp_path):
     out = tmp_path / "adapter"
     result = tunesmith.export(lora_run, out, adapter_only=True, log=lambda *a: None)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                      "equivalence.json"]
-    assert (out / "adapter_model.safetensors").read_bytes() == (lora_run / "model" / "adapter_model.safetensors").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "equivalence.json",
+    ]
+    assert (out / "adapter_model.safetensors").read_bytes() == (
+        lora_run / "model" / "adapter_model.safetensors"
+    ).read_bytes()
     assert result["passed"] and result["max_abs_logit_diff"] == 0.0 and result["adapter"] == "LORA"
     assert "library_name: peft" in (out / "README.md").read_text()
 
@@ -289,13 +350,20 @@ def test_adapter_only_copies_peft_files_and_checks_them(lora_run, tmp_path):
 # ---- errors: unmergeable methods, bad flags, bad --out; a failed check leaves nothing -----------------------------
 
 
-@pytest.mark.parametrize("method, flags, message", [
-    ("prefix", ["--merge"], r"a prefix run cannot be merged: prefix tuning trains virtual key/value tokens.*--adapter-only"),
-    ("prompt", ["--format", "gguf"], r"a prompt run cannot be written as GGUF.*--adapter-only"),
-    ("adapter", ["--merge"], r"bottleneck adapters add a nonlinear function.*retrain with method=lora"),
-    ("adapter", ["--adapter-only"], r"method=adapter, which has no peft adapter"),
-    ("full", ["--adapter-only"], r"method=full, which has no peft adapter.*--merge"),
-])
+@pytest.mark.parametrize(
+    "method, flags, message",
+    [
+        (
+            "prefix",
+            ["--merge"],
+            r"a prefix run cannot be merged: prefix tuning trains virtual key/value tokens.*--adapter-only",
+        ),
+        ("prompt", ["--format", "gguf"], r"a prompt run cannot be written as GGUF.*--adapter-only"),
+        ("adapter", ["--merge"], r"bottleneck adapters add a nonlinear function.*retrain with method=lora"),
+        ("adapter", ["--adapter-only"], r"method=adapter, which has no peft adapter"),
+        ("full", ["--adapter-only"], r"method=full, which has no peft adapter.*--merge"),
+    ],
+)
 def test_exports_a_method_cannot_make_are_clear_errors(method, flags, message, tiny_model_dir, data, tmp_path, capsys):
     extra = {"train": {"batching": "pad"}} if method in ("prefix", "prompt") else {}
     run = train_run(tiny_model_dir, tmp_path / "run", data, method=method, steps=1, **extra)
@@ -314,14 +382,20 @@ def test_prompt_tuning_exports_as_adapter(tiny_model_dir, data, tmp_path):
     assert result["passed"] and result["adapter"] == "PROMPT_TUNING"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["export", "{tmp}/nope", "--merge", "--out", "{tmp}/o"], "does not exist"),
-    (["export", "{run}", "--out", "{tmp}/o"], "say what to export: --merge"),
-    (["export", "{run}", "--merge", "--quant", "q8_0", "--out", "{tmp}/o"], "--quant applies to GGUF exports only"),
-    (["export", "{run}", "--merge", "--adapter-only", "--out", "{tmp}/o"], "cannot be combined"),
-    (["export", "{run}", "--merge", "--out", "{run}"], "would replace the run directory"),
-    (["export", "{run}", "--merge", "--out", "{full}"], "already exists and is not empty; choose another --out, or pass --force"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "{tmp}/nope", "--merge", "--out", "{tmp}/o"], "does not exist"),
+        (["export", "{run}", "--out", "{tmp}/o"], "say what to export: --merge"),
+        (["export", "{run}", "--merge", "--quant", "q8_0", "--out", "{tmp}/o"], "--quant applies to GGUF exports only"),
+        (["export", "{run}", "--merge", "--adapter-only", "--out", "{tmp}/o"], "cannot be combined"),
+        (["export", "{run}", "--merge", "--out", "{run}"], "would replace the run directory"),
+        (
+            ["export", "{run}", "--merge", "--out", "{full}"],
+            "already exists and is not empty; choose another --out, or pass --force",
+        ),
+    ],
+)
 def test_user_errors_exit_2(args, message, lora_run, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -363,8 +437,9 @@ def test_export_does_not_import_torch_until_called():
 def test_real_model_gguf_q8_0(tmp_path):
     """SmolLM2-135M-Instruct + LoRA (2 steps) as a q8_0 GGUF: passes its check, and the layout is the real one."""
     data = write_data(tmp_path / "train.jsonl", 8)
-    run = train_run("smollm2-135m-instruct", tmp_path / "run", data, steps=2, train={"batch_size": 4, "lr": 1e-3},
-                    lora={"r": 8})
+    run = train_run(
+        "smollm2-135m-instruct", tmp_path / "run", data, steps=2, train={"batch_size": 4, "lr": 1e-3}, lora={"r": 8}
+    )
     q8 = tunesmith.export(run, tmp_path / "q8", format="gguf", quant="q8_0", log=lambda *a: None)
     assert q8["passed"] and q8["greedy_identical"] and q8["tokenizer"]["passed"] and q8["max_abs_logit_diff"] <= 3.0
     fields, tensors = gguf_fields(tmp_path / "q8" / q8["gguf"]["file"])

@@ -11,7 +11,13 @@ import pytest
 from tunesmith.errors import DataError
 from tunesmith.evaluation import forgetting as fg
 from tunesmith.evaluation.forgetting import (
-    CATEGORIES, CHECKS, THRESHOLDS, forgetting_eval, load_probe, score_answer, verdict,
+    CATEGORIES,
+    CHECKS,
+    THRESHOLDS,
+    forgetting_eval,
+    load_probe,
+    score_answer,
+    verdict,
 )
 
 QUIET = lambda *a, **k: None  # noqa: E731
@@ -55,13 +61,13 @@ def test_a_custom_probe_with_problems_lists_each_with_its_line(tmp_path):
     (tmp_path / "questions.jsonl").write_text(
         '{"id": "a", "prompt": "p", "reference": "r", "check": "contains"}\n'
         '{"id": "a", "prompt": "p2", "reference": "x", "check": "number"}\n'
-        'not json\n'
+        "not json\n"
         '{"id": "c", "prompt": "p3", "reference": "r", "check": "regex"}\n'
     )
     with pytest.raises(DataError) as e:
         load_probe(tmp_path)
     text = str(e.value)
-    assert f"{tmp_path / 'general_text.jsonl'}:2: needs a non-empty \"text\"" in text
+    assert f'{tmp_path / "general_text.jsonl"}:2: needs a non-empty "text"' in text
     assert f"{tmp_path / 'questions.jsonl'}:2: duplicate id 'a'" in text
     assert f"{tmp_path / 'questions.jsonl'}:2: a \"number\" check needs a numeric reference, not 'x'" in text
     assert f"{tmp_path / 'questions.jsonl'}:3: invalid JSON" in text
@@ -88,7 +94,11 @@ CASES = [
     ({"check": "number", "reference": "391", "prompt": "What is 17 times 23?"}, "It is 390", 0.0),
     ({"check": "number", "reference": "1000", "prompt": "What is 999 + 1?"}, "1,000", 1.0),
     ({"check": "number", "reference": "0.75", "prompt": "3 / 4?"}, "0.75", 1.0),
-    ({"check": "number", "reference": "9", "prompt": "What is 81 divided by 9?"}, "9", 1.0),  # the answer is in the prompt
+    (
+        {"check": "number", "reference": "9", "prompt": "What is 81 divided by 9?"},
+        "9",
+        1.0,
+    ),  # the answer is in the prompt
     ({"check": "number", "reference": "7", "prompt": "What is 15 - 8?"}, "seven", 0.0),
 ]
 
@@ -128,7 +138,10 @@ def test_verdict_thresholds(ppl, score, expected):
 def test_thresholds_text_states_the_numbers():
     assert "10%" in fg.THRESHOLDS_TEXT and "30%" in fg.THRESHOLDS_TEXT
     assert "0.05" in fg.THRESHOLDS_TEXT and "0.15" in fg.THRESHOLDS_TEXT
-    assert THRESHOLDS == {"perplexity_change": {"moderate": 0.10, "high": 0.30}, "score_drop": {"moderate": 0.05, "high": 0.15}}
+    assert THRESHOLDS == {
+        "perplexity_change": {"moderate": 0.10, "high": 0.30},
+        "score_drop": {"moderate": 0.05, "high": 0.15},
+    }
 
 
 # ---- forgetting_eval on tiny runs --------------------------------------------------------------------------
@@ -138,8 +151,10 @@ def _write_chat(path: Path, n: int) -> Path:
     labels = ["billing", "shipping", "technical"]
     with open(path, "w") as fh:
         for i in range(n):
-            msgs = [{"role": "user", "content": f"ticket {i}: my order number {i * 7} is late"},
-                    {"role": "assistant", "content": labels[i % 3]}]
+            msgs = [
+                {"role": "user", "content": f"ticket {i}: my order number {i * 7} is late"},
+                {"role": "assistant", "content": labels[i % 3]},
+            ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
@@ -148,11 +163,25 @@ def _train(tiny_model_dir, root: Path, method: str):
     import tunesmith
 
     data = _write_chat(root / "train.jsonl", 16)
-    return tunesmith.train(None, quiet=True, log=QUIET, **{
-        "model.name": str(tiny_model_dir), "data.train": str(data), "output": str(root / method), "method": method,
-        "train.max_steps": 4, "train.batch_size": 4, "train.lr": 5e-2, "lora.r": 4, "train.seed": 1,
-        "data.val_fraction": 0.0, "data.system_prompt": "Classify the ticket.", "train.threads": 2,
-    })
+    return tunesmith.train(
+        None,
+        quiet=True,
+        log=QUIET,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(data),
+            "output": str(root / method),
+            "method": method,
+            "train.max_steps": 4,
+            "train.batch_size": 4,
+            "train.lr": 5e-2,
+            "lora.r": 4,
+            "train.seed": 1,
+            "data.val_fraction": 0.0,
+            "data.system_prompt": "Classify the ticket.",
+            "train.threads": 2,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +202,17 @@ def test_base_against_itself_gives_zero_change_and_writes_the_contract(lora_run)
 
     on_disk = json.loads((lora_run.path / "eval" / "forgetting.json").read_text())
     assert on_disk == result
-    assert set(on_disk) >= {"version", "probe", "perplexity", "kl", "questions", "verdict", "thresholds", "explanation", "seconds"}
+    assert set(on_disk) >= {
+        "version",
+        "probe",
+        "perplexity",
+        "kl",
+        "questions",
+        "verdict",
+        "thresholds",
+        "explanation",
+        "seconds",
+    }
     assert on_disk["version"] == 1
     assert on_disk["probe"]["name"] == "tunesmith-general-v1" and on_disk["probe"]["questions"] == 12
     assert on_disk["probe"]["passages"] == 3 and on_disk["probe"]["text_tokens"] > 300
@@ -216,9 +255,14 @@ def test_full_finetune_compares_against_a_fresh_base_copy(tiny_model_dir, tmp_pa
 
 
 def test_custom_probe_and_bad_limit(lora_run, tmp_path):
-    (tmp_path / "general_text.jsonl").write_text(json.dumps({"text": "A short passage about rivers and the sea. " * 5}) + "\n")
+    (tmp_path / "general_text.jsonl").write_text(
+        json.dumps({"text": "A short passage about rivers and the sea. " * 5}) + "\n"
+    )
     (tmp_path / "questions.jsonl").write_text(
-        json.dumps({"id": "q1", "category": "facts", "prompt": "Capital of France?", "reference": "Paris", "check": "contains"}) + "\n"
+        json.dumps(
+            {"id": "q1", "category": "facts", "prompt": "Capital of France?", "reference": "Paris", "check": "contains"}
+        )
+        + "\n"
     )
     result = forgetting_eval(lora_run, limit=None, log=QUIET, probe=tmp_path)
     assert result["probe"]["name"] == f"custom:{tmp_path.name}" and result["probe"]["questions"] == 1
@@ -229,8 +273,12 @@ def test_custom_probe_and_bad_limit(lora_run, tmp_path):
 def test_explanation_names_the_worst_category_when_forgetting_is_not_low():
     result = {
         "perplexity": {"change": 0.12},
-        "questions": {"base": 0.5, "fine_tuned": 0.4, "change": -0.1, "by_category": {
-            "facts": {"base": 0.5, "fine_tuned": 0.45}, "arithmetic": {"base": 0.5, "fine_tuned": 0.2}}},
+        "questions": {
+            "base": 0.5,
+            "fine_tuned": 0.4,
+            "change": -0.1,
+            "by_category": {"facts": {"base": 0.5, "fine_tuned": 0.45}, "arithmetic": {"base": 0.5, "fine_tuned": 0.2}},
+        },
         "verdict": "moderate",
     }
     text = fg.explain(result)

@@ -28,9 +28,16 @@ from tunesmith.methods import (
 )
 
 # the tiny model of conftest.build_tiny_model: 2 blocks, hidden 32, MLP 64, 4 heads of 8, 2 kv heads (kv width 16)
-H, I, KV, L = 32, 64, 16, 2
-LINEAR = {"q_proj": (H, H), "k_proj": (H, KV), "v_proj": (H, KV), "o_proj": (H, H),
-          "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}  # (in, out)
+H, I, KV, L = 32, 64, 16, 2  # noqa: E741  (I: the MLP width, as in the papers)
+LINEAR = {
+    "q_proj": (H, H),
+    "k_proj": (H, KV),
+    "v_proj": (H, KV),
+    "o_proj": (H, H),
+    "gate_proj": (H, I),
+    "up_proj": (H, I),
+    "down_proj": (I, H),
+}  # (in, out)
 BLOCK = sum(i * o for i, o in LINEAR.values()) + 2 * H  # + input and post-attention RMSNorm
 VOCAB = 49152
 BASE = VOCAB * H + L * BLOCK + H  # embeddings (tied with lm_head) + blocks + final norm
@@ -61,25 +68,57 @@ STEPS = 10
 CASES = [
     Case("full", "full", {}, BASE, 1e-2, 1.0, added=False, changed=lambda name: True),
     # last block + every parameter with "norm" in its name (block 0's two norms and the final norm)
-    Case("freeze", "freeze", {"freeze": {"last_n_blocks": 1, "modules": ["norm"]}}, BLOCK + 2 * H + H, 1e-2, 0.3,
-         added=False, changed=lambda name: name.startswith("model.layers.1.") or "norm" in name),
+    Case(
+        "freeze",
+        "freeze",
+        {"freeze": {"last_n_blocks": 1, "modules": ["norm"]}},
+        BLOCK + 2 * H + H,
+        1e-2,
+        0.3,
+        added=False,
+        changed=lambda name: name.startswith("model.layers.1.") or "norm" in name,
+    ),
     Case("lora", "lora", {"lora": {"r": 4, "alpha": 8}}, lora_count(4), 3e-2, 0.05),
     Case("lora-attention", "lora", {"lora": {"r": 2, "target": "attention"}}, lora_count(2, ATTENTION), 3e-2, 0.05),
-    Case("lora-list", "lora", {"lora": {"r": 2, "target": ["v_proj", "down_proj"]}},
-         lora_count(2, ("v_proj", "down_proj")), 3e-2, 0.05),
+    Case(
+        "lora-list",
+        "lora",
+        {"lora": {"r": 2, "target": ["v_proj", "down_proj"]}},
+        lora_count(2, ("v_proj", "down_proj")),
+        3e-2,
+        0.05,
+    ),
     Case("dora", "dora", {"lora": {"r": 4, "alpha": 8}}, lora_count(4, dora=True), 3e-2, 0.05),
     # keys and values scale their outputs (KV each), down_proj its input (I)
     Case("ia3", "ia3", {}, L * (KV + KV + I), 1.0, 0.05),
     Case("prefix", "prefix", {"prefix": {"num_virtual_tokens": 4}}, 4 * L * 2 * KV, 0.3, 0.05),
     # embedding (4 x KV) -> Linear(KV, KV) -> tanh -> Linear(KV, L*2*KV)
-    Case("prefix-projection", "prefix", {"prefix": {"num_virtual_tokens": 4, "projection": True}},
-         4 * KV + (KV * KV + KV) + (KV * L * 2 * KV + L * 2 * KV), 3e-2, 0.05),
+    Case(
+        "prefix-projection",
+        "prefix",
+        {"prefix": {"num_virtual_tokens": 4, "projection": True}},
+        4 * KV + (KV * KV + KV) + (KV * L * 2 * KV + L * 2 * KV),
+        3e-2,
+        0.05,
+    ),
     Case("prompt", "prompt", {"prompt": {"num_virtual_tokens": 4}}, 4 * H, 0.3, 0.03),
-    Case("prompt-text", "prompt", {"prompt": {"num_virtual_tokens": 5, "init_text": "Classify the ticket:"}},
-         5 * H, 0.3, 0.03),
+    Case(
+        "prompt-text",
+        "prompt",
+        {"prompt": {"num_virtual_tokens": 5, "init_text": "Classify the ticket:"}},
+        5 * H,
+        0.3,
+        0.03,
+    ),
     Case("adapter-houlsby", "adapter", {"adapter": {"bottleneck": 4}}, adapter_count(4, 2), 3e-2, 0.05),
-    Case("adapter-pfeiffer", "adapter", {"adapter": {"bottleneck": 4, "style": "pfeiffer", "activation": "relu"}},
-         adapter_count(4, 1), 3e-2, 0.05),
+    Case(
+        "adapter-pfeiffer",
+        "adapter",
+        {"adapter": {"bottleneck": 4, "style": "pfeiffer", "activation": "relu"}},
+        adapter_count(4, 1),
+        3e-2,
+        0.05,
+    ),
 ]
 PEFT = {"lora", "dora", "ia3", "prefix", "prompt"}
 
@@ -229,8 +268,15 @@ def test_real_smollm2_architecture_counts():
     """Trainable counts on SmolLM2-135M's shapes (meta device: no weights, no memory)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    arch = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    arch = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
     expected = {
         ("full", ()): (134_515_008, 134_515_008),
         ("freeze", ()): (7_080_192, 134_515_008),
@@ -258,27 +304,51 @@ def test_real_smollm2_architecture_counts():
 @pytest.mark.parametrize(
     "method, sections, message",
     [
-        ("lora", {"lora": {"target": ["q_proj", "qproj"]}},
-         "lora.target: 'qproj' matches no linear module of this model; its linear modules are: "
-         "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"),
-        ("ia3", {"ia3": {"target": ["k_proj", "w2", "w3"]}},
-         "ia3.target: 'w2', 'w3' match no linear module of this model; its linear modules are: "
-         "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"),
-        ("ia3", {"ia3": {"target": ["k_proj"], "feedforward": ["down_proj"]}},
-         "ia3.feedforward: 'down_proj' not in ia3.target (k_proj); feed-forward modules must be targets too"),
-        ("freeze", {"freeze": {"last_n_blocks": 3}},
-         "freeze.last_n_blocks=3 but this model has 2 blocks; use at most 2 (or method=full to train everything)"),
-        ("freeze", {"freeze": {"last_n_blocks": 0, "modules": ["norm", "layernorm_x"]}},
-         "freeze.modules: 'layernorm_x' matches no parameter name; the parameters are: model.embed_tokens.weight, "
-         "model.layers.N.self_attn.q_proj.weight"),
-        ("freeze", {"freeze": {"last_n_blocks": None}},
-         "method=freeze trains nothing: set freeze.last_n_blocks > 0 or list freeze.modules"),
-        ("prefix", {"train": {"gradient_checkpointing": True}},
-         "method=prefix does not work with gradient checkpointing"),
+        (
+            "lora",
+            {"lora": {"target": ["q_proj", "qproj"]}},
+            "lora.target: 'qproj' matches no linear module of this model; its linear modules are: "
+            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head",
+        ),
+        (
+            "ia3",
+            {"ia3": {"target": ["k_proj", "w2", "w3"]}},
+            "ia3.target: 'w2', 'w3' match no linear module of this model; its linear modules are: "
+            "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head",
+        ),
+        (
+            "ia3",
+            {"ia3": {"target": ["k_proj"], "feedforward": ["down_proj"]}},
+            "ia3.feedforward: 'down_proj' not in ia3.target (k_proj); feed-forward modules must be targets too",
+        ),
+        (
+            "freeze",
+            {"freeze": {"last_n_blocks": 3}},
+            "freeze.last_n_blocks=3 but this model has 2 blocks; use at most 2 (or method=full to train everything)",
+        ),
+        (
+            "freeze",
+            {"freeze": {"last_n_blocks": 0, "modules": ["norm", "layernorm_x"]}},
+            "freeze.modules: 'layernorm_x' matches no parameter name; the parameters are: model.embed_tokens.weight, "
+            "model.layers.N.self_attn.q_proj.weight",
+        ),
+        (
+            "freeze",
+            {"freeze": {"last_n_blocks": None}},
+            "method=freeze trains nothing: set freeze.last_n_blocks > 0 or list freeze.modules",
+        ),
+        (
+            "prefix",
+            {"train": {"gradient_checkpointing": True}},
+            "method=prefix does not work with gradient checkpointing",
+        ),
         ("prompt", {"train": {"batching": "pack"}}, "method=prompt cannot train on packed rows"),
         ("prefix", {"train": {"batching": "pack"}}, "method=prefix cannot train on packed rows"),
-        ("prompt", {"prompt": {"init_text": "hi"}},
-         "prompt.init_text needs the tokenizer: call apply_method(model, config, tokenizer=...)"),
+        (
+            "prompt",
+            {"prompt": {"init_text": "hi"}},
+            "prompt.init_text needs the tokenizer: call apply_method(model, config, tokenizer=...)",
+        ),
     ],
 )
 def test_bad_options_raise_config_error(method, sections, message, tiny_model_dir):

@@ -28,13 +28,16 @@ def test_prf_zero_denominators():
     assert M.prf(1, 1, 0) == pytest.approx((0.5, 1.0, 2 / 3))
 
 
-@pytest.mark.parametrize("pred, ref, em, f1", [
-    ("The cat sat", "the  cat sat", 1.0, 1.0),
-    ("the cat sat", "the cat", 0.0, 0.8),         # P 2/3, R 1
-    ("cat, cat!", "cat", 0.0, 2 / 3),            # P 1/2, R 1 (multiset overlap)
-    ("dog", "cat", 0.0, 0.0),
-    ("", "", 1.0, 1.0),
-])
+@pytest.mark.parametrize(
+    "pred, ref, em, f1",
+    [
+        ("The cat sat", "the  cat sat", 1.0, 1.0),
+        ("the cat sat", "the cat", 0.0, 0.8),  # P 2/3, R 1
+        ("cat, cat!", "cat", 0.0, 2 / 3),  # P 1/2, R 1 (multiset overlap)
+        ("dog", "cat", 0.0, 0.0),
+        ("", "", 1.0, 1.0),
+    ],
+)
 def test_exact_match_and_token_f1(pred, ref, em, f1):
     assert M.exact_match(pred, ref) == em
     assert M.token_f1(pred, ref) == pytest.approx(f1)
@@ -63,26 +66,32 @@ def test_perplexity():
     assert M.perplexity(1.0, 0) == math.inf
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"a": 1}', {"a": 1}),
-    ('  ```json\n{"a": 1}\n```  ', {"a": 1}),
-    ("[1, 2]", None),              # JSON, but not an object
-    ('{"a": 1} and more', None),
-    ("not json", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"a": 1}', {"a": 1}),
+        ('  ```json\n{"a": 1}\n```  ', {"a": 1}),
+        ("[1, 2]", None),  # JSON, but not an object
+        ('{"a": 1} and more', None),
+        ("not json", None),
+    ],
+)
 def test_parse_json_object(text, expected):
     assert M.parse_json_object(text) == expected
 
 
 def test_flatten_and_schema():
-    refs = [{"name": "A", "qty": 2, "addr": {"city": "X"}}, {"name": "B", "qty": 1.5, "addr": {"city": "Y"}, "note": None}]
+    refs = [
+        {"name": "A", "qty": 2, "addr": {"city": "X"}},
+        {"name": "B", "qty": 1.5, "addr": {"city": "Y"}, "note": None},
+    ]
     assert M.flatten(refs[0]) == {"name": "A", "qty": 2, "addr.city": "X"}
     schema = M.infer_schema(refs)
     assert schema["required"] == {"name", "qty", "addr.city"}
     assert M.matches_schema({"name": "C", "qty": 3, "addr": {"city": "Z"}}, schema)
     assert M.matches_schema({"name": "C", "qty": 3, "addr": {"city": "Z"}, "note": None}, schema)  # optional key
-    assert not M.matches_schema({"name": "C", "addr": {"city": "Z"}}, schema)                        # missing key
-    assert not M.matches_schema({"name": "C", "qty": "3", "addr": {"city": "Z"}}, schema)            # wrong type
+    assert not M.matches_schema({"name": "C", "addr": {"city": "Z"}}, schema)  # missing key
+    assert not M.matches_schema({"name": "C", "qty": "3", "addr": {"city": "Z"}}, schema)  # wrong type
     assert not M.matches_schema({"name": "C", "qty": 3, "addr": {"city": "Z"}, "extra": 1}, schema)  # unknown key
     assert not M.matches_schema(None, schema)
 
@@ -91,7 +100,7 @@ def test_extraction_report_hand_computed():
     refs = [{"name": "Alice", "qty": 3, "addr": {"city": "Oslo"}}, {"name": "Bob", "qty": 1, "addr": {"city": "Rome"}}]
     preds = [
         '{"name": "alice ", "qty": 3.0, "addr": {"city": "Paris"}}',  # 2 of 3 pairs right (case/space/number normalised)
-        "sorry, I cannot",                                             # does not parse: 0 predicted, 3 missed
+        "sorry, I cannot",  # does not parse: 0 predicted, 3 missed
     ]
     metrics, per = M.extraction_report(preds, refs)
     assert metrics["parse_rate"] == 0.5

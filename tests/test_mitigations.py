@@ -19,7 +19,10 @@ def _write_chat(path: Path, n: int) -> Path:
     labels = ["billing", "shipping", "technical"]
     with open(path, "w") as fh:
         for i in range(n):
-            msgs = [{"role": "user", "content": f"ticket {i}: parcel {i * 7} late"}, {"role": "assistant", "content": labels[i % 3]}]
+            msgs = [
+                {"role": "user", "content": f"ticket {i}: parcel {i * 7} late"},
+                {"role": "assistant", "content": labels[i % 3]},
+            ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
@@ -27,12 +30,15 @@ def _write_chat(path: Path, n: int) -> Path:
 # ---- config ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("replay", 0.95, "train.replay: expected less than or equal to 0.9 (got 0.95)"),
-    ("replay", -0.1, "train.replay: expected greater than or equal to 0 (got -0.1)"),
-    ("kl_to_base", -1, "train.kl_to_base: expected greater than or equal to 0 (got -1)"),
-    ("kl_to_base", 11, "train.kl_to_base: expected less than or equal to 10 (got 11)"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("replay", 0.95, "train.replay: expected less than or equal to 0.9 (got 0.95)"),
+        ("replay", -0.1, "train.replay: expected greater than or equal to 0 (got -0.1)"),
+        ("kl_to_base", -1, "train.kl_to_base: expected greater than or equal to 0 (got -1)"),
+        ("kl_to_base", 11, "train.kl_to_base: expected less than or equal to 10 (got 11)"),
+    ],
+)
 def test_config_rejects_out_of_range_values(key, value, message):
     with pytest.raises(ConfigError) as e:
         validate_config({"train": {key: value}})
@@ -60,7 +66,9 @@ def test_mix_replay_is_deterministic_given_the_seed_and_skips_the_task_prompt(to
     cfg = validate_config({"data": {"system_prompt": SYSTEM, "max_length": 256}, "train": {"replay": 0.1, "seed": 3}})
     mixed, summary = mix_replay(task, cfg, tokenizer, QUIET)
     again, _ = mix_replay(task, cfg, tokenizer, QUIET)
-    other, _ = mix_replay(task, validate_config({**cfg.model_dump(), "train": {"replay": 0.1, "seed": 4}}), tokenizer, QUIET)
+    other, _ = mix_replay(
+        task, validate_config({**cfg.model_dump(), "train": {"replay": 0.1, "seed": 4}}), tokenizer, QUIET
+    )
     assert len(mixed) == 50 and mixed[:45] == task and summary["examples"] == 5
     assert summary["share"] == 0.1 and len(summary["sha256"]) == 64 and summary["pool"] > 200
     replayed = [tuple(e.input_ids) for e in mixed[45:]]
@@ -91,11 +99,27 @@ def _train(tiny_model_dir, root: Path, name: str, **extra):
     data = root / "train.jsonl"
     if not data.exists():
         _write_chat(data, 24)
-    return tunesmith.train(None, quiet=True, log=QUIET, **{
-        "model.name": str(tiny_model_dir), "data.train": str(data), "output": str(root / name), "method": "lora",
-        "train.max_steps": 6, "train.batch_size": 4, "train.lr": 5e-2, "lora.r": 4, "train.seed": 1,
-        "data.val_fraction": 0.0, "data.system_prompt": SYSTEM, "data.max_length": 128, "train.threads": 2, **extra,
-    })
+    return tunesmith.train(
+        None,
+        quiet=True,
+        log=QUIET,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(data),
+            "output": str(root / name),
+            "method": "lora",
+            "train.max_steps": 6,
+            "train.batch_size": 4,
+            "train.lr": 5e-2,
+            "lora.r": 4,
+            "train.seed": 1,
+            "data.val_fraction": 0.0,
+            "data.system_prompt": SYSTEM,
+            "data.max_length": 128,
+            "train.threads": 2,
+            **extra,
+        },
+    )
 
 
 def test_replay_run_records_its_mixture(tiny_model_dir, tmp_path):
@@ -147,7 +171,12 @@ def test_kl_penalty_pulls_the_model_toward_the_base(tiny_model_dir, tokenizer):
     examples = read_examples(_write_chat(root / "kl-unit.jsonl", 8))
     encoded = [Renderer(tokenizer, None, SYSTEM).encode(e) for e in examples]
     batch = make_batches(encoded, "pad", 8, tokenizer.pad_token_id, 256)[0]
-    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "logits_to_keep": batch.keep, "use_cache": False}
+    kwargs = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "logits_to_keep": batch.keep,
+        "use_cache": False,
+    }
 
     def train(weight: float) -> float:
         model = copy.deepcopy(start).train()

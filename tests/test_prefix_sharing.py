@@ -117,8 +117,11 @@ def test_the_mask_lets_a_suffix_see_the_prefix_and_its_own_example_only():
     assert mask[:, :p].all()  # everyone sees the whole prefix
     own = mask[:, p:].int().tolist()
     assert own == [
-        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
-        [0, 0, 0, 1, 0], [0, 0, 0, 1, 1],
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0],
+        [0, 0, 0, 1, 1],
     ]
     assert batch.keep.tolist() == [[False, True, True, True, True]]
     assert batch.targets.tolist() == [201, 202, 100, 101]
@@ -141,7 +144,9 @@ def test_which_models_and_methods_share_prefixes(tiny_model_dir):
     assert supports_prefix_sharing(model, "full", False)[1] == "the model has sliding-window attention layers"
 
 
-def test_training_with_a_shared_prefix_learns_exactly_what_unshared_training_learns(tiny_model_dir, tmp_path, monkeypatch):
+def test_training_with_a_shared_prefix_learns_exactly_what_unshared_training_learns(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """The loop shares the system prompt of chat data; losses, gradient norms and validation loss match a run
     with sharing turned off, step for step."""
     import tunesmith
@@ -154,10 +159,21 @@ def test_training_with_a_shared_prefix_learns_exactly_what_unshared_training_lea
     for share in (8, 0):
         monkeypatch.setattr(prefix, "MIN_PREFIX_TOKENS", share)
         run = tunesmith.train(
-            None, quiet=True, log=lambda *_: None,
-            **{"model.name": str(tiny_model_dir), "data.train": str(train), "data.validation": str(val),
-               "output": str(tmp_path / f"share{share}"), "train.max_steps": 3, "train.batch_size": 8,
-               "train.micro_batch_size": 4, "train.lr": 1e-2, "lora.r": 4, "train.seed": 3},
+            None,
+            quiet=True,
+            log=lambda *_: None,
+            **{
+                "model.name": str(tiny_model_dir),
+                "data.train": str(train),
+                "data.validation": str(val),
+                "output": str(tmp_path / f"share{share}"),
+                "train.max_steps": 3,
+                "train.batch_size": 8,
+                "train.micro_batch_size": 4,
+                "train.lr": 1e-2,
+                "lora.r": 4,
+                "train.seed": 3,
+            },
         )
         runs[share] = run.metrics
     shared, plain = runs[8], runs[0]
@@ -179,8 +195,14 @@ def _write_chat(path, n, seed):
     with open(path, "w") as fh:
         for i in range(n):
             label = rng.choice(["billing", "shipping", "technical"])
-            user = f"ticket {i}: " + " ".join(rng.choice(["refund", "parcel", "crash", "please", "today"]) for _ in range(rng.randint(2, 9)))
-            msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}, {"role": "assistant", "content": label}]
+            user = f"ticket {i}: " + " ".join(
+                rng.choice(["refund", "parcel", "crash", "please", "today"]) for _ in range(rng.randint(2, 9))
+            )
+            msgs = [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": label},
+            ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
 
@@ -195,6 +217,7 @@ def test_shared_batches_use_their_own_row_width():
     assert wide.input_ids.shape == (1, sum(len(e.input_ids) - L - 1 for e in examples))
     (narrow,) = make_batches(examples, "pack", 7, 0, row_tokens=40, share_prefix=8)
     assert narrow.input_ids.shape[0] > 1 and narrow.input_ids.shape[1] <= 40 - L
-    plain = make_batches(_examples(prefix=PREFIX[:5]), "pack", 7, 0, row_tokens=40, share_prefix=8,
-                         shared_row_tokens=1024)
+    plain = make_batches(
+        _examples(prefix=PREFIX[:5]), "pack", 7, 0, row_tokens=40, share_prefix=8, shared_row_tokens=1024
+    )
     assert all(b.prefix_ids is None and b.input_ids.shape[1] <= 40 for b in plain)

@@ -22,16 +22,25 @@ from tunesmith.evaluation.systems import System
 from tunesmith.evaluation.tasks import TaskPlan
 
 LABELS = ["billing", "shipping", "technical"]
-WORDS = {"billing": ["invoice", "refund", "charge"], "shipping": ["parcel", "courier", "tracking"],
-         "technical": ["crash", "error", "freeze"]}
+WORDS = {
+    "billing": ["invoice", "refund", "charge"],
+    "shipping": ["parcel", "courier", "tracking"],
+    "technical": ["crash", "error", "freeze"],
+}
 
 
 def _rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": [{"role": "system", "content": "Classify the ticket."},
-                          {"role": "user", "content": f"ticket {seed}-{i}: " + " ".join(rng.sample(WORDS[lab], 2))},
-                          {"role": "assistant", "content": lab}]}
-            for i, lab in ((i, LABELS[i % 3]) for i in range(n))]
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Classify the ticket."},
+                {"role": "user", "content": f"ticket {seed}-{i}: " + " ".join(rng.sample(WORDS[lab], 2))},
+                {"role": "assistant", "content": lab},
+            ]
+        }
+        for i, lab in ((i, LABELS[i % 3]) for i in range(n))
+    ]
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
@@ -40,8 +49,11 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 def _ex(user: str, answer: str, source: str = "t.jsonl:1") -> Example:
-    return Example(kind="chat", messages=[Message("system", "Classify."), Message("user", user),
-                                          Message("assistant", answer)], source=source)
+    return Example(
+        kind="chat",
+        messages=[Message("system", "Classify."), Message("user", user), Message("assistant", answer)],
+        source=source,
+    )
 
 
 class _Renderer:
@@ -55,8 +67,12 @@ class _Renderer:
 def test_calibrated_decision_divides_by_the_content_free_probabilities():
     """Hand-computed: p = (0.7, 0.3), content-free p = (0.8, 0.2) -> (0.7/0.8, 0.3/0.2) / 2.375 = (0.368, 0.632):
     calibration flips the prediction from the first label to the second."""
-    res = SystemResult(predictions=["a"], outputs=["a"], label_scores=[[(math.log(0.7), 1), (math.log(0.3), 1)]],
-                       content_free=[[[math.log(0.8), math.log(0.2)]]])
+    res = SystemResult(
+        predictions=["a"],
+        outputs=["a"],
+        label_scores=[[(math.log(0.7), 1), (math.log(0.3), 1)]],
+        content_free=[[[math.log(0.8), math.log(0.2)]]],
+    )
     assert res.decided(["a", "b"]).predictions == ["a"]
     calibrated = res.decided(["a", "b"], calibrated=True)
     assert calibrated.predictions == ["b"] and calibrated.outputs == ["b"]
@@ -77,8 +93,12 @@ def test_variants_cover_every_rule_cheapest_first():
     plan = TaskPlan("classification", "accuracy", LABELS, ("score", "generate"))
     tried = variants(plan, 3, 8, "Answer with one label.")
     assert len(tried) == 16 and tried[0] == PromptVariant()
-    assert [v.prompt for v in tried[::4]] == [("none", 0, False), ("none", 0, True), ("random", 3, False),
-                                              ("knn", 8, False)]
+    assert [v.prompt for v in tried[::4]] == [
+        ("none", 0, False),
+        ("none", 0, True),
+        ("random", 3, False),
+        ("knn", 8, False),
+    ]
     text = TaskPlan("text", "chrf")
     assert [v.key for v in variants(text, 3, 4, None)] == ["zero_shot", "random_3", "knn_4"]
 
@@ -131,24 +151,44 @@ def _fake_measure(system, examples, plan, **kwargs):
         preds.append(pred)
         scores.append([(-1.0 if label == pred else -5.0, 1) for label in plan.labels])
     content_free = [[[-2.0] * len(plan.labels)] for _ in examples] if kwargs.get("calibrate") else None
-    return SystemResult(outputs=preds, predictions=preds, label_scores=scores, content_free=content_free,
-                        generated=list(preds) if "generate" in plan.by else None, prompt_tokens=10.0,
-                        seconds={"score": 0.01})
+    return SystemResult(
+        outputs=preds,
+        predictions=preds,
+        label_scores=scores,
+        content_free=content_free,
+        generated=list(preds) if "generate" in plan.by else None,
+        prompt_tokens=10.0,
+        seconds={"score": 0.01},
+    )
 
 
 def test_best_prompt_is_chosen_on_validation_even_where_test_says_otherwise(tiny_model_dir, tmp_path, monkeypatch):
     train = _write(tmp_path / "train.jsonl", _rows(30, 0))
     val = _write(tmp_path / "val.jsonl", _rows(9, 2))
     test = _write(tmp_path / "test.jsonl", _rows(9, 1))
-    run = tunesmith.train(None, quiet=True, log=lambda *_: None, **{
-        "model.name": str(tiny_model_dir), "data.train": str(train), "data.validation": str(val),
-        "data.test": str(test), "output": str(tmp_path / "run"), "train.max_steps": 1, "train.batch_size": 4,
-        "data.max_length": 64, "lora.r": 2, "train.threads": 1})
+    run = tunesmith.train(
+        None,
+        quiet=True,
+        log=lambda *_: None,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(train),
+            "data.validation": str(val),
+            "data.test": str(test),
+            "output": str(tmp_path / "run"),
+            "train.max_steps": 1,
+            "train.batch_size": 4,
+            "data.max_length": 64,
+            "lora.r": 2,
+            "train.threads": 1,
+        },
+    )
     _fake_measure.test_file = test
     monkeypatch.setattr(prompting, "measure", _fake_measure)
     monkeypatch.setattr(task_eval, "measure", _fake_measure)
-    result = tunesmith.evaluate(run, by="score", shots=3, knn_shots=2, forgetting=False, quiet=True,
-                                log=lambda *_: None)
+    result = tunesmith.evaluate(
+        run, by="score", shots=3, knn_shots=2, forgetting=False, quiet=True, log=lambda *_: None
+    )
     systems = {s["key"]: s for s in result["systems"]}
     selection = result["prompt_selection"]
     assert selection["split"] == str(val) and selection["examples"] == 9
@@ -164,15 +204,36 @@ def test_best_prompt_is_chosen_on_validation_even_where_test_says_otherwise(tiny
 def test_fewer_shots_than_labels_needs_asking(tiny_model_dir, tmp_path):
     train = _write(tmp_path / "train.jsonl", _rows(30, 0))
     test = _write(tmp_path / "test.jsonl", _rows(6, 1))
-    run = tunesmith.train(None, quiet=True, log=lambda *_: None, **{
-        "model.name": str(tiny_model_dir), "data.train": str(train), "data.test": str(test),
-        "output": str(tmp_path / "run"), "train.max_steps": 1, "train.batch_size": 4, "data.max_length": 64,
-        "lora.r": 2, "train.threads": 1, "data.val_fraction": 0.0})
+    run = tunesmith.train(
+        None,
+        quiet=True,
+        log=lambda *_: None,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(train),
+            "data.test": str(test),
+            "output": str(tmp_path / "run"),
+            "train.max_steps": 1,
+            "train.batch_size": 4,
+            "data.max_length": 64,
+            "lora.r": 2,
+            "train.threads": 1,
+            "data.val_fraction": 0.0,
+        },
+    )
     with pytest.raises(tunesmith.errors.ConfigError, match="--shots 2 cannot show every one of the 3 labels"):
         tunesmith.evaluate(run, shots=2, forgetting=False, quiet=True, log=lambda *_: None)
     lines = []
-    result = tunesmith.evaluate(run, by="score", shots=2, allow_missing_labels=True, select=False, forgetting=False,
-                                quiet=True, log=lines.append)
+    result = tunesmith.evaluate(
+        run,
+        by="score",
+        shots=2,
+        allow_missing_labels=True,
+        select=False,
+        forgetting=False,
+        quiet=True,
+        log=lines.append,
+    )
     few = next(s for s in result["systems"] if s["key"] == "base_few_shot")
     assert few["shots"] == 2 and len(few["labels_missing"]) == 1
     assert any("shows no example of" in line for line in lines)

@@ -74,18 +74,28 @@ def test_the_table_is_rebuilt_from_the_records_when_the_run_directories_are_gone
     results = _results_module()
     run_dir = tmp_path / "runs" / "ticket-triage-lora"
     (run_dir / "eval").mkdir(parents=True)
-    task = {"task": "classification", "primary": "accuracy", "data": {"examples": 4},
-            "metrics_info": {"accuracy": {"higher_is_better": True}},
-            "systems": [{"key": "base_zero_shot", "name": "base, zero-shot", "metrics": {"accuracy": 0.25}},
-                        {"key": "base_few_shot", "name": "base, 3-shot", "shots": 3, "metrics": {"accuracy": 0.5}},
-                        {"key": "fine_tuned", "name": "fine-tuned", "metrics": {"accuracy": 0.75}}]}
+    task = {
+        "task": "classification",
+        "primary": "accuracy",
+        "data": {"examples": 4},
+        "metrics_info": {"accuracy": {"higher_is_better": True}},
+        "systems": [
+            {"key": "base_zero_shot", "name": "base, zero-shot", "metrics": {"accuracy": 0.25}},
+            {"key": "base_few_shot", "name": "base, 3-shot", "shots": 3, "metrics": {"accuracy": 0.5}},
+            {"key": "fine_tuned", "name": "fine-tuned", "metrics": {"accuracy": 0.75}},
+        ],
+    }
     (run_dir / "eval" / "task.json").write_text(json.dumps(task))
     scores = [(0, 1, 1), (1, 0, 1), (0, 1, 1), (0, 0, 0)]  # zero-shot, few-shot, fine-tuned per example
-    (run_dir / "eval" / "task_examples.jsonl").write_text("\n".join(
-        json.dumps({"id": str(i), "scores": {"base_zero_shot": z, "base_few_shot": f, "fine_tuned": t}})
-        for i, (z, f, t) in enumerate(scores)))
+    (run_dir / "eval" / "task_examples.jsonl").write_text(
+        "\n".join(
+            json.dumps({"id": str(i), "scores": {"base_zero_shot": z, "base_few_shot": f, "fine_tuned": t}})
+            for i, (z, f, t) in enumerate(scores)
+        )
+    )
     (run_dir / "metrics.jsonl").write_text(
-        "\n".join(json.dumps({"kind": "train", "step": s, "tokens_per_s": t}) for s, t in [(1, 90.0), (2, 110.0)]))
+        "\n".join(json.dumps({"kind": "train", "step": s, "tokens_per_s": t}) for s, t in [(1, 90.0), (2, 110.0)])
+    )
     (run_dir / "config.yaml").write_text("method: lora\n")
     (run_dir / "data.json").write_text(json.dumps({"train": {"examples": 12}, "device": "cpu"}))
     (run_dir / "results-run.json").write_text(json.dumps({"train_seconds": 120.0, "eval_commit": "abc1234"}))
@@ -96,16 +106,20 @@ def test_the_table_is_rebuilt_from_the_records_when_the_run_directories_are_gone
 
     shutil.rmtree(tmp_path / "runs")  # runs/ is not in git: the record is what survives
     out = tmp_path / "results.md"
-    assert results.main(["--table-only", "--runs", str(tmp_path / "runs"), "--records", str(records),
-                         "--out", str(out)]) == 0
+    assert (
+        results.main(["--table-only", "--runs", str(tmp_path / "runs"), "--records", str(records), "--out", str(out)])
+        == 0
+    )
     table = out.read_text()
     # against the best prompt (3-shot) only one of four examples moves: the interval holds zero
     assert row["paired"]["against"] == "base_few_shot" and row["paired"]["mean"] == 0.25
     # a record made before prompt selection existed: compared with the better of zero-/few-shot on test, and says so
-    assert ("| ticket-triage-lora (lora) | classification (4) | accuracy | 25.0% | 50.0% | not measured | 75.0% | "
-            "**tie** with prompting: +25.0 points, not significant (per-example 95% CI +0.0 to +75.0, n=4); "
-            "no validation-chosen prompt in this record (measured before prompt selection) | "
-            "not measured | 2.0 min, 100 |") in table
+    assert (
+        "| ticket-triage-lora (lora) | classification (4) | accuracy | 25.0% | 50.0% | not measured | 75.0% | "
+        "**tie** with prompting: +25.0 points, not significant (per-example 95% CI +0.0 to +75.0, n=4); "
+        "no validation-chosen prompt in this record (measured before prompt selection) | "
+        "not measured | 2.0 min, 100 |"
+    ) in table
     assert "at commit abc1234" in table
     # every other shipped recipe is listed as not measured, not silently dropped
     assert "Not measured yet" in table and "review-sentiment-lora" in table.split("Not measured yet")[1]
@@ -130,22 +144,47 @@ def test_the_shipped_records_name_shipped_recipes_and_render(tmp_path):
         assert f"| {path.stem} (" in table and f"### {path.stem}" in table
 
 
-@pytest.mark.parametrize("low, high, expected", [
-    (0.05, 0.30, "**beats** prompting by +20.0 points (per-example 95% CI +5.0 to +30.0, n=40)"),
-    (-0.02, 0.30, "**tie** with prompting: +20.0 points, not significant (per-example 95% CI -2.0 to +30.0, n=40)"),
-    (-0.30, -0.05, "**unclear**: +20.0 points on the whole set, the other way per example "
-                   "(per-example 95% CI -30.0 to -5.0, n=40)"),
-])
+@pytest.mark.parametrize(
+    "low, high, expected",
+    [
+        (0.05, 0.30, "**beats** prompting by +20.0 points (per-example 95% CI +5.0 to +30.0, n=40)"),
+        (-0.02, 0.30, "**tie** with prompting: +20.0 points, not significant (per-example 95% CI -2.0 to +30.0, n=40)"),
+        (
+            -0.30,
+            -0.05,
+            "**unclear**: +20.0 points on the whole set, the other way per example "
+            "(per-example 95% CI -30.0 to -5.0, n=40)",
+        ),
+    ],
+)
 def test_the_verdict_follows_the_paired_interval(tmp_path, low, high, expected):
     results = _results_module()
     # the comparison is with the prompt chosen on validation, even where another base system scores higher on test
-    task = {"task": "text", "primary": "chrf", "data": {"examples": 40},
-            "systems": [{"key": "base_zero_shot", "name": "base, zero-shot", "metrics": {"chrf": 0.35}},
-                        {"key": "base_best_prompt", "name": "base, best prompt", "metrics": {"chrf": 0.3},
-                         "prompt": {"name": "4 retrieved shots"}},
-                        {"key": "fine_tuned", "name": "fine-tuned", "metrics": {"chrf": 0.5}}]}
-    row = {"recipe": "r", "method": "lora", "task": task, "forgetting": None, "train_examples": 1, "steps": 1, "device": "cpu",
-           "paired": {"against": "base_best_prompt", "examples": 40, "mean": 0.1, "low": low, "high": high}}
+    task = {
+        "task": "text",
+        "primary": "chrf",
+        "data": {"examples": 40},
+        "systems": [
+            {"key": "base_zero_shot", "name": "base, zero-shot", "metrics": {"chrf": 0.35}},
+            {
+                "key": "base_best_prompt",
+                "name": "base, best prompt",
+                "metrics": {"chrf": 0.3},
+                "prompt": {"name": "4 retrieved shots"},
+            },
+            {"key": "fine_tuned", "name": "fine-tuned", "metrics": {"chrf": 0.5}},
+        ],
+    }
+    row = {
+        "recipe": "r",
+        "method": "lora",
+        "task": task,
+        "forgetting": None,
+        "train_examples": 1,
+        "steps": 1,
+        "device": "cpu",
+        "paired": {"against": "base_best_prompt", "examples": 40, "mean": 0.1, "low": low, "high": high},
+    }
     out = tmp_path / "t.md"
     results.write_table([row], out, SimpleNamespace(note=[], records="docs/results", runs="runs/results"))
     assert results.best_prompt_key(task) == "base_best_prompt"

@@ -18,10 +18,9 @@ import openai
 import pytest
 
 import tunesmith
+from test_train import write_chat_data
 from tunesmith.cli import main
 from tunesmith.errors import ConfigError, RunError
-
-from test_train import write_chat_data
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(2)
@@ -31,10 +30,22 @@ PROMPT = [{"role": "user", "content": "ticket 7: refund invoice please"}]
 
 def _train(tiny_model_dir, data, out, seed, **extra):
     return tunesmith.train(
-        None, quiet=True, log=lambda *_: None,
-        **{"model.name": str(tiny_model_dir), "data.train": str(data), "output": str(out), "train.max_steps": 2,
-           "train.batch_size": 4, "train.batching": "pad", "data.max_length": 64, "train.lr": 5e-2, "lora.r": 4,
-           "train.seed": seed, **extra},
+        None,
+        quiet=True,
+        log=lambda *_: None,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(data),
+            "output": str(out),
+            "train.max_steps": 2,
+            "train.batch_size": 4,
+            "train.batching": "pad",
+            "data.max_length": 64,
+            "train.lr": 5e-2,
+            "lora.r": 4,
+            "train.seed": seed,
+            **extra,
+        },
     )
 
 
@@ -43,8 +54,14 @@ def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data = write_chat_data(root / "train.jsonl", 12)
     a = _train(tiny_model_dir, data, root / "runs" / "alpha", seed=1, name="alpha")
-    b = _train(tiny_model_dir, data, root / "runs" / "beta", seed=2, name="beta",
-               **{"data.system_prompt": "Classify the ticket."})
+    b = _train(
+        tiny_model_dir,
+        data,
+        root / "runs" / "beta",
+        seed=2,
+        name="beta",
+        **{"data.system_prompt": "Classify the ticket."},
+    )
     return root, a, b
 
 
@@ -101,8 +118,9 @@ def test_chat_matches_run_generate_and_reports_real_usage(server, runs):
     _, alpha, beta = runs
     client = server.client()
     for run, name in ((alpha, "alpha"), (beta, "beta")):
-        r = client.chat.completions.create(model=f"ft:{server.base_id}:{name}", messages=PROMPT, max_tokens=12,
-                                           temperature=0)
+        r = client.chat.completions.create(
+            model=f"ft:{server.base_id}:{name}", messages=PROMPT, max_tokens=12, temperature=0
+        )
         expected = run.generate(PROMPT, max_new_tokens=12)
         assert r.choices[0].message.content == expected and expected
         assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model.endswith(name)
@@ -115,8 +133,12 @@ def test_chat_matches_run_generate_and_reports_real_usage(server, runs):
             assert r.usage.completion_tokens < 12
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     # the adapters and the base really differ (else the comparison above proves nothing)
-    texts = {m: client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
-             .choices[0].message.content for m in [server.base_id, f"ft:{server.base_id}:alpha", "beta"]}
+    texts = {
+        m: client.chat.completions.create(model=m, messages=PROMPT, max_tokens=12, temperature=0)
+        .choices[0]
+        .message.content
+        for m in [server.base_id, f"ft:{server.base_id}:alpha", "beta"]
+    }
     assert len(set(texts.values())) == 3
 
 
@@ -154,41 +176,54 @@ def test_stop_strings_end_the_text_and_never_leak(server):
     text = full.choices[0].text
     assert full.object == "text_completion" and full.choices[0].finish_reason == "length"
     assert full.usage.completion_tokens == 16
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip()
-    cut = client.completions.create(model=server.base_id, prompt="The ticket says", max_tokens=16, temperature=0,
-                                    stop=[stop])
+    cut = client.completions.create(
+        model=server.base_id, prompt="The ticket says", max_tokens=16, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens < 16
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=server.base_id, prompt="The ticket says", max_tokens=16, temperature=0, stop=[stop], stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=server.base_id, prompt="The ticket says", max_tokens=16, temperature=0, stop=[stop], stream=True
+        )
+    )
     assert streamed == cut.choices[0].text
 
 
 def test_completions_with_several_prompts(server):
-    r = server.client().completions.create(model="alpha", prompt=["ticket 1:", "ticket 2: crash"], max_tokens=5,
-                                           temperature=0, n=2)
+    r = server.client().completions.create(
+        model="alpha", prompt=["ticket 1:", "ticket 2: crash"], max_tokens=5, temperature=0, n=2
+    )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert r.choices[0].text == r.choices[1].text  # greedy: both choices of a prompt agree
     lengths = sum(c.finish_reason == "length" for c in r.choices)
     assert 5 * lengths <= r.usage.completion_tokens <= 20 and (r.usage.completion_tokens == 20) == (lengths == 4)
     assert r.usage.prompt_tokens == len(server.app.state.registry.tokenizer("ticket 1:")["input_ids"]) + len(
-        server.app.state.registry.tokenizer("ticket 2: crash")["input_ids"])
+        server.app.state.registry.tokenizer("ticket 2: crash")["input_ids"]
+    )
 
 
-@pytest.mark.parametrize("kwargs, error, fragment", [
-    (dict(model="nope"), openai.NotFoundError, "does not exist"),
-    (dict(temperature=3.5), openai.BadRequestError, "temperature"),
-    (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
-    (dict(max_tokens=65), openai.BadRequestError, "more than this server allows (64)"),
-    (dict(messages=[]), openai.BadRequestError, "messages"),
-    (dict(messages=[{"role": "robot", "content": "hi"}]), openai.BadRequestError, "role"),
-    (dict(stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "at most 4"),
-    (dict(logprobs=True), openai.BadRequestError, "`logprobs` is not supported"),
-    (dict(messages=[{"role": "user", "content": "word " * 600}]), openai.BadRequestError, "maximum context length"),
-    (dict(messages=[{"role": "user", "content": "word " * 490}], max_tokens=30), openai.BadRequestError,
-     "30 for the completion"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(model="nope"), openai.NotFoundError, "does not exist"),
+        (dict(temperature=3.5), openai.BadRequestError, "temperature"),
+        (dict(max_tokens=0), openai.BadRequestError, "max_tokens"),
+        (dict(max_tokens=65), openai.BadRequestError, "more than this server allows (64)"),
+        (dict(messages=[]), openai.BadRequestError, "messages"),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), openai.BadRequestError, "role"),
+        (dict(stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "at most 4"),
+        (dict(logprobs=True), openai.BadRequestError, "`logprobs` is not supported"),
+        (dict(messages=[{"role": "user", "content": "word " * 600}]), openai.BadRequestError, "maximum context length"),
+        (
+            dict(messages=[{"role": "user", "content": "word " * 490}], max_tokens=30),
+            openai.BadRequestError,
+            "30 for the completion",
+        ),
+    ],
+)
 def test_errors_come_in_openai_format(server, kwargs, error, fragment):
     args = dict(model="alpha", messages=PROMPT, max_tokens=4, **{})
     args.update(kwargs)
@@ -199,8 +234,11 @@ def test_errors_come_in_openai_format(server, kwargs, error, fragment):
 
 
 def test_body_size_limit_and_bad_json(server):
-    r = httpx.post(server.url + "/v1/chat/completions", content=b"{" + b" " * 1_100_000 + b"}",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=b"{" + b" " * 1_100_000 + b"}",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
@@ -217,8 +255,10 @@ def test_adapter_added_at_runtime(server, runs, tiny_model_dir, tmp_path):
     assert r.json()["id"] == f"ft:{server.base_id}:gamma"
     client = server.client()
     assert f"ft:{server.base_id}:gamma" in [m.id for m in client.models.list().data]
-    same = [client.chat.completions.create(model=m, messages=PROMPT, max_tokens=8, temperature=0)
-            .choices[0].message.content for m in ("gamma", "alpha")]
+    same = [
+        client.chat.completions.create(model=m, messages=PROMPT, max_tokens=8, temperature=0).choices[0].message.content
+        for m in ("gamma", "alpha")
+    ]
     assert same[0] == same[1]  # a copy of alpha's adapter answers as alpha does
     again = httpx.post(server.url + "/v1/adapters", json={"path": str(copy), "name": "gamma"})
     assert again.status_code == 409
@@ -233,16 +273,29 @@ def test_concurrent_load_every_response_checked(server):
     client = server.client()
     models = [server.base_id, "ft:%s:alpha" % server.base_id, "ft:%s:beta" % server.base_id]
     prompts = [[{"role": "user", "content": f"ticket {i}: parcel tracking now"}] for i in range(8)]
-    alone = {(m, i): client.chat.completions.create(model=m, messages=prompts[i], max_tokens=6, temperature=0)
-             .choices[0].message.content for m in models for i in range(8)}
+    alone = {
+        (m, i): client.chat.completions.create(model=m, messages=prompts[i], max_tokens=6, temperature=0)
+        .choices[0]
+        .message.content
+        for m in models
+        for i in range(8)
+    }
     engine = server.app.state.engine
     before = engine.batches_run
 
     def ask(k):
         m, i = models[k % 3], k % 8
         if k % 2:
-            chunks = list(client.chat.completions.create(model=m, messages=prompts[i], max_tokens=6, temperature=0,
-                                                         stream=True, stream_options={"include_usage": True}))
+            chunks = list(
+                client.chat.completions.create(
+                    model=m,
+                    messages=prompts[i],
+                    max_tokens=6,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
             text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
             return k, m, i, text, chunks[-1].usage, chunks[0].model
         r = client.chat.completions.create(model=m, messages=prompts[i], max_tokens=6, temperature=0)
@@ -271,8 +324,7 @@ def test_overload_gives_429_and_a_plain_base_matches_the_base_with_adapters_off(
         # hold the engine (a job on its thread waits for the gate) so admitted generations stay pending
         gate = threading.Event()
         threading.Thread(target=app.state.engine.call, args=(gate.wait,), daemon=True).start()
-        stream = client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=8, n=2,
-                                                stream=True)
+        stream = client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=8, n=2, stream=True)
         first = next(iter(stream))  # the response has started, so both generations are admitted
         with pytest.raises(openai.RateLimitError) as info:
             client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=4)
@@ -284,8 +336,9 @@ def test_overload_gives_429_and_a_plain_base_matches_the_base_with_adapters_off(
         assert sorted(c.choices[0].index for c in rest if c.choices[0].finish_reason) == [0, 1]
         ok = client.chat.completions.create(model=registry.base_id, messages=PROMPT, max_tokens=8, n=2, temperature=0)
         assert len(ok.choices) == 2 and app.state.engine.pending == 0
-        with_adapters = server.client().chat.completions.create(model=server.base_id, messages=PROMPT, max_tokens=8,
-                                                                temperature=0)
+        with_adapters = server.client().chat.completions.create(
+            model=server.base_id, messages=PROMPT, max_tokens=8, temperature=0
+        )
         assert ok.choices[0].message.content == with_adapters.choices[0].message.content
     finally:
         srv.close()
@@ -380,8 +433,9 @@ def test_real_default_model_stops_at_end_of_turn_and_matches_generate():
     srv = Server(app)
     try:
         question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-        r = srv.client().chat.completions.create(model="smollm2-135m-instruct", messages=question, max_tokens=64,
-                                                 temperature=0)
+        r = srv.client().chat.completions.create(
+            model="smollm2-135m-instruct", messages=question, max_tokens=64, temperature=0
+        )
     finally:
         srv.close()
     answer = r.choices[0].message.content
@@ -429,8 +483,9 @@ def test_dora_is_served_batched_per_model_and_other_adapter_types_are_refused(ti
 
         def ask(k):
             model = ("dora", "alpha")[k % 2]
-            return model, client.chat.completions.create(model=model, messages=PROMPT, max_tokens=6,
-                                                         temperature=0).choices[0].message.content
+            return model, client.chat.completions.create(
+                model=model, messages=PROMPT, max_tokens=6, temperature=0
+            ).choices[0].message.content
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(ask, range(8)))
@@ -452,9 +507,24 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "TUNESMITH_API_KEY": "k1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "serve", "--base", str(tiny_model_dir), "--port",
-                             str(port), "--max-tokens", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tunesmith",
+            "serve",
+            "--base",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--max-tokens",
+            "8",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -485,5 +555,9 @@ def test_an_internal_error_is_a_500_in_openai_format(server, monkeypatch):
     monkeypatch.setattr(server.app.state.registry, "add_run", broken)
     r = httpx.post(server.url + "/v1/adapters", json={"path": "/nowhere"})
     assert r.status_code == 500
-    assert r.json()["error"] == {"message": "internal server error: TypeError: boom", "type": "server_error",
-                                 "param": None, "code": None}
+    assert r.json()["error"] == {
+        "message": "internal server error: TypeError: boom",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }

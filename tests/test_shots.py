@@ -13,8 +13,11 @@ LABELS = ["billing", "technical", "account", "shipping"]
 
 
 def chat(user: str, answer: str, line: int = 0) -> Example:
-    return Example(kind="chat", messages=[Message("system", SYSTEM), Message("user", user),
-                                          Message("assistant", answer)], source=f"train.jsonl:{line}")
+    return Example(
+        kind="chat",
+        messages=[Message("system", SYSTEM), Message("user", user), Message("assistant", answer)],
+        source=f"train.jsonl:{line}",
+    )
 
 
 def labelled_train(n: int = 40) -> list[Example]:
@@ -80,9 +83,16 @@ def test_shot_pool_rules():
 
 
 def test_input_text_is_the_last_user_turn_or_the_prompt():
-    multi = Example(kind="chat", messages=[Message("system", "s"), Message("user", "first"),
-                                           Message("assistant", "x"), Message("user", "second"),
-                                           Message("assistant", "y")])
+    multi = Example(
+        kind="chat",
+        messages=[
+            Message("system", "s"),
+            Message("user", "first"),
+            Message("assistant", "x"),
+            Message("user", "second"),
+            Message("assistant", "y"),
+        ],
+    )
     assert S.input_text(multi) == "second"
     assert S.input_text(Example(kind="completion", prompt="the prompt", completion="c")) == "the prompt"
 
@@ -123,8 +133,12 @@ def test_shots_are_in_ascending_similarity():
 
 
 def test_ties_go_to_the_earlier_training_example():
-    train = [chat("hello there", "a", 1), chat("hello there", "b", 2), chat("hello there", "c", 3),
-             chat("something else entirely", "d", 4)]
+    train = [
+        chat("hello there", "a", 1),
+        chat("hello there", "b", 2),
+        chat("hello there", "c", 3),
+        chat("something else entirely", "d", 4),
+    ]
     shots = S.ShotRetriever(train, 2).shots_for(chat("hello there", "z"))
     assert shots == [train[1], train[0]]  # ranked 0, 1; most similar (the first) last
     # a query sharing nothing with the training inputs: every similarity is 0, training order decides
@@ -149,17 +163,25 @@ def test_retrieval_returns_only_training_examples():
     pool = [*TOY, Example(kind="text", text="I was charged twice for my invoice"), chat("invoice charged", "  ")]
     retriever = S.ShotRetriever(pool, 4)
     allowed = set(ids(TOY))
-    queries = [chat("invoice charged twice", "billing"), chat("app crashes", "technical"),
-               Example(kind="completion", prompt="where is my parcel", completion="shipping"), chat("", "other")]
+    queries = [
+        chat("invoice charged twice", "billing"),
+        chat("app crashes", "technical"),
+        Example(kind="completion", prompt="where is my parcel", completion="shipping"),
+        chat("", "other"),
+    ]
     for shots in retriever.shots_for_many(queries):
         assert len(shots) == 4 and set(ids(shots)) <= allowed
 
 
 def test_retrieval_is_deterministic_and_batching_changes_nothing(monkeypatch):
-    train = [chat(f"ticket {i} about {topic}", LABELS[i % 4], i)
-             for i, topic in enumerate(["invoices", "crashes", "passwords", "parcels", "refunds", "errors"] * 5)]
-    queries = [chat(f"a question on {w} number {i}", "billing")
-               for i, w in enumerate(["invoices", "crash", "password", "parcel", "refund", "error", "nothing"])]
+    train = [
+        chat(f"ticket {i} about {topic}", LABELS[i % 4], i)
+        for i, topic in enumerate(["invoices", "crashes", "passwords", "parcels", "refunds", "errors"] * 5)
+    ]
+    queries = [
+        chat(f"a question on {w} number {i}", "billing")
+        for i, w in enumerate(["invoices", "crash", "password", "parcel", "refund", "error", "nothing"])
+    ]
     one = S.ShotRetriever(train, 4)
     single = [ids(one.shots_for(q)) for q in queries]
     assert [ids(s) for s in one.shots_for_many(queries)] == single

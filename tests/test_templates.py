@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import TOKENIZER_DIR
 from tunesmith.data.example import Example, Message
 from tunesmith.data.templates import FALLBACK_TEMPLATES, IGNORE, Encoded, Renderer, TooLong
 from tunesmith.errors import ConfigError, DataError
-
-from conftest import TOKENIZER_DIR
 
 CONVERSATION = [
     Message("system", "You answer arithmetic questions."),
@@ -104,7 +103,7 @@ def test_chat_mask_token_by_token(tokenizer, renderer):
 
     # The weight-0 turn is all -100; and the "\n" after each <|im_end|> is never trained.
     start = 0
-    for tid, piece, label in zip(enc.input_ids, pieces, enc.labels):
+    for piece, label in zip(pieces, enc.labels):
         if any(s <= start < e for s, e in untrained_spans):
             assert label == IGNORE
         if piece == "\n" and start > 0 and text[start - len("<|im_end|>") : start] == "<|im_end|>":

@@ -50,15 +50,41 @@ def data(tmp_path_factory):
 def _train_args(tiny_model_dir, data, out, *extra):
     train, val = data
     return [
-        "train", "--model", str(tiny_model_dir), "--data", str(train), "--val-data", str(val),
-        "--output", str(out), "--quiet", "--seed", "3", *extra,
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(train),
+        "--val-data",
+        str(val),
+        "--output",
+        str(out),
+        "--quiet",
+        "--seed",
+        "3",
+        *extra,
     ]
 
 
 def test_train_cli_writes_a_complete_run_directory(tiny_model_dir, data, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(_train_args(tiny_model_dir, data, out, "--max-steps", "12", "--lr", "2e-2", "--batch-size", "8",
-                            "--lora.r", "4", "--train.eval_every", "4"))
+    code = main(
+        _train_args(
+            tiny_model_dir,
+            data,
+            out,
+            "--max-steps",
+            "12",
+            "--lr",
+            "2e-2",
+            "--batch-size",
+            "8",
+            "--lora.r",
+            "4",
+            "--train.eval_every",
+            "4",
+        )
+    )
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "plan: 12 steps" in printed and "trainable" in printed
@@ -111,11 +137,22 @@ def test_accumulation_is_normalised_by_label_tokens(tiny_model_dir, data, tmp_pa
     records = []
     for micro in (8, 1):
         run = tunesmith.train(
-            None, quiet=True, log=lambda *_: None,
-            **{"model.name": str(tiny_model_dir), "data.train": str(data[0]), "data.validation": str(data[1]),
-               "output": str(tmp_path / f"m{micro}"), "train.max_steps": 1, "train.batch_size": 8,
-               "train.micro_batch_size": micro, "train.lr": 1e-2, "train.batching": "pad", "lora.r": 4,
-               "train.max_grad_norm": None},
+            None,
+            quiet=True,
+            log=lambda *_: None,
+            **{
+                "model.name": str(tiny_model_dir),
+                "data.train": str(data[0]),
+                "data.validation": str(data[1]),
+                "output": str(tmp_path / f"m{micro}"),
+                "train.max_steps": 1,
+                "train.batch_size": 8,
+                "train.micro_batch_size": micro,
+                "train.lr": 1e-2,
+                "train.batching": "pad",
+                "lora.r": 4,
+                "train.max_grad_norm": None,
+            },
         )
         records.append(next(r for r in run.metrics if r["kind"] == "train"))
     assert records[0]["label_tokens"] == records[1]["label_tokens"]
@@ -125,8 +162,9 @@ def test_accumulation_is_normalised_by_label_tokens(tiny_model_dir, data, tmp_pa
 
 def _spawn(args, env_extra=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNESMITH_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "tunesmith", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunesmith", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
 
 
 def _wait_for(path: Path, proc, timeout=120):
@@ -141,11 +179,31 @@ def _wait_for(path: Path, proc, timeout=120):
 
 
 def test_resume_after_sigkill_gives_the_same_weights(tiny_model_dir, data, tmp_path):
-    common = ["--max-steps", "10", "--batch-size", "8", "--lr", "5e-3", "--lora.r", "4", "--lora.dropout", "0.1",
-              "--train.save_every", "3", "--train.eval_every", "5"]
+    common = [
+        "--max-steps",
+        "10",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-3",
+        "--lora.r",
+        "4",
+        "--lora.dropout",
+        "0.1",
+        "--train.save_every",
+        "3",
+        "--train.eval_every",
+        "5",
+    ]
     straight = tmp_path / "straight"
-    assert subprocess.run([sys.executable, "-m", "tunesmith", *_train_args(tiny_model_dir, data, straight, *common)],
-                          env={**os.environ, "TUNESMITH_THREADS": "1"}, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "tunesmith", *_train_args(tiny_model_dir, data, straight, *common)],
+            env={**os.environ, "TUNESMITH_THREADS": "1"},
+            capture_output=True,
+        ).returncode
+        == 0
+    )
 
     killed = tmp_path / "killed"
     proc = _spawn(_train_args(tiny_model_dir, data, killed, *common))
@@ -154,8 +212,12 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny_model_dir, data, tmp_p
     proc.wait()
     assert not (killed / "model").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "tunesmith", "train", "--resume", str(killed), "--quiet"],
-                             env={**os.environ, "TUNESMITH_THREADS": "1"}, capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "train", "--resume", str(killed), "--quiet"],
+        env={**os.environ, "TUNESMITH_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming from" in resumed.stdout
 
@@ -164,15 +226,31 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny_model_dir, data, tmp_p
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), f"{k} differs after resume"
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (killed / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == list(range(1, 11))  # the log reads as one uninterrupted run
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, data, tmp_path):
     out = tmp_path / "interrupted"
-    proc = _spawn(_train_args(tiny_model_dir, data, out, "--max-steps", "400", "--batch-size", "4",
-                              "--train.save_every", "1000", "--train.eval_every", "1000"))
+    proc = _spawn(
+        _train_args(
+            tiny_model_dir,
+            data,
+            out,
+            "--max-steps",
+            "400",
+            "--batch-size",
+            "4",
+            "--train.save_every",
+            "1000",
+            "--train.eval_every",
+            "1000",
+        )
+    )
     _wait_for(out / "metrics.jsonl", proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -200,10 +278,21 @@ def test_early_stopping_stops_when_validation_loss_stalls(tiny_model_dir, data, 
     import tunesmith
 
     run = tunesmith.train(
-        None, quiet=True, log=lambda *_: None,
-        **{"model.name": str(tiny_model_dir), "data.train": str(data[0]), "data.validation": str(data[1]),
-           "output": str(tmp_path / "es"), "train.max_steps": 20, "train.batch_size": 8, "train.lr": 0.0,
-           "train.eval_every": 2, "train.early_stopping_patience": 2, "lora.r": 4},
+        None,
+        quiet=True,
+        log=lambda *_: None,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(data[0]),
+            "data.validation": str(data[1]),
+            "output": str(tmp_path / "es"),
+            "train.max_steps": 20,
+            "train.batch_size": 8,
+            "train.lr": 0.0,
+            "train.eval_every": 2,
+            "train.early_stopping_patience": 2,
+            "lora.r": 4,
+        },
     )
     evals = [r["step"] for r in run.metrics if r["kind"] == "eval"]
     assert evals == [2, 4, 6]  # lr 0: nothing improves after the first evaluation; two more, then stop
@@ -216,8 +305,10 @@ def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
     assert main(_train_args(tiny_model_dir, data, out, "--max-steps", "2")) == 0
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
-        json.dumps({"prompt": "ticket: refund"}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "ticket: parcel"}]}) + "\n"
+        json.dumps({"prompt": "ticket: refund"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "ticket: parcel"}]})
+        + "\n"
     )
     capsys.readouterr()
     assert main(["generate", str(out), "--file", str(prompts), "--max-new-tokens", "3"]) == 0
@@ -234,7 +325,10 @@ def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
 
     chat = subprocess.run(
         [sys.executable, "-m", "tunesmith", "chat", str(out), "--max-new-tokens", "3"],
-        input="hello there\n/reset\nsecond turn\n\n", capture_output=True, text=True, timeout=120,
+        input="hello there\n/reset\nsecond turn\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "TUNESMITH_THREADS": "1"},
     )
     assert chat.returncode == 0, chat.stderr

@@ -66,8 +66,18 @@ SOURCES = [
         "version": "1.2.53",
         "files": [
             f"usr/share/doc/maint-guide/html/{page}.en.html"
-            for page in ("start", "first", "modify", "dreq", "dother", "build", "checkit", "upload", "update",
-                         "advanced")
+            for page in (
+                "start",
+                "first",
+                "modify",
+                "dreq",
+                "dother",
+                "build",
+                "checkit",
+                "upload",
+                "update",
+                "advanced",
+            )
         ],
         "format": "docbook-html",
         "title": "Debian New Maintainers' Guide",
@@ -95,8 +105,12 @@ def load_tokenizer() -> None:
 
         _TOKENIZER = AutoTokenizer.from_pretrained(resolve(TOKENIZER_MODEL))
     except Exception as err:  # noqa: BLE001 - any failure means the same thing here
-        raise BuildError(f"could not load the {TOKENIZER_MODEL} tokenizer to size passages ({err}); run this "
-                         "with the tunesmith virtual environment's python") from err
+        raise BuildError(
+            f"could not load the {TOKENIZER_MODEL} tokenizer to size passages ({err}); run this "
+            "with the tunesmith virtual environment's python"
+        ) from err
+
+
 SPLIT_SEED = 6
 TARGET = {"test": (150, 200), "validation": (55, 75)}  # passages per held-out split (min, max)
 
@@ -236,8 +250,11 @@ UNDERLINE = re.compile(r"^([*=\-~^\"#+])\1{2,}$")
 def sphinx_documents(source: dict, member: str, text: str) -> list[Document]:
     """Sphinx text builder output: chapters are titles underlined with '*'; sections with = - ~ ^."""
     lines = text.split("\n")
-    heads = [i for i in range(1, len(lines)) if UNDERLINE.match(lines[i]) and lines[i - 1].strip()
-             and len(lines[i]) == len(lines[i - 1].rstrip())]
+    heads = [
+        i
+        for i in range(1, len(lines))
+        if UNDERLINE.match(lines[i]) and lines[i - 1].strip() and len(lines[i]) == len(lines[i - 1].rstrip())
+    ]
     chapters = [i - 1 for i in heads if lines[i][0] == "*" and re.match(r"^(\d+|[A-Z])\.\s", lines[i - 1])]
     docs = []
     for n, start in enumerate(chapters):
@@ -272,7 +289,7 @@ def docbook_text_documents(source: dict, member: str, text: str) -> list[Documen
     docs = []
     for n, start in enumerate(starts):
         end = starts[n + 1] if n + 1 < len(starts) else len(lines)
-        body = lines[start + 1:end]
+        body = lines[start + 1 : end]
         doc = Document(source, member, n + 1, lines[start].strip())
         blocks: list[list[str]] = []
         cur: list[str] = []
@@ -366,7 +383,7 @@ def docbook_html_documents(source: dict, root: Path) -> list[Document]:
         blocks = parser.blocks
         title_i = next(i for i, b in enumerate(blocks) if b[0].startswith("\x00"))
         title = blocks[title_i][0][1:]
-        blocks = blocks[title_i + 1:]
+        blocks = blocks[title_i + 1 :]
         # the guide's footnotes are listed at the end of each page; the markers in the text were skipped
         doc = Document(source, member, n + 1, title)
         doc.blocks = to_blocks(blocks)
@@ -408,7 +425,7 @@ def split_block(block: Block) -> list[Block]:
             words = unit.split()
             step = max(1, min(MAX_BLOCK, len(words) * MAX_BLOCK_TOKENS // (2 * u)))
             for k in range(0, len(words), step):
-                pieces.append(Block(" ".join(words[k:k + step])))
+                pieces.append(Block(" ".join(words[k : k + step])))
             continue
         cur.append(unit)
         n += w
@@ -446,8 +463,12 @@ def passages(doc: Document) -> list[str]:
         cur.pop()
     if cur:
         short = body_words(cur) < MIN_WORDS
-        if out and short and body_words(out[-1]) + body_words(cur) <= MAX_WORDS + 50 \
-                and body_tokens(out[-1]) + body_tokens(cur) <= MAX_TOKENS:
+        if (
+            out
+            and short
+            and body_words(out[-1]) + body_words(cur) <= MAX_WORDS + 50
+            and body_tokens(out[-1]) + body_tokens(cur) <= MAX_TOKENS
+        ):
             out[-1] += cur
         elif body_words(cur) >= 50:
             out.append(cur)
@@ -488,13 +509,18 @@ def assign_splits(docs: list[tuple[Document, list[str]]]) -> tuple[dict[str, str
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "debian-docs-cache",
-                    help="where the .deb files are downloaded and unpacked")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "debian-docs-cache",
+        help="where the .deb files are downloaded and unpacked",
+    )
     ap.add_argument("--out", type=Path, default=HERE, help="output directory (default: next to this script)")
     args = ap.parse_args(argv)
     load_tokenizer()
-    expected = json.loads((HERE / "documents.json").read_text())["sources"] if (HERE / "documents.json").exists() \
-        else {}
+    expected = (
+        json.loads((HERE / "documents.json").read_text())["sources"] if (HERE / "documents.json").exists() else {}
+    )
     docs: list[tuple[Document, list[str]]] = []
     sources_out = {}
     for source in SOURCES:
@@ -528,11 +554,20 @@ def main(argv: list[str] | None = None) -> int:
         name = split[doc.doc_id]
         for k, text in enumerate(ps, 1):
             rows[name].append({"id": f"{doc.doc_id}-{k:03d}", "text": text})
-        documents.append({
-            "id": doc.doc_id, "title": doc.title, "source": doc.source["key"], "package": doc.source["package"],
-            "version": doc.source["version"], "file": doc.file, "licence": doc.source["licence"], "split": name,
-            "passages": len(ps), "words": sum(len(p.split()) for p in ps),
-        })
+        documents.append(
+            {
+                "id": doc.doc_id,
+                "title": doc.title,
+                "source": doc.source["key"],
+                "package": doc.source["package"],
+                "version": doc.source["version"],
+                "file": doc.file,
+                "licence": doc.source["licence"],
+                "split": name,
+                "passages": len(ps),
+                "words": sum(len(p.split()) for p in ps),
+            }
+        )
     gpl = Path("/usr/share/common-licenses/GPL-2")
     if gpl.exists():
         (args.out / "copyright" / "GPL-2").write_bytes(gpl.read_bytes())
@@ -541,8 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs), encoding="utf-8")
         tmp.replace(args.out / f"{name}.jsonl")
         words = [len(r["text"].split()) for r in rs]
-        print(f"{name}: {len(rs)} passages from {sum(1 for d in documents if d['split'] == name)} documents, "
-              f"words min {min(words)} / mean {sum(words) / len(words):.0f} / max {max(words)}")
+        print(
+            f"{name}: {len(rs)} passages from {sum(1 for d in documents if d['split'] == name)} documents, "
+            f"words min {min(words)} / mean {sum(words) / len(words):.0f} / max {max(words)}"
+        )
     manifest = {"sources": sources_out, "split_seed": seed, "documents": documents}
     tmp = args.out / ".documents.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

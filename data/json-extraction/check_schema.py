@@ -25,18 +25,48 @@ SYSTEM = (
     'exactly these keys: type ("order", "invoice" or "appointment"); name (the customer\'s name); date '
     '("YYYY-MM-DD": the appointment date, the requested delivery or pickup date, or the invoice date); time '
     '("HH:MM", 24-hour); items (list of {"name": the item or service in lower case as written, "quantity": '
-    "integer}); total (the stated total, a number); currency (ISO code such as \"EUR\"); email; phone; notes "
+    'integer}); total (the stated total, a number); currency (ISO code such as "EUR"); email; phone; notes '
     "(special instructions copied from the message). Use null, or [] for items, for anything not stated. If the "
-    "message corrects itself, the latest statement wins. Resolve relative dates such as \"tomorrow\" only against "
+    'message corrects itself, the latest statement wins. Resolve relative dates such as "tomorrow" only against '
     "a date given in the message, otherwise use null. Reply with the JSON only."
 )
 KEYS = {"type", "name", "date", "time", "items", "total", "currency", "email", "phone", "notes"}
 TYPES = {"order", "invoice", "appointment"}
 CURRENCIES = {
-    "EUR", "USD", "GBP", "CHF", "CAD", "AUD", "NZD", "JPY", "SEK", "NOK", "DKK", "PLN", "CZK", "HUF", "INR",
-    "BRL", "MXN", "ZAR", "SGD", "HKD", "TRY", "RUB", "CNY", "KRW", "AED", "ILS", "RON", "ARS", "CLP", "COP",
+    "EUR",
+    "USD",
+    "GBP",
+    "CHF",
+    "CAD",
+    "AUD",
+    "NZD",
+    "JPY",
+    "SEK",
+    "NOK",
+    "DKK",
+    "PLN",
+    "CZK",
+    "HUF",
+    "INR",
+    "BRL",
+    "MXN",
+    "ZAR",
+    "SGD",
+    "HKD",
+    "TRY",
+    "RUB",
+    "CNY",
+    "KRW",
+    "AED",
+    "ILS",
+    "RON",
+    "ARS",
+    "CLP",
+    "COP",
 }
-MONEY = re.compile(r"[$€£¥₹]|\b(?:" + "|".join(sorted(CURRENCIES)) + r")\b|\b(?:euros?|dollars?|pounds?|kr|zł|Kč|Fr\.|R\$|€)", re.I)
+MONEY = re.compile(
+    r"[$€£¥₹]|\b(?:" + "|".join(sorted(CURRENCIES)) + r")\b|\b(?:euros?|dollars?|pounds?|kr|zł|Kč|Fr\.|R\$|€)", re.I
+)
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TIME = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 

@@ -10,7 +10,6 @@ Heavy imports (torch, transformers) happen inside the functions so `import tunes
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,8 +86,15 @@ def check_data(
 
         def renderer(ex):
             return pairs(ex) if ex.kind == "preference" else render.encode(ex).input_ids
-    return check(str(path), str(validation) if validation else None, tokenizer=tokenizer, max_length=max_length,
-                 renderer=renderer, format=format)
+
+    return check(
+        str(path),
+        str(validation) if validation else None,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        renderer=renderer,
+        format=format,
+    )
 
 
 def render_data_report(report) -> None:
@@ -242,11 +248,25 @@ def evaluate(
     from tunesmith.evaluation.task_eval import evaluate_run
     from tunesmith.progress import Progress
 
-    return evaluate_run(run, data=data, metric=metric, by=by, shots=shots, limit=limit, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, answer_format=answer_format, forgetting=forgetting,
-                        probe_limit=probe_limit, knn_shots=knn_shots, select=select, select_limit=select_limit,
-                        allow_missing_labels=allow_missing_labels, progress=Progress(None) if quiet or progress is None else progress,
-                        log=log)
+    return evaluate_run(
+        run,
+        data=data,
+        metric=metric,
+        by=by,
+        shots=shots,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        answer_format=answer_format,
+        forgetting=forgetting,
+        probe_limit=probe_limit,
+        knn_shots=knn_shots,
+        select=select,
+        select_limit=select_limit,
+        allow_missing_labels=allow_missing_labels,
+        progress=Progress(None) if quiet or progress is None else progress,
+        log=log,
+    )
 
 
 def report(run_dir: str | Path, out: str | Path | None = None, open_browser: bool = False) -> Path:

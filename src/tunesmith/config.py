@@ -157,7 +157,9 @@ def compile_format(pattern: str):
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ValueError(f"not a valid regular expression ({e}); escape literal characters such as ( ) [ ] . * + ?")
+        raise ValueError(
+            f"not a valid regular expression ({e}); escape literal characters such as ( ) [ ] . * + ?"
+        ) from None
 
 
 class EvalConfig(_Section):
@@ -325,9 +327,10 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
     if err["type"] == "extra_forbidden":
         section_model = _section_model(loc[:-1])
         known = list(section_model.model_fields) if section_model else []
-        hint = difflib.get_close_matches(loc[-1], known, n=1) or [
-            k for k in known if loc[-1].startswith(k) or k.startswith(loc[-1])
-        ][:1]
+        hint = (
+            difflib.get_close_matches(loc[-1], known, n=1)
+            or [k for k in known if loc[-1].startswith(k) or k.startswith(loc[-1])][:1]
+        )
         fix = f"did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?" if hint else f"known keys: {', '.join(known)}"
         return f"  {where}unknown key '{key}'; {fix}"
     value = err.get("input")

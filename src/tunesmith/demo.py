@@ -62,8 +62,10 @@ def run_demo(output: Path, max_steps: int | None, limit: int | None) -> dict:
 
     print("\n== 4/4  report")
     report = tunesmith.report(run.path)
-    print(f"\ntraining took {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min; "
-          f"whole demo {(time.time() - started) / 60:.1f} min")
+    print(
+        f"\ntraining took {train_s / 60:.1f} min, evaluation {eval_s / 60:.1f} min; "
+        f"whole demo {(time.time() - started) / 60:.1f} min"
+    )
     print(f"run directory: {run.path}")
     print(f"report: {Path(report).resolve()}")
     return result

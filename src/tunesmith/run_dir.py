@@ -41,8 +41,10 @@ class RunDir:
         """The run at `path`; a RunError that says what is wrong when it is not one."""
         path = Path(path)
         if not path.exists():
-            raise RunError(f"{path}: not a run directory (it does not exist); pass a directory made by tunesmith "
-                           "train (e.g. runs/<name>)")
+            raise RunError(
+                f"{path}: not a run directory (it does not exist); pass a directory made by tunesmith "
+                "train (e.g. runs/<name>)"
+            )
         if not (path / CONFIG).is_file():
             raise RunError(f"{path}: not a run directory (no {CONFIG}); train one with: tunesmith train ...")
         return cls(path)
@@ -107,8 +109,10 @@ class RunDir:
     def require_model(self, to: str = "use") -> Path:
         """model/, or a RunError that says training has not finished and how to finish it."""
         if not self.has_model:
-            raise RunError(f"{self.path}: training has not finished (no {MODEL}/ folder), so there is nothing to {to}. "
-                           f"Finish it with: tunesmith train --resume {self.path}")
+            raise RunError(
+                f"{self.path}: training has not finished (no {MODEL}/ folder), so there is nothing to {to}. "
+                f"Finish it with: tunesmith train --resume {self.path}"
+            )
         return self.model_dir
 
     @property

@@ -21,8 +21,14 @@ def data():
 @click.option("--validation", metavar="FILE", help="Validation file: checked too, and compared with FILE for overlap.")
 @click.option("--model", metavar="M", help="Count tokens with this model's tokenizer (built-in name or local dir).")
 @click.option("--max-length", type=click.IntRange(min=1), help="Count examples longer than N tokens (needs --model).")
-@click.option("--format", "format_", type=click.Choice(["auto", *FORMATS]), default="auto", show_default=True,
-              help="Data format; auto detects it from the keys of the rows.")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["auto", *FORMATS]),
+    default="auto",
+    show_default=True,
+    help="Data format; auto detects it from the keys of the rows.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def check(file, validation, model, max_length, format_, as_json):
     """Validate FILE and print statistics and warnings.

@@ -10,21 +10,41 @@ from tunesmith import api
 @click.command(name="eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), help="Test file (default: the run's data.test).")
-@click.option("--metric", help="Task (classification, extraction, text, lm) or headline metric (accuracy, field_f1, "
-                               "chrf, rouge_l, token_f1, exact_match, perplexity, ...); default: chosen from the data.")
-@click.option("--by", type=click.Choice(["score", "generate", "both"]),
-              help="Classification: label scoring, greedy generation, or both (default: both).")
-@click.option("--format", "answer_format", metavar="REGEX",
-              help="Regular expression generated answers should match in full; adds format_rate "
-                   "(default: the recipe's eval.format).")
-@click.option("--shots", type=int, help="Random few-shot examples for the prompted base model (default: 3, and at "
-                                     "least one per label; 0: none).")
-@click.option("--knn-shots", type=int, help="Retrieved shots: the K most similar training examples per test example "
-                                         "(default 8; 0: no such variant).")
-@click.option("--no-select", is_flag=True, help="Do not try prompt variants on the validation split (no best-prompt "
-                                               "system).")
-@click.option("--select-limit", type=int, help="Validation examples the prompt variants are tried on (default: 100 "
-                                              "for classification, 40 otherwise).")
+@click.option(
+    "--metric",
+    help="Task (classification, extraction, text, lm) or headline metric (accuracy, field_f1, "
+    "chrf, rouge_l, token_f1, exact_match, perplexity, ...); default: chosen from the data.",
+)
+@click.option(
+    "--by",
+    type=click.Choice(["score", "generate", "both"]),
+    help="Classification: label scoring, greedy generation, or both (default: both).",
+)
+@click.option(
+    "--format",
+    "answer_format",
+    metavar="REGEX",
+    help="Regular expression generated answers should match in full; adds format_rate "
+    "(default: the recipe's eval.format).",
+)
+@click.option(
+    "--shots",
+    type=int,
+    help="Random few-shot examples for the prompted base model (default: 3, and at least one per label; 0: none).",
+)
+@click.option(
+    "--knn-shots",
+    type=int,
+    help="Retrieved shots: the K most similar training examples per test example (default 8; 0: no such variant).",
+)
+@click.option(
+    "--no-select", is_flag=True, help="Do not try prompt variants on the validation split (no best-prompt system)."
+)
+@click.option(
+    "--select-limit",
+    type=int,
+    help="Validation examples the prompt variants are tried on (default: 100 for classification, 40 otherwise).",
+)
 @click.option("--allow-missing-labels", is_flag=True, help="Allow --shots below the number of labels.")
 @click.option("--limit", type=int, help="Evaluate the first N test examples only.")
 @click.option("--batch-size", type=int, help="Test examples per forward pass (default 8).")
@@ -32,8 +52,24 @@ from tunesmith import api
 @click.option("--probe-limit", type=int, help="Use N of the forgetting probe's questions (default: all, or --limit).")
 @click.option("--no-forgetting", is_flag=True, help="Skip the general-ability (forgetting) probe.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_command(run_dir, data, metric, by, answer_format, shots, knn_shots, no_select, select_limit,
-                 allow_missing_labels, limit, batch_size, max_new_tokens, probe_limit, no_forgetting, quiet):
+def eval_command(
+    run_dir,
+    data,
+    metric,
+    by,
+    answer_format,
+    shots,
+    knn_shots,
+    no_select,
+    select_limit,
+    allow_missing_labels,
+    limit,
+    batch_size,
+    max_new_tokens,
+    probe_limit,
+    no_forgetting,
+    quiet,
+):
     """Measure the fine-tuned model against the base model prompted zero-shot, few-shot, and with the best prompt.
 
     The best prompt is chosen on the validation split, never the test split: zero-shot, a format instruction, random
@@ -47,17 +83,32 @@ def eval_command(run_dir, data, metric, by, answer_format, shots, knn_shots, no_
 
     from tunesmith.cli.display import RichProgress
 
-    result = api.evaluate(run_dir, data=data, metric=metric, by=by, shots=shots, limit=limit,
-                          forgetting=not no_forgetting, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          quiet=quiet, probe_limit=probe_limit, answer_format=answer_format, knn_shots=knn_shots,
-                          select=False if no_select else None, select_limit=select_limit,
-                          allow_missing_labels=allow_missing_labels,
-                          progress=None if quiet else RichProgress())
+    result = api.evaluate(
+        run_dir,
+        data=data,
+        metric=metric,
+        by=by,
+        shots=shots,
+        limit=limit,
+        forgetting=not no_forgetting,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        quiet=quiet,
+        probe_limit=probe_limit,
+        answer_format=answer_format,
+        knn_shots=knn_shots,
+        select=False if no_select else None,
+        select_limit=select_limit,
+        allow_missing_labels=allow_missing_labels,
+        progress=None if quiet else RichProgress(),
+    )
     Console().print(summary_table(result))
     flips = result["flipped"]
     if flips["improved"] or flips["regressed"]:
-        click.echo(f"fine-tuning fixed {len(flips['improved'])} and broke {len(flips['regressed'])} of "
-                   f"{result['data']['examples']} examples (listed in {run_dir}/eval/task.json)")
+        click.echo(
+            f"fine-tuning fixed {len(flips['improved'])} and broke {len(flips['regressed'])} of "
+            f"{result['data']['examples']} examples (listed in {run_dir}/eval/task.json)"
+        )
 
 
 TABLE_METRICS = {  # the summary table's columns (all metrics are in task.json)
@@ -66,9 +117,21 @@ TABLE_METRICS = {  # the summary table's columns (all metrics are in task.json)
     "text": ["chrf", "format_rate", "rouge_l", "token_f1", "exact_match", "perplexity"],
     "lm": ["perplexity", "loss"],
 }
-HEADERS = {"format_rate": "format", "accuracy": "acc", "macro_f1": "macro-F1", "accuracy_generated": "acc (gen)", "invalid_rate": "invalid",
-           "field_f1": "field F1", "parse_rate": "parses", "schema_match_rate": "schema", "exact_match": "exact",
-           "rouge_l": "ROUGE-L", "token_f1": "token F1", "perplexity": "ppl"}
+HEADERS = {
+    "format_rate": "format",
+    "accuracy": "acc",
+    "macro_f1": "macro-F1",
+    "accuracy_generated": "acc (gen)",
+    "invalid_rate": "invalid",
+    "field_f1": "field F1",
+    "parse_rate": "parses",
+    "schema_match_rate": "schema",
+    "exact_match": "exact",
+    "rouge_l": "ROUGE-L",
+    "token_f1": "token F1",
+    "perplexity": "ppl",
+}
+
 
 def _fmt(name: str, value) -> str:
     if value is None:
@@ -84,9 +147,11 @@ def summary_table(result: dict):
 
     shown = [m for m in TABLE_METRICS[result["task"]] if any(m in s["metrics"] for s in result["systems"])]
     base = next((s for s in result["systems"] if s["key"] == "base_zero_shot"), None)
-    table = Table(title=f"{result['task']} eval, {result['data']['examples']} examples",
-                  caption=f"primary: {result['primary']}; (+x): change vs base zero-shot, in points for rates"
-                  + _selection_caption(result))
+    table = Table(
+        title=f"{result['task']} eval, {result['data']['examples']} examples",
+        caption=f"primary: {result['primary']}; (+x): change vs base zero-shot, in points for rates"
+        + _selection_caption(result),
+    )
     table.add_column("system", no_wrap=True)
     for m in shown:
         table.add_column(HEADERS.get(m, m), justify="right")
@@ -110,5 +175,7 @@ def _selection_caption(result: dict) -> str:
     if not sel:
         return ""
     chosen = next((v["name"] for v in sel["variants"] if v["key"] == sel["chosen"]), sel["chosen"])
-    return (f"\nbest prompt: {chosen}, chosen on {sel['examples']} validation examples among "
-            f"{len(sel['variants'])} variants (eval/task.json: prompt_selection)")
+    return (
+        f"\nbest prompt: {chosen}, chosen on {sel['examples']} validation examples among "
+        f"{len(sel['variants'])} variants (eval/task.json: prompt_selection)"
+    )

@@ -10,13 +10,25 @@ from tunesmith import api
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(), help="Directory to write (must be new or empty).")
-@click.option("--merge", is_flag=True, help="Merge the adapter into the base weights: a Hugging Face model directory "
-              "that transformers loads without peft or tunesmith.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default=None,
-              help="safetensors (with --merge; the default) or gguf: one .gguf file for llama.cpp (merges first).")
-@click.option("--quant", type=click.Choice(["f16", "q8_0", "f32"]), default=None,
-              help="GGUF weight type. [default: f16]")
-@click.option("--adapter-only", is_flag=True, help="Only the adapter, in peft's format (what peft, vLLM and LoRAX load).")
+@click.option(
+    "--merge",
+    is_flag=True,
+    help="Merge the adapter into the base weights: a Hugging Face model directory "
+    "that transformers loads without peft or tunesmith.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "gguf"]),
+    default=None,
+    help="safetensors (with --merge; the default) or gguf: one .gguf file for llama.cpp (merges first).",
+)
+@click.option(
+    "--quant", type=click.Choice(["f16", "q8_0", "f32"]), default=None, help="GGUF weight type. [default: f16]"
+)
+@click.option(
+    "--adapter-only", is_flag=True, help="Only the adapter, in peft's format (what peft, vLLM and LoRAX load)."
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 def export(run_dir, out, merge, fmt, quant, adapter_only, force):
     """Export RUN_DIR's model for use outside tunesmith.
@@ -31,6 +43,7 @@ def export(run_dir, out, merge, fmt, quant, adapter_only, force):
       tunesmith export runs/tickets --format gguf --quant q8_0 --out exports/tickets-gguf
       tunesmith export runs/tickets --adapter-only --out exports/tickets-lora
     """
-    result = api.export(run_dir, out, merge=merge, format=fmt, quant=quant, adapter_only=adapter_only, force=force,
-                        log=click.echo)
+    result = api.export(
+        run_dir, out, merge=merge, format=fmt, quant=quant, adapter_only=adapter_only, force=force, log=click.echo
+    )
     click.echo(f"wrote {result['out']}")

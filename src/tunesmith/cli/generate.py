@@ -28,8 +28,12 @@ def common(f):
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--prompt", "-p", help="One prompt (a user message).")
-@click.option("--file", "prompts_file", type=click.Path(dir_okay=False, exists=True),
-              help="JSONL of prompts: {\"prompt\": ...} or {\"messages\": [...]} per line; answers go to stdout as JSONL.")
+@click.option(
+    "--file",
+    "prompts_file",
+    type=click.Path(dir_okay=False, exists=True),
+    help='JSONL of prompts: {"prompt": ...} or {"messages": [...]} per line; answers go to stdout as JSONL.',
+)
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @common
 def generate(run_dir, prompt, prompts_file, batch_size, **gen):

@@ -40,8 +40,13 @@ def list_(as_json):
     if wide:
         table.add_column("description")
     for r in rows:
-        cells = [r["name"] + ("*" if r["default"] else ""), r["kind"], _millions(r["parameters"]),
-                 _short_license(r["license"]), "yes" if r["cached"] else "no"]
+        cells = [
+            r["name"] + ("*" if r["default"] else ""),
+            r["kind"],
+            _millions(r["parameters"]),
+            _short_license(r["license"]),
+            "yes" if r["cached"] else "no",
+        ]
         table.add_row(*cells, *([r["description"]] if wide else []))
     console.print(table)
     click.echo("* the default. Any local Hugging Face model directory or .gguf file works too.")

@@ -9,7 +9,9 @@ from tunesmith import api
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="Where to write the page (default RUN_DIR/report.html).")
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False), help="Where to write the page (default RUN_DIR/report.html)."
+)
 @click.option("--open", "open_browser", is_flag=True, help="Open the report in the default web browser.")
 def report(run_dir, out, open_browser):
     """Write one self-contained report.html for a run: loss curves, base vs fine-tuned metrics, confusion

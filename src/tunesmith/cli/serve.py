@@ -7,21 +7,37 @@ import click
 from tunesmith import api
 
 
-@click.command(epilog="Clients: openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='KEY'); a request's "
-               "`model` picks the base (its name) or a run (ft:<base>:<run-name>, see GET /v1/models).")
+@click.command(
+    epilog="Clients: openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='KEY'); a request's "
+    "`model` picks the base (its name) or a run (ft:<base>:<run-name>, see GET /v1/models)."
+)
 @click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--base", help="Base model (built-in name, HF directory or .gguf); default: the first run's base.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; anything but loopback needs an API key.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback needs an API key."
+)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--api-key", envvar="TUNESMITH_API_KEY", help="Required as `Authorization: Bearer KEY` "
-              "(env TUNESMITH_API_KEY); mandatory when --host is not loopback.")
+@click.option(
+    "--api-key",
+    envvar="TUNESMITH_API_KEY",
+    help="Required as `Authorization: Bearer KEY` (env TUNESMITH_API_KEY); mandatory when --host is not loopback.",
+)
 @click.option("--watch", type=click.Path(), help="Also serve every run that appears in this folder.")
-@click.option("--max-tokens", default=1024, show_default=True, type=int,
-              help="Largest max_tokens a request may ask for (and the default for chat).")
+@click.option(
+    "--max-tokens",
+    default=1024,
+    show_default=True,
+    type=int,
+    help="Largest max_tokens a request may ask for (and the default for chat).",
+)
 @click.option("--max-prompt-tokens", type=int, help="Longest prompt accepted; default: the model's context.")
-@click.option("--max-pending", default=64, show_default=True, type=int,
-              help="Generations waiting or running at once; more get HTTP 429.")
+@click.option(
+    "--max-pending",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Generations waiting or running at once; more get HTTP 429.",
+)
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Generations decoded together.")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
@@ -35,8 +51,10 @@ def serve(run_dirs, base, host, port, api_key, watch, **options):
       tunesmith serve --base smollm2-135m-instruct     the base model alone
     """
     for key, value in options.items():
-        if key in ("max_tokens", "max_pending", "max_batch", "max_body_bytes", "max_prompt_tokens") \
-                and value is not None and value < 1:
+        if (
+            key in ("max_tokens", "max_pending", "max_batch", "max_body_bytes", "max_prompt_tokens")
+            and value is not None
+            and value < 1
+        ):
             raise click.BadParameter(f"must be at least 1, not {value}", param_hint=f"--{key.replace('_', '-')}")
-    api.serve(list(run_dirs), base=base, host=host, port=port, api_key=api_key, watch=watch, log=click.echo,
-              **options)
+    api.serve(list(run_dirs), base=base, host=host, port=port, api_key=api_key, watch=watch, log=click.echo, **options)

@@ -95,4 +95,6 @@ def train(ctx, recipe, log_sinks, resume, quiet, **flags):
             overrides.append(("train.log", list(log_sinks)))
         overrides += ctx.meta["dotted_overrides"]
         run = api.train(recipe, quiet=quiet, log=click.echo, progress=progress, **dict(overrides))
-    click.echo(f"\nrun: {run.path}\nnext: tunesmith generate {run.path} --prompt \"...\"   or   tunesmith chat {run.path}")
+    click.echo(
+        f'\nrun: {run.path}\nnext: tunesmith generate {run.path} --prompt "..."   or   tunesmith chat {run.path}'
+    )

@@ -62,8 +62,14 @@ class Batch:
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(
-            move(self.input_ids), move(self.position_ids), move(self.attention_mask), move(self.keep),
-            move(self.targets), self.n_examples, self.n_tokens, move(self.prefix_ids),
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.attention_mask),
+            move(self.keep),
+            move(self.targets),
+            self.n_examples,
+            self.n_tokens,
+            move(self.prefix_ids),
         )
 
 
@@ -93,8 +99,13 @@ def step_indices(
 
 
 def make_batches(
-    examples: list[Encoded], mode: str, micro_batch_size: int, pad_id: int, row_tokens: int,
-    share_prefix: int = 0, shared_row_tokens: int | None = None,
+    examples: list[Encoded],
+    mode: str,
+    micro_batch_size: int,
+    pad_id: int,
+    row_tokens: int,
+    share_prefix: int = 0,
+    shared_row_tokens: int | None = None,
 ) -> list[Batch]:
     """The micro-batches of one optimizer step. With mode "pack" and share_prefix > 0, a micro-batch whose
     examples share a prefix of at least `share_prefix` tokens gets the shared-prefix layout, in rows of
@@ -112,9 +123,7 @@ def make_batches(
     if mode == "group":
         # sort a step's examples by length so each micro-batch pads as little as possible
         examples = sorted(examples, key=lambda e: -len(e.input_ids))
-    return [
-        _padded(examples[i : i + micro_batch_size], pad_id) for i in range(0, len(examples), micro_batch_size)
-    ]
+    return [_padded(examples[i : i + micro_batch_size], pad_id) for i in range(0, len(examples), micro_batch_size)]
 
 
 def _span(e: Encoded, start: int = 0) -> tuple[list[int], list[int]]:

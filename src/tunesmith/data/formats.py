@@ -1,5 +1,8 @@
 """Read a data file into `Example`s, reporting every problem of the file at once.
 
+(~590 lines: one owner for every file type and row format, so a row's problems are collected and worded the same
+way whatever the format; each format's parser is a small function.)
+
 Files: .jsonl (one JSON object per line), .json (a list of rows, or {"data": [...]}), .csv (a header row;
 columns are the keys below; a chat conversation goes in a `messages` column holding JSON), .parquet
 (needs pyarrow) and .txt (raw text).
@@ -369,7 +372,7 @@ def _normalise(rows: list[_Row], fmt: str, problems: _Problems) -> tuple[list[Ex
         else:
             problems.add(
                 row.pos,
-                f'{row.where}: row is {_kind(row.value)}, not an object; write each row as a JSON object '
+                f"{row.where}: row is {_kind(row.value)}, not an object; write each row as a JSON object "
                 'such as {"messages": [...]}',
             )
 
@@ -502,7 +505,7 @@ def _message(item: Any, i: int, report: Report) -> Message | None:
     role = item.get("role")
     if "role" not in item:
         if "role" not in misspelt:  # one typo, one message
-            report(f"message {i} has no role; add \"role\": one of {', '.join(ROLES)}")
+            report(f'message {i} has no role; add "role": one of {", ".join(ROLES)}')
         ok = False
     elif role not in ROLES:
         report(f"message {i} has role {json.dumps(role)}; expected one of {', '.join(ROLES)}")

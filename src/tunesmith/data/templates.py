@@ -121,8 +121,9 @@ class TooLong(DataError):
 class Renderer:
     """Renders examples for one tokenizer and chat template. See the module docstring for what is trained."""
 
-    def __init__(self, tokenizer, chat_template: str | None = None, system_prompt: str | None = None,
-                 raw_prompts: bool = False):
+    def __init__(
+        self, tokenizer, chat_template: str | None = None, system_prompt: str | None = None, raw_prompts: bool = False
+    ):
         """raw_prompts: the model was trained on raw prompt/completion or text rows, so a prompt is given to it as
         raw text (tokenizer BOS rules), not through the chat template (run_dir.RunDir.raw_prompts says which)."""
         self.tokenizer = tokenizer
@@ -221,7 +222,7 @@ class Renderer:
         """The full rendered text and the (start, end) character spans to train, in order."""
         full = self._render_checked(messages, False, example)
         spans = []
-        for i, (message, train) in enumerate(zip(messages, trained)):
+        for i, (_message, train) in enumerate(zip(messages, trained)):
             if not train:
                 continue
             if i == 0:

@@ -1,5 +1,8 @@
 """Check a dataset before training: every problem of its files, then statistics and warnings.
 
+(~570 lines: the checks, the statistics and their one terminal rendering are one feature, `tunesmith data check`;
+each check is a small function.)
+
 `check(train, validation)` reads the files with `formats.read_file`, which raises `DataError` listing every
 problem (`FILE:LINE: what is wrong; how to fix it`). A readable dataset gives a `DataReport`: format, counts,
 turns, token lengths (with a tokenizer), and warnings that do not fail the check, each
@@ -439,7 +442,8 @@ def is_classification(examples: Sequence[Example]) -> list[str] | None:
         return None
     counts = Counter((ex.answer() or "").strip() for ex in examples)
     labels = [
-        a for a, c in counts.items()
+        a
+        for a, c in counts.items()
         if a and c >= CLASSIFICATION_MIN_COUNT and len(a.split()) <= CLASSIFICATION_MAX_WORDS
     ]
     if not 2 <= len(labels) <= CLASSIFICATION_MAX_LABELS:
@@ -522,9 +526,10 @@ def render_report(report: DataReport, console=None, max_warnings: int = 50) -> N
     row("format", [f.format for f in files])
     row("examples", [f.examples for f in files])
     if any(f.messages for f in files):
-        row("messages/example (min/mean/max)", [
-            f"{f.messages['min']}/{f.messages['mean']}/{f.messages['max']}" if f.messages else None for f in files
-        ])
+        row(
+            "messages/example (min/mean/max)",
+            [f"{f.messages['min']}/{f.messages['mean']}/{f.messages['max']}" if f.messages else None for f in files],
+        )
         row("messages by role", [", ".join(f"{r} {n}" for r, n in f.roles.items()) if f.roles else None for f in files])
     if report.max_length is not None:
         row(f"longer than {report.max_length} tokens", [f.over_max_length for f in files])

@@ -30,8 +30,11 @@ def system_metrics(plan: TaskPlan, test: list[Example], res: SystemResult) -> tu
         if res.generated is not None:
             parsed = [parse_label(g, plan.labels) for g in res.generated]
             gen = M.classification_report(refs, parsed, plan.labels)
-            out.update(accuracy_generated=gen["accuracy"], macro_f1_generated=gen["macro_f1"],
-                       invalid_rate=sum(p is None for p in parsed) / len(parsed))
+            out.update(
+                accuracy_generated=gen["accuracy"],
+                macro_f1_generated=gen["macro_f1"],
+                invalid_rate=sum(p is None for p in parsed) / len(parsed),
+            )
             per["accuracy_generated"] = per["macro_f1_generated"] = [float(p == r) for p, r in zip(parsed, refs)]
             per["invalid_rate"] = [float(p is None) for p in parsed]
             report = report or gen
@@ -40,8 +43,10 @@ def system_metrics(plan: TaskPlan, test: list[Example], res: SystemResult) -> tu
         references = [M.parse_json_object(r) for r in refs]
         out, per_f1 = M.extraction_report(res.generated, references)
         per = {k: per_f1 for k in out}
-        per["exact_match"] = [float(M.parse_json_object(g) is not None and M.field_pairs(M.parse_json_object(g)) ==
-                                    M.field_pairs(r)) for g, r in zip(res.generated, references)]
+        per["exact_match"] = [
+            float(M.parse_json_object(g) is not None and M.field_pairs(M.parse_json_object(g)) == M.field_pairs(r))
+            for g, r in zip(res.generated, references)
+        ]
     elif plan.task == "text":
         out, per = M.text_report(res.generated, refs)
     if plan.format is not None and res.generated is not None:
@@ -69,7 +74,12 @@ def flipped(test, records, primary: str) -> dict:
             continue
         before, after = scores["base_zero_shot"] >= FLIP_THRESHOLD, scores["fine_tuned"] >= FLIP_THRESHOLD
         if before != after:
-            item = {"id": rec["id"], "input": rec["input"], "reference": rec["reference"],
-                    "base": rec["outputs"].get("base_zero_shot", ""), "tuned": rec["outputs"].get("fine_tuned", "")}
+            item = {
+                "id": rec["id"],
+                "input": rec["input"],
+                "reference": rec["reference"],
+                "base": rec["outputs"].get("base_zero_shot", ""),
+                "tuned": rec["outputs"].get("fine_tuned", ""),
+            }
             out["improved" if after else "regressed"].append(item)
     return out

@@ -40,7 +40,7 @@ def split_encoded(renderer, example: Example, prompt: list[int] | None = None) -
     if enc.input_ids[: len(prompt)] != prompt:
         first = next(i for i, (a, b) in enumerate(zip(enc.input_ids, prompt)) if a != b)
         raise ValueError(f"prompt/continuation boundary differs from the generation prompt at token {first}")
-    return prompt, [t for t, label in zip(enc.input_ids[len(prompt):], enc.labels[len(prompt):]) if label != -100]
+    return prompt, [t for t, label in zip(enc.input_ids[len(prompt) :], enc.labels[len(prompt) :]) if label != -100]
 
 
 def label_continuations(renderer, example: Example, labels: list[str]) -> tuple[list[int], list[list[int]]]:
@@ -56,7 +56,12 @@ def label_continuations(renderer, example: Example, labels: list[str]) -> tuple[
 
 @torch.no_grad()
 def score_continuations(
-    model, prompts: list[list[int]], continuations: list[list[list[int]]], *, pad: int, prefix_len: int = 0,
+    model,
+    prompts: list[list[int]],
+    continuations: list[list[list[int]]],
+    *,
+    pad: int,
+    prefix_len: int = 0,
     prefix_cache=None,
 ) -> list[list[tuple[float, int]]]:
     """For each prompt, (total log-probability, tokens) of each of its continuations given the prompt.
@@ -75,8 +80,9 @@ def score_continuations(
     from tunesmith.models.functional import mask_for, takes_custom_masks
 
     if not takes_custom_masks(model)[0]:
-        return _score_with_copies(model, prompts, continuations, pad=pad, prefix_len=prefix_len,
-                                  prefix_cache=prefix_cache)
+        return _score_with_copies(
+            model, prompts, continuations, pad=pad, prefix_len=prefix_len, prefix_cache=prefix_cache
+        )
     device = next(model.parameters()).device
     layouts = []  # per row: tokens, positions, tail length, [(start column, continuation)]
     for prompt, conts in zip(prompts, continuations):
@@ -110,15 +116,19 @@ def score_continuations(
                 m[own, tail] = True
                 m[own, own] = torch.ones(n, n, dtype=torch.bool).tril()
                 keep[r, own] = True
-    logits = model(input_ids=ids.to(device), position_ids=pos.to(device),
-                   attention_mask=mask_for(model, mask.to(device)),
-                   past_key_values=expand_cache(prefix_cache, rows), use_cache=prefix_cache is not None,
-                   logits_to_keep=keep.to(device)).logits
+    logits = model(
+        input_ids=ids.to(device),
+        position_ids=pos.to(device),
+        attention_mask=mask_for(model, mask.to(device)),
+        past_key_values=expand_cache(prefix_cache, rows),
+        use_cache=prefix_cache is not None,
+        logits_to_keep=keep.to(device),
+    ).logits
     logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1).cpu()
     # logp rows follow keep in row-major order: per row, the prompt's last position, then each continuation's
     result: list[list[tuple[float, int]]] = []
     at = 0
-    for tokens, _, n_tail, spans in layouts:
+    for *_, spans in layouts:
         first = logp[at]
         at += 1
         row = []
@@ -139,8 +149,14 @@ def _score_with_copies(model, prompts, continuations, *, pad: int, prefix_len: i
     every (prompt, continuation) row from a copy of its prompt's cache."""
     device = next(model.parameters()).device
     ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, prefix_len)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                past_key_values=expand_cache(prefix_cache, len(prompts)), use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=expand_cache(prefix_cache, len(prompts)),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     first_logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # predicts each continuation's 1st token
 
     rows = [(e, c) for e, conts in enumerate(continuations) for c in conts]
@@ -157,15 +173,19 @@ def _score_with_copies(model, prompts, continuations, *, pad: int, prefix_len: i
         cache.batch_select_indices(owner.to(device))
         lengths = mask.sum(-1)[owner]
         logits = model(
-            input_ids=cont_ids.to(device), attention_mask=torch.cat([mask[owner], cont_mask], 1).to(device),
+            input_ids=cont_ids.to(device),
+            attention_mask=torch.cat([mask[owner], cont_mask], 1).to(device),
             position_ids=(lengths[:, None] + torch.arange(width)[None, :]).to(device),
-            past_key_values=cache, use_cache=True,
+            past_key_values=cache,
+            use_cache=True,
         ).logits
         for r, (_, c) in enumerate(rows):
             n = len(c) - 1
             if n:  # position j predicts token j+1 of the continuation
                 logp = torch.log_softmax(logits[r, :n].float(), -1)
-                totals[r] += float(logp[torch.arange(n, device=logp.device), torch.tensor(c[1:], device=logp.device)].sum())
+                totals[r] += float(
+                    logp[torch.arange(n, device=logp.device), torch.tensor(c[1:], device=logp.device)].sum()
+                )
     result: list[list[tuple[float, int]]] = [[] for _ in prompts]
     for (e, c), total in zip(rows, totals):
         result[e].append((total, len(c)))
@@ -173,7 +193,9 @@ def _score_with_copies(model, prompts, continuations, *, pad: int, prefix_len: i
 
 
 @torch.no_grad()
-def full_sequence_logprobs(model, prompt: list[int], continuations: list[list[int]], *, pad: int) -> list[tuple[float, int]]:
+def full_sequence_logprobs(
+    model, prompt: list[int], continuations: list[list[int]], *, pad: int
+) -> list[tuple[float, int]]:
     """The reference computation: each prompt + continuation as one right-padded sequence, no cache."""
     device = next(model.parameters()).device
     seqs = [prompt + c for c in continuations]
@@ -191,8 +213,9 @@ def full_sequence_logprobs(model, prompt: list[int], continuations: list[list[in
     return out
 
 
-def score_labels(model, tokenizer, renderer, examples: list[Example], labels: list[str], batch_size: int = 8,
-                 progress=None) -> list[LabelScores]:
+def score_labels(
+    model, tokenizer, renderer, examples: list[Example], labels: list[str], batch_size: int = 8, progress=None
+) -> list[LabelScores]:
     """The most likely label of each chat example (prompt rendered by `renderer`), batched."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results: list[LabelScores] = []

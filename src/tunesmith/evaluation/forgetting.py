@@ -1,5 +1,8 @@
 """Forgetting: what fine-tuning cost the model's general abilities, measured on a held-out probe.
 
+(One module of ~550 lines: the probe's loading, its three measures, the answer scorer and the verdict share one
+definition of the probe and its thresholds; split, each part would be too small to read on its own.)
+
 The probe (src/tunesmith/resources/probe/, data card in its README.md) was written for tunesmith and is never
 trained on. `forgetting_eval` compares the base model with the fine-tuned one on it in three ways:
 
@@ -71,25 +74,27 @@ def load_probe(path: str | Path | None = None) -> Probe:
     Every problem in the files is reported at once, as FILE:LINE."""
     root = Path(path) if path is not None else PROBE_DIR
     if not root.is_dir():
-        raise DataError(f"{root}: probe directory not found; give a directory with general_text.jsonl and questions.jsonl")
+        raise DataError(
+            f"{root}: probe directory not found; give a directory with general_text.jsonl and questions.jsonl"
+        )
     problems: list[str] = []
     texts = _read_jsonl(root / "general_text.jsonl", problems)
     questions = _read_jsonl(root / "questions.jsonl", problems)
     for line, row in texts:
         if not isinstance(row.get("text"), str) or not row["text"].strip():
-            problems.append(f"{root / 'general_text.jsonl'}:{line}: needs a non-empty \"text\"")
+            problems.append(f'{root / "general_text.jsonl"}:{line}: needs a non-empty "text"')
     seen: set[str] = set()
     for line, row in questions:
         where = f"{root / 'questions.jsonl'}:{line}"
         for key in ("id", "prompt", "reference", "check"):
             if not isinstance(row.get(key), str) or not row[key]:
-                problems.append(f"{where}: needs a non-empty string \"{key}\"")
+                problems.append(f'{where}: needs a non-empty string "{key}"')
         if row.get("check") not in CHECKS:
             problems.append(f"{where}: check {row.get('check')!r} is not one of {', '.join(CHECKS)}")
         if row.get("check") == "number" and _number(str(row.get("reference"))) is None:
-            problems.append(f"{where}: a \"number\" check needs a numeric reference, not {row.get('reference')!r}")
+            problems.append(f'{where}: a "number" check needs a numeric reference, not {row.get("reference")!r}')
         if not isinstance(row.get("aliases", []), list):
-            problems.append(f"{where}: \"aliases\" must be a list of strings")
+            problems.append(f'{where}: "aliases" must be a list of strings')
         if row.get("id") in seen:
             problems.append(f"{where}: duplicate id {row.get('id')!r}")
         seen.add(row.get("id"))
@@ -177,7 +182,9 @@ def explain(result: dict, method: str | None = None) -> str:
     ppl = result["perplexity"]["change"]
     q = result["questions"]
     pts = f"{abs(q['change']):.2f}"
-    moved = f"perplexity on general text {'rose' if ppl >= 0 else 'fell'} {abs(ppl):.1%} and the general-question score "
+    moved = (
+        f"perplexity on general text {'rose' if ppl >= 0 else 'fell'} {abs(ppl):.1%} and the general-question score "
+    )
     moved += f"{'fell' if q['change'] < 0 else 'rose'} by {pts} ({q['base']:.2f} -> {q['fine_tuned']:.2f})"
     if result["verdict"] == "low":
         return f"Forgetting is low: {moved}; the fine-tuned model keeps the base model's general abilities."
@@ -235,8 +242,11 @@ class _System:
         ids, mask, positions = left_pad(rows, 0, prefix_len)
         with torch.no_grad(), self.active():
             out = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device), past_key_values=expand_cache(cache, len(rows)), use_cache=True,
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=expand_cache(cache, len(rows)),
+                use_cache=True,
             )
         return out.logits.float()
 
@@ -351,14 +361,24 @@ def question_sequences(tokenizer, renderer, questions: list[dict], raw: bool) ->
     return out
 
 
-def answer_questions(system: _System, tokenizer, renderer, questions: list[dict], raw: bool, log=print, label="") -> list[str]:
+def answer_questions(
+    system: _System, tokenizer, renderer, questions: list[dict], raw: bool, log=print, label=""
+) -> list[str]:
     """Greedy answers, in batches of similar prompt length within groups of equal max_new_tokens. The
     template tokens every prompt starts with are encoded once (evaluation.generate.greedy_batch)."""
     from tunesmith.evaluation.generate import (
-        common_prefix_length, encode_prefix, generate_batch, greedy_batch, prompt_ids, uses_prompt_learning,
+        common_prefix_length,
+        encode_prefix,
+        generate_batch,
+        greedy_batch,
+        prompt_ids,
+        uses_prompt_learning,
     )
 
-    prompts = [RAW_QUESTION.format(prompt=q["prompt"]) if raw else [{"role": "user", "content": q["prompt"]}] for q in questions]
+    prompts = [
+        RAW_QUESTION.format(prompt=q["prompt"]) if raw else [{"role": "user", "content": q["prompt"]}]
+        for q in questions
+    ]
     ids = [prompt_ids(tokenizer, renderer, p) for p in prompts]
     stops = ["\nQuestion:"] if raw else []
     plain = uses_prompt_learning(system.model)  # virtual tokens: no explicit cache, model.generate instead
@@ -375,12 +395,26 @@ def answer_questions(system: _System, tokenizer, renderer, questions: list[dict]
             for start in range(0, len(idx), GEN_BATCH_SIZE):
                 part = idx[start : start + GEN_BATCH_SIZE]
                 if plain:
-                    outs = generate_batch(system.model, tokenizer, renderer, [prompts[i] for i in part],
-                                          max_new_tokens=max_new, batch_size=GEN_BATCH_SIZE, stop=stops)
+                    outs = generate_batch(
+                        system.model,
+                        tokenizer,
+                        renderer,
+                        [prompts[i] for i in part],
+                        max_new_tokens=max_new,
+                        batch_size=GEN_BATCH_SIZE,
+                        stop=stops,
+                    )
                 else:
-                    outs = greedy_batch(system.model, tokenizer, [ids[i] for i in part], stop_ids=renderer.stop_token_ids,
-                                        stop_strings=[*renderer.stop_strings, *stops], max_new_tokens=max_new,
-                                        prefix_len=shared, prefix_cache=cache)
+                    outs = greedy_batch(
+                        system.model,
+                        tokenizer,
+                        [ids[i] for i in part],
+                        stop_ids=renderer.stop_token_ids,
+                        stop_strings=[*renderer.stop_strings, *stops],
+                        max_new_tokens=max_new,
+                        prefix_len=shared,
+                        prefix_cache=cache,
+                    )
                 for i, text in zip(part, outs):
                     answers[i] = text.strip()
                 done += len(part)
@@ -392,7 +426,9 @@ def answer_questions(system: _System, tokenizer, renderer, questions: list[dict]
 # The evaluation
 
 
-def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=print, probe: str | Path | None = None) -> dict:
+def forgetting_eval(
+    run, base=None, tuned=None, limit: int | None = None, log=print, probe: str | Path | None = None
+) -> dict:
     """Compare base and fine-tuned model on the general-ability probe; write RUN_DIR/eval/forgetting.json
     (docs/eval-format.md) and eval/forgetting_examples.jsonl, and return the JSON object.
 
@@ -429,7 +465,9 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
         from tunesmith import models
 
         log(f"forgetting: loading the base model {cfg.model.name}")
-        base_model, _ = models.load(cfg.model.name, dtype=cfg.model.dtype, device=str(next(tuned_model.parameters()).device))
+        base_model, _ = models.load(
+            cfg.model.name, dtype=cfg.model.dtype, device=str(next(tuned_model.parameters()).device)
+        )
         base_sys = _System(base_model.eval())
     # the run's template, not its task system prompt: the probe asks general questions
     raw = run.raw_prompts
@@ -460,10 +498,17 @@ def forgetting_eval(run, base=None, tuned=None, limit: int | None = None, log=pr
     out = Path(run.path) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     lines = [
-        json.dumps({
-            "id": q["id"], "category": q.get("category", "other"), "input": q["prompt"], "reference": q["reference"],
-            "outputs": {k: answers[k][i] for k in answers}, "scores": {k: round(scores[k][i], 4) for k in scores},
-        }, ensure_ascii=False)
+        json.dumps(
+            {
+                "id": q["id"],
+                "category": q.get("category", "other"),
+                "input": q["prompt"],
+                "reference": q["reference"],
+                "outputs": {k: answers[k][i] for k in answers},
+                "scores": {k: round(scores[k][i], 4) for k in scores},
+            },
+            ensure_ascii=False,
+        )
         for i, q in enumerate(questions)
     ]
     atomic_write_text(out / "forgetting_examples.jsonl", "\n".join(lines) + "\n")
@@ -490,8 +535,11 @@ def _result(data: Probe, n_passages, n_tokens, questions, ppl_base, ppl_tuned, k
         "perplexity": {"base": round(ppl_base, 4), "fine_tuned": round(ppl_tuned, 4), "change": round(ppl_change, 4)},
         "kl": {"mean_per_token": round(kl, 6), "tokens": kl_tokens},
         "questions": {
-            "metric": "score", "base": round(q_base, 4), "fine_tuned": round(q_tuned, 4),
-            "change": round(q_tuned - q_base, 4), "by_category": by_category,
+            "metric": "score",
+            "base": round(q_base, 4),
+            "fine_tuned": round(q_tuned, 4),
+            "change": round(q_tuned - q_base, 4),
+            "by_category": by_category,
         },
         "verdict": verdict(ppl_change, q_tuned - q_base),
         "thresholds": THRESHOLDS_TEXT,
@@ -508,4 +556,3 @@ def _spread(items: list, n: int) -> list:
         return list(items)
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
-

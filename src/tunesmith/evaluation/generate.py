@@ -9,7 +9,6 @@ a test checks that it produces the tokens `model.generate` produces.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -70,8 +69,16 @@ def _cut(text: str, stop: list[str] | None) -> str:
 
 @torch.no_grad()
 def generate_batch(
-    model, tokenizer, renderer, prompts: list, max_new_tokens: int = 256, temperature: float = 0.0,
-    top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None, batch_size: int = 8,
+    model,
+    tokenizer,
+    renderer,
+    prompts: list,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    batch_size: int = 8,
 ) -> list[str]:
     """Answers to many prompts, batched with left padding."""
     device = next(model.parameters()).device
@@ -147,8 +154,8 @@ def left_pad(suffixes: list[list[int]], pad: int, prefix_len: int):
     ids = torch.full((len(suffixes), width), pad, dtype=torch.long)
     mask = torch.zeros((len(suffixes), width), dtype=torch.long)
     for i, s in enumerate(suffixes):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
     full_mask = torch.cat([torch.ones((len(suffixes), prefix_len), dtype=torch.long), mask], dim=1)
     return ids, full_mask, positions
@@ -156,8 +163,15 @@ def left_pad(suffixes: list[list[int]], pad: int, prefix_len: int):
 
 @torch.no_grad()
 def greedy_batch(
-    model, tokenizer, prompts: list[list[int]], *, stop_ids: list[int], stop_strings: list[str] = (),
-    max_new_tokens: int = 64, prefix_len: int = 0, prefix_cache=None,
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    stop_ids: list[int],
+    stop_strings: list[str] = (),
+    max_new_tokens: int = 64,
+    prefix_len: int = 0,
+    prefix_cache=None,
 ) -> list[str]:
     """Greedy answers to prompts (token ids) that all start with the same prefix_len tokens, whose cache is
     prefix_cache (from encode_prefix). Each answer stops at a stop token (not included) or a stop string
@@ -167,8 +181,14 @@ def greedy_batch(
     ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, prefix_len)
     cache = expand_cache(prefix_cache, len(prompts))
     lengths = mask.sum(-1)  # real tokens per row so far (prefix included)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)  # the LM head only where needed
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )  # the LM head only where needed
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     multi_token_stops = [s for s in stop_strings if len(tokenizer(s, add_special_tokens=False)["input_ids"]) > 1]
@@ -187,9 +207,13 @@ def greedy_batch(
         if all(done) or step == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
-        out = model(input_ids=next_ids[:, None].to(device), attention_mask=mask.to(device),
-                    position_ids=lengths[:, None].to(device) + step, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(
+            input_ids=next_ids[:, None].to(device),
+            attention_mask=mask.to(device),
+            position_ids=lengths[:, None].to(device) + step,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
     return [_cut(tokenizer.decode(g, skip_special_tokens=True), list(stop_strings)) for g in generated]
 
 
@@ -198,7 +222,13 @@ def generate(model, tokenizer, renderer, prompt, **kwargs) -> str:
 
 
 def stream(
-    model, tokenizer, renderer, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+    model,
+    tokenizer,
+    renderer,
+    messages,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
     seed: int | None = None,
 ) -> Iterator[str]:
     """Yield text pieces as they are generated (generation runs in a background thread)."""

@@ -52,8 +52,18 @@ class SystemResult:
         return replace(self, predictions=predictions, outputs=outputs)
 
 
-def measure(system: System, test: list[Example], plan: TaskPlan, *, batch_size: int, max_new_tokens: int,
-            max_length: int | None, progress, calibrate: bool = False, reference_loss: bool = True) -> SystemResult:
+def measure(
+    system: System,
+    test: list[Example],
+    plan: TaskPlan,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    max_length: int | None,
+    progress,
+    calibrate: bool = False,
+    reference_loss: bool = True,
+) -> SystemResult:
     """Run one system over the test set: label scoring, generation and/or reference likelihood, as the task needs.
     calibrate: also score the labels after content-free inputs (classification label scoring), so that
     `SystemResult.decided(calibrated=True)` can apply contextual calibration. reference_loss: also the likelihood
@@ -80,8 +90,9 @@ def measure(system: System, test: list[Example], plan: TaskPlan, *, batch_size: 
         if "score" in plan.by:
             t0 = time.perf_counter()
             result.label_scores = _score_labels(system, test, prompts, plan.labels, batch_size, shared, progress)
-            result.predictions = [plan.labels[max(range(len(row)), key=lambda k: row[k][0])]
-                                  for row in result.label_scores]
+            result.predictions = [
+                plan.labels[max(range(len(row)), key=lambda k: row[k][0])] for row in result.label_scores
+            ]
             result.seconds["score"] = setup + time.perf_counter() - t0
             if calibrate:
                 t0 = time.perf_counter()
@@ -147,8 +158,13 @@ def _score_content_free(system, test, labels, batch_size, shared, progress) -> l
     scores = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        got = score_continuations(system.model, [p for p, _ in chunk], [c for _, c in chunk], pad=system.pad,
-                                  **_usable(shared, [p for p, _ in chunk]))
+        got = score_continuations(
+            system.model,
+            [p for p, _ in chunk],
+            [c for _, c in chunk],
+            pad=system.pad,
+            **_usable(shared, [p for p, _ in chunk]),
+        )
         scores += [[lp for lp, _ in row] for row in got]
         progress.update(task, advance=len(chunk))
     return [[scores[r] for r in mine] for mine in per_example]
@@ -173,27 +189,44 @@ def _generate(system, prompts, batch_size, max_new_tokens, shared, progress) -> 
         if uses_prompt_learning(system.model):
             out += _generate_plain(system, chunk, max_new_tokens)
         else:
-            out += greedy_batch(system.model, system.tokenizer, chunk, stop_ids=renderer.stop_token_ids,
-                                stop_strings=renderer.stop_strings, max_new_tokens=max_new_tokens, **shared)
+            out += greedy_batch(
+                system.model,
+                system.tokenizer,
+                chunk,
+                stop_ids=renderer.stop_token_ids,
+                stop_strings=renderer.stop_strings,
+                max_new_tokens=max_new_tokens,
+                **shared,
+            )
         progress.update(task, advance=len(chunk))
     return [o.strip() for o in out]
 
 
 def _generate_plain(system, prompts, max_new_tokens) -> list[str]:
     """model.generate without a shared prefix, for models whose forward() adds virtual tokens."""
-    import torch
 
     from tunesmith.evaluation.generate import _cut, left_pad
 
     ids, mask, _ = left_pad(prompts, system.pad, 0)
     device = next(system.model.parameters()).device
-    kwargs = {"stop_strings": list(system.renderer.stop_strings), "tokenizer": system.tokenizer} \
-        if system.renderer.stop_strings else {}
-    out = system.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                max_new_tokens=max_new_tokens, eos_token_id=system.renderer.stop_token_ids,
-                                pad_token_id=system.pad, **kwargs)
-    return [_cut(system.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True),
-                 list(system.renderer.stop_strings)) for row in out.cpu()]
+    kwargs = (
+        {"stop_strings": list(system.renderer.stop_strings), "tokenizer": system.tokenizer}
+        if system.renderer.stop_strings
+        else {}
+    )
+    out = system.model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=system.renderer.stop_token_ids,
+        pad_token_id=system.pad,
+        **kwargs,
+    )
+    return [
+        _cut(system.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True), list(system.renderer.stop_strings))
+        for row in out.cpu()
+    ]
 
 
 def _reference_nll(system, test, prompts, batch_size, shared, progress) -> list[tuple[float, int]]:
@@ -224,8 +257,9 @@ def _measure_lm(system, test, *, batch_size, max_length, progress) -> SystemResu
     rows = max(1, min(batch_size, 4096 // longest))  # bounds the (rows, tokens, vocabulary) logits tensor
     for start in range(0, len(encoded), rows):
         chunk = encoded[start : start + rows]
-        scores = score_continuations(system.model, [ids[:1] for ids in chunk], [[ids[1:]] for ids in chunk],
-                                     pad=system.pad)
+        scores = score_continuations(
+            system.model, [ids[:1] for ids in chunk], [[ids[1:]] for ids in chunk], pad=system.pad
+        )
         result.nll += [(-row[0][0], row[0][1]) for row in scores]
         progress.update(task, advance=len(chunk))
     result.seconds["likelihood"] = time.perf_counter() - t0

@@ -57,15 +57,29 @@ class PromptVariant:
     @property
     def key(self) -> str:
         parts = ["zero_shot" if self.shots == "none" else f"{self.shots}_{self.k}"]
-        parts += [name for name, on in (("instructed", self.instructed), ("calibrated", self.calibrated),
-                                        ("length_norm", self.length_norm)) if on]
+        parts += [
+            name
+            for name, on in (
+                ("instructed", self.instructed),
+                ("calibrated", self.calibrated),
+                ("length_norm", self.length_norm),
+            )
+            if on
+        ]
         return "+".join(parts)
 
     @property
     def name(self) -> str:
         text = {"none": "zero-shot", "random": f"{self.k}-shot", "knn": f"{self.k} retrieved shots"}[self.shots]
-        extras = [name for name, on in (("format instruction", self.instructed), ("calibrated", self.calibrated),
-                                        ("length-normalised", self.length_norm)) if on]
+        extras = [
+            name
+            for name, on in (
+                ("format instruction", self.instructed),
+                ("calibrated", self.calibrated),
+                ("length-normalised", self.length_norm),
+            )
+            if on
+        ]
         return text + (f" ({', '.join(extras)})" if extras else "")
 
     def describe(self) -> dict:
@@ -98,20 +112,42 @@ def variants(plan: TaskPlan, few_k: int, knn_k: int, instruction: str | None) ->
         prompts.append(PromptVariant("knn", knn_k))
     if plan.task != "classification" or "score" not in plan.by:
         return prompts
-    return [PromptVariant(p.shots, p.k, p.instructed, calibrated, norm)
-            for p in prompts for norm in (False, True) for calibrated in (False, True)]
+    return [
+        PromptVariant(p.shots, p.k, p.instructed, calibrated, norm)
+        for p in prompts
+        for norm in (False, True)
+        for calibrated in (False, True)
+    ]
 
 
-def build_system(variant: PromptVariant, key: str, model, tokenizer, renderer, pool: list[Example],
-                 plan: TaskPlan, seed: int, instruction: str | None, allow_missing_labels: bool = False) -> System:
+def build_system(
+    variant: PromptVariant,
+    key: str,
+    model,
+    tokenizer,
+    renderer,
+    pool: list[Example],
+    plan: TaskPlan,
+    seed: int,
+    instruction: str | None,
+    allow_missing_labels: bool = False,
+) -> System:
     """The base-model System that prompts as `variant` says; shots come from `pool` (training examples only)."""
     shots, retriever = [], None
     if variant.shots == "random":
         shots = pick_shots(pool, variant.k, plan.labels, seed, allow_missing_labels=allow_missing_labels)
     elif variant.shots == "knn":
         retriever = ShotRetriever(pool, variant.k)
-    return System(key, f"base, {variant.name}", model, tokenizer, renderer, shots=shots, retriever=retriever,
-                  instruction=instruction if variant.instructed else None)
+    return System(
+        key,
+        f"base, {variant.name}",
+        model,
+        tokenizer,
+        renderer,
+        shots=shots,
+        retriever=retriever,
+        instruction=instruction if variant.instructed else None,
+    )
 
 
 def decided(res: SystemResult, variant: PromptVariant, plan: TaskPlan) -> SystemResult:
@@ -138,14 +174,33 @@ class Selection:
     metric: str
 
     def to_json(self) -> dict:
-        return {"split": self.split, "examples": self.examples, "metric": self.metric, "chosen": self.chosen.key,
-                "rule": "the variant with the best validation score; ties go to the cheaper variant listed first",
-                "variants": self.rows}
+        return {
+            "split": self.split,
+            "examples": self.examples,
+            "metric": self.metric,
+            "chosen": self.chosen.key,
+            "rule": "the variant with the best validation score; ties go to the cheaper variant listed first",
+            "variants": self.rows,
+        }
 
 
-def select_prompt(validation: list[Example], split: str, pool: list[Example], plan: TaskPlan, tried: list[PromptVariant],
-                  base: tuple, *, seed: int, instruction: str | None, batch_size: int, max_new_tokens: int,
-                  max_length: int | None, progress, log=print, allow_missing_labels: bool = False) -> Selection:
+def select_prompt(
+    validation: list[Example],
+    split: str,
+    pool: list[Example],
+    plan: TaskPlan,
+    tried: list[PromptVariant],
+    base: tuple,
+    *,
+    seed: int,
+    instruction: str | None,
+    batch_size: int,
+    max_new_tokens: int,
+    max_length: int | None,
+    progress,
+    log=print,
+    allow_missing_labels: bool = False,
+) -> Selection:
     """Measure every variant on the validation examples and pick the best by the primary metric."""
     model, tokenizer, renderer = base
     # choose by what the test reports first: label scoring when it is on, else generation
@@ -156,25 +211,50 @@ def select_prompt(validation: list[Example], split: str, pool: list[Example], pl
     rows, best, best_value = [], None, None
     for variant in tried:
         if variant.prompt not in measured:
-            system = build_system(variant, f"select:{variant.key}", model, tokenizer, renderer, pool, plan, seed,
-                                  instruction, allow_missing_labels)
+            system = build_system(
+                variant,
+                f"select:{variant.key}",
+                model,
+                tokenizer,
+                renderer,
+                pool,
+                plan,
+                seed,
+                instruction,
+                allow_missing_labels,
+            )
             t0 = time.perf_counter()
-            res = measure(system, validation, val_plan, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          max_length=max_length, progress=progress,
-                          calibrate=any(v.calibrated and v.prompt == variant.prompt for v in tried),
-                          reference_loss=False)
+            res = measure(
+                system,
+                validation,
+                val_plan,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                max_length=max_length,
+                progress=progress,
+                calibrate=any(v.calibrated and v.prompt == variant.prompt for v in tried),
+                reference_loss=False,
+            )
             measured[variant.prompt] = (res, time.perf_counter() - t0)
         res, _ = measured[variant.prompt]
         metrics, _, _ = system_metrics(val_plan, validation, decided(res, variant, plan))
         value = metrics.get(plan.primary)
         seconds = sum(v for k, v in res.seconds.items() if k != "calibration" or variant.calibrated)
-        rows.append({**variant.describe(), "value": value, "prompt_tokens_per_example": res.prompt_tokens,
-                     "seconds_per_example": seconds / len(validation)})
+        rows.append(
+            {
+                **variant.describe(),
+                "value": value,
+                "prompt_tokens_per_example": res.prompt_tokens,
+                "seconds_per_example": seconds / len(validation),
+            }
+        )
         if value is not None and (best_value is None or (value > best_value if higher else value < best_value)):
             best, best_value = variant, value
     best = best or tried[0]
-    log(f"  prompt chosen on {len(validation)} validation examples ({split}): {best.name}, "
-        f"{plan.primary} {best_value if best_value is None else round(best_value, 4)}")
+    log(
+        f"  prompt chosen on {len(validation)} validation examples ({split}): {best.name}, "
+        f"{plan.primary} {best_value if best_value is None else round(best_value, 4)}"
+    )
     return Selection(best, rows, split, len(validation), plan.primary)
 
 

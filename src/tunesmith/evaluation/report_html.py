@@ -1,5 +1,8 @@
 """`tunesmith report RUN_DIR`: one self-contained report.html answering "fine-tune or just prompt?".
 
+(~700 lines after formatting: one page, one module, one function per section; its inputs are read and checked in
+report_inputs.py and its figures drawn in report_plots.py.)
+
 Reads what the other commands left in the run directory (see docs/architecture.md and docs/eval-format.md):
 config.yaml, data.json, metrics.jsonl (training), eval/task.json + eval/task_examples.jsonl (task metrics),
 eval/forgetting.json (what fine-tuning cost the model). Any of them may be missing or unreadable; the
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from tunesmith.errors import RunError
 from tunesmith.evaluation.report_inputs import Inputs, read_inputs
+
 FLIPPED_SHOWN = 20  # rows per flipped-examples table; the counts are always complete
 TEXT_SHOWN = 400  # characters of an example's text shown in a table cell (the full text is in its tooltip)
 SYSTEM_ORDER = ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned")
@@ -104,7 +108,9 @@ def _system_label(s: dict) -> str:
     if s["key"] == "base_best_prompt":
         prompt = s.get("prompt") if isinstance(s.get("prompt"), dict) else {}
         return f"best prompt ({prompt['name']})" if isinstance(prompt.get("name"), str) else "best prompt"
-    return {"base_zero_shot": "zero-shot", "base_few_shot": "few-shot", "fine_tuned": "fine-tuned"}.get(s["key"], s["key"])
+    return {"base_zero_shot": "zero-shot", "base_few_shot": "few-shot", "fine_tuned": "fine-tuned"}.get(
+        s["key"], s["key"]
+    )
 
 
 def _missing(what: str, command: str) -> str:
@@ -118,7 +124,9 @@ def _problem(text: str) -> str:
 def _figure(uri: str | None, alt: str) -> str:
     if uri is None:
         return ""
-    return f'<figure><img class="figure" src="{uri}" alt="{escape(alt)}"><figcaption>{escape(alt)}</figcaption></figure>'
+    return (
+        f'<figure><img class="figure" src="{uri}" alt="{escape(alt)}"><figcaption>{escape(alt)}</figcaption></figure>'
+    )
 
 
 # ---------------------------------------------------------------------------------------------- headline
@@ -149,18 +157,22 @@ def headline(inp: Inputs) -> str:
     """The answer to "fine-tune or just prompt?", claiming only what the numbers support."""
     if inp.task is None:
         why = inp.task_problem or "The task evaluation has not been run yet."
-        return (f'<div class="headline unknown"><h2>Fine-tune or just prompt? Not measured yet.</h2>'
-                f'<p>{escape(why)} Run <code>{escape(inp.eval_command)}</code> to compare the fine-tuned model '
-                f'with the base model prompted zero-shot and few-shot.</p>{_forgetting_line(inp)}</div>')
+        return (
+            f'<div class="headline unknown"><h2>Fine-tune or just prompt? Not measured yet.</h2>'
+            f"<p>{escape(why)} Run <code>{escape(inp.eval_command)}</code> to compare the fine-tuned model "
+            f"with the base model prompted zero-shot and few-shot.</p>{_forgetting_line(inp)}</div>"
+        )
     systems = inp.systems()
     metric = inp.task["primary"]
     hib = inp.task.get("metrics_info", {}).get(metric, {}).get("higher_is_better")
     tuned = systems.get("fine_tuned")
     bases = [systems[k] for k in BASE_SYSTEMS if k in systems and _num(systems[k]["metrics"].get(metric))]
     if tuned is None or not _num(tuned["metrics"].get(metric)) or not bases:
-        return (f'<div class="headline unknown"><h2>Fine-tune or just prompt? Not enough systems evaluated.</h2>'
-                f'<p>eval/task.json needs {escape(metric)} for the fine-tuned model and at least one prompted base '
-                f'system; run <code>{escape(inp.eval_command)}</code>.</p>{_forgetting_line(inp)}</div>')
+        return (
+            f'<div class="headline unknown"><h2>Fine-tune or just prompt? Not enough systems evaluated.</h2>'
+            f"<p>eval/task.json needs {escape(metric)} for the fine-tuned model and at least one prompted base "
+            f"system; run <code>{escape(inp.eval_command)}</code>.</p>{_forgetting_line(inp)}</div>"
+        )
 
     rate = _is_rate(metric, [s["metrics"].get(metric) for s in systems.values()])
     sign = 1 if hib is not False else -1  # unknown direction: assume higher is better, and say so below
@@ -181,9 +193,11 @@ def headline(inp: Inputs) -> str:
             verdict = "lose" if sign * gap < 0 else "unknown"
         else:
             verdict = "tie"
-        ci = (f"per-example difference vs {escape(_system_label(best))} {_fmt_delta(mean, rate)} "
-              f"(95% interval {_fmt_delta(lo, rate)} to {_fmt_delta(hi, rate)}, paired bootstrap over {len(a)} "
-              f"test examples)")
+        ci = (
+            f"per-example difference vs {escape(_system_label(best))} {_fmt_delta(mean, rate)} "
+            f"(95% interval {_fmt_delta(lo, rate)} to {_fmt_delta(hi, rate)}, paired bootstrap over {len(a)} "
+            f"test examples)"
+        )
     else:
         verdict = "untested"
         ci = "no per-example scores in eval/task_examples.jsonl, so the gap is not tested against noise"
@@ -192,8 +206,11 @@ def headline(inp: Inputs) -> str:
         "lose": f"Just prompt: the base model prompted {_system_label(best)} beats the fine-tuned model.",
         "tie": "No clear winner: the fine-tuned model and the prompted base model are within noise of each other.",
         "unknown": "Mixed result: the overall metric and the per-example scores disagree; read the tables below.",
-        "untested": ("The fine-tuned model scores " + ("higher" if sign * gap > 0 else "lower" if gap else "the same")
-                     + f" than the best prompt ({_system_label(best)}); the gap is not tested against noise."),
+        "untested": (
+            "The fine-tuned model scores "
+            + ("higher" if sign * gap > 0 else "lower" if gap else "the same")
+            + f" than the best prompt ({_system_label(best)}); the gap is not tested against noise."
+        ),
     }[verdict]
     direction = "" if hib is not None else f" (direction of {escape(metric)} unknown: higher taken as better)"
     lines = [f"<p>{detail}; {ci}.{direction}</p>", _cost_line(systems), _forgetting_line(inp)]
@@ -202,8 +219,10 @@ def headline(inp: Inputs) -> str:
 
 def _cost_line(systems: dict[str, dict]) -> str:
     parts = []
-    for key, unit, fmt in (("prompt_tokens_per_example", "prompt tokens", "{:,.0f}"),
-                           ("seconds_per_example", "s", "{:.3g}")):
+    for key, unit, fmt in (
+        ("prompt_tokens_per_example", "prompt tokens", "{:,.0f}"),
+        ("seconds_per_example", "s", "{:.3g}"),
+    ):
         vals = [(s, s.get(key)) for k, s in systems.items() if _num(s.get(key))]
         if len(vals) >= 2 and "fine_tuned" in {s["key"] for s, _ in vals}:
             parts.append(" vs ".join(f"{fmt.format(v)} {unit} {escape(_system_label(s))}" for s, v in vals))
@@ -227,8 +246,10 @@ def _forgetting_line(inp: Inputs) -> str:
     kl = f.get("kl") or {}
     if _num(kl.get("mean_per_token")):
         parts.append(f"KL to the base model {kl['mean_per_token']:.3g} nats/token")
-    return (f'<p>Forgetting: <span class="badge {escape(f["verdict"])}">{escape(f["verdict"])}</span> '
-            f"{escape(', '.join(parts))}.</p>")
+    return (
+        f'<p>Forgetting: <span class="badge {escape(f["verdict"])}">{escape(f["verdict"])}</span> '
+        f"{escape(', '.join(parts))}.</p>"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -249,9 +270,13 @@ def _task_section(inp: Inputs) -> str:
     rates = {m: _is_rate(m, [s["metrics"].get(m) for s in systems if m in s["metrics"]]) for m in names}
     ref = next((s for s in systems if s["key"] == "base_zero_shot"), None)
 
-    cols = [(m, (info.get(m) or {}).get("higher_is_better"), rates[m], lambda s, m=m: s["metrics"].get(m)) for m in names]
-    cols += [("prompt tokens / example", False, False, lambda s: s.get("prompt_tokens_per_example")),
-             ("seconds / example", False, False, lambda s: s.get("seconds_per_example"))]
+    cols = [
+        (m, (info.get(m) or {}).get("higher_is_better"), rates[m], lambda s, m=m: s["metrics"].get(m)) for m in names
+    ]
+    cols += [
+        ("prompt tokens / example", False, False, lambda s: s.get("prompt_tokens_per_example")),
+        ("seconds / example", False, False, lambda s: s.get("seconds_per_example")),
+    ]
     rows = []
     for s in systems:
         cells = [f'<th scope="row">{escape(s.get("name") or s["key"])}</th>']
@@ -265,23 +290,29 @@ def _task_section(inp: Inputs) -> str:
             cells.append(f"<td{primary}>{_fmt(v, rate)}{delta}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     header = "".join(f"<th>{escape(c[0])}</th>" for c in cols)
-    table = f'<table class="metrics"><thead><tr><th>system</th>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    table = (
+        f'<table class="metrics"><thead><tr><th>system</th>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
 
     data = task.get("data") or {}
-    about = (f'<p class="about">Task <b>{escape(str(task.get("task", "?")))}</b>, primary metric '
-             f'<b>{escape(task["primary"])}</b>, on {escape(str(data.get("examples", "?")))} examples of '
-             f'<code>{escape(str(data.get("path", "?")))}</code>'
-             + (f' (sha256 {escape(str(data["sha256"])[:12])}…)' if data.get("sha256") else "")
-             + ". Deltas are against the base model zero-shot; green is better, red is worse.</p>")
+    about = (
+        f'<p class="about">Task <b>{escape(str(task.get("task", "?")))}</b>, primary metric '
+        f"<b>{escape(task['primary'])}</b>, on {escape(str(data.get('examples', '?')))} examples of "
+        f"<code>{escape(str(data.get('path', '?')))}</code>"
+        + (f" (sha256 {escape(str(data['sha256'])[:12])}…)" if data.get("sha256") else "")
+        + ". Deltas are against the base model zero-shot; green is better, red is worse.</p>"
+    )
     legend = "".join(
         f"<dt>{escape(m)}</dt><dd>{escape(str((info.get(m) or {}).get('description', '')))}"
         f"{' (higher is better)' if (info.get(m) or {}).get('higher_is_better') is True else ''}"
         f"{' (lower is better)' if (info.get(m) or {}).get('higher_is_better') is False else ''}</dd>"
-        for m in names if m in info)
+        for m in names
+        if m in info
+    )
     bars = report_plots.primary_bars(systems, task["primary"], rates.get(task["primary"], False))
     parts = [head, about, table, _figure(bars, f"{task['primary']} by system"), _selection_table(task)]
     if legend:
-        parts.append(f'<details><summary>What the metrics mean</summary><dl>{legend}</dl></details>')
+        parts.append(f"<details><summary>What the metrics mean</summary><dl>{legend}</dl></details>")
     parts.append(_per_label_table(task, systems))
     return "".join(parts) + "</section>"
 
@@ -299,14 +330,18 @@ def _selection_table(task: dict) -> str:
         if not isinstance(v, dict):
             continue
         mark = ' class="chosen"' if v.get("key") == sel.get("chosen") else ""
-        rows.append(f"<tr{mark}><th scope=\"row\">{escape(str(v.get('name', v.get('key'))))}"
-                    f"{' (chosen)' if mark else ''}</th><td>{_fmt(v.get('value'), rate)}</td>"
-                    f"<td>{_fmt(v.get('prompt_tokens_per_example'))}</td><td>{_fmt(v.get('seconds_per_example'))}</td></tr>")
-    return (f'<details open><summary>Best prompt: chosen on {escape(str(sel.get("examples", "?")))} validation '
-            f'examples ({escape(str(sel.get("split", "")))}), never on the test split</summary>'
-            f'<table class="metrics"><thead><tr><th>prompt variant</th><th>{escape(metric)} (validation)</th>'
-            f'<th>prompt tokens / example</th><th>seconds / example</th></tr></thead><tbody>{"".join(rows)}'
-            f'</tbody></table></details>')
+        rows.append(
+            f'<tr{mark}><th scope="row">{escape(str(v.get("name", v.get("key"))))}'
+            f"{' (chosen)' if mark else ''}</th><td>{_fmt(v.get('value'), rate)}</td>"
+            f"<td>{_fmt(v.get('prompt_tokens_per_example'))}</td><td>{_fmt(v.get('seconds_per_example'))}</td></tr>"
+        )
+    return (
+        f"<details open><summary>Best prompt: chosen on {escape(str(sel.get('examples', '?')))} validation "
+        f"examples ({escape(str(sel.get('split', '')))}), never on the test split</summary>"
+        f'<table class="metrics"><thead><tr><th>prompt variant</th><th>{escape(metric)} (validation)</th>'
+        f"<th>prompt tokens / example</th><th>seconds / example</th></tr></thead><tbody>{''.join(rows)}"
+        f"</tbody></table></details>"
+    )
 
 
 def _per_label_table(task: dict, systems: list[dict]) -> str:
@@ -318,15 +353,28 @@ def _per_label_table(task: dict, systems: list[dict]) -> str:
     sub = "".join("<th>precision</th><th>recall</th><th>F1</th>" for _ in with_labels)
     rows = []
     for label in labels:
-        support = next((s["per_label"].get(label, {}).get("support") for s in with_labels
-                        if _num(s["per_label"].get(label, {}).get("support"))), None)
-        cells = "".join(f"<td>{_fmt(s['per_label'].get(label, {}).get(k), True)}</td>"
-                        for s in with_labels for k in ("precision", "recall", "f1"))
-        rows.append(f"<tr><th scope=\"row\">{escape(str(label))}</th><td>{_fmt(support) if support is not None else '–'}"
-                    f"</td>{cells}</tr>")
-    return (f'<details><summary>Per-label precision, recall and F1</summary><table class="per-label"><thead>'
-            f'<tr><th rowspan="2">label</th><th rowspan="2">support</th>{head}</tr><tr>{sub}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></details>')
+        support = next(
+            (
+                s["per_label"].get(label, {}).get("support")
+                for s in with_labels
+                if _num(s["per_label"].get(label, {}).get("support"))
+            ),
+            None,
+        )
+        cells = "".join(
+            f"<td>{_fmt(s['per_label'].get(label, {}).get(k), True)}</td>"
+            for s in with_labels
+            for k in ("precision", "recall", "f1")
+        )
+        rows.append(
+            f'<tr><th scope="row">{escape(str(label))}</th><td>{_fmt(support) if support is not None else "–"}'
+            f"</td>{cells}</tr>"
+        )
+    return (
+        f'<details><summary>Per-label precision, recall and F1</summary><table class="per-label"><thead>'
+        f'<tr><th rowspan="2">label</th><th rowspan="2">support</th>{head}</tr><tr>{sub}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></details>"
+    )
 
 
 def _confusion_section(inp: Inputs) -> str:
@@ -335,12 +383,19 @@ def _confusion_section(inp: Inputs) -> str:
     if inp.task is None or inp.task.get("task") != "classification":
         return ""  # classification only; a missing task file is already reported in the task section
     labels = [str(label) for label in inp.task["labels"]]
-    figs = [_figure(report_plots.confusion_matrix(labels, s["confusion"], s.get("name") or s["key"]),
-                    f"confusion matrix: {s.get('name') or s['key']}")
-            for key in SYSTEM_ORDER if (s := inp.systems().get(key)) and isinstance(s.get("confusion"), list)]
+    figs = [
+        _figure(
+            report_plots.confusion_matrix(labels, s["confusion"], s.get("name") or s["key"]),
+            f"confusion matrix: {s.get('name') or s['key']}",
+        )
+        for key in SYSTEM_ORDER
+        if (s := inp.systems().get(key)) and isinstance(s.get("confusion"), list)
+    ]
     body = f'<div class="row">{"".join(figs)}</div>' if figs else _problem("eval/task.json has no confusion matrices.")
-    return ('<section id="confusion"><h2>Confusion matrices</h2><p class="about">Rows: the reference label; '
-            'columns: the predicted label; colour: share of the row.</p>' + body + "</section>")
+    return (
+        '<section id="confusion"><h2>Confusion matrices</h2><p class="about">Rows: the reference label; '
+        "columns: the predicted label; colour: share of the row.</p>" + body + "</section>"
+    )
 
 
 def _flipped_section(inp: Inputs) -> str:
@@ -353,8 +408,10 @@ def _flipped_section(inp: Inputs) -> str:
         parts.append(_problem(inp.examples_problem))
     if isinstance(inp.task.get("flip_rule"), str):
         parts.append(f'<p class="about">{escape(inp.task["flip_rule"])}.</p>')
-    for kind, title in (("improved", "Improved: fails with the base model zero-shot, passes fine-tuned"),
-                        ("regressed", "Regressed: passes with the base model zero-shot, fails fine-tuned")):
+    for kind, title in (
+        ("improved", "Improved: fails with the base model zero-shot, passes fine-tuned"),
+        ("regressed", "Regressed: passes with the base model zero-shot, fails fine-tuned"),
+    ):
         rows = [r for r in flipped.get(kind) or [] if isinstance(r, dict)]
         shown = rows[:FLIPPED_SHOWN]
         count = f"{len(rows)} example{'s' if len(rows) != 1 else ''}"
@@ -363,10 +420,14 @@ def _flipped_section(inp: Inputs) -> str:
         parts.append(f'<h3>{escape(title)}: <span class="count {kind}">{count}</span></h3>')
         if shown:
             body = "".join(
-                f"<tr><td class=\"id\">{escape(str(r.get('id', '')))}</td>{_short(r.get('input'))}"
-                f"{_short(r.get('reference'))}{_short(r.get('base'))}{_short(r.get('tuned'))}</tr>" for r in shown)
-            parts.append(f'<table class="examples {kind}"><thead><tr><th>id</th><th>input</th><th>reference</th>'
-                         f'<th>base zero-shot</th><th>fine-tuned</th></tr></thead><tbody>{body}</tbody></table>')
+                f'<tr><td class="id">{escape(str(r.get("id", "")))}</td>{_short(r.get("input"))}'
+                f"{_short(r.get('reference'))}{_short(r.get('base'))}{_short(r.get('tuned'))}</tr>"
+                for r in shown
+            )
+            parts.append(
+                f'<table class="examples {kind}"><thead><tr><th>id</th><th>input</th><th>reference</th>'
+                f"<th>base zero-shot</th><th>fine-tuned</th></tr></thead><tbody>{body}</tbody></table>"
+            )
     return "".join(parts) + "</section>"
 
 
@@ -377,38 +438,57 @@ def _forgetting_section(inp: Inputs) -> str:
     f = inp.forgetting
     if f is None:
         body = _problem(inp.forgetting_problem) if inp.forgetting_problem else ""
-        return head + body + _missing("No forgetting measurement (eval/forgetting.json) yet.", inp.eval_command) + "</section>"
+        return (
+            head
+            + body
+            + _missing("No forgetting measurement (eval/forgetting.json) yet.", inp.eval_command)
+            + "</section>"
+        )
     ppl, kl, q = f.get("perplexity") or {}, f.get("kl") or {}, f.get("questions") or {}
     probe = f.get("probe") or {}
     rows = [
-        ("perplexity on general text", _fmt(ppl.get("base")), _fmt(ppl.get("fine_tuned")),
-         f"{ppl['change'] * 100:+.1f}%" if _num(ppl.get("change")) else "–",
-         _direction_class(ppl["change"], False) if _num(ppl.get("change")) else "same"),
-        (f"general questions ({q.get('metric', 'score')})", _fmt(q.get("base"), True), _fmt(q.get("fine_tuned"), True),
-         _fmt_delta(q["change"], True) if _num(q.get("change")) else "–",
-         _direction_class(q["change"], True) if _num(q.get("change")) else "same"),
+        (
+            "perplexity on general text",
+            _fmt(ppl.get("base")),
+            _fmt(ppl.get("fine_tuned")),
+            f"{ppl['change'] * 100:+.1f}%" if _num(ppl.get("change")) else "–",
+            _direction_class(ppl["change"], False) if _num(ppl.get("change")) else "same",
+        ),
+        (
+            f"general questions ({q.get('metric', 'score')})",
+            _fmt(q.get("base"), True),
+            _fmt(q.get("fine_tuned"), True),
+            _fmt_delta(q["change"], True) if _num(q.get("change")) else "–",
+            _direction_class(q["change"], True) if _num(q.get("change")) else "same",
+        ),
     ]
-    table = "".join(f'<tr><th scope="row">{escape(n)}</th><td>{b}</td><td>{t}</td><td><span class="delta {cls}">{c}'
-                    f"</span></td></tr>" for n, b, t, c, cls in rows)
+    table = "".join(
+        f'<tr><th scope="row">{escape(n)}</th><td>{b}</td><td>{t}</td><td><span class="delta {cls}">{c}'
+        f"</span></td></tr>"
+        for n, b, t, c, cls in rows
+    )
     kl_tokens = f"{kl['tokens']:,}" if isinstance(kl.get("tokens"), int) else "?"
-    kl_text = (f"{kl['mean_per_token']:.4g} nats per token over {kl_tokens} tokens"
-               if _num(kl.get("mean_per_token")) else "–")
+    kl_text = (
+        f"{kl['mean_per_token']:.4g} nats per token over {kl_tokens} tokens" if _num(kl.get("mean_per_token")) else "–"
+    )
     verdict = escape(f["verdict"])
     parts = [
         head,
         f'<p class="verdict">Verdict: <span class="badge {verdict}">forgetting {verdict}</span> '
-        f'{escape(str(f.get("explanation", "")))}</p>',
+        f"{escape(str(f.get('explanation', '')))}</p>",
         f'<table class="forgetting"><thead><tr><th></th><th>base</th><th>fine-tuned</th><th>change</th></tr></thead>'
-        f"<tbody>{table}<tr><th scope=\"row\">KL(base ‖ fine-tuned)</th><td colspan=\"3\">{escape(kl_text)}</td></tr>"
+        f'<tbody>{table}<tr><th scope="row">KL(base ‖ fine-tuned)</th><td colspan="3">{escape(kl_text)}</td></tr>'
         "</tbody></table>",
         f'<p class="about">Probe <code>{escape(str(probe.get("name", "?")))}</code>: '
-        f'{escape(str(probe.get("text_tokens", "?")))} tokens of general text, {escape(str(probe.get("questions", "?")))} '
-        f'general questions. Thresholds: {escape(str(f.get("thresholds", "–")))}</p>',
+        f"{escape(str(probe.get('text_tokens', '?')))} tokens of general text, {escape(str(probe.get('questions', '?')))} "
+        f"general questions. Thresholds: {escape(str(f.get('thresholds', '–')))}</p>",
     ]
     by_cat = q.get("by_category")
     if isinstance(by_cat, dict):
         by_cat = {str(k): v for k, v in by_cat.items() if isinstance(v, dict)}
-        parts.append(_figure(report_plots.category_bars(by_cat), "general-question score by category, base vs fine-tuned"))
+        parts.append(
+            _figure(report_plots.category_bars(by_cat), "general-question score by category, base vs fine-tuned")
+        )
     return "".join(parts) + "</section>"
 
 
@@ -427,45 +507,76 @@ def _training_section(inp: Inputs) -> str:
     facts = []
     if train:
         last = train[-1]
-        facts.append(("optimizer steps", f"{last.get('step', '?')}"
-                      + (f" ({last['epoch']:.2f} epochs)" if _num(last.get("epoch")) else "")))
+        facts.append(
+            (
+                "optimizer steps",
+                f"{last.get('step', '?')}" + (f" ({last['epoch']:.2f} epochs)" if _num(last.get("epoch")) else ""),
+            )
+        )
         losses = [r["loss"] for r in train if _num(r.get("loss"))]
         if losses:
-            tail = losses[-max(1, len(losses) // 10):]
-            facts.append(("training loss", f"{losses[0]:.3f} at the first step → {sum(tail) / len(tail):.3f} "
-                                           f"(mean of the last {len(tail)} steps)"))
+            tail = losses[-max(1, len(losses) // 10) :]
+            facts.append(
+                (
+                    "training loss",
+                    f"{losses[0]:.3f} at the first step → {sum(tail) / len(tail):.3f} "
+                    f"(mean of the last {len(tail)} steps)",
+                )
+            )
         tokens = max((r["tokens"] for r in train if _num(r.get("tokens"))), default=0)  # a running total
         seconds = sum(r["step_time"] for r in train if _num(r.get("step_time")))
         if tokens:
             facts.append(("tokens trained on", f"{tokens:,.0f}"))
         if seconds:
-            facts.append(("time in training steps", f"{seconds / 60:.1f} min ({tokens / seconds:,.0f} tokens/s)"
-                          if tokens else f"{seconds / 60:.1f} min"))
+            facts.append(
+                (
+                    "time in training steps",
+                    f"{seconds / 60:.1f} min ({tokens / seconds:,.0f} tokens/s)"
+                    if tokens
+                    else f"{seconds / 60:.1f} min",
+                )
+            )
     scored = [r for r in evals if _num(r.get("val_loss"))]
     if scored:
         best = min(scored, key=lambda r: r["val_loss"])
-        facts.append(("validation loss", f"{scored[0]['val_loss']:.3f} at step {scored[0].get('step')} → best "
-                                         f"{best['val_loss']:.3f} at step {best.get('step')}, last "
-                                         f"{scored[-1]['val_loss']:.3f}"))
+        facts.append(
+            (
+                "validation loss",
+                f"{scored[0]['val_loss']:.3f} at step {scored[0].get('step')} → best "
+                f"{best['val_loss']:.3f} at step {best.get('step')}, last "
+                f"{scored[-1]['val_loss']:.3f}",
+            )
+        )
         if _num(scored[-1].get("val_token_acc")):
             facts.append(("validation token accuracy (last)", f"{scored[-1]['val_token_acc'] * 100:.1f}%"))
-    parts.append('<table class="facts">' + "".join(
-        f'<tr><th scope="row">{escape(k)}</th><td>{escape(v)}</td></tr>' for k, v in facts) + "</table>")
+    parts.append(
+        '<table class="facts">'
+        + "".join(f'<tr><th scope="row">{escape(k)}</th><td>{escape(v)}</td></tr>' for k, v in facts)
+        + "</table>"
+    )
     parts.append(_figure(report_plots.loss_curves(train, evals), "training and validation loss"))
-    parts.append('<div class="row">' + _figure(report_plots.lr_curve(train), "learning rate")
-                 + _figure(report_plots.throughput(train), "throughput (tokens per second)") + "</div>")
+    parts.append(
+        '<div class="row">'
+        + _figure(report_plots.lr_curve(train), "learning rate")
+        + _figure(report_plots.throughput(train), "throughput (tokens per second)")
+        + "</div>"
+    )
     return "".join(parts) + "</section>"
 
 
 def _config_section(inp: Inputs) -> str:
-    parts = ['<section id="config"><h2>Configuration and data</h2>',
-             f'<details><summary>Resolved config (config.yaml)</summary><pre>{escape(inp.config_text)}</pre></details>']
+    parts = [
+        '<section id="config"><h2>Configuration and data</h2>',
+        f"<details><summary>Resolved config (config.yaml)</summary><pre>{escape(inp.config_text)}</pre></details>",
+    ]
     if inp.data is None:
         what = inp.data_problem or "data.json is missing; it is written by tunesmith train."
         parts.append(_problem(what))
     else:
-        parts.append(f"<details><summary>Data summary (data.json)</summary>{_data_tables(inp.data)}"
-                     f"<pre>{escape(json.dumps(inp.data, indent=2, ensure_ascii=False))}</pre></details>")
+        parts.append(
+            f"<details><summary>Data summary (data.json)</summary>{_data_tables(inp.data)}"
+            f"<pre>{escape(json.dumps(inp.data, indent=2, ensure_ascii=False))}</pre></details>"
+        )
     return "".join(parts) + "</section>"
 
 
@@ -473,20 +584,33 @@ def _data_tables(data: dict) -> str:
     splits = {k: v for k, v in data.items() if isinstance(v, dict) and "examples" in v}
     if not splits:
         return ""
-    cols = sorted({c for v in splits.values() for c in v if _num(v[c])},
-                  key=lambda c: ["examples", "dropped", "truncated", "tokens", "label_tokens"].index(c)
-                  if c in ("examples", "dropped", "truncated", "tokens", "label_tokens") else 9)
+    cols = sorted(
+        {c for v in splits.values() for c in v if _num(v[c])},
+        key=lambda c: (
+            ["examples", "dropped", "truncated", "tokens", "label_tokens"].index(c)
+            if c in ("examples", "dropped", "truncated", "tokens", "label_tokens")
+            else 9
+        ),
+    )
     head = "".join(f"<th>{escape(c.replace('_', ' '))}</th>" for c in cols)
-    body = "".join(f'<tr><th scope="row">{escape(k)}</th>'
-                   + "".join(f"<td>{_fmt(v.get(c)) if not isinstance(v.get(c), int) else f'{v[c]:,}'}</td>" for c in cols)
-                   + "</tr>" for k, v in splits.items())
+    body = "".join(
+        f'<tr><th scope="row">{escape(k)}</th>'
+        + "".join(f"<td>{_fmt(v.get(c)) if not isinstance(v.get(c), int) else f'{v[c]:,}'}</td>" for c in cols)
+        + "</tr>"
+        for k, v in splits.items()
+    )
     files = data.get("files") if isinstance(data.get("files"), dict) else {}
-    file_rows = "".join(f'<tr><th scope="row">{escape(k)}</th><td><code>{escape(str(v.get("path", "")))}</code></td>'
-                        f'<td><code>{escape(str(v.get("sha256", ""))[:16])}</code></td></tr>'
-                        for k, v in files.items() if isinstance(v, dict))
+    file_rows = "".join(
+        f'<tr><th scope="row">{escape(k)}</th><td><code>{escape(str(v.get("path", "")))}</code></td>'
+        f"<td><code>{escape(str(v.get('sha256', ''))[:16])}</code></td></tr>"
+        for k, v in files.items()
+        if isinstance(v, dict)
+    )
     out = f'<table class="data"><thead><tr><th>split</th>{head}</tr></thead><tbody>{body}</tbody></table>'
     if file_rows:
-        out += f'<table class="files"><thead><tr><th>file</th><th>path</th><th>sha256</th></tr></thead>{file_rows}</table>'
+        out += (
+            f'<table class="files"><thead><tr><th>file</th><th>path</th><th>sha256</th></tr></thead>{file_rows}</table>'
+        )
     return out
 
 
@@ -499,12 +623,26 @@ def render(inp: Inputs, generated: datetime) -> str:
     model = cfg.get("model")
     model = model.get("name", "?") if isinstance(model, dict) else model or "?"  # `model: NAME` is a shorthand
     method = str(cfg.get("method", "?"))
-    sections = [_task_section(inp), _confusion_section(inp), _flipped_section(inp), _forgetting_section(inp),
-                _training_section(inp), _config_section(inp)]
-    nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in (
-        ("task", "task metrics"), ("confusion", "confusion"), ("flipped", "flipped examples"),
-        ("forgetting", "forgetting"), ("training", "training"), ("config", "config and data"))
-        if f'id="{sid}"' in "".join(sections))
+    sections = [
+        _task_section(inp),
+        _confusion_section(inp),
+        _flipped_section(inp),
+        _forgetting_section(inp),
+        _training_section(inp),
+        _config_section(inp),
+    ]
+    nav = "".join(
+        f'<a href="#{sid}">{title}</a>'
+        for sid, title in (
+            ("task", "task metrics"),
+            ("confusion", "confusion"),
+            ("flipped", "flipped examples"),
+            ("forgetting", "forgetting"),
+            ("training", "training"),
+            ("config", "config and data"),
+        )
+        if f'id="{sid}"' in "".join(sections)
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

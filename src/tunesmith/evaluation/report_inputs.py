@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import RunError
-from tunesmith.run_dir import RunDir, read_metrics
 from tunesmith.jsonl import read_objects
+from tunesmith.run_dir import RunDir, read_metrics
 
 FORMAT_VERSION = 1  # the eval-file version this report understands (docs/eval-format.md)
 
@@ -64,7 +64,10 @@ def read_inputs(run_dir: str | Path) -> Inputs:
     if inp.task is not None:
         problems = _task_problems(inp.task)
         if problems:
-            inp.task, inp.task_problem = None, "eval/task.json does not follow docs/eval-format.md: " + "; ".join(problems)
+            inp.task, inp.task_problem = (
+                None,
+                "eval/task.json does not follow docs/eval-format.md: " + "; ".join(problems),
+            )
     if inp.task is not None:
         name = inp.task.get("examples_file") or "task_examples.jsonl"
         inp.examples, inp.examples_problem = _read_jsonl(run_dir / "eval" / Path(name).name)
@@ -72,8 +75,10 @@ def read_inputs(run_dir: str | Path) -> Inputs:
     if inp.forgetting is not None:
         problems = _forgetting_problems(inp.forgetting)
         if problems:
-            inp.forgetting, inp.forgetting_problem = None, (
-                "eval/forgetting.json does not follow docs/eval-format.md: " + "; ".join(problems))
+            inp.forgetting, inp.forgetting_problem = (
+                None,
+                ("eval/forgetting.json does not follow docs/eval-format.md: " + "; ".join(problems)),
+            )
     return inp
 
 
@@ -89,8 +94,10 @@ def _read_json(path: Path, versioned: bool = True) -> tuple[dict | None, str | N
     if not isinstance(obj, dict):
         return None, f"{rel} holds a {type(obj).__name__}, not a JSON object"
     if versioned and obj.get("version") != FORMAT_VERSION:
-        return None, (f"{rel} has format version {obj.get('version')!r}; this tunesmith reads version "
-                      f"{FORMAT_VERSION} (re-run the command that wrote it with this tunesmith, or upgrade)")
+        return None, (
+            f"{rel} has format version {obj.get('version')!r}; this tunesmith reads version "
+            f"{FORMAT_VERSION} (re-run the command that wrote it with this tunesmith, or upgrade)"
+        )
     return obj, None
 
 
@@ -136,8 +143,11 @@ def _task_problems(task: dict) -> list[str]:
         else:
             for s in systems:
                 c = s.get("confusion") if isinstance(s, dict) else None
-                if c is not None and not (isinstance(c, list) and len(c) == len(labels)
-                                          and all(isinstance(r, list) and len(r) == len(labels) for r in c)):
+                if c is not None and not (
+                    isinstance(c, list)
+                    and len(c) == len(labels)
+                    and all(isinstance(r, list) and len(r) == len(labels) for r in c)
+                ):
                     problems.append(f"{s.get('key')}: confusion is not {len(labels)}x{len(labels)}")
     return problems
 

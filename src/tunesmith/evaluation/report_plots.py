@@ -90,8 +90,13 @@ def loss_curves(train: list[dict], evals: list[dict]) -> str | None:
             window = len(loss) // 20 if len(loss) >= 60 else 1  # smooth only where the raw curve is noisy
             if window > 1:
                 ax.plot(steps, loss, color=TUNED, alpha=0.25, linewidth=0.8, label="training loss (per step)")
-                ax.plot(steps, _moving_average(loss, window), color=TUNED, linewidth=1.6,
-                        label=f"training loss ({window}-step average)")
+                ax.plot(
+                    steps,
+                    _moving_average(loss, window),
+                    color=TUNED,
+                    linewidth=1.6,
+                    label=f"training loss ({window}-step average)",
+                )
             else:
                 ax.plot(steps, loss, color=TUNED, linewidth=1.4, label="training loss")
         if vloss:
@@ -142,8 +147,11 @@ def throughput(train: list[dict]) -> str | None:
 
 def primary_bars(systems: list[dict], metric: str, as_percent: bool) -> str | None:
     """One bar per system for the headline metric."""
-    rows = [(plain(s.get("name") or s["key"]), s["metrics"][metric], SYSTEM_COLOURS.get(s["key"], BASE))
-            for s in systems if _is_number(s.get("metrics", {}).get(metric))]
+    rows = [
+        (plain(s.get("name") or s["key"]), s["metrics"][metric], SYSTEM_COLOURS.get(s["key"], BASE))
+        for s in systems
+        if _is_number(s.get("metrics", {}).get(metric))
+    ]
     if not rows:
         return None
 
@@ -180,8 +188,15 @@ def confusion_matrix(labels: list[str], matrix: list[list[int]], title: str) -> 
         ax.set_title(plain(title))
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8,
-                        color="white" if shares[i][j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(matrix[i][j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if shares[i][j] > 0.5 else "black",
+                )
 
     side = min(6.0, 1.3 + 0.38 * n)  # three 5-label matrices fit side by side on a laptop screen
     return _render(draw, side + 0.3, side)
@@ -198,8 +213,13 @@ def category_bars(by_category: dict[str, dict]) -> str | None:
         xs = range(len(cats))
         width = 0.38
         ax.bar([x - width / 2 for x in xs], [by_category[c]["base"] for c in cats], width, color=BASE, label="base")
-        ax.bar([x + width / 2 for x in xs], [by_category[c]["fine_tuned"] for c in cats], width, color=TUNED,
-               label="fine-tuned")
+        ax.bar(
+            [x + width / 2 for x in xs],
+            [by_category[c]["fine_tuned"] for c in cats],
+            width,
+            color=TUNED,
+            label="fine-tuned",
+        )
         ax.set_xticks(list(xs), [f"{plain(c)}\n(n={by_category[c].get('n', '?')})" for c in cats])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("mean score")

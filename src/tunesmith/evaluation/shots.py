@@ -151,7 +151,7 @@ class ShotRetriever:
             return [[] for _ in examples]
         out: list[list[Example]] = []
         for start in range(0, len(examples), QUERY_BATCH):
-            batch = examples[start:start + QUERY_BATCH]
+            batch = examples[start : start + QUERY_BATCH]
             if self._vectorizer is not None:
                 queries = self._vectorizer.transform([input_text(ex) for ex in batch])
                 # rows are L2-normalised, so the dot product is the cosine similarity

@@ -23,8 +23,17 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.evaluation.aggregate import FLIP_THRESHOLD, flipped, system_metrics
 from tunesmith.evaluation.measure import SystemResult, measure
 from tunesmith.evaluation.prompting import (
-    AUTO_KNN_SHOTS, SELECT_LIMIT, PromptVariant, Selection, build_system, decided, instruction_for,
-    labels_missing_from, select_prompt, validation_sample, variants,
+    AUTO_KNN_SHOTS,
+    SELECT_LIMIT,
+    PromptVariant,
+    Selection,
+    build_system,
+    decided,
+    instruction_for,
+    labels_missing_from,
+    select_prompt,
+    validation_sample,
+    variants,
 )
 from tunesmith.evaluation.shots import pick_shots
 from tunesmith.evaluation.systems import System, input_text
@@ -37,11 +46,24 @@ SYSTEM_ORDER = ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tun
 
 
 def evaluate_run(
-    run: RunDir | str | Path, *, data: str | Path | None = None, metric: str | None = None, by: str | None = None,
-    shots: int | None = None, limit: int | None = None, batch_size: int | None = None,
-    max_new_tokens: int | None = None, answer_format: str | None = None, forgetting: bool = True,
-    probe_limit: int | None = None, knn_shots: int | str | None = None, select: bool | None = None,
-    select_limit: int | None = None, allow_missing_labels: bool = False, progress: Progress | None = None, log=print,
+    run: RunDir | str | Path,
+    *,
+    data: str | Path | None = None,
+    metric: str | None = None,
+    by: str | None = None,
+    shots: int | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    answer_format: str | None = None,
+    forgetting: bool = True,
+    probe_limit: int | None = None,
+    knn_shots: int | str | None = None,
+    select: bool | None = None,
+    select_limit: int | None = None,
+    allow_missing_labels: bool = False,
+    progress: Progress | None = None,
+    log=print,
 ) -> dict:
     """Evaluate a finished run (see tunesmith.api.evaluate for the arguments); returns task.json's content, with
     the forgetting result under "forgetting" when asked."""
@@ -50,8 +72,9 @@ def evaluate_run(
     run.require_model("evaluate")
     data_path = str(data) if data is not None else cfg.data.test
     if not data_path:
-        raise ConfigError(f"{run.path}: no test data to evaluate on; pass --data test.jsonl "
-                          "(or set data.test in the recipe)")
+        raise ConfigError(
+            f"{run.path}: no test data to evaluate on; pass --data test.jsonl (or set data.test in the recipe)"
+        )
     if not Path(data_path).is_file():
         raise DataError(f"{data_path}: test data file not found; pass --data with an existing file")
     if limit is not None and limit < 1:
@@ -108,13 +131,41 @@ def evaluate_run(
     max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
     progress = progress or Progress(None)
     with progress:
-        compared = _compared_systems(cfg, plan, pool, validation, split, base, shots, knn_shots, select,
-                                     select_limit, allow_missing_labels, batch_size, max_new_tokens, max_length,
-                                     progress, log)
-        compared.append(Compared("fine_tuned", "fine-tuned", System("fine_tuned", "fine-tuned", tuned_model, tuned_tok,
-                                                                    tuned_renderer)))
-        result = run_task_eval(run.path, test, data_path, plan, compared, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, max_length=max_length, progress=progress, log=log)
+        compared = _compared_systems(
+            cfg,
+            plan,
+            pool,
+            validation,
+            split,
+            base,
+            shots,
+            knn_shots,
+            select,
+            select_limit,
+            allow_missing_labels,
+            batch_size,
+            max_new_tokens,
+            max_length,
+            progress,
+            log,
+        )
+        compared.append(
+            Compared(
+                "fine_tuned", "fine-tuned", System("fine_tuned", "fine-tuned", tuned_model, tuned_tok, tuned_renderer)
+            )
+        )
+        result = run_task_eval(
+            run.path,
+            test,
+            data_path,
+            plan,
+            compared,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            progress=progress,
+            log=log,
+        )
     if compared.selection is not None:
         result["prompt_selection"] = compared.selection.to_json()
         _write_task_json(run.path, result)
@@ -122,8 +173,13 @@ def evaluate_run(
     if forgetting:
         from tunesmith.evaluation.forgetting import forgetting_eval
 
-        result["forgetting"] = forgetting_eval(run, base=(base_model, base_tok), tuned=(tuned_model, tuned_tok),
-                                               limit=probe_limit if probe_limit is not None else limit, log=log)
+        result["forgetting"] = forgetting_eval(
+            run,
+            base=(base_model, base_tok),
+            tuned=(tuned_model, tuned_tok),
+            limit=probe_limit if probe_limit is not None else limit,
+            log=log,
+        )
     return result
 
 
@@ -178,8 +234,24 @@ def _pool_and_validation(cfg, train: list[Example], log) -> tuple[list[Example],
     return rest, held, f"{fraction:.0%} of {cfg.data.train} held out (seed {cfg.train.seed})"
 
 
-def _compared_systems(cfg, plan: TaskPlan, pool, validation, split, base, shots, knn_shots, select, select_limit,
-                      allow_missing_labels, batch_size, max_new_tokens, max_length, progress, log) -> ComparedList:
+def _compared_systems(
+    cfg,
+    plan: TaskPlan,
+    pool,
+    validation,
+    split,
+    base,
+    shots,
+    knn_shots,
+    select,
+    select_limit,
+    allow_missing_labels,
+    batch_size,
+    max_new_tokens,
+    max_length,
+    progress,
+    log,
+) -> ComparedList:
     """base zero-shot, base few-shot (every label covered) and the best prompt chosen on validation."""
     compared = ComparedList()
     if plan.task == "lm":  # raw text: the base model is measured as it is; there is nothing to prompt
@@ -204,22 +276,35 @@ def _compared_systems(cfg, plan: TaskPlan, pool, validation, split, base, shots,
         missing = labels_missing_from(by_prompt[few.prompt], plan)
         if missing:
             log(f"note: the {few_k}-shot prompt shows no example of {', '.join(missing)} (fewer shots than labels)")
-        compared.append(Compared("base_few_shot", f"base, {few_k}-shot", by_prompt[few.prompt],
-                                 labels_missing=missing))
+        compared.append(Compared("base_few_shot", f"base, {few_k}-shot", by_prompt[few.prompt], labels_missing=missing))
     if not select:
         return compared
     if not validation:
-        log("note: no validation examples to choose a prompt on (data.validation, or 20+ training examples): "
-            "the fine-tuned model is compared with zero- and few-shot prompting only")
+        log(
+            "note: no validation examples to choose a prompt on (data.validation, or 20+ training examples): "
+            "the fine-tuned model is compared with zero- and few-shot prompting only"
+        )
         return compared
     limit = select_limit or SELECT_LIMIT[plan.task]
     sample = validation_sample(validation, limit, seed)
     tried = variants(plan, few_k, knn_k, instruction)
     log(f"eval: trying {len(tried)} prompt variants on {len(sample)} validation examples")
     compared.selection = select_prompt(
-        sample, split, pool, plan, tried, base, seed=seed, instruction=instruction, batch_size=batch_size,
-        max_new_tokens=max_new_tokens or max_new_tokens_for(plan, base[1], sample), max_length=max_length,
-        progress=progress, log=log, allow_missing_labels=allow_missing_labels)
+        sample,
+        split,
+        pool,
+        plan,
+        tried,
+        base,
+        seed=seed,
+        instruction=instruction,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens or max_new_tokens_for(plan, base[1], sample),
+        max_length=max_length,
+        progress=progress,
+        log=log,
+        allow_missing_labels=allow_missing_labels,
+    )
     chosen = compared.selection.chosen
     if chosen.prompt not in by_prompt:
         by_prompt[chosen.prompt] = system_for(chosen, "base_best_prompt")
@@ -227,9 +312,19 @@ def _compared_systems(cfg, plan: TaskPlan, pool, validation, split, base, shots,
     return compared
 
 
-def run_task_eval(run_dir: Path, test: list[Example], data_path: str, plan: TaskPlan, compared: list[Compared], *,
-                  batch_size: int, max_new_tokens: int | None, max_length: int | None, progress: Progress,
-                  log=print) -> dict:
+def run_task_eval(
+    run_dir: Path,
+    test: list[Example],
+    data_path: str,
+    plan: TaskPlan,
+    compared: list[Compared],
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    max_length: int | None,
+    progress: Progress,
+    log=print,
+) -> dict:
     """Measure every system, write eval/task.json and eval/task_examples.jsonl, return task.json's content."""
     ids = example_ids(data_path, test)
     max_new = max_new_tokens or max_new_tokens_for(plan, compared[-1].system.tokenizer, test)
@@ -238,8 +333,16 @@ def run_task_eval(run_dir: Path, test: list[Example], data_path: str, plan: Task
     for c in compared:
         if id(c.system) not in measured:
             calibrate = any(o.variant is not None and o.variant.calibrated for o in compared if o.system is c.system)
-            measured[id(c.system)] = measure(c.system, test, plan, batch_size=batch_size, max_new_tokens=max_new,
-                                             max_length=max_length, progress=progress, calibrate=calibrate)
+            measured[id(c.system)] = measure(
+                c.system,
+                test,
+                plan,
+                batch_size=batch_size,
+                max_new_tokens=max_new,
+                max_length=max_length,
+                progress=progress,
+                calibrate=calibrate,
+            )
         res = measured[id(c.system)]
         if c.variant is not None:
             res = decided(res, c.variant, plan)
@@ -247,25 +350,42 @@ def run_task_eval(run_dir: Path, test: list[Example], data_path: str, plan: Task
         calibrated = c.variant is not None and c.variant.calibrated
         by_mode = {k: v for k, v in res.seconds.items() if k != "calibration" or calibrated}
         seconds = sum(by_mode.values())
-        entry = {"key": c.key, "name": c.name, "shots": c.system.n_shots, "metrics": metrics, **extra,
-                 "prompt_tokens_per_example": res.prompt_tokens, "seconds_per_example": seconds / len(test),
-                 "seconds": seconds, "seconds_by_mode": by_mode}
+        entry = {
+            "key": c.key,
+            "name": c.name,
+            "shots": c.system.n_shots,
+            "metrics": metrics,
+            **extra,
+            "prompt_tokens_per_example": res.prompt_tokens,
+            "seconds_per_example": seconds / len(test),
+            "seconds": seconds,
+            "seconds_by_mode": by_mode,
+        }
         if c.key != "fine_tuned":
             entry["prompt"] = (c.variant or _variant_of(c.system)).describe()
         if c.labels_missing:
             entry["labels_missing"] = c.labels_missing
         entries.append(entry)
         per_example[c.key] = (res, scores)
-        log(f"  {c.name}: {plan.primary} {_fmt(plan.primary, metrics.get(plan.primary))}  "
-            f"({res.prompt_tokens:.0f} prompt tokens, {seconds / len(test):.3f} s per example)")
+        log(
+            f"  {c.name}: {plan.primary} {_fmt(plan.primary, metrics.get(plan.primary))}  "
+            f"({res.prompt_tokens:.0f} prompt tokens, {seconds / len(test):.3f} s per example)"
+        )
 
     records = []
     for i, ex in enumerate(test):
-        rec = {"id": ids[i], "input": input_text(ex), "reference": (ex.answer() or "") if ex.kind != "text" else "",
-               "outputs": {k: r.outputs[i] for k, (r, _) in per_example.items()},
-               "scores": {k: s[i] for k, (_, s) in per_example.items()}}
-        generated = {k: r.generated[i] for k, (r, _) in per_example.items()
-                     if r.generated is not None and r.predictions is not None}
+        rec = {
+            "id": ids[i],
+            "input": input_text(ex),
+            "reference": (ex.answer() or "") if ex.kind != "text" else "",
+            "outputs": {k: r.outputs[i] for k, (r, _) in per_example.items()},
+            "scores": {k: s[i] for k, (_, s) in per_example.items()},
+        }
+        generated = {
+            k: r.generated[i]
+            for k, (r, _) in per_example.items()
+            if r.generated is not None and r.predictions is not None
+        }
         if generated:
             rec["generated"] = generated
         records.append(rec)
@@ -273,31 +393,42 @@ def run_task_eval(run_dir: Path, test: list[Example], data_path: str, plan: Task
     result = {
         "version": VERSION,
         "task": plan.task,
-        "data": {"path": str(data_path), "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),
-                 "examples": len(test)},
+        "data": {
+            "path": str(data_path),
+            "sha256": hashlib.sha256(data_file.read_bytes()).hexdigest(),
+            "examples": len(test),
+        },
         **({"labels": plan.labels} if plan.task == "classification" else {}),
         "primary": plan.primary,
-        "metrics_info": {name: {"higher_is_better": METRICS[name][1], "description": METRICS[name][2]}
-                         for name in dict.fromkeys(k for e in entries for k in e["metrics"])},
+        "metrics_info": {
+            name: {"higher_is_better": METRICS[name][1], "description": METRICS[name][2]}
+            for name in dict.fromkeys(k for e in entries for k in e["metrics"])
+        },
         "systems": sorted(entries, key=lambda e: SYSTEM_ORDER.index(e["key"])),
         "examples_file": "task_examples.jsonl",
         "flipped": flipped(test, records, plan.primary),
-        "flip_rule": (f"per-example {plan.primary} >= {FLIP_THRESHOLD} counts as a pass; listed: passes gained or "
-                      "lost from base zero-shot to fine-tuned") if METRICS[plan.primary][1] else
-                     f"{plan.primary} has no pass mark; no examples listed",
+        "flip_rule": (
+            f"per-example {plan.primary} >= {FLIP_THRESHOLD} counts as a pass; listed: passes gained or "
+            "lost from base zero-shot to fine-tuned"
+        )
+        if METRICS[plan.primary][1]
+        else f"{plan.primary} has no pass mark; no examples listed",
         "max_new_tokens": max_new,
         "by": list(plan.by),
     }
-    atomic_write_text(Path(run_dir) / "eval" / "task_examples.jsonl",
-                      "".join(json.dumps(_finite(r), ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(
+        Path(run_dir) / "eval" / "task_examples.jsonl",
+        "".join(json.dumps(_finite(r), ensure_ascii=False) + "\n" for r in records),
+    )
     _write_task_json(run_dir, result)
     return result
 
 
 def _write_task_json(run_dir: Path, result: dict) -> None:
-    atomic_write_text(Path(run_dir) / "eval" / "task.json",
-                      json.dumps(_finite({k: v for k, v in result.items() if k != "forgetting"}), indent=2,
-                                 ensure_ascii=False))
+    atomic_write_text(
+        Path(run_dir) / "eval" / "task.json",
+        json.dumps(_finite({k: v for k, v in result.items() if k != "forgetting"}), indent=2, ensure_ascii=False),
+    )
 
 
 def _variant_of(system: System) -> PromptVariant:

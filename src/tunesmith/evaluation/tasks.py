@@ -39,8 +39,16 @@ METRICS: dict[str, tuple[str, bool, str]] = {
 }
 TASK_METRICS = {
     "classification": ["accuracy", "macro_f1", "accuracy_generated", "macro_f1_generated", "invalid_rate"],
-    "extraction": ["field_f1", "field_precision", "field_recall", "parse_rate", "schema_match_rate", "exact_match",
-                   "loss", "perplexity"],
+    "extraction": [
+        "field_f1",
+        "field_precision",
+        "field_recall",
+        "parse_rate",
+        "schema_match_rate",
+        "exact_match",
+        "loss",
+        "perplexity",
+    ],
     "text": ["chrf", "rouge_l", "token_f1", "exact_match", "format_rate", "loss", "perplexity"],
     "lm": ["perplexity", "loss"],
 }
@@ -73,13 +81,14 @@ def plan_task(train: list[Example], test: list[Example], metric: str | None, by:
                 task = "text"
         else:
             raise ConfigError(
-                f"--metric {metric!r} is not known; use a task ({', '.join(TASKS)}) or a metric "
-                f"({', '.join(METRICS)})"
+                f"--metric {metric!r} is not known; use a task ({', '.join(TASKS)}) or a metric ({', '.join(METRICS)})"
             )
     kinds = {ex.kind for ex in test}
     if "preference" in kinds:
-        raise DataError("the test data holds preference pairs (prompt/chosen/rejected); evaluate on chat, "
-                        "prompt/completion or text rows")
+        raise DataError(
+            "the test data holds preference pairs (prompt/chosen/rejected); evaluate on chat, "
+            "prompt/completion or text rows"
+        )
     if kinds == {"text"} or task == "lm":
         if kinds != {"text"}:
             raise DataError(f"--metric {metric}: the lm task measures raw text rows; this test data is {sorted(kinds)}")
@@ -98,8 +107,10 @@ def plan_task(train: list[Example], test: list[Example], metric: str | None, by:
         if task == "classification" and not labels:
             answers = sorted({(ex.answer() or "").strip() for ex in [*train, *test]} - {""})
             if len(answers) > MAX_LABELS:
-                raise DataError(f"--metric {metric}: the answers take {len(answers)} different values; classification "
-                                f"needs at most {MAX_LABELS} labels")
+                raise DataError(
+                    f"--metric {metric}: the answers take {len(answers)} different values; classification "
+                    f"needs at most {MAX_LABELS} labels"
+                )
             labels = answers
         if labels:
             task = "classification"
@@ -107,8 +118,10 @@ def plan_task(train: list[Example], test: list[Example], metric: str | None, by:
         task = "extraction" if references_are_json(test) else "text"
     if task == "extraction" and not references_are_json(test):
         bad = [ex.source for ex in test if parse_json_object(ex.answer() or "") is None][:3]
-        raise DataError(f"--metric {metric}: extraction needs every reference answer to be a JSON object; "
-                        f"these are not: {', '.join(bad)}")
+        raise DataError(
+            f"--metric {metric}: extraction needs every reference answer to be a JSON object; "
+            f"these are not: {', '.join(bad)}"
+        )
     modes = {"score": ("score",), "generate": ("generate",), "both": ("score", "generate"), None: ("score", "generate")}
     if by not in modes:
         raise ConfigError(f"--by {by!r}: use score, generate or both")
@@ -117,7 +130,11 @@ def plan_task(train: list[Example], test: list[Example], metric: str | None, by:
         primary = PRIMARY[task]
     if task == "classification" and plan_by == ("generate",) and primary in ("accuracy", "macro_f1"):
         primary += "_generated"
-    if task == "classification" and plan_by == ("score",) and primary in ("accuracy_generated", "macro_f1_generated", "invalid_rate"):
+    if (
+        task == "classification"
+        and plan_by == ("score",)
+        and primary in ("accuracy_generated", "macro_f1_generated", "invalid_rate")
+    ):
         raise ConfigError(f"--metric {primary} needs generation; use --by generate or --by both")
     return TaskPlan(task, primary, labels, plan_by)
 

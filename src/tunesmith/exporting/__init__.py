@@ -35,11 +35,19 @@ class ExportCheckFailed(TunesmithError):
     exit_code = 1
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, kind: str, quant: str = "f16", force: bool = False,
-               log: Callable[[str], None] = print) -> dict:
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    kind: str,
+    quant: str = "f16",
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Export `run_dir` into the directory `out` as `kind` (merge, gguf, adapter); returns the check's figures
     with `out` and `files`. Raises RunError for unusable input and ExportCheckFailed when the check fails."""
-    from tunesmith.exporting import check, source as src
+    from tunesmith.exporting import check
+    from tunesmith.exporting import source as src
 
     run_dir, out = Path(run_dir), Path(out)
     if kind not in KINDS:
@@ -74,8 +82,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, kind: str, quant: str = 
             raise ExportCheckFailed(_failure(result, out))
         from tunesmith.exporting.card import model_card
 
-        (tmp / "README.md").write_text(model_card(run_dir, config, method, kind, files, result,
-                                                  quant if kind == "gguf" else None))
+        (tmp / "README.md").write_text(
+            model_card(run_dir, config, method, kind, files, result, quant if kind == "gguf" else None)
+        )
     log(f"exported to {out} in {time.perf_counter() - started:.0f} s: {', '.join(files)}")
     return {**result, "out": str(out), "files": files}
 
@@ -122,8 +131,9 @@ def _export_gguf(source, reference, tmp: Path, quant: str, log) -> dict:
     model = merged(source)
     architecture(model)  # refuse an unsupported architecture before any work
     renderer = source.renderer
-    vocab = build_vocab(source.tokenizer, model.config.vocab_size, renderer.chat_template, renderer.adds_bos,
-                        renderer.stop_token_ids)
+    vocab = build_vocab(
+        source.tokenizer, model.config.vocab_size, renderer.chat_template, renderer.adds_bos, renderer.stop_token_ids
+    )
     for warning in vocab.warnings:
         log(f"warning: {warning}")
     name = f"{source.run_dir.resolve().name}-{quant}.gguf"
@@ -181,8 +191,10 @@ def _tokenizer_check(source, exported) -> dict:
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]
         text = source.renderer.prompt_text(messages, add_generation_prompt=True)
-        ids_same &= exported(text, add_special_tokens=False)["input_ids"] == source.tokenizer(
-            text, add_special_tokens=False)["input_ids"]
+        ids_same &= (
+            exported(text, add_special_tokens=False)["input_ids"]
+            == source.tokenizer(text, add_special_tokens=False)["input_ids"]
+        )
         if not source.config.data.system_prompt:  # the template alone does not add the run's system prompt
             template_same &= exported.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
     return {"same_ids": ids_same, "same_chat_template_output": template_same, "passed": ids_same and template_same}
@@ -210,8 +222,14 @@ def _gguf_tokenizer_check(path: Path, vocab) -> dict:
         "chat_template": scalar("tokenizer.chat_template") == vocab.chat_template,
         "special_ids": all(scalar(f"tokenizer.ggml.{SPECIAL_KEYS[k]}_token_id") == v for k, v in vocab.special.items()),
     }
-    return {"tokenizer_model": vocab.model, "pre_tokenizer": vocab.pre, "tokens": len(vocab.tokens),
-            "merges": len(vocab.merges), **{f"same_{k}": v for k, v in checks.items()}, "passed": all(checks.values())}
+    return {
+        "tokenizer_model": vocab.model,
+        "pre_tokenizer": vocab.pre,
+        "tokens": len(vocab.tokens),
+        "merges": len(vocab.merges),
+        **{f"same_{k}": v for k, v in checks.items()},
+        "passed": all(checks.values()),
+    }
 
 
 def _provenance(run_dir: Path, config, method: str, quant: str | None) -> dict:
@@ -226,15 +244,20 @@ def _provenance(run_dir: Path, config, method: str, quant: str | None) -> dict:
         "base_model": config.model.name,
         "quant": quant,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"tunesmith": tunesmith.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {
+            "tunesmith": tunesmith.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
 
 
 def _failure(result: dict, out: Path) -> str:
-    lines = [f"the export does not match the run, so nothing was written to {out}:",
-             f"max |logit diff| {result['max_abs_logit_diff']:.4g} (tolerance {result['tolerance']:g}), "
-             f"greedy outputs {'identical' if result['greedy_identical'] else 'different'}"]
+    lines = [
+        f"the export does not match the run, so nothing was written to {out}:",
+        f"max |logit diff| {result['max_abs_logit_diff']:.4g} (tolerance {result['tolerance']:g}), "
+        f"greedy outputs {'identical' if result['greedy_identical'] else 'different'}",
+    ]
     for p in result["prompts"]:
         if not p["greedy_identical"]:
             lines.append(f"  {p['prompt']!r}: run {p['run_greedy']!r} vs export {p['export_greedy']!r}")
@@ -243,9 +266,11 @@ def _failure(result: dict, out: Path) -> str:
             lines.append(f"  {what} check failed: {result[what]}")
     quantized = result["kind"] in ("gguf-f16", "gguf-q8_0")
     if quantized and result["max_abs_logit_diff"] <= result["tolerance"] and result.get("tokenizer", {}).get("passed"):
-        lines.append("The logits agree within the tolerance, but rounding the weights changed which token wins "
-                     "somewhere (two candidates nearly tied); export with a finer --quant (f16, f32) to keep the "
-                     "run's outputs.")
+        lines.append(
+            "The logits agree within the tolerance, but rounding the weights changed which token wins "
+            "somewhere (two candidates nearly tied); export with a finer --quant (f16, f32) to keep the "
+            "run's outputs."
+        )
     else:
         lines.append("This is a bug in tunesmith's exporter; please report it with the run's config.yaml.")
     return "\n".join(lines)
@@ -254,10 +279,12 @@ def _failure(result: dict, out: Path) -> str:
 def _check_out(run_dir: Path, out: Path, force: bool) -> None:
     run, target = run_dir.resolve(), out.resolve()
     if target == run or target in run.parents:
-        raise RunError(f"--out {out} would replace the run directory {run_dir} (or a folder holding it); "
-                       "choose another --out")
+        raise RunError(
+            f"--out {out} would replace the run directory {run_dir} (or a folder holding it); choose another --out"
+        )
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; give a directory path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise RunError(f"--out {out} already exists and is not empty; choose another --out, "
-                       "or pass --force to replace it")
+        raise RunError(
+            f"--out {out} already exists and is not empty; choose another --out, or pass --force to replace it"
+        )

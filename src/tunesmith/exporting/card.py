@@ -9,8 +9,9 @@ from tunesmith.errors import RunError
 from tunesmith.run_dir import RunDir
 
 
-def model_card(run_dir: Path, config, method: str, kind: str, files: list[str], check: dict,
-               quant: str | None = None) -> str:
+def model_card(
+    run_dir: Path, config, method: str, kind: str, files: list[str], check: dict, quant: str | None = None
+) -> str:
     summary = _data_summary(run_dir)
     train_loss, eval_loss, steps = _losses(run_dir)
     base = config.model.name
@@ -36,9 +37,13 @@ def model_card(run_dir: Path, config, method: str, kind: str, files: list[str], 
         val = summary.get("validation", {}).get("examples")
         lines.append(f"- data: {train} training examples, {val} validation examples ({summary.get('kind', 'chat')})")
     if steps is not None:
-        lines.append(f"- steps: {steps}; last training loss: {_fmt(train_loss)}; last validation loss: {_fmt(eval_loss)}")
+        lines.append(
+            f"- steps: {steps}; last training loss: {_fmt(train_loss)}; last validation loss: {_fmt(eval_loss)}"
+        )
     if config.data.system_prompt:
-        lines.append(f"- trained with the system prompt {config.data.system_prompt!r}: give it when you prompt the model")
+        lines.append(
+            f"- trained with the system prompt {config.data.system_prompt!r}: give it when you prompt the model"
+        )
     lines += [
         "",
         "## Equivalence with the run",
@@ -75,8 +80,11 @@ def _usage(kind: str, base: str, files: list[str]) -> list[str]:
         ]
     if kind == "gguf":
         gguf = next(f for f in files if f.endswith(".gguf"))
-        return [f"# llama.cpp: llama-cli -m {gguf}", "from transformers import AutoModelForCausalLM",
-                f'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/DIR", gguf_file="{gguf}")']
+        return [
+            f"# llama.cpp: llama-cli -m {gguf}",
+            "from transformers import AutoModelForCausalLM",
+            f'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/DIR", gguf_file="{gguf}")',
+        ]
     return [
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM",

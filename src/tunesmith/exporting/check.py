@@ -53,8 +53,9 @@ class Reference:
         self.tokenizer = source.tokenizer
         self.prompts = [_prompt_ids(source, p) for p in PROMPTS]
         self.continuations = [greedy(source.model, ids, self.stop_ids, self.pad_id) for ids in self.prompts]
-        self.logits = [logits(source.model, p + c, logits_offset(source.model))
-                       for p, c in zip(self.prompts, self.continuations)]
+        self.logits = [
+            logits(source.model, p + c, logits_offset(source.model)) for p, c in zip(self.prompts, self.continuations)
+        ]
 
 
 def compare(reference: Reference, model, kind: str) -> dict:
@@ -66,13 +67,15 @@ def compare(reference: Reference, model, kind: str) -> dict:
     for prompt, cont, ref_logits in zip(reference.prompts, reference.continuations, reference.logits):
         got = greedy(model, prompt, reference.stop_ids, reference.pad_id)
         diff = (logits(model, prompt + cont, logits_offset(model)) - ref_logits).abs().max().item()
-        rows.append({
-            "prompt_tokens": len(prompt),
-            "max_abs_logit_diff": diff,
-            "greedy_identical": got == cont,
-            "run_greedy": reference.tokenizer.decode(cont),
-            "export_greedy": reference.tokenizer.decode(got),
-        })
+        rows.append(
+            {
+                "prompt_tokens": len(prompt),
+                "max_abs_logit_diff": diff,
+                "greedy_identical": got == cont,
+                "run_greedy": reference.tokenizer.decode(cont),
+                "export_greedy": reference.tokenizer.decode(got),
+            }
+        )
     worst = max(r["max_abs_logit_diff"] for r in rows)
     identical = all(r["greedy_identical"] for r in rows)
     return {
@@ -99,10 +102,18 @@ def summary(result: dict) -> str:
 @torch.no_grad()
 def greedy(model, ids: list[int], stop_ids: list[int], pad_id) -> list[int]:
     x = torch.tensor([ids])
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW_TOKENS,
-                         eos_token_id=stop_ids or None, pad_token_id=pad_id, top_p=None, top_k=None,
-                         temperature=None)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        input_ids=x,
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=stop_ids or None,
+        pad_token_id=pad_id,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @torch.no_grad()

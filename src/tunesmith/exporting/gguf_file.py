@@ -51,13 +51,19 @@ def write_gguf(model, vocab, path: Path, quant: str, name: str, log: Callable[[s
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     (_llama_metadata if arch == "llama" else _gemma3_metadata)(writer, config)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[quant]
+    )
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(writer)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GEMMA3,
-                                     config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers
+    )
     tied = _is_tied(model)
     counts: dict[str, int] = {}
     with torch.no_grad():
@@ -160,7 +166,9 @@ def _check_gemma3(config, head_dim: int) -> None:
         if params.get(kind, {}).get("rope_type", "default") != "default":
             problems.append(f"rope scaling on {kind} layers")
     if problems:
-        raise ModelError("GGUF export: this Gemma 3 model has settings llama.cpp cannot represent: " + "; ".join(problems))
+        raise ModelError(
+            "GGUF export: this Gemma 3 model has settings llama.cpp cannot represent: " + "; ".join(problems)
+        )
 
 
 def _llama_tensor(name: str, data: np.ndarray, config) -> np.ndarray:

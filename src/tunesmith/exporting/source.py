@@ -12,7 +12,6 @@ Merging rules (what can become a plain transformers model that needs neither pef
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +23,11 @@ PEFT_ADAPTERS = ("lora", "dora", "ia3", "prefix", "prompt")
 
 WHY_NOT_MERGEABLE = {
     "prefix": "prefix tuning trains virtual key/value tokens that are prepended at run time; no base weight can hold "
-              "them",
+    "them",
     "prompt": "prompt tuning trains virtual input embeddings that are prepended at run time; no base weight can hold "
-              "them",
+    "them",
     "adapter": "bottleneck adapters add a nonlinear function (x + up(act(down(x)))) after attention/MLP outputs, "
-               "which cannot be folded into the model's linear weights",
+    "which cannot be folded into the model's linear weights",
 }
 
 
@@ -52,16 +51,20 @@ def check_exportable(run_dir: Path, kind: str) -> str:
         if method in PEFT_ADAPTERS:
             fix = f"export the adapter instead: tunesmith export {run_dir} --adapter-only --out DIR (peft's format)"
         else:
-            fix = ("this run can only be used through tunesmith (tunesmith generate/chat/serve); retrain with "
-                   "method=lora to get a mergeable model")
+            fix = (
+                "this run can only be used through tunesmith (tunesmith generate/chat/serve); retrain with "
+                "method=lora to get a mergeable model"
+            )
         what = "merged" if kind == "merge" else "written as GGUF (which needs merged weights)"
         raise RunError(f"{run_dir}: a {method} run cannot be {what}: {why}. {fix[0].upper()}{fix[1:]}")
     if kind == "adapter" and method not in PEFT_ADAPTERS:
         if method in ("full", "freeze"):
             fix = f"export the whole model instead: tunesmith export {run_dir} --merge --out DIR"
         else:
-            fix = ("a merged export is not possible either, since " + WHY_NOT_MERGEABLE["adapter"] + "; use this run "
-                   "through tunesmith (tunesmith generate/chat), or retrain with method=lora")
+            fix = (
+                "a merged export is not possible either, since " + WHY_NOT_MERGEABLE["adapter"] + "; use this run "
+                "through tunesmith (tunesmith generate/chat), or retrain with method=lora"
+            )
         raise RunError(
             f"{run_dir}: --adapter-only writes a peft adapter (what vLLM, LoRAX and peft load), but this run used "
             f"method={method}, which has no peft adapter. {fix[0].upper()}{fix[1:]}"
@@ -88,4 +91,3 @@ def merged(source: Source):
         model = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaNs instead of writing them
     source.model = None
     return model.eval()
-

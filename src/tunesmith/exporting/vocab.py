@@ -73,8 +73,13 @@ class GGUFVocab:
             writer.add_token_scores(self.scores)
         if self.merges:
             writer.add_token_merges(self.merges)
-        adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "unk": writer.add_unk_token_id,
-                  "pad": writer.add_pad_token_id, "eot": writer.add_eot_token_id}
+        adders = {
+            "bos": writer.add_bos_token_id,
+            "eos": writer.add_eos_token_id,
+            "unk": writer.add_unk_token_id,
+            "pad": writer.add_pad_token_id,
+            "eot": writer.add_eot_token_id,
+        }
         for kind, token_id in self.special.items():
             adders[kind](token_id)
         writer.add_add_bos_token(self.add_bos)
@@ -90,9 +95,7 @@ def build_vocab(tokenizer, vocab_size: int, chat_template: str | None, add_bos: 
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ModelError(
-            f"GGUF export needs a fast tokenizer (tokenizer.json); {type(tokenizer).__name__} has none"
-        )
+        raise ModelError(f"GGUF export needs a fast tokenizer (tokenizer.json); {type(tokenizer).__name__} has none")
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE":
@@ -141,8 +144,12 @@ def build_vocab(tokenizer, vocab_size: int, chat_template: str | None, add_bos: 
 
     special = {
         kind: token_id
-        for kind, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
-                               ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id))
+        for kind, token_id in (
+            ("bos", tokenizer.bos_token_id),
+            ("eos", tokenizer.eos_token_id),
+            ("unk", tokenizer.unk_token_id),
+            ("pad", tokenizer.pad_token_id),
+        )
         if token_id is not None
     }
     end_of_turn = [i for i in stop_ids if i != tokenizer.eos_token_id]
@@ -159,12 +166,14 @@ def build_vocab(tokenizer, vocab_size: int, chat_template: str | None, add_bos: 
                 f"llama.cpp pre-tokenizer not recognised (check hash {digest[:16]}...); wrote 'default', so "
                 "llama.cpp may split some text differently from this tokenizer"
             )
-        return GGUFVocab("gpt2", pre, tokens, [int(t) for t in types], None, merges, special, add_bos,
-                         chat_template, warnings)
+        return GGUFVocab(
+            "gpt2", pre, tokens, [int(t) for t in types], None, merges, special, add_bos, chat_template, warnings
+        )
 
     scores = _scores_from_merges(tokens, merges)
-    return GGUFVocab("llama", "default", tokens, [int(t) for t in types], scores, [], special, add_bos,
-                     chat_template, warnings)
+    return GGUFVocab(
+        "llama", "default", tokens, [int(t) for t in types], scores, [], special, add_bos, chat_template, warnings
+    )
 
 
 def _is_byte_level(spec: dict) -> bool:

@@ -61,17 +61,29 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft LoRA Linear forward, fused when nothing but plain LoRA is asked of it; peft's own otherwise."""
-    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1 \
-            or torch.is_autocast_enabled(x.device.type):
+    if (
+        args
+        or kwargs
+        or self.disable_adapters
+        or self.merged
+        or len(self.active_adapters) != 1
+        or torch.is_autocast_enabled(x.device.type)
+    ):
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
-    if (name not in self.lora_A or name in getattr(self, "lora_variant", {}) or type(base) is not nn.Linear
-            or not isinstance(self.lora_dropout[name], nn.Identity) or x.dtype != self.lora_A[name].weight.dtype
-            or x.dtype != base.weight.dtype):
+    if (
+        name not in self.lora_A
+        or name in getattr(self, "lora_variant", {})
+        or type(base) is not nn.Linear
+        or not isinstance(self.lora_dropout[name], nn.Identity)
+        or x.dtype != self.lora_A[name].weight.dtype
+        or x.dtype != base.weight.dtype
+    ):
         return type(self).forward(self, x, *args, **kwargs)
-    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name])
+    return lora_linear(
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    )
 
 
 def fuse_lora(model: nn.Module) -> int:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tunesmith.atomic import atomic_dir
 from tunesmith.config import Config
 from tunesmith.errors import ModelError, RunError
 from tunesmith.methods import adapter, peft_methods
-from tunesmith.atomic import atomic_dir
 from tunesmith.methods.apply import load_trainable_state_dict, trainable_parameters, trainable_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -102,8 +102,12 @@ def saved_method(model_dir: Path) -> str:
         peft_type = settings.get("peft_type")
         if peft_type is None:
             raise RunError(f"{model_dir / ADAPTER_CONFIG}: neither a peft adapter nor one of ours")
-        known = {"LORA": "dora" if settings.get("use_dora") else "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix",
-                 "PROMPT_TUNING": "prompt"}
+        known = {
+            "LORA": "dora" if settings.get("use_dora") else "lora",
+            "IA3": "ia3",
+            "PREFIX_TUNING": "prefix",
+            "PROMPT_TUNING": "prompt",
+        }
         return known.get(peft_type, "peft")  # another peft method (made elsewhere): peft still loads it
     if (model_dir / "config.json").is_file():
         return "full"

@@ -97,9 +97,10 @@ def _check_copy(folder: Path, tokenizer, probe: list[int], reference: list[int])
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     _check_tied(reloaded, "the saved copy")
     text = _probe_text(tokenizer)
-    if AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"] != tokenizer(
-        text, add_special_tokens=False
-    )["input_ids"]:
+    if (
+        AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+        != tokenizer(text, add_special_tokens=False)["input_ids"]
+    ):
         raise ModelError(f"the tokenizer saved in {folder} tokenizes differently from the GGUF's; not caching it")
     got = _greedy(reloaded, probe)
     if got != reference:
@@ -141,4 +142,4 @@ def _greedy(model, ids: list[int]) -> list[int]:
         do_sample=False,
         pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id,
     )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()

@@ -18,17 +18,19 @@ def list_models() -> list[dict]:
     rows = []
     for m in BUILTINS.values():
         path = builtin_dir(m.name)
-        rows.append({
-            "name": m.name,
-            "default": m.name == DEFAULT_MODEL,
-            "kind": m.kind,
-            "parameters": m.parameters,
-            "license": m.license,
-            "description": m.description,
-            "package": m.requirement,
-            "cached": is_complete(path),
-            "path": str(path),
-        })
+        rows.append(
+            {
+                "name": m.name,
+                "default": m.name == DEFAULT_MODEL,
+                "kind": m.kind,
+                "parameters": m.parameters,
+                "license": m.license,
+                "description": m.description,
+                "package": m.requirement,
+                "cached": is_complete(path),
+                "path": str(path),
+            }
+        )
     return rows
 
 

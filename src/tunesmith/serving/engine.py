@@ -114,8 +114,10 @@ class Engine:
     def submit(self, generations: list[Generation]) -> None:
         """Queue generations (all or none); Overloaded when that would pass `max_pending`."""
         if len(generations) > self.max_pending:
-            raise ValueError(f"this request asks for {len(generations)} generations (prompts x n), more than the "
-                             f"server runs at once ({self.max_pending}, --max-pending); ask for fewer")
+            raise ValueError(
+                f"this request asks for {len(generations)} generations (prompts x n), more than the "
+                f"server runs at once ({self.max_pending}, --max-pending); ask for fewer"
+            )
         with self._lock:
             if self._pending + len(generations) > self.max_pending:
                 raise Overloaded(
@@ -203,8 +205,14 @@ class Engine:
     def _run(self, batch: list[Generation]) -> None:
         try:
             with self.registry.activate([g.model_id for g in batch]) as forward_kwargs:
-                _generate(self.registry.model, self.registry.tokenizer, batch, forward_kwargs,
-                          self.registry.tokenizer_lock, self._finish)
+                _generate(
+                    self.registry.model,
+                    self.registry.tokenizer,
+                    batch,
+                    forward_kwargs,
+                    self.registry.tokenizer_lock,
+                    self._finish,
+                )
         except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving the others
             log.exception("generation failed")
             for g in batch:
@@ -262,8 +270,15 @@ def _generate(model, tokenizer, batch: list[Generation], forward_kwargs: dict, t
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     past = None
     while True:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                    use_cache=True, logits_to_keep=1, **forward_kwargs)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+            **forward_kwargs,
+        )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
         del out
@@ -335,9 +350,9 @@ def _send(row: _Row, text: str) -> None:
     if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
         text = text.rstrip("\ufffd")
     if not text.startswith(row.sent):  # decoding more tokens rewrote earlier text (rare): keep what was sent
-        text = row.sent + text[len(row.sent):]
+        text = row.sent + text[len(row.sent) :]
     if len(text) > len(row.sent):
-        piece, row.sent = text[len(row.sent):], text
+        piece, row.sent = text[len(row.sent) :], text
         row.g.emit(Event("text", text=piece))
 
 
@@ -355,4 +370,3 @@ def _safe_length(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return len(text) - hold
-

@@ -45,15 +45,15 @@ SWITCHABLE = {"lora": "LORA", "dora": "LORA", "ia3": "IA3"}
 
 _REFUSED = {
     "full": "it is a full fine-tune with weights of its own, which cannot share the base model's weights; "
-            "serve it from a separate `tunesmith serve` process",
+    "serve it from a separate `tunesmith serve` process",
     "freeze": "it is a partial fine-tune (freeze) with weights of its own, which cannot share the base model's "
-              "weights; serve it from a separate `tunesmith serve` process",
+    "weights; serve it from a separate `tunesmith serve` process",
     "adapter": "tunesmith's bottleneck adapters are inserted into the base model and cannot be switched off per "
-               "request; retrain it with method: lora to serve it next to other runs",
+    "request; retrain it with method: lora to serve it next to other runs",
     "prefix": "prefix tuning is a prompt-learning method that peft cannot mix with per-request adapters; "
-              "retrain it with method: lora to serve it",
+    "retrain it with method: lora to serve it",
     "prompt": "prompt tuning is a prompt-learning method that peft cannot mix with per-request adapters; "
-              "retrain it with method: lora to serve it",
+    "retrain it with method: lora to serve it",
 }
 
 
@@ -112,8 +112,10 @@ class Registry:
         with self._lock:
             served = self._served.get(model_id) or self._served.get(self._aliases.get(model_id, ""))
         if served is None:
-            raise UnknownModel(f"The model `{model_id}` does not exist on this server; GET /v1/models lists the "
-                               f"served models ({', '.join(self.ids())})")
+            raise UnknownModel(
+                f"The model `{model_id}` does not exist on this server; GET /v1/models lists the "
+                f"served models ({', '.join(self.ids())})"
+            )
         return served
 
     def ids(self) -> list[str]:
@@ -168,8 +170,10 @@ class Registry:
         model_id = f"ft:{self.base_id}:{run_name}"
         with self._lock:
             if model_id in self._served:
-                raise Conflict(f"`{model_id}` is already served (from {self._served[model_id].run_path}); "
-                               "give this run another name")
+                raise Conflict(
+                    f"`{model_id}` is already served (from {self._served[model_id].run_path}); "
+                    "give this run another name"
+                )
         peft_type = SWITCHABLE[method]
         if self.peft_type is not None and peft_type != self.peft_type:
             raise RunError(
@@ -196,8 +200,10 @@ class Registry:
             else:
                 self.model.load_adapter(model_dir, adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError, OSError) as e:
-            raise ModelError(f"{model_dir}: peft cannot load this adapter onto {self.base_name}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            raise ModelError(
+                f"{model_dir}: peft cannot load this adapter onto {self.base_name}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            ) from None
         self.model.eval()
 
     def _check_base(self, path: Path, trained_on: str) -> None:
@@ -226,6 +232,8 @@ def _check_model_dir(path: Path) -> str:
         reason = _REFUSED.get(method, f"its method {method!r} is not a peft adapter that can be switched per request")
         raise RunError(f"{path}: cannot be served on the shared base model: {reason}")
     if not (model_dir / "adapter_model.safetensors").is_file():  # a .bin adapter would be unpickled
-        raise RunError(f"{model_dir}: no adapter_model.safetensors; only safetensors adapters are served "
-                       "(re-save the adapter with peft's save_pretrained(..., safe_serialization=True))")
+        raise RunError(
+            f"{model_dir}: no adapter_model.safetensors; only safetensors adapters are served "
+            "(re-save the adapter with peft's save_pretrained(..., safe_serialization=True))"
+        )
     return method

@@ -139,18 +139,28 @@ CompletionRequest.model_rebuild()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def model_card(served, base_id: str) -> dict:
-    card = {"id": served.id, "object": "model", "created": served.created, "owned_by": "tunesmith",
-            "root": served.id if served.adapter_name is None else str(served.run_path), "parent": None}
+    card = {
+        "id": served.id,
+        "object": "model",
+        "created": served.created,
+        "owned_by": "tunesmith",
+        "root": served.id if served.adapter_name is None else str(served.run_path),
+        "parent": None,
+    }
     if served.adapter_name is not None:
         card["parent"] = base_id
     return card
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -54,7 +54,12 @@ class TrainingPlan:
 
 
 def plan_training(
-    train_cfg, method: str, n_examples: int, lengths: list[int], device_type: str = "cpu", val_tokens: int = 0,
+    train_cfg,
+    method: str,
+    n_examples: int,
+    lengths: list[int],
+    device_type: str = "cpu",
+    val_tokens: int = 0,
     memory: tuple[int, int] | None = None,
 ) -> TrainingPlan:
     """memory: (bytes available for training, activation bytes per token), to cap the auto micro-batch."""
@@ -102,8 +107,10 @@ def plan_training(
             fits = int(0.5 * memory[0] / memory[1])
             if fits < budget:
                 budget = max(fits, 1)
-                why = (f"{budget} tokens per forward pass (half of the {memory[0] / 2**30:.1f} GB available, "
-                       f"~{memory[1] / 2**20:.1f} MB of activations per token)")
+                why = (
+                    f"{budget} tokens per forward pass (half of the {memory[0] / 2**30:.1f} GB available, "
+                    f"~{memory[1] / 2**20:.1f} MB of activations per token)"
+                )
         longest = sorted(lengths)[int(0.95 * (len(lengths) - 1))] if lengths else 1
         micro = max(1, min(batch, budget // max(longest, 1)))
         reasons["micro_batch_size"] = f"{why} / {longest}-token examples (p95)"
@@ -125,7 +132,9 @@ def plan_training(
     save_every = eval_every if t.save_every == "auto" else t.save_every
     if t.eval_every == "auto":
         reasons["eval_every"] = f"{n_evals} evaluations: validation kept under ~15% of the training compute"
-    return TrainingPlan(epochs, batch, micro, lr, warmup, steps_per_epoch, total, eval_every, save_every, batching, reasons)
+    return TrainingPlan(
+        epochs, batch, micro, lr, warmup, steps_per_epoch, total, eval_every, save_every, batching, reasons
+    )
 
 
 def lr_at(step: int, plan: TrainingPlan, schedule: str) -> float:

@@ -33,8 +33,10 @@ class LoopState:
     def to_dict(self) -> dict:
         """state.json's content; its key order is the file format's (kept from before this class existed)."""
         return {
-            "step": self.step, "best_val_loss": self.best_val_loss,
-            "evals_without_improvement": self.evals_without_improvement, "tokens": self.tokens,
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "evals_without_improvement": self.evals_without_improvement,
+            "tokens": self.tokens,
         }
 
     @classmethod
@@ -63,8 +65,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

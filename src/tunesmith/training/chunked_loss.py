@@ -76,8 +76,8 @@ class ChunkedHeadCE(torch.autograd.Function):
         loss = hidden.new_zeros((), dtype=torch.float32)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)  # summed on the device: no sync per chunk
         for start in range(0, hidden.shape[0], rows):
-            h = hidden[start:start + rows]
-            t = targets[start:start + rows]
+            h = hidden[start : start + rows]
+            t = targets[start : start + rows]
             logits = F.linear(h, weight, bias).float()
             loss += F.cross_entropy(logits, t, reduction="sum")
             correct += (logits.argmax(-1) == t).sum()
@@ -88,7 +88,7 @@ class ChunkedHeadCE(torch.autograd.Function):
             del logits
             g = g.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + rows] = (g @ weight).to(hidden.dtype)
+                grad_hidden[start : start + rows] = (g @ weight).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += g.t() @ h.to(weight.dtype)
             if grad_bias is not None:
@@ -117,4 +117,3 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.
         hidden, head.weight, head.bias, targets, chunk_rows(head.out_features), torch.is_grad_enabled()
     )
     return loss, int(correct)
-

@@ -9,6 +9,10 @@ What it does that a generic trainer does not:
 - the loss of an optimizer step is the sum over its labelled tokens divided by their count, whatever the
   micro-batching (gradient accumulation normalised by loss tokens, not by micro-batches);
 - the example order is a pure function of (seed, epoch), so a resumed run replays the same data.
+
+Why one module of ~500 lines: the loop and the set-up it needs (data preparation, the plan, checkpoints, Ctrl-C)
+are meant to be read top to bottom in one place (torchtune's recipes, nanoGPT's train.py); each side job is a
+small named function, and what is reusable lives elsewhere (batching, prefix sharing, chunked loss, mitigations).
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith import methods, models
+from tunesmith.atomic import atomic_write_text
 from tunesmith.config import Config, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
 from tunesmith.progress import Progress
 from tunesmith.run_dir import CONFIG, RunDir
-from tunesmith.training.auto import TrainingPlan, activation_bytes_per_token, available_memory, lr_at, plan_training
-from tunesmith.atomic import atomic_write_text
 from tunesmith.training import chunked_loss, prefix
+from tunesmith.training.auto import TrainingPlan, activation_bytes_per_token, available_memory, lr_at, plan_training
 from tunesmith.training.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger
 from tunesmith.training.mitigations import KLToBase, frozen_base, mix_replay
@@ -114,8 +118,16 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     # share a micro-batch's common prefix (a fixed system prompt) when that is exact for this model and method
     shareable, _ = prefix.supports_prefix_sharing(model, cfg.method, cfg.train.gradient_checkpointing)
     ctx = TrainingContext(
-        cfg=cfg, plan=plan, model=model, optimizer=optimizer, train_set=data.train, validation=data.validation,
-        device=device, dtype=dtype, metrics=metrics, run_dir=run_dir,
+        cfg=cfg,
+        plan=plan,
+        model=model,
+        optimizer=optimizer,
+        train_set=data.train,
+        validation=data.validation,
+        device=device,
+        dtype=dtype,
+        metrics=metrics,
+        run_dir=run_dir,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         kl=KLToBase.create(cfg, model, base_copy),
         virtual_tokens=cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0,
@@ -197,9 +209,16 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
             state.tokens += n_tokens
             window_tokens, window_time = window_tokens + n_tokens, window_time + elapsed
             record = {
-                "kind": "train", "step": step + 1, "epoch": round((step + 1) / plan.steps_per_epoch, 4),
-                "loss": round(loss, 6), "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
-                "label_tokens": n_targets, "tokens_per_s": round(n_tokens / elapsed, 1), "step_time": round(elapsed, 4),
+                "kind": "train",
+                "step": step + 1,
+                "epoch": round((step + 1) / plan.steps_per_epoch, 4),
+                "loss": round(loss, 6),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": state.tokens,
+                "label_tokens": n_targets,
+                "tokens_per_s": round(n_tokens / elapsed, 1),
+                "step_time": round(elapsed, 4),
             }
             if ctx.kl is not None:  # log the task loss and the KL term apart
                 record.update(ctx.kl.pop(n_targets, loss))
@@ -268,7 +287,12 @@ def _model_outputs(ctx: TrainingContext, batch, kwargs: dict) -> torch.Tensor:
 def _batches(ctx: TrainingContext, examples) -> list:
     """`examples` cut into micro-batches as the plan says (packed or padded rows, a shared prefix when exact)."""
     return make_batches(
-        examples, ctx.plan.batching, ctx.plan.micro_batch_size, ctx.pad_id, ROW_TOKENS, ctx.share_prefix,
+        examples,
+        ctx.plan.batching,
+        ctx.plan.micro_batch_size,
+        ctx.pad_id,
+        ROW_TOKENS,
+        ctx.share_prefix,
         SHARED_ROW_TOKENS,
     )
 
@@ -293,9 +317,7 @@ def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progre
     """Validate, log, and return True when early stopping says stop."""
     result = evaluate_loss(ctx, ctx.validation)
     ctx.metrics.log({"kind": "eval", "step": state.step, **{k: round(v, 6) for k, v in result.items()}})
-    progress.print(
-        f"step {state.step}: val_loss {result['val_loss']:.4f}  val_token_acc {result['val_token_acc']:.3f}"
-    )
+    progress.print(f"step {state.step}: val_loss {result['val_loss']:.4f}  val_token_acc {result['val_token_acc']:.3f}")
     if state.best_val_loss is None or result["val_loss"] < state.best_val_loss - 1e-6:
         state.best_val_loss = result["val_loss"]
         state.evals_without_improvement = 0
@@ -364,7 +386,9 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
     if cfg.train.replay:  # general examples against forgetting (training/mitigations.py); validation stays task-only
         encoded["train"], summary["replay"] = mix_replay(encoded["train"], cfg, tokenizer, log)
     summary["files"] = {
-        k: {"path": v, "sha256": _sha256(v)} for k, v in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test)) if v
+        k: {"path": v, "sha256": _sha256(v)}
+        for k, v in (("train", cfg.data.train), ("validation", cfg.data.validation), ("test", cfg.data.test))
+        if v
     }
     s = summary["train"]
     log(
@@ -410,7 +434,7 @@ def _encode_all(examples, renderer, cfg: Config) -> tuple[list, dict]:
 
 def _optimizer(model, cfg: Config) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -429,8 +453,14 @@ def _resolved(cfg: Config, plan: TrainingPlan, max_length: int) -> Config:
     raw = cfg.model_dump(mode="json")
     raw["data"]["max_length"] = max_length
     raw["train"].update(
-        epochs=plan.epochs, batch_size=plan.batch_size, micro_batch_size=plan.micro_batch_size, lr=plan.lr,
-        warmup=plan.warmup_steps, eval_every=plan.eval_every, save_every=plan.save_every, batching=plan.batching,
+        epochs=plan.epochs,
+        batch_size=plan.batch_size,
+        micro_batch_size=plan.micro_batch_size,
+        lr=plan.lr,
+        warmup=plan.warmup_steps,
+        eval_every=plan.eval_every,
+        save_every=plan.save_every,
+        batching=plan.batching,
     )
     raw["output"] = str(cfg.run_dir())
     return validate_config(raw, source="resolved config")

@@ -17,7 +17,9 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, sinks: list[str], resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -48,4 +50,3 @@ class MetricsLogger:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
-

@@ -64,7 +64,7 @@ def mix_replay(train: list, cfg, tokenizer, log=print) -> tuple[list, dict]:
         )
     examples = [e for e in read_examples(path, "auto") if e.kind == "chat"]
     if not examples:
-        raise DataError(f"train.replay_data: {path}: no chat examples (rows with \"messages\") to replay")
+        raise DataError(f'train.replay_data: {path}: no chat examples (rows with "messages") to replay')
     renderer = Renderer(tokenizer, cfg.model.chat_template, None)  # general requests: no task system prompt
     max_length = cfg.data.max_length if isinstance(cfg.data.max_length, int) else None  # the loop resolves auto first
     pool = []
@@ -85,12 +85,19 @@ def mix_replay(train: list, cfg, tokenizer, log=print) -> tuple[list, dict]:
         rng.shuffle(order)
         chosen += [pool[i] for i in order[: want - len(chosen)]]
     summary = {
-        "share": cfg.train.replay, "examples": len(chosen), "task_examples": len(train), "path": str(path),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "pool": len(pool),
-        "tokens": sum(len(e.input_ids) for e in chosen), "label_tokens": sum(e.n_label_tokens for e in chosen),
+        "share": cfg.train.replay,
+        "examples": len(chosen),
+        "task_examples": len(train),
+        "path": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "pool": len(pool),
+        "tokens": sum(len(e.input_ids) for e in chosen),
+        "label_tokens": sum(e.n_label_tokens for e in chosen),
     }
-    log(f"replay: {len(chosen)} general examples from {path.name} mixed into {len(train)} task examples "
-        f"({cfg.train.replay:.0%} of the training set)")
+    log(
+        f"replay: {len(chosen)} general examples from {path.name} mixed into {len(train)} task examples "
+        f"({cfg.train.replay:.0%} of the training set)"
+    )
     return train + chosen, summary
 
 
@@ -152,4 +159,8 @@ class KLToBase:
         loss alone (`loss`, comparable with runs without the penalty) and the objective that was minimised."""
         kl = self.kl_sum / max(n_targets, 1)
         self.kl_sum = 0.0
-        return {"loss": round(objective - self.weight * kl, 6), "kl_to_base": round(kl, 6), "objective": round(objective, 6)}
+        return {
+            "loss": round(objective - self.weight * kl, 6),
+            "kl_to_base": round(kl, 6),
+            "objective": round(objective, 6),
+        }

@@ -49,7 +49,11 @@ def forward_shared_prefix(model, batch) -> torch.Tensor:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
     out = model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids,
-        attention_mask=mask_for(model, batch.attention_mask), past_key_values=cache, use_cache=True, logits_to_keep=batch.keep,
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=mask_for(model, batch.attention_mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=batch.keep,
     )
     return out.logits
