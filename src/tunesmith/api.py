@@ -97,12 +97,6 @@ def check_data(
     )
 
 
-def render_data_report(report) -> None:
-    from tunesmith.data.validate import render_report
-
-    render_report(report)
-
-
 def _load_tokenizer(name: str):
     """Only the tokenizer of a model. A local directory holding a tokenizer is used as is (it needs no weights);
     anything else goes through `tunesmith.models.resolve` (built-in names, model directories, .gguf files)."""

@@ -45,4 +45,6 @@ def check(file, validation, model, max_length, format_, as_json):
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
-        api.render_data_report(report)
+        from tunesmith.cli.display import data_report
+
+        data_report(report)

@@ -81,7 +81,7 @@ def eval_command(
     """
     from rich.console import Console
 
-    from tunesmith.cli.display import RichProgress
+    from tunesmith.cli.display import RichProgress, summary_table
 
     result = api.evaluate(
         run_dir,
@@ -109,73 +109,3 @@ def eval_command(
             f"fine-tuning fixed {len(flips['improved'])} and broke {len(flips['regressed'])} of "
             f"{result['data']['examples']} examples (listed in {run_dir}/eval/task.json)"
         )
-
-
-TABLE_METRICS = {  # the summary table's columns (all metrics are in task.json)
-    "classification": ["accuracy", "macro_f1", "accuracy_generated", "invalid_rate"],
-    "extraction": ["field_f1", "parse_rate", "schema_match_rate", "exact_match"],
-    "text": ["chrf", "format_rate", "rouge_l", "token_f1", "exact_match", "perplexity"],
-    "lm": ["perplexity", "loss"],
-}
-HEADERS = {
-    "format_rate": "format",
-    "accuracy": "acc",
-    "macro_f1": "macro-F1",
-    "accuracy_generated": "acc (gen)",
-    "invalid_rate": "invalid",
-    "field_f1": "field F1",
-    "parse_rate": "parses",
-    "schema_match_rate": "schema",
-    "exact_match": "exact",
-    "rouge_l": "ROUGE-L",
-    "token_f1": "token F1",
-    "perplexity": "ppl",
-}
-
-
-def _fmt(name: str, value) -> str:
-    if value is None:
-        return "-"
-    if name in ("loss", "perplexity"):
-        return f"{value:.3f}"
-    return f"{value:.1%}"
-
-
-def summary_table(result: dict):
-    """A rich Table: each system's headline metrics, deltas vs base zero-shot, prompt tokens and latency."""
-    from rich.table import Table
-
-    shown = [m for m in TABLE_METRICS[result["task"]] if any(m in s["metrics"] for s in result["systems"])]
-    base = next((s for s in result["systems"] if s["key"] == "base_zero_shot"), None)
-    table = Table(
-        title=f"{result['task']} eval, {result['data']['examples']} examples",
-        caption=f"primary: {result['primary']}; (+x): change vs base zero-shot, in points for rates"
-        + _selection_caption(result),
-    )
-    table.add_column("system", no_wrap=True)
-    for m in shown:
-        table.add_column(HEADERS.get(m, m), justify="right")
-    table.add_column("prompt tok", justify="right")
-    table.add_column("s/ex", justify="right")
-    for s in result["systems"]:
-        cells = []
-        for m in shown:
-            value = s["metrics"].get(m)
-            cell = _fmt(m, value)
-            if base is not None and s is not base and value is not None and base["metrics"].get(m) is not None:
-                delta = value - base["metrics"][m]
-                cell += f" ({delta:+.2f})" if m in ("loss", "perplexity") else f" ({delta * 100:+.1f})"
-            cells.append(cell)
-        table.add_row(s["name"], *cells, f"{s['prompt_tokens_per_example']:.0f}", f"{s['seconds_per_example']:.2f}")
-    return table
-
-
-def _selection_caption(result: dict) -> str:
-    sel = result.get("prompt_selection")
-    if not sel:
-        return ""
-    chosen = next((v["name"] for v in sel["variants"] if v["key"] == sel["chosen"]), sel["chosen"])
-    return (
-        f"\nbest prompt: {chosen}, chosen on {sel['examples']} validation examples among "
-        f"{len(sel['variants'])} variants (eval/task.json: prompt_selection)"
-    )
