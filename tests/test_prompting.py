@@ -240,3 +240,41 @@ def test_fewer_shots_than_labels_needs_asking(tiny_model_dir, tmp_path):
     auto = tunesmith.evaluate(run, by="score", select=False, forgetting=False, quiet=True, log=lambda *_: None)
     few = next(s for s in auto["systems"] if s["key"] == "base_few_shot")
     assert few["shots"] == 3 and "labels_missing" not in few  # auto: at least one shot per label
+
+
+def test_content_free_scores_equal_scoring_the_content_free_prompt_whole(tiny_model_dir, tmp_path):
+    """What calibration divides by: the labels' log-probabilities after "N/A", "" and "[MASK]" in the system's own
+    prompt, equal to scoring those prompts directly. The test inputs all start with the same words, so their shared
+    prefix cache reaches into the input and must not be reused for the content-free prompts."""
+    from tunesmith import models
+    from tunesmith.data.templates import Renderer
+    from tunesmith.evaluation.classify import full_sequence_logprobs
+    from tunesmith.evaluation.measure import CONTENT_FREE, measure
+    from tunesmith.evaluation.shots import pick_shots
+    from tunesmith.progress import Progress
+
+    train = read_examples(str(_write(tmp_path / "train.jsonl", _rows(12, 0))))
+    test = read_examples(str(_write(tmp_path / "test.jsonl", _rows(5, 1))))  # every input starts "ticket 1-"
+    model, tok = models.load(str(tiny_model_dir))
+    model.eval()
+    system = System("few", "few", model, tok, Renderer(tok), shots=pick_shots(train, 3, LABELS, 0))
+    plan = TaskPlan("classification", "accuracy", LABELS, ("score",))
+    res = measure(
+        system, test, plan, batch_size=2, max_new_tokens=4, max_length=None, progress=Progress(None), calibrate=True
+    )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for ex, got in zip(test, res.content_free):
+        assert len(got) == len(CONTENT_FREE)
+        for text, logprobs in zip(CONTENT_FREE, got):
+            free = system.content_free(ex, text)
+            prompt = system.prompt(free)
+            assert prompt != system.prompt(ex) and ex.messages[1].content not in tok.decode(prompt)  # input replaced
+            conts = [system.pair(free, label)[1] for label in LABELS]
+            expected = [lp for lp, _ in full_sequence_logprobs(model, prompt, conts, pad=pad)]
+            assert logprobs == pytest.approx(expected, abs=2e-4)
+    # and calibration is applied with exactly these numbers
+    from tunesmith.evaluation.calibration import content_free_prior, predict
+
+    calibrated = res.decided(LABELS, calibrated=True).predictions
+    for row, free, pred in zip(res.label_scores, res.content_free, calibrated):
+        assert pred == LABELS[predict([lp for lp, _ in row], prior=content_free_prior(free))]

@@ -96,7 +96,9 @@ def measure(
             result.seconds["score"] = setup + time.perf_counter() - t0
             if calibrate:
                 t0 = time.perf_counter()
-                result.content_free = _score_content_free(system, test, plan.labels, batch_size, shared, progress)
+                result.content_free = _score_content_free(
+                    system, test, plan.labels, batch_size, shared, prompts[0][:prefix_len], progress
+                )
                 result.seconds["calibration"] = time.perf_counter() - t0
         if plan.task != "classification" or "generate" in plan.by:
             t0 = time.perf_counter()
@@ -135,7 +137,7 @@ def _score_labels(system, test, prompts, labels, batch_size, shared, progress) -
     return out
 
 
-def _score_content_free(system, test, labels, batch_size, shared, progress) -> list[list[list[float]]]:
+def _score_content_free(system, test, labels, batch_size, shared, prefix_ids, progress) -> list[list[list[float]]]:
     """Per example, the label log-probabilities after each content-free input in the example's own prompt (its
     system prompt and shots). Identical content-free prompts (fixed shots: all of them) are scored once."""
     from tunesmith.evaluation.classify import score_continuations
@@ -163,17 +165,18 @@ def _score_content_free(system, test, labels, batch_size, shared, progress) -> l
             [p for p, _ in chunk],
             [c for _, c in chunk],
             pad=system.pad,
-            **_usable(shared, [p for p, _ in chunk]),
+            **_usable(shared, prefix_ids, [p for p, _ in chunk]),
         )
         scores += [[lp for lp, _ in row] for row in got]
         progress.update(task, advance=len(chunk))
     return [[scores[r] for r in mine] for mine in per_example]
 
 
-def _usable(shared: dict, prompts: list[list[int]]) -> dict:
-    """The shared prefix cache where these prompts start with it too (a content-free prompt may end inside it)."""
-    n = shared.get("prefix_len", 0)
-    if n and all(len(p) > n for p in prompts):
+def _usable(shared: dict, prefix_ids: list[int], prompts: list[list[int]]) -> dict:
+    """The test prompts' shared prefix cache, where these prompts start with exactly those tokens too (a content-free
+    prompt replaces the input, which may have been part of the test prompts' common prefix)."""
+    n = len(prefix_ids)
+    if n and all(len(p) > n and p[:n] == prefix_ids for p in prompts):
         return shared
     return {}
 
