@@ -4,10 +4,10 @@
 (evaluation/prompting.py). This script runs the same selection without a fine-tuned run, and prints the table:
 validation score, prompt tokens and seconds per example of every variant (zero-shot, format instruction, random
 shots covering every label, retrieved nearest-neighbour shots; for label scoring each with and without contextual
-calibration and length normalisation). With --test it also measures the chosen variant and the plain zero-shot on
-the test split.
+calibration and length normalisation); then the zero-shot, few-shot and chosen prompts on the test split
+(tunesmith.evaluation.task_eval.evaluate_prompts: the same code `tunesmith eval` runs, minus the fine-tuned model).
 
-    .venv/bin/python bench/prompt_variants.py recipes/ticket-triage-lora.yaml --limit 100 --threads 2
+    .venv/bin/python bench/prompt_variants.py recipes/ticket-triage-lora.yaml --threads 2
 """
 
 from __future__ import annotations
@@ -24,40 +24,19 @@ from pathlib import Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
-    parser.add_argument("--limit", type=int, default=None, help="validation examples (default: eval's own limit)")
-    parser.add_argument("--test", type=int, default=0, help="also measure the chosen variant on N test examples")
+    parser.add_argument("--select-limit", type=int, default=None, help="validation examples (default: eval's own)")
+    parser.add_argument("--test", type=int, default=None, help="test examples (default: all)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args()
 
     import torch
 
-    from tunesmith import models
     from tunesmith.config import load_config
-    from tunesmith.data.formats import read_examples
-    from tunesmith.data.templates import Renderer
-    from tunesmith.evaluation import prompting, task_eval
-    from tunesmith.evaluation.aggregate import system_metrics
-    from tunesmith.evaluation.measure import measure
-    from tunesmith.evaluation.tasks import max_new_tokens_for, plan_task
-    from tunesmith.progress import Progress
+    from tunesmith.evaluation.task_eval import evaluate_prompts
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.recipe, [])
-    train = read_examples(cfg.data.train, cfg.data.format)
-    test = read_examples(cfg.data.test, cfg.data.format)
-    plan = plan_task(train, test, cfg.eval.metric, cfg.eval.by)
-    plan.format = cfg.eval.format
-    model, tokenizer = models.load(cfg.model.name, dtype="float32", device="cpu")
-    model.eval()
-    base = (model, tokenizer, Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt))
-    pool, validation, split = task_eval._pool_and_validation(cfg, train, print)
-    labels = plan.labels or []
-    few_k = max(3, len(labels)) if cfg.eval.shots == "auto" else cfg.eval.shots
-    knn_k = prompting.AUTO_KNN_SHOTS if cfg.eval.knn_shots == "auto" else cfg.eval.knn_shots
-    instruction = prompting.instruction_for(plan, pool)
-    sample = prompting.validation_sample(validation, args.limit or prompting.SELECT_LIMIT[plan.task], cfg.train.seed)
-    tried = prompting.variants(plan, few_k, knn_k, instruction)
     cpu = (
         next(
             (
@@ -68,57 +47,34 @@ def main() -> int:
             platform.processor(),
         )
         if Path("/proc/cpuinfo").exists()
-        else "?"
+        else platform.processor()
     )
-    print(
-        f"{args.recipe}: {plan.task}, primary {plan.primary}; {len(sample)} validation examples ({split}); "
-        f"{len(tried)} variants; {args.threads} threads on {cpu}; load {os.getloadavg()[0]:.2f}",
-        flush=True,
-    )
+    print(f"{args.recipe}: {args.threads} threads on {cpu}; load average {os.getloadavg()[0]:.2f}", flush=True)
     t0 = time.perf_counter()
-    selection = prompting.select_prompt(
-        sample,
-        split,
-        pool,
-        plan,
-        tried,
-        base,
-        seed=cfg.train.seed,
-        instruction=instruction,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens or max_new_tokens_for(plan, tokenizer, sample),
-        max_length=None,
-        progress=Progress(None),
-    )
-    print(f"selection took {time.perf_counter() - t0:.0f} s\n")
-    print(f"| variant | {plan.primary} (validation) | prompt tokens / example | seconds / example |")
-    print("|---|---|---|---|")
-    for row in selection.rows:
-        mark = " **(chosen)**" if row["key"] == selection.chosen.key else ""
-        print(
-            f"| {row['name']}{mark} | {row['value']:.4f} | {row['prompt_tokens_per_example']:.0f} | "
-            f"{row['seconds_per_example']:.3f} |"
-        )
-    out = {"recipe": args.recipe, "cpu": cpu, "threads": args.threads, "selection": selection.to_json()}
-    if args.test:
-        test = test[: args.test]
-        for variant, key in ((prompting.PromptVariant(), "zero_shot"), (selection.chosen, "chosen")):
-            system = prompting.build_system(variant, key, *base, pool, plan, cfg.train.seed, instruction)
-            res = measure(
-                system,
-                test,
-                plan,
-                batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens or max_new_tokens_for(plan, tokenizer, test),
-                max_length=None,
-                progress=Progress(None),
-                calibrate=variant.calibrated,
+    result = evaluate_prompts(cfg, limit=args.test, select_limit=args.select_limit)
+    print(f"took {time.perf_counter() - t0:.0f} s\n")
+    sel, primary = result.get("prompt_selection"), result["primary"]
+    if sel:
+        print(f"validation: {sel['examples']} examples ({sel['split']})\n")
+        print(f"| variant | {primary} (validation) | prompt tokens / example | seconds / example |")
+        print("|---|---|---|---|")
+        for row in sel["variants"]:
+            mark = " **(chosen)**" if row["key"] == sel["chosen"] else ""
+            value = "-" if row["value"] is None else f"{row['value']:.4f}"
+            print(
+                f"| {row['name']}{mark} | {value} | {row['prompt_tokens_per_example']:.0f} | "
+                f"{row['seconds_per_example']:.3f} |"
             )
-            metrics, _, _ = system_metrics(plan, test, prompting.decided(res, variant, plan))
-            out[f"test_{key}"] = {"variant": variant.name, "metrics": metrics}
-            print(f"test ({len(test)}): {variant.name}: {plan.primary} {metrics.get(plan.primary):.4f}")
+    print(f"\ntest: {result['data']['examples']} examples of {result['data']['path']}")
+    for s in result["systems"]:
+        print(
+            f"  {s['name']} ({s['prompt']['name']}): {primary} {s['metrics'].get(primary)}, "
+            f"{s['prompt_tokens_per_example']:.0f} prompt tokens, {s['seconds_per_example']:.3f} s/example"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"recipe": args.recipe, "cpu": cpu, "threads": args.threads, **result}, indent=1) + "\n"
+        )
     return 0
 
 

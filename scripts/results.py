@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain", action="store_true", help="train again even when a finished run exists")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from finished runs")
     parser.add_argument(
+        "--prompt-only",
+        action="store_true",
+        help="measure only the prompted base systems (zero-shot, few-shot, the best prompt chosen on validation) on "
+        "the test examples of each recipe's record, and keep them in the record beside its fine-tuned result: for "
+        "records whose run directory is gone (no per-example interval then)",
+    )
+    parser.add_argument(
         "--note",
         action="append",
         default=[],
@@ -82,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     for i, recipe in enumerate(recipes, 1):
         run_dir = ROOT / args.runs / recipe.stem
         print(f"\n=== [{i}/{len(recipes)}] {recipe.stem}", flush=True)
+        if args.prompt_only:
+            record = load_record(recipe.stem, records)
+            if record is None:
+                print(f"  no record of {recipe.stem} yet: train and evaluate it first (without --prompt-only)")
+                continue
+            record["prompt_only"] = measure_prompts(recipe, record)
+            save_record(record, records)
+            continue
         if not args.table_only:
             produce(recipe, run_dir, args)
         row = collect(recipe, run_dir)
@@ -220,6 +235,25 @@ def paired_against_best_prompt(task: dict, examples_file: Path) -> dict | None:
     return {"against": best, "examples": len(prompt_scores), "mean": mean, "low": lo, "high": hi}
 
 
+def measure_prompts(recipe: Path, record: dict) -> dict:
+    """The prompted base systems of `recipe` on the same test examples as its record (evaluate_prompts: the code
+    `tunesmith eval` runs, minus the fine-tuned model), with the date and commit."""
+    import tunesmith
+    from tunesmith.cli.display import RichProgress
+    from tunesmith.evaluation.task_eval import evaluate_prompts
+
+    settings = record.get("eval_settings") or {}
+    t0 = time.time()
+    cfg = tunesmith.load_config(recipe)
+    result = evaluate_prompts(cfg, limit=settings.get("limit"), progress=RichProgress())
+    if result["data"]["examples"] != record["task"]["data"]["examples"]:
+        raise SystemExit(
+            f"{recipe.stem}: measured {result['data']['examples']} test examples, the record has "
+            f"{record['task']['data']['examples']}"
+        )
+    return {**result, "seconds": round(time.time() - t0, 1), "measured": date.today().isoformat(), "commit": _commit()}
+
+
 def best_prompt_key(task: dict) -> str | None:
     """The prompted system fine-tuning is compared with: the prompt chosen on the validation split
     (base_best_prompt); for records made before prompt selection existed, the best base system on the test split
@@ -304,6 +338,12 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         info = task.get("metrics_info", {}).get(primary, {})
         higher = info.get("higher_is_better", True)
         systems = {s["key"]: s for s in task["systems"]}
+        paired = row.get("paired")
+        fresh = row.get("prompt_only") if "base_best_prompt" not in systems else None
+        if fresh:  # base systems measured again, without the run: they replace the record's old ones
+            systems = {**systems, **{s["key"]: s for s in fresh["systems"]}}
+            task = {**task, "systems": list(systems.values())}
+            paired = None
         value = {
             k: systems[k]["metrics"].get(primary) if k in systems else None
             for k in ("base_zero_shot", "base_few_shot", "base_best_prompt", "fine_tuned")
@@ -319,7 +359,6 @@ def write_table(rows: list[dict], out: Path, args) -> None:
                 if abs(best) <= 1 and primary not in {"perplexity", "loss"}
                 else f"{gain:+.3g} {primary}"
             )
-            paired = row.get("paired")
             if paired and paired["low"] <= 0 <= paired["high"]:
                 verdict = f"**tie** with prompting: {size}, not significant"
             elif paired and better != (paired["low"] > 0 if higher else paired["high"] < 0):
@@ -334,6 +373,11 @@ def write_table(rows: list[dict], out: Path, args) -> None:
                 )
             if best_key != "base_best_prompt" and task["task"] != "lm":
                 verdict += "; no validation-chosen prompt in this record (measured before prompt selection)"
+            if fresh:
+                verdict += (
+                    f"; base prompts measured {fresh['measured']} without the fine-tuned run (whose per-example "
+                    "scores were not kept): no per-example interval"
+                )
         chosen = systems.get("base_best_prompt", {}).get("prompt", {}).get("name")
         best_cell = f"{_fmt(primary, value['base_best_prompt'])} ({chosen})" if chosen else "not measured"
         if task["task"] == "lm":
@@ -364,18 +408,39 @@ def write_table(rows: list[dict], out: Path, args) -> None:
     for row in rows:
         task = row["task"]
         lines += [f"### {row['recipe']}", ""]
-        names = sorted({m for s in task["systems"] for m in s["metrics"]})
+        fresh = row.get("prompt_only") if not any(s["key"] == "base_best_prompt" for s in task["systems"]) else None
+        shown = list(task["systems"])
+        if fresh:
+            shown += [
+                {**s, "name": f"{s['name']} (measured {fresh['measured']}, without the run)"} for s in fresh["systems"]
+            ]
+        names = sorted({m for s in shown for m in s["metrics"]})
         lines.append("| system | " + " | ".join(names) + " | prompt tokens/example | seconds/example |")
         lines.append("|---|" + "---|" * (len(names) + 2))
-        for s in task["systems"]:
+        for s in shown:
             cells = [_fmt(m, s["metrics"].get(m)) for m in names]
             lines.append(
                 f"| {s['name']} | "
                 + " | ".join(cells)
                 + f" | {s.get('prompt_tokens_per_example', 0):.0f} | {s.get('seconds_per_example', 0):.3f} |"
             )
+        sel = task.get("prompt_selection") or (fresh or {}).get("prompt_selection")
+        if sel:
+            lines += [
+                "",
+                f"Prompt variants tried on {sel['examples']} validation examples ({sel['split']}):",
+                "",
+                f"| variant | {sel['metric']} (validation) | prompt tokens/example | seconds/example |",
+                "|---|---|---|---|",
+            ]
+            for v in sel["variants"]:
+                mark = " **(chosen)**" if v["key"] == sel["chosen"] else ""
+                lines.append(
+                    f"| {v['name']}{mark} | {_fmt(sel['metric'], v['value'])} | "
+                    f"{v['prompt_tokens_per_example']:.0f} | {v['seconds_per_example']:.3f} |"
+                )
         settings = row.get("eval_settings") or {}
-        shots = next((s.get("shots") for s in task["systems"] if s["key"] == "base_few_shot"), 0)
+        shots = next((s.get("shots") for s in shown if s["key"] == "base_few_shot"), 0)
         f = row["forgetting"] or {}
         probe = f.get("probe", {}).get("questions") or settings.get("probe_limit")
         lines += [

@@ -16,7 +16,7 @@ from tunesmith.data.example import Example, Message
 from tunesmith.data.formats import read_examples
 from tunesmith.evaluation import prompting, task_eval
 from tunesmith.evaluation.measure import SystemResult
-from tunesmith.evaluation.prompting import PromptVariant, variants
+from tunesmith.evaluation.prompting import PromptVariant, ShotSource, variants
 from tunesmith.evaluation.shots import ShotRetriever
 from tunesmith.evaluation.systems import System
 from tunesmith.evaluation.tasks import TaskPlan
@@ -124,7 +124,8 @@ def test_validation_and_shot_pool_never_overlap_and_knn_draws_from_the_pool(tmp_
     train = read_examples(str(_write(tmp_path / "train.jsonl", _rows(60, 0))))
     test = read_examples(str(_write(tmp_path / "test.jsonl", _rows(12, 1))))
     cfg = validate_config({"data": {"train": str(tmp_path / "train.jsonl"), "val_fraction": 0.2}})
-    pool, validation, split = task_eval._pool_and_validation(cfg, train, print)
+    source = ShotSource.of(cfg, train)
+    pool, validation, split = source.pool, source.validation, source.split
     assert validation and "held out" in split
     assert not {e.source for e in pool} & {e.source for e in validation}
     assert len(pool) + len(validation) == len(train)
@@ -191,7 +192,7 @@ def test_best_prompt_is_chosen_on_validation_even_where_test_says_otherwise(tiny
     )
     systems = {s["key"]: s for s in result["systems"]}
     selection = result["prompt_selection"]
-    assert selection["split"] == str(val) and selection["examples"] == 9
+    assert Path(selection["split"]).resolve() == val.resolve() and selection["examples"] == 9
     assert selection["chosen"] == "random_3"  # the first variant that is right on every validation example
     assert systems["base_best_prompt"]["prompt"]["key"] == "random_3"
     # on the test split the chosen prompt is the worst: the comparison reports it anyway
@@ -278,3 +279,42 @@ def test_content_free_scores_equal_scoring_the_content_free_prompt_whole(tiny_mo
     calibrated = res.decided(LABELS, calibrated=True).predictions
     for row, free, pred in zip(res.label_scores, res.content_free, calibrated):
         assert pred == LABELS[predict([lp for lp, _ in row], prior=content_free_prior(free))]
+
+
+def test_evaluate_prompts_measures_the_baseline_without_a_run(tiny_model_dir, tmp_path):
+    """The prompted systems of a config alone (what `make results --prompt-only` records for runs that are gone)
+    equal what `tunesmith eval` reports for the same config's base systems."""
+    from tunesmith.evaluation.task_eval import evaluate_prompts
+
+    train = _write(tmp_path / "train.jsonl", _rows(30, 0))
+    test = _write(tmp_path / "test.jsonl", _rows(6, 1))
+    overrides = {
+        "model.name": str(tiny_model_dir),
+        "data.train": str(train),
+        "data.test": str(test),
+        "data.max_length": 64,
+        "train.threads": 1,
+        "train.seed": 3,
+    }
+    cfg = validate_config(
+        {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"train": str(train), "test": str(test), "max_length": 64},
+            "train": {"threads": 1, "seed": 3},
+        }
+    )
+    alone = evaluate_prompts(cfg, by="score", knn_shots=2, select_limit=3, log=lambda *_: None)
+    assert [s["key"] for s in alone["systems"]] == ["base_zero_shot", "base_few_shot", "base_best_prompt"]
+    assert alone["prompt_selection"]["examples"] == 3
+    run = tunesmith.train(
+        None,
+        quiet=True,
+        log=lambda *_: None,
+        **overrides,
+        **{"output": str(tmp_path / "run"), "train.max_steps": 1, "train.batch_size": 4, "lora.r": 2},
+    )
+    full = tunesmith.evaluate(
+        run, by="score", knn_shots=2, select_limit=3, forgetting=False, quiet=True, log=lambda *_: None
+    )
+    for a, b in zip(alone["systems"], full["systems"]):
+        assert a["key"] == b["key"] and a["prompt"] == b["prompt"] and a["metrics"] == b["metrics"]

@@ -189,3 +189,65 @@ def test_the_verdict_follows_the_paired_interval(tmp_path, low, high, expected):
     results.write_table([row], out, SimpleNamespace(note=[], records="docs/results", runs="runs/results"))
     assert results.best_prompt_key(task) == "base_best_prompt"
     assert f"| 35.0% | — | 30.0% (4 retrieved shots) | 50.0% | {expected} |" in out.read_text()
+
+
+def test_base_prompts_measured_without_the_run_fill_the_best_prompt_column(tmp_path):
+    """`--prompt-only` keeps freshly measured base systems beside an old record's fine-tuned result: the table
+    compares with the validation-chosen prompt and says that no per-example interval exists."""
+    results = _results_module()
+    task = {
+        "task": "classification",
+        "primary": "accuracy",
+        "data": {"examples": 40},
+        "systems": [
+            {"key": "base_zero_shot", "name": "base, zero-shot", "metrics": {"accuracy": 0.2}},
+            {"key": "fine_tuned", "name": "fine-tuned", "metrics": {"accuracy": 0.8}},
+        ],
+    }
+    fresh = {
+        "measured": "2026-12-06",
+        "systems": [
+            {"key": "base_zero_shot", "name": "base, zero-shot", "metrics": {"accuracy": 0.25}},
+            {
+                "key": "base_best_prompt",
+                "name": "base, best prompt",
+                "metrics": {"accuracy": 0.6},
+                "prompt": {"name": "8 retrieved shots"},
+            },
+        ],
+        "prompt_selection": {
+            "examples": 10,
+            "split": "v.jsonl",
+            "metric": "accuracy",
+            "chosen": "knn_8",
+            "variants": [
+                {
+                    "key": "knn_8",
+                    "name": "8 retrieved shots",
+                    "value": 0.7,
+                    "prompt_tokens_per_example": 400,
+                    "seconds_per_example": 1.0,
+                }
+            ],
+        },
+    }
+    row = {
+        "recipe": "r",
+        "method": "lora",
+        "task": task,
+        "forgetting": None,
+        "train_examples": 1,
+        "steps": 1,
+        "device": "cpu",
+        "paired": {"against": "base_zero_shot", "examples": 40, "mean": 0.6, "low": 0.4, "high": 0.8},
+        "prompt_only": fresh,
+    }
+    out = tmp_path / "t.md"
+    results.write_table([row], out, SimpleNamespace(note=[], records="docs/results", runs="runs/results"))
+    table = out.read_text()
+    assert (
+        "| 25.0% | — | 60.0% (8 retrieved shots) | 80.0% | **beats** prompting by +20.0 points; base prompts "
+        "measured 2026-12-06 without the fine-tuned run"
+    ) in table
+    assert "CI +40.0" not in table  # the old interval was against another system
+    assert "| 8 retrieved shots **(chosen)** | 70.0% | 400 | 1.000 |" in table

@@ -25,14 +25,14 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.example import Example
 from tunesmith.evaluation.aggregate import system_metrics
 from tunesmith.evaluation.measure import SystemResult, measure
 from tunesmith.evaluation.shots import ShotRetriever, missing_labels, pick_shots
 from tunesmith.evaluation.systems import System
-from tunesmith.evaluation.tasks import METRICS, TaskPlan
+from tunesmith.evaluation.tasks import METRICS, TaskPlan, max_new_tokens_for
 
 AUTO_KNN_SHOTS = 8  # retrieved shots: what lifted the 8-label task above (4 did as well on a one-line summary task)
 SELECT_LIMIT = {"classification": 100, "extraction": 40, "text": 40}  # validation examples the variants are tried on
@@ -263,3 +263,162 @@ def labels_missing_from(system: System, plan: TaskPlan) -> list[str]:
     if plan.task != "classification" or system.retriever is not None or not system.shots:
         return []
     return missing_labels(system.shots, plan.labels)
+
+
+# ---- the prompted systems of one evaluation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """How the base model is prompted: `eval:` config values, overridden by the command's flags."""
+
+    shots: int | str = "auto"  # random shots; auto: 3, and at least one per label for classification
+    knn_shots: int | str = "auto"  # retrieved shots; auto: AUTO_KNN_SHOTS
+    select: bool = True  # try the variants on validation and add base_best_prompt
+    select_limit: int | None = None  # validation examples; None: SELECT_LIMIT by task
+    allow_missing_labels: bool = False
+
+    @classmethod
+    def resolve(cls, cfg, **flags) -> "PromptOptions":
+        """The config's eval section with the flags that were given (None: not given); ConfigError for bad values."""
+        from tunesmith.errors import ConfigError
+
+        given = {k: v for k, v in flags.items() if v is not None}
+        values = {name: getattr(cfg.eval, name) for name in cls.__dataclass_fields__}
+        values.update(given)
+        values["allow_missing_labels"] = bool(flags.get("allow_missing_labels")) or cfg.eval.allow_missing_labels
+        for name, what in (("shots", "0 (no few-shot baseline)"), ("knn_shots", "0 (no retrieved-shots variant)")):
+            if values[name] != "auto" and values[name] < 0:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {values[name]}: give {what} or a positive number")
+        if values["select_limit"] is not None and values["select_limit"] < 1:
+            raise ConfigError(f"--select-limit {values['select_limit']}: give a positive number of validation examples")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How every system is measured: examples per forward pass, generation length (None: from the references),
+    the longest encoded example."""
+
+    batch_size: int
+    max_new_tokens: int | None
+    max_length: int | None
+
+
+@dataclass
+class Compared:
+    """One system of task.json: its key and name, the System measured, and (base systems) the prompt variant
+    whose decision rule applies. Entries that share a System share its measurement."""
+
+    key: str
+    name: str
+    system: System
+    variant: PromptVariant | None = None
+    labels_missing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShotSource:
+    """Where shots and validation examples come from: the shot pool never holds a validation example."""
+
+    pool: list[Example]
+    validation: list[Example]
+    split: str  # where the validation examples came from, in words
+
+    @classmethod
+    def of(cls, cfg, train: list[Example]) -> "ShotSource":
+        """The validation split is data.validation, else the part of the training file training held out
+        (data.val_fraction, same seed), else 10% of it held out here; shots come from the rest."""
+        from pathlib import Path
+
+        from tunesmith.data.formats import read_examples
+        from tunesmith.data.split import split_train_val
+
+        def shown(path: str) -> str:  # as the user would write it: relative to the working directory when under it
+            resolved = Path(path).resolve()
+            return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(resolved)
+
+        if cfg.data.validation and Path(cfg.data.validation).is_file():
+            return cls(train, read_examples(cfg.data.validation, cfg.data.format), shown(cfg.data.validation))
+        if len(train) < 20:
+            return cls(train, [], "")
+        fraction = cfg.data.val_fraction if cfg.data.val_fraction > 0 else 0.1
+        rest, held = split_train_val(train, fraction, cfg.train.seed)
+        return cls(rest, held, f"{fraction:.0%} of {shown(cfg.data.train)} held out (seed {cfg.train.seed})")
+
+
+@dataclass
+class BaseSystems:
+    """The prompted base systems of an evaluation, and how the best prompt was chosen (None: not chosen)."""
+
+    compared: list[Compared]
+    selection: Selection | None = None
+
+
+def base_systems(
+    cfg,
+    plan: TaskPlan,
+    base: tuple,
+    source: ShotSource,
+    options: PromptOptions,
+    settings: MeasureSettings,
+    progress,
+    log=print,
+) -> BaseSystems:
+    """base zero-shot, base few-shot (every label covered) and the best prompt chosen on validation."""
+    if plan.task == "lm":  # raw text: the base model is measured as it is; there is nothing to prompt
+        return BaseSystems([Compared("base_zero_shot", "base", System("base_zero_shot", "base", *base))])
+    labels, pool, seed = plan.labels or [], source.pool, cfg.train.seed
+    few_k = (max(3, len(labels)) if options.shots == "auto" else options.shots) if pool else 0
+    knn_k = (AUTO_KNN_SHOTS if options.knn_shots == "auto" else options.knn_shots) if pool else 0
+    if options.shots != "auto" and labels and 0 < few_k < len(labels) and not options.allow_missing_labels:
+        pick_shots(pool, few_k, labels, seed)  # raises the ConfigError that says what to do
+    instruction = instruction_for(plan, pool)
+
+    def system_for(variant: PromptVariant, key: str) -> System:
+        return build_system(variant, key, *base, pool, plan, seed, instruction, options.allow_missing_labels)
+
+    zero, few = PromptVariant(), PromptVariant("random", few_k)
+    by_prompt = {zero.prompt: system_for(zero, "base_zero_shot")}
+    out = BaseSystems([Compared("base_zero_shot", "base, zero-shot", by_prompt[zero.prompt])])
+    if few_k:
+        by_prompt[few.prompt] = system_for(few, "base_few_shot")
+        missing = labels_missing_from(by_prompt[few.prompt], plan)
+        if missing:
+            log(f"note: the {few_k}-shot prompt shows no example of {', '.join(missing)} (fewer shots than labels)")
+        out.compared.append(
+            Compared("base_few_shot", f"base, {few_k}-shot", by_prompt[few.prompt], labels_missing=missing)
+        )
+    if not options.select:
+        return out
+    if not source.validation:
+        log(
+            "note: no validation examples to choose a prompt on (data.validation, or 20+ training examples): "
+            "the fine-tuned model is compared with zero- and few-shot prompting only"
+        )
+        return out
+    sample = validation_sample(source.validation, options.select_limit or SELECT_LIMIT[plan.task], seed)
+    tried = variants(plan, few_k, knn_k, instruction)
+    log(f"eval: trying {len(tried)} prompt variants on {len(sample)} validation examples")
+    out.selection = select_prompt(
+        sample,
+        source.split,
+        pool,
+        plan,
+        tried,
+        base,
+        seed=seed,
+        instruction=instruction,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens or max_new_tokens_for(plan, base[1], sample),
+        max_length=settings.max_length,
+        progress=progress,
+        log=log,
+        allow_missing_labels=options.allow_missing_labels,
+    )
+    chosen = out.selection.chosen
+    if chosen.prompt not in by_prompt:
+        by_prompt[chosen.prompt] = system_for(chosen, "base_best_prompt")
+    out.compared.append(Compared("base_best_prompt", "base, best prompt", by_prompt[chosen.prompt], chosen))
+    return out
