@@ -56,6 +56,27 @@ def _ex(user: str, answer: str, source: str = "t.jsonl:1") -> Example:
     )
 
 
+def _tiny_run(tiny_model_dir, tmp_path, train: Path, test: Path, **overrides):
+    """One LoRA step on the tiny model: a finished run an evaluation can load."""
+    return tunesmith.train(
+        None,
+        quiet=True,
+        log=lambda *_: None,
+        **{
+            "model.name": str(tiny_model_dir),
+            "data.train": str(train),
+            "data.test": str(test),
+            "output": str(tmp_path / "run"),
+            "train.max_steps": 1,
+            "train.batch_size": 4,
+            "data.max_length": 64,
+            "lora.r": 2,
+            "train.threads": 1,
+            **overrides,
+        },
+    )
+
+
 class _Renderer:
     system_prompt = None
     raw_prompts = False
@@ -167,23 +188,7 @@ def test_best_prompt_is_chosen_on_validation_even_where_test_says_otherwise(tiny
     train = _write(tmp_path / "train.jsonl", _rows(30, 0))
     val = _write(tmp_path / "val.jsonl", _rows(9, 2))
     test = _write(tmp_path / "test.jsonl", _rows(9, 1))
-    run = tunesmith.train(
-        None,
-        quiet=True,
-        log=lambda *_: None,
-        **{
-            "model.name": str(tiny_model_dir),
-            "data.train": str(train),
-            "data.validation": str(val),
-            "data.test": str(test),
-            "output": str(tmp_path / "run"),
-            "train.max_steps": 1,
-            "train.batch_size": 4,
-            "data.max_length": 64,
-            "lora.r": 2,
-            "train.threads": 1,
-        },
-    )
+    run = _tiny_run(tiny_model_dir, tmp_path, train, test, **{"data.validation": str(val)})
     _fake_measure.test_file = test
     monkeypatch.setattr(prompting, "measure", _fake_measure)
     monkeypatch.setattr(task_eval, "measure", _fake_measure)
@@ -205,23 +210,7 @@ def test_best_prompt_is_chosen_on_validation_even_where_test_says_otherwise(tiny
 def test_fewer_shots_than_labels_needs_asking(tiny_model_dir, tmp_path):
     train = _write(tmp_path / "train.jsonl", _rows(30, 0))
     test = _write(tmp_path / "test.jsonl", _rows(6, 1))
-    run = tunesmith.train(
-        None,
-        quiet=True,
-        log=lambda *_: None,
-        **{
-            "model.name": str(tiny_model_dir),
-            "data.train": str(train),
-            "data.test": str(test),
-            "output": str(tmp_path / "run"),
-            "train.max_steps": 1,
-            "train.batch_size": 4,
-            "data.max_length": 64,
-            "lora.r": 2,
-            "train.threads": 1,
-            "data.val_fraction": 0.0,
-        },
-    )
+    run = _tiny_run(tiny_model_dir, tmp_path, train, test, **{"data.val_fraction": 0.0})
     with pytest.raises(tunesmith.errors.ConfigError, match="--shots 2 cannot show every one of the 3 labels"):
         tunesmith.evaluate(run, shots=2, forgetting=False, quiet=True, log=lambda *_: None)
     lines = []
@@ -282,37 +271,17 @@ def test_content_free_scores_equal_scoring_the_content_free_prompt_whole(tiny_mo
 
 
 def test_evaluate_prompts_measures_the_baseline_without_a_run(tiny_model_dir, tmp_path):
-    """The prompted systems of a config alone (what `make results --prompt-only` records for runs that are gone)
-    equal what `tunesmith eval` reports for the same config's base systems."""
+    """The prompted systems of a config alone (what `make results --prompt-only` records for runs that are gone; only
+    the config is used, no model of the run) equal what `tunesmith eval` reports for the same config's base
+    systems."""
     from tunesmith.evaluation.task_eval import evaluate_prompts
 
     train = _write(tmp_path / "train.jsonl", _rows(30, 0))
     test = _write(tmp_path / "test.jsonl", _rows(6, 1))
-    overrides = {
-        "model.name": str(tiny_model_dir),
-        "data.train": str(train),
-        "data.test": str(test),
-        "data.max_length": 64,
-        "train.threads": 1,
-        "train.seed": 3,
-    }
-    cfg = validate_config(
-        {
-            "model": {"name": str(tiny_model_dir)},
-            "data": {"train": str(train), "test": str(test), "max_length": 64},
-            "train": {"threads": 1, "seed": 3},
-        }
-    )
-    alone = evaluate_prompts(cfg, by="score", knn_shots=2, select_limit=3, log=lambda *_: None)
+    run = _tiny_run(tiny_model_dir, tmp_path, train, test, **{"train.seed": 3})
+    alone = evaluate_prompts(run.config, by="score", knn_shots=2, select_limit=3, log=lambda *_: None)
     assert [s["key"] for s in alone["systems"]] == ["base_zero_shot", "base_few_shot", "base_best_prompt"]
     assert alone["prompt_selection"]["examples"] == 3
-    run = tunesmith.train(
-        None,
-        quiet=True,
-        log=lambda *_: None,
-        **overrides,
-        **{"output": str(tmp_path / "run"), "train.max_steps": 1, "train.batch_size": 4, "lora.r": 2},
-    )
     full = tunesmith.evaluate(
         run, by="score", knn_shots=2, select_limit=3, forgetting=False, quiet=True, log=lambda *_: None
     )

@@ -144,6 +144,23 @@ def test_the_shipped_records_name_shipped_recipes_and_render(tmp_path):
         assert f"| {path.stem} (" in table and f"### {path.stem}" in table
 
 
+def _table(results, tmp_path, task: dict, **row) -> str:
+    """docs/results.md's text for one record of `task` (a lora run, no forgetting measured)."""
+    row = {
+        "recipe": "r",
+        "method": "lora",
+        "task": task,
+        "forgetting": None,
+        "train_examples": 1,
+        "steps": 1,
+        "device": "cpu",
+        **row,
+    }
+    out = tmp_path / "t.md"
+    results.write_table([row], out, SimpleNamespace(note=[], records="docs/results", runs="runs/results"))
+    return out.read_text()
+
+
 @pytest.mark.parametrize(
     "low, high, expected",
     [
@@ -175,20 +192,10 @@ def test_the_verdict_follows_the_paired_interval(tmp_path, low, high, expected):
             {"key": "fine_tuned", "name": "fine-tuned", "metrics": {"chrf": 0.5}},
         ],
     }
-    row = {
-        "recipe": "r",
-        "method": "lora",
-        "task": task,
-        "forgetting": None,
-        "train_examples": 1,
-        "steps": 1,
-        "device": "cpu",
-        "paired": {"against": "base_best_prompt", "examples": 40, "mean": 0.1, "low": low, "high": high},
-    }
-    out = tmp_path / "t.md"
-    results.write_table([row], out, SimpleNamespace(note=[], records="docs/results", runs="runs/results"))
+    paired = {"against": "base_best_prompt", "examples": 40, "mean": 0.1, "low": low, "high": high}
+    table = _table(results, tmp_path, task, paired=paired)
     assert results.best_prompt_key(task) == "base_best_prompt"
-    assert f"| 35.0% | — | 30.0% (4 retrieved shots) | 50.0% | {expected} |" in out.read_text()
+    assert f"| 35.0% | — | 30.0% (4 retrieved shots) | 50.0% | {expected} |" in table
 
 
 def test_base_prompts_measured_without_the_run_fill_the_best_prompt_column(tmp_path):
@@ -231,20 +238,8 @@ def test_base_prompts_measured_without_the_run_fill_the_best_prompt_column(tmp_p
             ],
         },
     }
-    row = {
-        "recipe": "r",
-        "method": "lora",
-        "task": task,
-        "forgetting": None,
-        "train_examples": 1,
-        "steps": 1,
-        "device": "cpu",
-        "paired": {"against": "base_zero_shot", "examples": 40, "mean": 0.6, "low": 0.4, "high": 0.8},
-        "prompt_only": fresh,
-    }
-    out = tmp_path / "t.md"
-    results.write_table([row], out, SimpleNamespace(note=[], records="docs/results", runs="runs/results"))
-    table = out.read_text()
+    paired = {"against": "base_zero_shot", "examples": 40, "mean": 0.6, "low": 0.4, "high": 0.8}
+    table = _table(results, tmp_path, task, paired=paired, prompt_only=fresh)
     assert (
         "| 25.0% | — | 60.0% (8 retrieved shots) | 80.0% | **beats** prompting by +20.0 points; base prompts "
         "measured 2026-12-06 without the fine-tuned run"

@@ -23,8 +23,8 @@ is kept in eval/task.json.
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.example import Example
@@ -187,45 +187,28 @@ class Selection:
 def select_prompt(
     validation: list[Example],
     split: str,
-    pool: list[Example],
     plan: TaskPlan,
     tried: list[PromptVariant],
-    base: tuple,
+    system_for: Callable[[PromptVariant], System],
     *,
-    seed: int,
-    instruction: str | None,
     batch_size: int,
     max_new_tokens: int,
     max_length: int | None,
     progress,
     log=print,
-    allow_missing_labels: bool = False,
 ) -> Selection:
-    """Measure every variant on the validation examples and pick the best by the primary metric."""
-    model, tokenizer, renderer = base
+    """Measure every variant on the validation examples and pick the best by the primary metric. `system_for`
+    gives the System that prompts as a variant says (one per prompt: the test split reuses it)."""
     # choose by what the test reports first: label scoring when it is on, else generation
     by = ("score",) if "score" in plan.by else plan.by
     val_plan = TaskPlan(plan.task, plan.primary, plan.labels, by, plan.format)
     higher = METRICS[plan.primary][1]
-    measured: dict[tuple, tuple[SystemResult, float]] = {}
+    measured: dict[tuple, SystemResult] = {}
     rows, best, best_value = [], None, None
     for variant in tried:
         if variant.prompt not in measured:
-            system = build_system(
-                variant,
-                f"select:{variant.key}",
-                model,
-                tokenizer,
-                renderer,
-                pool,
-                plan,
-                seed,
-                instruction,
-                allow_missing_labels,
-            )
-            t0 = time.perf_counter()
-            res = measure(
-                system,
+            measured[variant.prompt] = measure(
+                system_for(variant),
                 validation,
                 val_plan,
                 batch_size=batch_size,
@@ -235,8 +218,7 @@ def select_prompt(
                 calibrate=any(v.calibrated and v.prompt == variant.prompt for v in tried),
                 reference_loss=False,
             )
-            measured[variant.prompt] = (res, time.perf_counter() - t0)
-        res, _ = measured[variant.prompt]
+        res = measured[variant.prompt]
         metrics, _, _ = system_metrics(val_plan, validation, decided(res, variant, plan))
         value = metrics.get(plan.primary)
         seconds = sum(v for k, v in res.seconds.items() if k != "calibration" or variant.calibrated)
@@ -305,11 +287,20 @@ class MeasureSettings:
     max_new_tokens: int | None
     max_length: int | None
 
+    @classmethod
+    def of(cls, cfg, batch_size: int | None = None, max_new_tokens: int | None = None) -> "MeasureSettings":
+        """The config's eval settings, with the flags that were given; the run's resolved data.max_length."""
+        return cls(
+            batch_size or cfg.eval.batch_size,
+            max_new_tokens or cfg.eval.max_new_tokens,
+            cfg.data.max_length if isinstance(cfg.data.max_length, int) else None,
+        )
+
 
 @dataclass
 class Compared:
-    """One system of task.json: its key and name, the System measured, and (base systems) the prompt variant
-    whose decision rule applies. Entries that share a System share its measurement."""
+    """One system of task.json: its key and name, the System measured, and (base systems) the prompt variant it
+    stands for, whose decision rule applies. Entries that share a System share its measurement."""
 
     key: str
     name: str
@@ -368,7 +359,8 @@ def base_systems(
 ) -> BaseSystems:
     """base zero-shot, base few-shot (every label covered) and the best prompt chosen on validation."""
     if plan.task == "lm":  # raw text: the base model is measured as it is; there is nothing to prompt
-        return BaseSystems([Compared("base_zero_shot", "base", System("base_zero_shot", "base", *base))])
+        base_system = System("base_zero_shot", "base", *base)
+        return BaseSystems([Compared("base_zero_shot", "base", base_system, PromptVariant())])
     labels, pool, seed = plan.labels or [], source.pool, cfg.train.seed
     few_k = (max(3, len(labels)) if options.shots == "auto" else options.shots) if pool else 0
     knn_k = (AUTO_KNN_SHOTS if options.knn_shots == "auto" else options.knn_shots) if pool else 0
@@ -376,19 +368,23 @@ def base_systems(
         pick_shots(pool, few_k, labels, seed)  # raises the ConfigError that says what to do
     instruction = instruction_for(plan, pool)
 
-    def system_for(variant: PromptVariant, key: str) -> System:
-        return build_system(variant, key, *base, pool, plan, seed, instruction, options.allow_missing_labels)
+    by_prompt: dict[tuple, System] = {}
+
+    def system_for(variant: PromptVariant) -> System:  # one System per prompt, for validation and test alike
+        if variant.prompt not in by_prompt:
+            by_prompt[variant.prompt] = build_system(
+                variant, variant.key, *base, pool, plan, seed, instruction, options.allow_missing_labels
+            )
+        return by_prompt[variant.prompt]
 
     zero, few = PromptVariant(), PromptVariant("random", few_k)
-    by_prompt = {zero.prompt: system_for(zero, "base_zero_shot")}
-    out = BaseSystems([Compared("base_zero_shot", "base, zero-shot", by_prompt[zero.prompt])])
+    out = BaseSystems([Compared("base_zero_shot", "base, zero-shot", system_for(zero), zero)])
     if few_k:
-        by_prompt[few.prompt] = system_for(few, "base_few_shot")
-        missing = labels_missing_from(by_prompt[few.prompt], plan)
+        missing = labels_missing_from(system_for(few), plan)
         if missing:
             log(f"note: the {few_k}-shot prompt shows no example of {', '.join(missing)} (fewer shots than labels)")
         out.compared.append(
-            Compared("base_few_shot", f"base, {few_k}-shot", by_prompt[few.prompt], labels_missing=missing)
+            Compared("base_few_shot", f"base, {few_k}-shot", system_for(few), few, labels_missing=missing)
         )
     if not options.select:
         return out
@@ -404,21 +400,15 @@ def base_systems(
     out.selection = select_prompt(
         sample,
         source.split,
-        pool,
         plan,
         tried,
-        base,
-        seed=seed,
-        instruction=instruction,
+        system_for,
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens or max_new_tokens_for(plan, base[1], sample),
         max_length=settings.max_length,
         progress=progress,
         log=log,
-        allow_missing_labels=options.allow_missing_labels,
     )
     chosen = out.selection.chosen
-    if chosen.prompt not in by_prompt:
-        by_prompt[chosen.prompt] = system_for(chosen, "base_best_prompt")
-    out.compared.append(Compared("base_best_prompt", "base, best prompt", by_prompt[chosen.prompt], chosen))
+    out.compared.append(Compared("base_best_prompt", "base, best prompt", system_for(chosen), chosen))
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunesmith.data.example import Example, Message
+from tunesmith.evaluation.shots import input_text
 
 
 @dataclass
@@ -27,21 +28,22 @@ class System:
     shots: list[Example] = field(default_factory=list)
     retriever: object = None  # evaluation.shots.ShotRetriever: the k most similar training examples per example
     instruction: str | None = None  # appended to the system prompt (e.g. "Answer with exactly one of: ...")
-    _retrieved: dict = field(default_factory=dict, repr=False, compare=False)
+    _retrieved: dict = field(default_factory=dict, repr=False, compare=False)  # (source, input) -> shots
 
     def prepare(self, examples: list[Example]) -> None:
         """Retrieve the shots of many examples in one batch (a retriever's shots are otherwise found one by one)."""
         if self.retriever is not None:
-            todo = [ex for ex in examples if id(ex) not in self._retrieved]
+            todo = [ex for ex in examples if _cache_key(ex) not in self._retrieved]
             for ex, shots in zip(todo, self.retriever.shots_for_many(todo)):
-                self._retrieved[id(ex)] = shots
+                self._retrieved[_cache_key(ex)] = shots
 
     def shots_for(self, ex: Example) -> list[Example]:
         if self.retriever is None:
             return self.shots
-        if id(ex) not in self._retrieved:
-            self._retrieved[id(ex)] = self.retriever.shots_for(ex)
-        return self._retrieved[id(ex)]
+        key = _cache_key(ex)
+        if key not in self._retrieved:
+            self._retrieved[key] = self.retriever.shots_for(ex)
+        return self._retrieved[key]
 
     @property
     def n_shots(self) -> int:
@@ -66,7 +68,7 @@ class System:
                 prompt = self.renderer.system_prompt
                 system = [Message("system", f"{prompt}\n\n{self.instruction}" if prompt else self.instruction)]
         shots = self.shots_for(ex) if shots is None else shots
-        turns_of_shots = [m for s in shots for m in (Message("user", _user_text(s)), Message("assistant", s.answer()))]
+        turns_of_shots = [m for s in shots for m in (Message("user", input_text(s)), Message("assistant", s.answer()))]
         return [*system, *turns_of_shots, *turns[lead:]]
 
     def content_free(self, ex: Example, text: str) -> Example:
@@ -100,14 +102,7 @@ class System:
         return split_encoded(self.renderer, full, self.renderer.prompt_ids(msgs, add_generation_prompt=True))
 
 
-def _user_text(ex: Example) -> str:
-    if ex.kind == "completion":
-        return ex.prompt or ""
-    users = [m.content for m in ex.prompt_messages() if m.role == "user"]
-    return users[-1] if users else ""
-
-
-def input_text(ex: Example) -> str:
-    if ex.kind == "text":
-        return ex.text or ""
-    return _user_text(ex)
+def _cache_key(ex: Example) -> tuple[str, str]:
+    """What a retriever's answer depends on, and which example it is: a System serves the validation and the test
+    split, so the key is the example's content and origin, never its id() (which a freed object passes on)."""
+    return ex.source, input_text(ex)

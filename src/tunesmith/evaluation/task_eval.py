@@ -25,13 +25,13 @@ from tunesmith.evaluation.prompting import (
     Compared,
     MeasureSettings,
     PromptOptions,
-    PromptVariant,
     Selection,
     ShotSource,
     base_systems,
     decided,
 )
-from tunesmith.evaluation.systems import System, input_text
+from tunesmith.evaluation.shots import input_text
+from tunesmith.evaluation.systems import System
 from tunesmith.evaluation.tasks import METRICS, TaskPlan, max_new_tokens_for, plan_task
 from tunesmith.progress import Progress
 from tunesmith.run_dir import RunDir
@@ -75,11 +75,7 @@ def evaluate_run(
     base_model, base_tok = models.load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     base_model.eval()
     base = (base_model, base_tok, Renderer(base_tok, cfg.model.chat_template, cfg.data.system_prompt))
-    settings = MeasureSettings(
-        batch_size or cfg.eval.batch_size,
-        max_new_tokens or cfg.eval.max_new_tokens,
-        cfg.data.max_length if isinstance(cfg.data.max_length, int) else None,
-    )
+    settings = MeasureSettings.of(cfg, batch_size, max_new_tokens)
     tuned = System("fine_tuned", "fine-tuned", tuned_model, tuned_tok, tuned_renderer)
     with progress or Progress(None) as bars:
         prompted = base_systems(cfg, plan, base, ShotSource.of(cfg, train), options, settings, bars, log)
@@ -198,8 +194,8 @@ def measure_compared(
             "seconds": seconds,
             "seconds_by_mode": by_mode,
         }
-        if c.key != "fine_tuned":
-            entry["prompt"] = (c.variant or _variant_of(c.system)).describe()
+        if c.variant is not None:
+            entry["prompt"] = c.variant.describe()
         if c.labels_missing:
             entry["labels_missing"] = c.labels_missing
         entries.append(entry)
@@ -232,7 +228,7 @@ def evaluate_prompts(
     model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
     model.eval()
     base = (model, tokenizer, Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt))
-    settings = MeasureSettings(cfg.eval.batch_size, cfg.eval.max_new_tokens, None)
+    settings = MeasureSettings.of(cfg)
     with progress or Progress(None) as bars:
         prompted = base_systems(cfg, plan, base, ShotSource.of(cfg, train), options, settings, bars, log)
         max_new = settings.max_new_tokens or max_new_tokens_for(plan, tokenizer, test)
@@ -310,21 +306,8 @@ def run_task_eval(
         Path(run_dir) / "eval" / "task_examples.jsonl",
         "".join(json.dumps(_finite(r), ensure_ascii=False) + "\n" for r in records),
     )
-    _write_task_json(run_dir, result)
+    atomic_write_text(Path(run_dir) / "eval" / "task.json", json.dumps(_finite(result), indent=2, ensure_ascii=False))
     return result
-
-
-def _write_task_json(run_dir: Path, result: dict) -> None:
-    atomic_write_text(
-        Path(run_dir) / "eval" / "task.json",
-        json.dumps(_finite({k: v for k, v in result.items() if k != "forgetting"}), indent=2, ensure_ascii=False),
-    )
-
-
-def _variant_of(system: System) -> PromptVariant:
-    if system.retriever is not None:
-        return PromptVariant("knn", system.retriever.k, system.instruction is not None)
-    return PromptVariant("random" if system.shots else "none", len(system.shots), system.instruction is not None)
 
 
 def _finite(obj):
