@@ -21,6 +21,13 @@ Variants:
   hf          Trainer + peft, dynamic padding (DataCollatorForSeq2Seq), examples in the same order
   hf-group    the same with train_sampling_strategy="group_by_length" (Trainer's length grouping)
   ts-full / hf-full   full fine-tuning, tunesmith and Trainer
+  ts-bf16     tunesmith with train.precision bf16-mixed (autocast to bf16; fp32 weights, AdamW state, LM head, loss)
+  hf-bf16     Trainer + peft with bf16=True (its autocast to bf16: the fair counterpart of ts-bf16)
+  ts-full-bf16 / hf-full-bf16   full fine-tuning in bf16-mixed / Trainer bf16=True
+
+Every variant without -bf16 runs in fp32 (tunesmith's train.precision auto would pick bf16-mixed on a CPU with
+native bf16). The bf16 variants need such a CPU to mean anything: the header says which bf16 instructions the
+CPU has (AVX512-BF16, AMX-BF16) or that it has none, in which case bf16 is emulated and slow.
 
 Useful tokens: the tokens of the training examples (no padding), counted once per example even where
 tunesmith encodes a shared prefix once. Per-step useful tokens/s are taken from step 2 on (step 1 is
@@ -44,7 +51,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("ts", "ts-noshare", "ts-nochunk", "ts-nofuse", "hf", "hf-group", "ts-full", "hf-full")
+VARIANTS = (
+    "ts",
+    "ts-noshare",
+    "ts-nochunk",
+    "ts-nofuse",
+    "hf",
+    "hf-group",
+    "ts-full",
+    "hf-full",
+    "ts-bf16",
+    "hf-bf16",
+    "ts-full-bf16",
+    "hf-full-bf16",
+)
 SEED = 42
 
 
@@ -83,11 +103,14 @@ def main() -> None:
     )
     ceiling = matmul_gflops(args.threads)
     print(f"fp32 2048x2048 matmul, {args.threads} threads: {ceiling:.1f} GFLOP/s", flush=True)
+    print(f"CPU: {cpu_name()}; native bf16: {', '.join(cpu_bf16()) or 'none (bf16 is emulated)'}", flush=True)
+    if any("bf16" in v for v in variants):
+        print(f"bf16 2048x2048 matmul: {matmul_gflops(args.threads, dtype='bfloat16'):.1f} GFLOP/s", flush=True)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="tunesmith-bench-") as work:
         for rep in range(max(args.repeats, full_repeats)):
             for v in variants:
-                if rep >= (full_repeats if v.endswith("full") else args.repeats):
+                if rep >= (full_repeats if _full(v) else args.repeats):
                     continue
                 result = spawn(v, args, Path(work) / f"{v}-{rep}")
                 runs[v].append(result)
@@ -141,8 +164,8 @@ def print_table(runs: dict[str, list[dict]], ceiling: float) -> None:
     for v, rs in runs.items():
         if not rs:
             continue
-        base = "hf-full" if v.endswith("full") else "hf"
-        group = None if v.endswith("full") else "hf-group"
+        base = _baseline(v)
+        group = None if _full(v) else "hf-group"
         tps = med(v, "tokens_per_s")
         ratio = lambda b, key, v=v: f"{med(v, key) / med(b, key):.2f}x" if runs.get(b) else "-"  # noqa: E731
         gflops = med(v, "gflops")
@@ -153,18 +176,51 @@ def print_table(runs: dict[str, list[dict]], ceiling: float) -> None:
             f"{gflops:>8.1f} {gflops / ceiling:>8.0%}"
         )
     for v in runs:
-        base = "hf-full" if v.endswith("full") else "hf"
+        base = _baseline(v)
         if v != base and runs[v] and runs.get(base):
             d_first = abs(runs[v][0]["first_loss"] - runs[base][0]["first_loss"])
             d_val = abs(med(v, "val_loss") - med(base, "val_loss")) / med(base, "val_loss")
             print(f"{v}: first-step loss differs from {base} by {d_first:.2e}; final validation loss by {d_val:.2%}")
+    for mixed, plain in (
+        ("ts-bf16", "ts"),
+        ("ts-full-bf16", "ts-full"),
+        ("hf-bf16", "hf"),
+        ("hf-full-bf16", "hf-full"),
+    ):
+        if runs.get(mixed) and runs.get(plain):
+            speed = med(mixed, "tokens_per_s") / med(plain, "tokens_per_s")
+            rss = med(mixed, "peak_rss_mb") / med(plain, "peak_rss_mb")
+            d_first = abs(runs[mixed][0]["first_loss"] - runs[plain][0]["first_loss"]) / runs[plain][0]["first_loss"]
+            d_val = (med(mixed, "val_loss") - med(plain, "val_loss")) / med(plain, "val_loss")
+            print(
+                f"{mixed} vs {plain} (fp32): {speed:.2f}x useful tok/s, {rss:.2f}x peak RSS, first-step loss "
+                f"{d_first:.2e} relative, validation loss {d_val:+.2%}"
+            )
 
 
-def matmul_gflops(threads: int, n: int = 2048, reps: int = 5) -> float:
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_bf16() -> list[str]:
+    from tunesmith.models.precision import cpu_bf16_features
+
+    return cpu_bf16_features()
+
+
+def matmul_gflops(threads: int, n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -201,12 +257,21 @@ def _subset(args, workdir: Path) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
+def _full(variant: str) -> bool:
+    return "-full" in variant
+
+
+def _baseline(variant: str) -> str:
+    """The Trainer run a variant is compared with: same method and precision."""
+    return ("hf-full" if _full(variant) else "hf") + ("-bf16" if variant.endswith("bf16") else "")
+
+
 def _steps(variant: str, args) -> int:
-    return args.full_steps if variant.endswith("full") else args.steps
+    return args.full_steps if _full(variant) else args.steps
 
 
 def _lr(variant: str, args) -> float:
-    return args.lr / 10 if variant.endswith("full") else args.lr
+    return args.lr / 10 if _full(variant) else args.lr
 
 
 def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file: Path) -> dict:
@@ -226,7 +291,7 @@ def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file
     steps = _steps(variant, args)
     config = {
         "model": {"name": args.model},
-        "method": "full" if variant.endswith("full") else "lora",
+        "method": "full" if _full(variant) else "lora",
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target": "all-linear"},
         "data": {"train": str(train_file), "validation": str(val_file)},
         "train": {
@@ -243,6 +308,7 @@ def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file
             "save_every": steps,
             "threads": args.threads,
             "batching": "pack",
+            "precision": "bf16-mixed" if variant.endswith("bf16") else "fp32",
         },
         "output": str(workdir / "run"),
     }
@@ -271,7 +337,7 @@ def _work_flops(variant: str, run_dir, args) -> float:
     lengths = [len(e.input_ids) for e in encoded]
     steps = step_indices(lengths, args.batch, SEED, 0, "pack")[: _steps(variant, args)]
     body, head = _param_counts(model)
-    k = 6 if variant.endswith("full") else 4
+    k = 6 if _full(variant) else 4
     flops = useful = 0
     for step in steps:
         for b in make_batches(
@@ -319,7 +385,7 @@ def _hf_run(variant: str, args, workdir: Path, train_file: Path, val_file: Path)
     model, tokenizer = models.load(args.model, dtype="float32", device="cpu")
     tokenizer.padding_side = "right"  # positions count from 0 in every row, as in training
     body, head = _param_counts(model)
-    full = variant.endswith("full")
+    full = _full(variant)
     if not full:
         # the same peft LoRA, initialised from the same seed, as the tunesmith run
         cfg = validate_config(
@@ -383,6 +449,7 @@ def _hf_run(variant: str, args, workdir: Path, train_file: Path, val_file: Path)
         report_to=[],
         seed=SEED,
         use_cpu=True,
+        bf16=variant.endswith("bf16"),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,

@@ -12,6 +12,7 @@ from torch import nn
 
 from tunesmith.data.batching import make_batches
 from tunesmith.data.templates import Encoded
+from tunesmith.models.precision import Precision
 from tunesmith.training import chunked_loss, loop
 
 
@@ -67,7 +68,7 @@ def _model(tiny_model_dir, lora: bool):
 
 def _loss_and_grads(model, batches):
     ctx = SimpleNamespace(
-        model=model, kl=None, virtual_tokens=0, device=torch.device("cpu"), dtype=torch.float32, autocast=False
+        model=model, kl=None, virtual_tokens=0, device=torch.device("cpu"), precision=Precision("fp32", "test")
     )
     total, hits = 0.0, 0
     for b in batches:

@@ -70,27 +70,3 @@ def test_a_fused_peft_model_gives_peft_logits_and_gradients(tiny_model_dir):
         off = fused(input_ids=ids).logits
         torch.testing.assert_close(off, model(input_ids=ids).logits)
     assert not torch.allclose(off, out["fused"][0], atol=1e-3)  # off really is off
-
-
-def test_under_autocast_peft_runs_its_own_forward(tiny_model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    import tunesmith.methods.lora_fused as lf
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    fuse_lora(model)
-    calls = []
-    real = lf.lora_linear
-    lf.lora_linear = lambda *a: calls.append(1) or real(*a)
-    try:
-        ids = torch.tensor([[1, 2, 3]])
-        with torch.no_grad():
-            model(input_ids=ids)
-            fused_calls = len(calls)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                model(input_ids=ids)
-    finally:
-        lf.lora_linear = real
-    assert fused_calls > 0 and len(calls) == fused_calls

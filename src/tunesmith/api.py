@@ -160,12 +160,12 @@ class Run:
     def data_summary(self) -> dict:
         return self.dir.data_summary
 
-    def load_model(self, device: str | None = None):
+    def load_model(self, device: str | None = None, dtype: str | None = None):
         """(model, tokenizer, renderer) of the fine-tuned model, cached on the Run."""
         if self._loaded is None:
             from tunesmith.evaluation.generate import load_run_model
 
-            self._loaded = load_run_model(self.dir, device=device)
+            self._loaded = load_run_model(self.dir, device=device, dtype=dtype)
         return self._loaded
 
     def generate(self, prompt: str | list[dict], **kwargs) -> str:
@@ -227,6 +227,7 @@ def evaluate(
     select: bool | None = None,
     select_limit: int | None = None,
     allow_missing_labels: bool = False,
+    dtype: str | None = None,
     progress=None,
 ) -> dict:
     """Task metrics of the fine-tuned model vs the base model prompted zero-shot, few-shot (`shots` training
@@ -235,6 +236,8 @@ def evaluate(
     validation examples), on `data` (default: the run's data.test). Writes RUN_DIR/eval/task.json and task_examples.jsonl
     (docs/eval-format.md) and returns task.json's content; with `forgetting`, also the general-ability probe
     (eval/forgetting.json, under the key "forgetting" of the result).
+    `dtype` (auto, float32, bfloat16, float16; default: the run's model.dtype) is what both models are loaded in;
+    auto is bfloat16 where the device computes it natively, float32 elsewhere (task.json records it).
     Unset arguments come from the run's `eval:` config section. `probe_limit` caps the forgetting probe's questions
     (spread over its categories; default: `limit`, i.e. the whole probe when no limit is given). `answer_format`
     (default: eval.format) is a regular expression generated answers should match in full: adds `format_rate`.
@@ -258,6 +261,7 @@ def evaluate(
         select=select,
         select_limit=select_limit,
         allow_missing_labels=allow_missing_labels,
+        dtype=dtype,
         progress=Progress(None) if quiet or progress is None else progress,
         log=log,
     )

@@ -33,7 +33,9 @@ class ModelConfig(_Section):
     name: str = "smollm2-135m-instruct"
     """A built-in name (`tunesmith models list`), a local Hugging Face model directory, or a .gguf file."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Training precision. auto: float32 on CPU, bfloat16 on GPUs that support it."""
+    """Precision the model is loaded in for evaluation, generation and serving. auto: bfloat16 where the device
+    computes it natively (CPUs with AVX512-BF16 or AMX, GPUs of compute capability 8.0+), float32 elsewhere
+    (float16 on older GPUs). Training uses train.precision."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     chat_template: str | None = None
@@ -137,6 +139,10 @@ class TrainConfig(_Section):
     """pack: several examples per row without padding; pad: dynamic padding; group: length-grouped padding."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch; None: all physical cores."""
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    """fp32; bf16-mixed: bf16 matmuls under autocast, fp32 weights, optimizer state, LM head and loss; bf16: all in
+    bf16 (least memory; updates below a weight's bf16 resolution are lost). auto: bf16-mixed where the device
+    computes bf16 natively, fp32 elsewhere."""
     log: list[Literal["jsonl", "tensorboard"]] = ["jsonl"]
     """Metric sinks; metrics.jsonl is always written."""
     log_every: int = Field(1, ge=1)

@@ -51,6 +51,11 @@ from tunesmith import api
 @click.option("--max-new-tokens", type=int, help="Generation length (default: from the longest reference).")
 @click.option("--probe-limit", type=int, help="Use N of the forgetting probe's questions (default: all, or --limit).")
 @click.option("--no-forgetting", is_flag=True, help="Skip the general-ability (forgetting) probe.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Precision the models are loaded in (default: the run's model.dtype; auto: bfloat16 where native).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_command(
     run_dir,
@@ -68,6 +73,7 @@ def eval_command(
     max_new_tokens,
     probe_limit,
     no_forgetting,
+    dtype,
     quiet,
 ):
     """Measure the fine-tuned model against the base model prompted zero-shot, few-shot, and with the best prompt.
@@ -100,6 +106,7 @@ def eval_command(
         select=False if no_select else None,
         select_limit=select_limit,
         allow_missing_labels=allow_missing_labels,
+        dtype=dtype,
         progress=None if quiet else RichProgress(),
     )
     Console().print(summary_table(result))

@@ -16,6 +16,11 @@ _common = [
     click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
     click.option("--top-p", default=1.0, show_default=True, type=float),
     click.option("--seed", type=int, help="Sampling seed."),
+    click.option(
+        "--dtype",
+        type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+        help="Precision the model is loaded in (default: the run's model.dtype; auto: bfloat16 where native).",
+    ),
 ]
 
 
@@ -38,9 +43,10 @@ def common(f):
 @common
 def generate(run_dir, prompt, prompts_file, batch_size, **gen):
     """Generate answers with a run's fine-tuned model."""
-    run = api.load(run_dir)
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt or --file")
+    run = api.load(run_dir)
+    run.load_model(dtype=gen.pop("dtype"))
     if prompt is not None:
         click.echo(run.generate(prompt, **gen))
         return
@@ -77,7 +83,7 @@ def chat(run_dir, system, **gen):
     """Talk to a run's model (multi-turn, streaming). Empty line or Ctrl-D to quit; /reset to start over."""
     run = api.load(run_dir)
     click.echo("loading model...", err=True)
-    run.load_model()
+    run.load_model(dtype=gen.pop("dtype"))
     messages = [{"role": "system", "content": system}] if system else []
     click.echo("chat ready: type a message (/reset to clear, empty line to quit)", err=True)
     while True:

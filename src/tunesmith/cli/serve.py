@@ -41,7 +41,13 @@ from tunesmith import api
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Generations decoded together.")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Precision the models are loaded in; auto: bfloat16 where the device computes it natively.",
+)
 def serve(run_dirs, base, host, port, api_key, watch, **options):
     """Serve a base model and fine-tuned runs of it over an OpenAI-compatible HTTP API.
 

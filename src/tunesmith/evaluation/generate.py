@@ -18,15 +18,16 @@ import torch
 from tunesmith.run_dir import RunDir
 
 
-def load_run_model(run: RunDir | str | Path, device: str | None = None):
-    """Base model + the run's trained weights, the tokenizer, and a Renderer configured as in training."""
+def load_run_model(run: RunDir | str | Path, device: str | None = None, dtype: str | None = None):
+    """Base model + the run's trained weights, the tokenizer, and a Renderer configured as in training; in `dtype`
+    (default: the run's model.dtype, auto: bf16 where the device computes it natively)."""
     from tunesmith import methods, models
     from tunesmith.data.templates import Renderer
 
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     model_dir = run.require_model("load")
     cfg = run.config
-    model, tokenizer = models.load(cfg.model.name, dtype=cfg.model.dtype, device=device or cfg.model.device)
+    model, tokenizer = models.load(cfg.model.name, dtype=dtype or cfg.model.dtype, device=device or cfg.model.device)
     model = methods.load_trained(model, model_dir)
     model.eval()
     renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt, raw_prompts=run.raw_prompts)

@@ -52,12 +52,14 @@ def evaluate_run(
     answer_format: str | None = None,
     forgetting: bool = True,
     probe_limit: int | None = None,
+    dtype: str | None = None,
     progress: Progress | None = None,
     log=print,
     **prompt_flags,
 ) -> dict:
     """Evaluate a finished run (see tunesmith.api.evaluate for the arguments; `prompt_flags` are PromptOptions'
-    fields); returns task.json's content, with the forgetting result under "forgetting" when asked."""
+    fields); returns task.json's content, with the forgetting result under "forgetting" when asked. Both models are
+    loaded in `dtype` (default: the run's model.dtype; auto: bf16 where the device computes it natively)."""
     from tunesmith import models
     from tunesmith.data.templates import Renderer
     from tunesmith.evaluation.generate import load_run_model
@@ -71,16 +73,20 @@ def evaluate_run(
         import torch
 
         torch.set_num_threads(cfg.train.threads)
-    tuned_model, tuned_tok, tuned_renderer = load_run_model(run)
-    base_model, base_tok = models.load(cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device)
+    dtype = dtype or cfg.model.dtype
+    tuned_model, tuned_tok, tuned_renderer = load_run_model(run, dtype=dtype)
+    base_model, base_tok = models.load(cfg.model.name, dtype=dtype, device=cfg.model.device)
     base_model.eval()
+    log(f"models in {str(base_model.dtype).removeprefix('torch.')} on {base_model.device}")
     base = (base_model, base_tok, Renderer(base_tok, cfg.model.chat_template, cfg.data.system_prompt))
     settings = MeasureSettings.of(cfg, batch_size, max_new_tokens)
     tuned = System("fine_tuned", "fine-tuned", tuned_model, tuned_tok, tuned_renderer)
     with progress or Progress(None) as bars:
         prompted = base_systems(cfg, plan, base, ShotSource.of(cfg, train), options, settings, bars, log)
         compared = [*prompted.compared, Compared("fine_tuned", "fine-tuned", tuned)]
-        result = run_task_eval(run.path, test, data_path, plan, compared, settings, bars, prompted.selection, log)
+        result = run_task_eval(
+            run.path, test, data_path, plan, compared, settings, bars, prompted.selection, log, str(base_model.dtype)
+        )
     log(f"wrote {run.eval_dir / 'task.json'} and {run.eval_dir / 'task_examples.jsonl'}")
     if forgetting:
         from tunesmith.evaluation.forgetting import forgetting_eval
@@ -252,6 +258,7 @@ def run_task_eval(
     progress: Progress,
     selection: Selection | None = None,
     log=print,
+    dtype: str | None = None,
 ) -> dict:
     """Measure every system, write eval/task.json and eval/task_examples.jsonl, return task.json's content."""
     ids = example_ids(data_path, test)
@@ -299,6 +306,7 @@ def run_task_eval(
         if METRICS[plan.primary][1]
         else f"{plan.primary} has no pass mark; no examples listed",
         "max_new_tokens": max_new,
+        **({"dtype": dtype.removeprefix("torch.")} if dtype else {}),
         "by": list(plan.by),
         **({"prompt_selection": selection.to_json()} if selection is not None else {}),
     }

@@ -8,8 +8,12 @@ are the output and the input gradient. Same parameters, same saved files (peft's
 their forward is swapped), same results to fp32 rounding (tests/test_lora_fused.py).
 
 Used for plain LoRA in training where it applies: no dropout, one active adapter, not merged, an `nn.Linear`
-base layer, no autocast. Anything else (DoRA, dropout, mixed-adapter batches, bf16 autocast on a GPU) runs
-peft's own forward, unchanged.
+base layer. Anything else (DoRA, dropout, mixed-adapter batches) runs peft's own forward, unchanged.
+
+Under autocast (train.precision bf16-mixed) the layer does what autocast does to a linear layer: its inputs, the
+base weight and the LoRA matrices are cast to the autocast dtype and the products run in it, with autocast off
+inside. The cast of an fp32 LoRA matrix is an autograd op, so its gradient arrives in fp32 for the optimizer; the
+frozen base weight is usually stored in bf16 already (models/precision.cast_frozen_linears), so its cast is free.
 """
 
 from __future__ import annotations
@@ -61,14 +65,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft LoRA Linear forward, fused when nothing but plain LoRA is asked of it; peft's own otherwise."""
-    if (
-        args
-        or kwargs
-        or self.disable_adapters
-        or self.merged
-        or len(self.active_adapters) != 1
-        or torch.is_autocast_enabled(x.device.type)
-    ):
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
@@ -77,13 +74,18 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         or name in getattr(self, "lora_variant", {})
         or type(base) is not nn.Linear
         or not isinstance(self.lora_dropout[name], nn.Identity)
-        or x.dtype != self.lora_A[name].weight.dtype
-        or x.dtype != base.weight.dtype
     ):
         return type(self).forward(self, x, *args, **kwargs)
-    return lora_linear(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    )
+    tensors = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
+        with torch.autocast(device, enabled=False):
+            return lora_linear(*tensors, self.scaling[name])
+    if any(t is not None and t.dtype != x.dtype for t in tensors):
+        return type(self).forward(self, x, *args, **kwargs)
+    return lora_linear(*tensors, self.scaling[name])
 
 
 def fuse_lora(model: nn.Module) -> int:

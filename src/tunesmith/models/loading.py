@@ -205,30 +205,21 @@ def _mps_available() -> bool:
 
 
 def pick_dtype(dtype: str = "auto", device="auto"):
-    """auto: float32 on CPU (bf16 matmuls are slow without AMX) and MPS; bfloat16 on CUDA if supported, else float16."""
+    """The torch dtype a model is loaded in. auto: bfloat16 where the device computes it natively (CPUs with
+    AVX512-BF16 or AMX, GPUs of compute capability 8.0+), float16 on older GPUs, float32 elsewhere (see
+    models/precision.py)."""
     import torch
+
+    from tunesmith.models.precision import inference_dtype
 
     if isinstance(dtype, torch.dtype):
         return dtype
     spec = (dtype or "auto").strip().lower()
     if spec == "auto":
-        dev = pick_device(device)
-        if dev.type == "cuda":
-            return torch.bfloat16 if _cuda_bf16(dev) else torch.float16
-        return torch.float32
+        return inference_dtype(pick_device(device))[0]
     if spec not in _DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return getattr(torch, _DTYPES[spec])
-
-
-def _cuda_bf16(dev) -> bool:
-    import torch
-
-    with torch.cuda.device(dev):
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch has no including_emulation
-            return torch.cuda.is_bf16_supported()
 
 
 def load(name: str, dtype: str = "auto", device: str = "auto"):

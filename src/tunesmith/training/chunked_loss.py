@@ -14,7 +14,7 @@ LoRA) keeps the plain path too.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,19 @@ def hidden_states_at_kept(model):
                     setattr(parent, name, head)
                 return
     raise ValueError("the model's output embeddings are not a child module of it")
+
+
+def logits_head_outside(model, forward, autocast) -> torch.Tensor:
+    """`forward()` (the model's forward at the kept positions) run under `autocast`, with the LM head applied
+    after it, outside autocast, to fp32 hidden states: under bf16-mixed the logits, and so the loss and the KL
+    terms, are computed in fp32. With autocast off this is just `forward()`."""
+    if isinstance(autocast, nullcontext):
+        return forward()
+    with hidden_states_at_kept(model) as head:
+        with autocast:
+            hidden = forward()
+    weight = getattr(head, "weight", None)
+    return head(hidden.to(weight.dtype if weight is not None else torch.float32))
 
 
 class ChunkedHeadCE(torch.autograd.Function):

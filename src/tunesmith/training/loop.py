@@ -35,6 +35,7 @@ from tunesmith.atomic import atomic_write_text
 from tunesmith.config import Config, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
+from tunesmith.models.precision import Precision, cast_frozen_linears, resolve_training_precision
 from tunesmith.progress import Progress
 from tunesmith.run_dir import CONFIG, RunDir
 from tunesmith.training import chunked_loss, prefix
@@ -75,8 +76,8 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     torch.manual_seed(cfg.train.seed)
 
     device = models.pick_device(cfg.model.device)
-    dtype = models.pick_dtype(cfg.model.dtype, device)
-    log(f"loading {cfg.model.name} ({dtype}, {device})")
+    precision = resolve_training_precision(cfg.train.precision, device)
+    log(f"loading {cfg.model.name} ({device}, precision {precision.name}: {precision.reason})")
     model, tokenizer = models.load(cfg.model.name, dtype="float32", device=str(device))
     data = _prepare_data(cfg, tokenizer, model, log)
     lengths = [len(e.input_ids) for e in data.train]
@@ -86,12 +87,13 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
         free -= 12 * sum(p.numel() for p in model.parameters())
     memory = None if free is None else (max(free, 0), activation_bytes_per_token(model.config))
     plan = plan_training(cfg.train, cfg.method, len(data.train), lengths, device.type, val_tokens, memory)
-    cfg = _resolved(cfg, plan, data.max_length)
+    cfg = _resolved(cfg, plan, data.max_length, precision)
     _print_plan(plan, log)
 
     torch.manual_seed(cfg.train.seed)
     base_copy = frozen_base(model, cfg)  # train.kl_to_base with full/freeze/adapter: keep the base's predictions
     model = methods.apply_method(model, cfg, tokenizer=tokenizer)
+    _apply_precision(model, base_copy, cfg, precision, log)
     log(methods.describe(model, cfg))
     if cfg.train.gradient_checkpointing:
         # transformers 5.23 renamed gradient_checkpointing_enable; non-reentrant is its default
@@ -111,7 +113,7 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        where = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+        where = {"device": str(device), "precision": precision.name, "precision_reason": precision.reason}
         atomic_write_text(run_dir / "data.json", json.dumps(data.summary | {"plan": asdict(plan), **where}, indent=2))
 
     metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state.step if resume else None)
@@ -125,13 +127,12 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
         train_set=data.train,
         validation=data.validation,
         device=device,
-        dtype=dtype,
+        precision=precision,
         metrics=metrics,
         run_dir=run_dir,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-        kl=KLToBase.create(cfg, model, base_copy),
+        kl=KLToBase.create(cfg, model, base_copy, precision.autocast_context(device)),
         virtual_tokens=cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0,
-        autocast=device.type == "cuda" and dtype != torch.float32,
         share_prefix=prefix.MIN_PREFIX_TOKENS if shareable and plan.batching == "pack" else 0,
     )
     try:
@@ -155,13 +156,12 @@ class TrainingContext:
     train_set: list  # encoded examples (data.templates.Encoded), replay examples included
     validation: list  # encoded validation examples; empty: no validation
     device: torch.device
-    dtype: torch.dtype  # compute dtype (autocast on CUDA); the weights stay float32
+    precision: Precision  # fp32, bf16-mixed (autocast; fp32 weights, head and loss) or bf16 (all weights bf16)
     metrics: MetricsLogger
     run_dir: Path
     pad_id: int
     kl: KLToBase | None  # the train.kl_to_base penalty; None without it
     virtual_tokens: int  # prompt tuning prepends them to every row: the kept-positions mask must cover them too
-    autocast: bool
     share_prefix: int  # encode a micro-batch's common prefix once when it has this many tokens (0: never)
 
 
@@ -260,15 +260,16 @@ def _forward(ctx: TrainingContext, batch) -> tuple[torch.Tensor, int]:
         kwargs["position_ids"] = batch.position_ids  # packed rows: restarting positions separate the examples
     else:
         kwargs["attention_mask"] = batch.attention_mask
+    autocast = ctx.precision.autocast_context(ctx.device)
     # many labelled positions (raw text, long answers) and no KL term: the head and the loss run chunk by chunk
     if ctx.kl is None and chunked_loss.should_chunk(ctx.model, batch.targets.numel()):
-        with torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.autocast):
-            with chunked_loss.hidden_states_at_kept(ctx.model) as head:
+        with chunked_loss.hidden_states_at_kept(ctx.model) as head:
+            with autocast:
                 hidden = _model_outputs(ctx, batch, kwargs)
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            return chunked_loss.chunked_cross_entropy(hidden, head, batch.targets)
-    with torch.autocast(ctx.device.type, dtype=ctx.dtype, enabled=ctx.autocast):
-        logits = _model_outputs(ctx, batch, kwargs)
+        # outside autocast: the head and the loss in the weights' dtype (fp32 under bf16-mixed)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
+        return chunked_loss.chunked_cross_entropy(hidden, head, batch.targets)
+    logits = chunked_loss.logits_head_outside(ctx.model, lambda: _model_outputs(ctx, batch, kwargs), autocast)
     logits = logits.reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, batch.targets, reduction="sum")
     if ctx.kl is not None and ctx.model.training:  # train.kl_to_base (training/mitigations.py); not in validation
@@ -432,6 +433,23 @@ def _encode_all(examples, renderer, cfg: Config) -> tuple[list, dict]:
     return out, summary
 
 
+def _apply_precision(model, base_copy, cfg: Config, precision: Precision, log) -> None:
+    """Put the weights in the dtypes `precision` asks for (the method already applied)."""
+    from tunesmith.methods.peft_methods import PEFT_METHODS
+
+    if precision.name == "bf16":
+        model.to(torch.bfloat16)  # weights, and so gradients and AdamW moments, in bf16
+        if base_copy is not None:
+            base_copy.to(torch.bfloat16)
+    elif precision.autocast:
+        # only the trainable weights are saved by these methods: frozen ones can stay in the bf16 autocast uses
+        if cfg.method in PEFT_METHODS or cfg.method == "adapter":
+            n = cast_frozen_linears(model)
+            log(f"bf16-mixed: {n:,} frozen linear weights stored in bf16 (autocast's cast, made once)")
+        if base_copy is not None:  # the KL reference is never saved
+            cast_frozen_linears(base_copy)
+
+
 def _optimizer(model, cfg: Config) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for _name, p in model.named_parameters():
@@ -448,11 +466,12 @@ def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
-def _resolved(cfg: Config, plan: TrainingPlan, max_length: int) -> Config:
+def _resolved(cfg: Config, plan: TrainingPlan, max_length: int, precision: Precision) -> Config:
     """The config with every `auto` of training and data.max_length replaced by the value used (config.yaml)."""
     raw = cfg.model_dump(mode="json")
     raw["data"]["max_length"] = max_length
     raw["train"].update(
+        precision=precision.name,
         epochs=plan.epochs,
         batch_size=plan.batch_size,
         micro_batch_size=plan.micro_batch_size,

@@ -121,31 +121,35 @@ def frozen_base(model, cfg):
 class KLToBase:
     """The penalty term of one run; also sums the KL of the current optimizer step for the metrics."""
 
-    def __init__(self, weight: float, model, base=None):
+    def __init__(self, weight: float, model, base=None, autocast=None):
         if base is None and not hasattr(model, "disable_adapter"):
             raise ValueError("kl_to_base needs a peft model (adapter can be disabled) or a frozen base copy")
         self.weight = weight
         self.model = model
         self.base = base
+        self.autocast = autocast if autocast is not None else nullcontext()  # the run's (bf16-mixed: head in fp32)
         self.kl_sum = 0.0
 
     @classmethod
-    def create(cls, cfg, model, base) -> "KLToBase | None":
-        return cls(cfg.train.kl_to_base, model, base) if cfg.train.kl_to_base else None
+    def create(cls, cfg, model, base, autocast=None) -> "KLToBase | None":
+        return cls(cfg.train.kl_to_base, model, base, autocast) if cfg.train.kl_to_base else None
 
     @torch.no_grad()
     def base_logits(self, batch, kwargs: dict) -> torch.Tensor:
         """Base model logits at batch.keep, (n_keep, vocab), computed the way the loop computed the model's."""
         model = self.base if self.base is not None else self.model
         ctx = self.model.disable_adapter() if self.base is None else nullcontext()
-        with ctx:
-            if getattr(batch, "prefix_ids", None) is not None:  # a micro-batch sharing its system prompt
-                from tunesmith.training.prefix import forward_shared_prefix
+        from tunesmith.training.chunked_loss import logits_head_outside
+        from tunesmith.training.prefix import forward_shared_prefix
 
-                logits = forward_shared_prefix(model, batch)
-            else:
-                # the base has no virtual tokens (prompt tuning): keep the batch's own positions
-                logits = model(**{**kwargs, "logits_to_keep": batch.keep}).logits
+        def forward():
+            if getattr(batch, "prefix_ids", None) is not None:  # a micro-batch sharing its system prompt
+                return forward_shared_prefix(model, batch)
+            # the base has no virtual tokens (prompt tuning): keep the batch's own positions
+            return model(**{**kwargs, "logits_to_keep": batch.keep}).logits
+
+        with ctx:
+            logits = logits_head_outside(model, forward, self.autocast)
         return logits.reshape(-1, logits.shape[-1]).float()
 
     def penalty(self, batch, kwargs: dict, logits: torch.Tensor) -> torch.Tensor:

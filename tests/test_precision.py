@@ -1,0 +1,314 @@
+"""Training precision (train.precision) and inference dtype: what auto picks, where autocast is on, that the LM head
+and the loss stay fp32 under bf16-mixed, that a bf16-mixed run learns and resumes bit-identically, and that the
+fused LoRA layer equals peft's under autocast."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import tunesmith
+from test_train import write_chat_data
+from tunesmith.errors import ConfigError
+from tunesmith.methods.lora_fused import fuse_lora
+from tunesmith.models import precision
+from tunesmith.models.precision import cast_frozen_linears, resolve_training_precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return write_chat_data(root / "train.jsonl", 48), write_chat_data(root / "val.jsonl", 12, seed=1)
+
+
+def _train(tiny_model_dir, data, out, **extra):
+    settings = {
+        "model.name": str(tiny_model_dir),
+        "data.train": str(data[0]),
+        "data.validation": str(data[1]),
+        "output": str(out),
+        "train.max_steps": 6,
+        "train.batch_size": 8,
+        "train.lr": 5e-3,
+        "train.threads": 1,
+        "train.seed": 3,
+        "lora.r": 4,
+        **extra,
+    }
+    return tunesmith.train(None, quiet=True, log=lambda *_: None, **settings)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What auto picks
+
+
+def test_auto_is_bf16_mixed_with_native_bf16_and_fp32_without(monkeypatch):
+    monkeypatch.delenv("TUNESMITH_CPU_BF16")  # the suite's own override (conftest.py)
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ["AMX-BF16"])
+    p = resolve_training_precision("auto", CPU)
+    assert (p.name, p.autocast, p.compute_dtype) == ("bf16-mixed", True, torch.bfloat16)
+    assert "AMX-BF16" in p.reason
+    assert precision.inference_dtype(CPU)[0] == torch.bfloat16
+
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
+    p = resolve_training_precision("auto", CPU)
+    assert (p.name, p.autocast) == ("fp32", False)
+    assert "without AVX512-BF16 or AMX-BF16" in p.reason
+    assert precision.inference_dtype(CPU)[0] == torch.float32
+    # an explicit choice is kept whatever the hardware
+    assert resolve_training_precision("bf16-mixed", CPU).name == "bf16-mixed"
+    assert resolve_training_precision("fp32", CPU).reason == "set in the config"
+
+
+def test_the_environment_overrides_the_cpu_detection(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ["AMX-BF16"])
+    monkeypatch.setenv("TUNESMITH_CPU_BF16", "0")
+    p = resolve_training_precision("auto", CPU)
+    assert p.name == "fp32" and "TUNESMITH_CPU_BF16=0" in p.reason
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
+    monkeypatch.setenv("TUNESMITH_CPU_BF16", "1")
+    assert resolve_training_precision("auto", CPU).name == "bf16-mixed"
+
+
+def test_model_dtype_auto_follows_the_device(monkeypatch):
+    from tunesmith.models import pick_dtype
+
+    monkeypatch.delenv("TUNESMITH_CPU_BF16")
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ["AVX512-BF16"])
+    assert pick_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
+    assert pick_dtype("auto", "cpu") == torch.float32
+    assert pick_dtype("bfloat16", "cpu") == torch.bfloat16  # asked for: given, even where emulated
+
+
+def test_an_unknown_precision_is_a_config_error(tiny_model_dir, data, tmp_path):
+    with pytest.raises(ConfigError, match="precision"):
+        _train(tiny_model_dir, data, tmp_path / "r", **{"train.precision": "fp8"})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inside a bf16-mixed step
+
+
+def _watch(model):
+    """Record, per call, whether autocast was on and the input dtype of every LoRA layer and of the LM head."""
+    seen = {"linear": [], "head": []}
+    head = model.get_output_embeddings()
+
+    def hook(module, args):
+        kind = "head" if module is head else "linear"
+        seen[kind].append((torch.is_autocast_enabled("cpu"), args[0].dtype))
+
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")] + [head]
+    return seen, [m.register_forward_pre_hook(hook) for m in layers]
+
+
+@pytest.mark.parametrize("name", ["bf16-mixed", "fp32"])
+def test_autocast_is_on_for_the_body_and_off_for_the_head_and_loss(tiny_model_dir, data, tmp_path, name, monkeypatch):
+    from tunesmith.training import loop
+
+    seen = {}
+    real_run_steps = loop._run_steps
+
+    def run_steps(ctx, state, progress):
+        seen.update(ctx=ctx)
+        watched, handles = _watch(ctx.model)
+        seen.update(watched)
+        losses = []
+        real_ce = torch.nn.functional.cross_entropy
+        monkeypatch.setattr(
+            loop.F,
+            "cross_entropy",
+            lambda logits, *a, **k: (
+                losses.append((logits.dtype, torch.is_autocast_enabled("cpu"))) or real_ce(logits, *a, **k)
+            ),
+        )
+        try:
+            real_run_steps(ctx, state, progress)
+        finally:
+            for h in handles:
+                h.remove()
+        seen["loss"] = losses
+
+    monkeypatch.setattr(loop, "_run_steps", run_steps)
+    run = _train(tiny_model_dir, data, tmp_path / name, **{"train.precision": name, "train.max_steps": 2})
+    assert seen["ctx"].precision.name == name
+    body = set(seen["linear"])
+    assert body
+    if name == "bf16-mixed":
+        # every layer under autocast; the residual stream stays fp32 (q/k/v, gate/up read it), o_proj and down_proj
+        # read bf16 products of earlier matmuls
+        assert body == {(True, torch.float32), (True, torch.bfloat16)}
+    else:
+        assert body == {(False, torch.float32)}
+    assert seen["head"] and set(seen["head"]) == {(False, torch.float32)}  # the head: fp32, autocast off
+    assert set(seen["loss"]) == {(torch.float32, False)}
+    assert run.config.train.precision == name  # config.yaml records what ran
+    summary = json.loads((run.path / "data.json").read_text())
+    assert summary["precision"] == name and summary["precision_reason"] == "set in the config"
+
+
+def test_bf16_mixed_keeps_fp32_master_weights_and_stores_frozen_linears_in_bf16(tiny_model_dir, data, tmp_path):
+    from tunesmith.training import loop
+
+    seen = {}
+    real = loop._run_steps
+    loop._run_steps = lambda ctx, state, progress: (
+        seen.update(model=ctx.model, opt=ctx.optimizer) or real(ctx, state, progress)
+    )
+    try:
+        _train(tiny_model_dir, data, tmp_path / "r", **{"train.precision": "bf16-mixed", "train.max_steps": 1})
+    finally:
+        loop._run_steps = real
+    model = seen["model"]
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert trainable == {torch.float32}
+    moments = {v.dtype for s in seen["opt"].state.values() for v in s.values() if v.ndim > 0}
+    assert moments == {torch.float32}
+    frozen_linear = {
+        m.base_layer.weight.dtype for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")
+    }
+    assert frozen_linear == {torch.bfloat16}
+    head = model.get_output_embeddings().weight
+    assert head.dtype == torch.float32  # tied to the embedding: left fp32
+    norms = {p.dtype for n, p in model.named_parameters() if "norm" in n}
+    assert norms == {torch.float32}
+
+
+def test_casting_frozen_linears_changes_nothing_under_autocast(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+        n = cast_frozen_linears(model)
+        after = model(input_ids=ids).logits
+    assert n > 0
+    assert torch.equal(before, after)  # autocast's own cast, made once: bit-identical
+
+
+def test_fused_lora_equals_peft_under_autocast(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import tunesmith.methods.lora_fused as lf
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    fused = copy.deepcopy(model)
+    assert fuse_lora(fused) > 0
+    cast_frozen_linears(fused)  # as training does under bf16-mixed
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = lf.lora_linear
+    lf.lora_linear = lambda *a: calls.append(a[0].dtype) or real(*a)
+    out = {}
+    try:
+        for key, m in (("peft", model), ("fused", fused)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = m(input_ids=ids).logits
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            )
+            loss.backward()
+            out[key] = (logits.detach().float(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    finally:
+        lf.lora_linear = real
+    assert calls and set(calls) == {torch.bfloat16}  # the fused layer ran, in bf16
+    # the same computation up to bf16 rounding (the fused layer rounds the LoRA sum once, peft three times)
+    torch.testing.assert_close(out["fused"][0], out["peft"][0], rtol=0.02, atol=0.05)
+    for name, grad in out["peft"][1].items():
+        got = out["fused"][1][name]
+        assert got.dtype == torch.float32  # gradients reach the fp32 master weights in fp32
+        cos = nn.functional.cosine_similarity(got.flatten(), grad.flatten(), dim=0)
+        assert cos > 0.99, name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_a_bf16_mixed_run_learns_and_resumes_bit_identically(tiny_model_dir, data, tmp_path):
+    common = {"train.precision": "bf16-mixed", "train.save_every": 3, "train.eval_every": 3, "lora.dropout": 0.1}
+    straight = _train(tiny_model_dir, data, tmp_path / "straight", **common)
+    losses = [r["loss"] for r in straight.metrics if r["kind"] == "train"]
+    evals = [r["val_loss"] for r in straight.metrics if r["kind"] == "eval"]
+    assert losses[-1] < losses[0] and evals[-1] < evals[0]
+
+    # a run killed after its step-3 checkpoint: the same run with what came after step 3 removed
+    killed = tmp_path / "killed"
+    shutil.copytree(straight.path, killed)
+    shutil.rmtree(killed / "model")
+    shutil.rmtree(killed / "checkpoints" / "step-6")
+    tunesmith.train(resume=killed, quiet=True, log=lambda *_: None)
+    a = load_file(straight.path / "model" / "adapter_model.safetensors")
+    b = load_file(killed / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == torch.float32
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_bf16_mixed_full_fine_tuning_with_kl_to_base(tiny_model_dir, data, tmp_path):
+    """Full fine-tuning keeps every weight fp32 (its saved model is fp32) and the KL reference runs in bf16."""
+    run = _train(
+        tiny_model_dir,
+        data,
+        tmp_path / "full",
+        **{"method": "full", "train.precision": "bf16-mixed", "train.kl_to_base": 0.5, "train.lr": 1e-3},
+    )
+    records = [r for r in run.metrics if r["kind"] == "train"]
+    assert all(r["kl_to_base"] >= 0 for r in records) and records[-1]["loss"] < records[0]["loss"]
+    weights = load_file(run.path / "model" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_the_chunked_head_under_bf16_mixed_gives_the_plain_heads_loss(tiny_model_dir, data, tmp_path, monkeypatch):
+    from tunesmith.training import chunked_loss
+
+    first = {}
+    for chunked in (False, True):
+        if chunked:  # a few hundred logits per chunk: every batch of this data goes through ChunkedHeadCE
+            monkeypatch.setattr(chunked_loss, "CHUNK_VALUES", 4 * 49152)
+        calls = []
+        real = chunked_loss.ChunkedHeadCE.apply
+        monkeypatch.setattr(
+            chunked_loss.ChunkedHeadCE, "apply", lambda *a, calls=calls, real=real: calls.append(a[0].dtype) or real(*a)
+        )
+        run = _train(
+            tiny_model_dir, data, tmp_path / f"c{chunked}", **{"train.precision": "bf16-mixed", "train.max_steps": 1}
+        )
+        assert bool(calls) == chunked and set(calls) <= {torch.float32}  # hidden states reach the head in fp32
+        first[chunked] = next(r for r in run.metrics if r["kind"] == "train")["loss"]
+        monkeypatch.setattr(chunked_loss.ChunkedHeadCE, "apply", real)
+    assert first[True] == pytest.approx(first[False], rel=1e-5)
+
+
+def test_pure_bf16_puts_every_weight_in_bf16_and_still_learns(tiny_model_dir, data, tmp_path):
+    from tunesmith.training import loop
+
+    seen = {}
+    real = loop._run_steps
+    loop._run_steps = lambda ctx, state, progress: seen.update(model=ctx.model) or real(ctx, state, progress)
+    try:
+        run = _train(tiny_model_dir, data, tmp_path / "bf16", **{"train.precision": "bf16", "train.lr": 2e-2})
+    finally:
+        loop._run_steps = real
+    assert {p.dtype for p in seen["model"].parameters()} == {torch.bfloat16}
+    losses = [r["loss"] for r in run.metrics if r["kind"] == "train"]
+    assert losses[-1] < losses[0]
