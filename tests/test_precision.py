@@ -57,6 +57,9 @@ def test_auto_is_bf16_mixed_with_native_bf16_and_fp32_without(monkeypatch):
     assert (p.name, p.autocast, p.compute_dtype) == ("bf16-mixed", True, torch.bfloat16)
     assert "AMX-BF16" in p.reason
     assert precision.inference_dtype(CPU)[0] == torch.bfloat16
+    # full fine-tuning on a CPU casts every trained weight each step: auto keeps it fp32 and says why
+    p = resolve_training_precision("auto", CPU, "full")
+    assert p.name == "fp32" and "slower" in p.reason
 
     monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
     p = resolve_training_precision("auto", CPU)

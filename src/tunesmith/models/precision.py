@@ -10,7 +10,9 @@ Training precision (`train.precision`):
 - `bf16`: every weight, gradient and optimizer moment in bfloat16, no float32 copy (torchtune's `dtype: bf16`): the
   least memory for full fine-tuning, but an update smaller than half a bf16 step of its weight (1/256 of it) is
   rounded away, so small learning rates stall. The loss is still computed in float32.
-- `auto`: bf16-mixed where the device computes bf16 natively, fp32 elsewhere.
+- `auto`: bf16-mixed where the device computes bf16 natively, fp32 elsewhere; and fp32 for full and freeze
+  fine-tuning on a CPU, where autocast casts every trained (or unsaved-frozen) fp32 weight at each step: measured
+  0.90x the fp32 speed at 1.12x its memory for full fine-tuning at a batch of 8 (bench/RESULTS.md run 14).
 
 Native bf16 means hardware bf16 matmuls: CUDA compute capability 8.0+ (A100, H100, RTX 30xx and later), and x86
 CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake) or AMX-BF16 (Intel Sapphire Rapids and later),
@@ -91,13 +93,19 @@ class Precision:
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def resolve_training_precision(spec: str, device: torch.device) -> Precision:
-    """`train.precision` resolved for `device`: auto becomes bf16-mixed or fp32, with the reason."""
+def resolve_training_precision(spec: str, device: torch.device, method: str = "lora") -> Precision:
+    """`train.precision` resolved for `device` and the method: auto becomes bf16-mixed or fp32, with the reason."""
     if spec != "auto":
         if spec not in PRECISIONS:
             raise ValueError(f"unknown precision {spec!r}; use one of {', '.join(PRECISIONS)}")
         return Precision(spec, "set in the config")
     ok, found = native_bf16(device)
+    if ok and device.type == "cpu" and method in ("full", "freeze"):
+        return Precision(
+            "fp32",
+            f"native bf16 ({found}), but {method} fine-tuning on a CPU casts its fp32 weights every step and ran slower "
+            "in bf16-mixed; set train.precision: bf16-mixed to try it",
+        )
     if ok:
         return Precision("bf16-mixed", f"native bf16 ({found})")
     return Precision("fp32", f"no native bf16 ({found})")

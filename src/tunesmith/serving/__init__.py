@@ -88,6 +88,7 @@ def build(
         raise ConfigError(f"--watch {watch}: not a folder; create it or point at the folder your runs are written to")
     log(f"loading base model {base} ...")
     registry = Registry(base, dtype=dtype, device=device)
+    log(f"  in {str(registry.model.dtype).removeprefix('torch.')} on {registry.model.device} (--dtype to change)")
     for run in runs:
         served = registry.add_run(run)
         log(f"  {served.id}  ({served.method} adapter from {served.run_path})")

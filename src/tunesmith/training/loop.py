@@ -76,7 +76,7 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     torch.manual_seed(cfg.train.seed)
 
     device = models.pick_device(cfg.model.device)
-    precision = resolve_training_precision(cfg.train.precision, device)
+    precision = resolve_training_precision(cfg.train.precision, device, cfg.method)
     log(f"loading {cfg.model.name} ({device}, precision {precision.name}: {precision.reason})")
     model, tokenizer = models.load(cfg.model.name, dtype="float32", device=str(device))
     data = _prepare_data(cfg, tokenizer, model, log)
