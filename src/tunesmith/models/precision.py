@@ -19,8 +19,8 @@ CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake) or AMX-BF16 (Inte
 which oneDNN uses for torch's bf16 matmuls. Elsewhere bf16 is emulated and slower than fp32: auto stays fp32 and
 says why. `TUNESMITH_CPU_BF16=0` (or 1) overrides the CPU detection: 0 keeps auto at fp32 on any CPU (the test
 suite sets it, so that its numbers do not depend on the machine), 1 treats the CPU as native (an ARM CPU with
-bf16 support through oneDNN/ACL, say). Measured on a 2-core Xeon with AMX (bench/RESULTS.md run 14): a 2048x2048 matmul at 2,266 GFLOP/s in
-bf16 against 332 in fp32.
+bf16 support through oneDNN/ACL, say). Measured on a 2-core Xeon with AMX (bench/RESULTS.md run 14): a 2048x2048
+matmul at 1,927-2,119 GFLOP/s in bf16 against 311-336 in fp32.
 """
 
 from __future__ import annotations

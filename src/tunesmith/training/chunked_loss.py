@@ -58,17 +58,24 @@ def hidden_states_at_kept(model):
     raise ValueError("the model's output embeddings are not a child module of it")
 
 
-def logits_head_outside(model, forward, autocast) -> torch.Tensor:
-    """`forward()` (the model's forward at the kept positions) run under `autocast`, with the LM head applied
-    after it, outside autocast, to fp32 hidden states: under bf16-mixed the logits, and so the loss and the KL
-    terms, are computed in fp32. With autocast off this is just `forward()`."""
-    if isinstance(autocast, nullcontext):
-        return forward()
+def body_without_head(model, forward, autocast) -> tuple[torch.Tensor, nn.Module]:
+    """(hidden states, head): `forward()` (the model's forward at the kept positions) run under `autocast` with the
+    LM head swapped out, its output cast to the head's weight dtype (fp32 under bf16-mixed), and the head, to be
+    applied after it, outside autocast."""
     with hidden_states_at_kept(model) as head:
         with autocast:
             hidden = forward()
     weight = getattr(head, "weight", None)
-    return head(hidden.to(weight.dtype if weight is not None else torch.float32))
+    return hidden.to(weight.dtype if weight is not None else torch.float32), head
+
+
+def logits_head_outside(model, forward, autocast) -> torch.Tensor:
+    """`forward()`'s logits with the LM head applied outside `autocast` (`body_without_head`): under bf16-mixed the
+    logits, and so the loss and the KL terms, are computed in fp32. With autocast off this is just `forward()`."""
+    if isinstance(autocast, nullcontext):
+        return forward()
+    hidden, head = body_without_head(model, forward, autocast)
+    return head(hidden)
 
 
 class ChunkedHeadCE(torch.autograd.Function):

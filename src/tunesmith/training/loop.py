@@ -263,12 +263,9 @@ def _forward(ctx: TrainingContext, batch) -> tuple[torch.Tensor, int]:
     autocast = ctx.precision.autocast_context(ctx.device)
     # many labelled positions (raw text, long answers) and no KL term: the head and the loss run chunk by chunk
     if ctx.kl is None and chunked_loss.should_chunk(ctx.model, batch.targets.numel()):
-        with chunked_loss.hidden_states_at_kept(ctx.model) as head:
-            with autocast:
-                hidden = _model_outputs(ctx, batch, kwargs)
         # outside autocast: the head and the loss in the weights' dtype (fp32 under bf16-mixed)
-        hidden = hidden.reshape(-1, hidden.shape[-1]).to(head.weight.dtype)
-        return chunked_loss.chunked_cross_entropy(hidden, head, batch.targets)
+        hidden, head = chunked_loss.body_without_head(ctx.model, lambda: _model_outputs(ctx, batch, kwargs), autocast)
+        return chunked_loss.chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, batch.targets)
     logits = chunked_loss.logits_head_outside(ctx.model, lambda: _model_outputs(ctx, batch, kwargs), autocast)
     logits = logits.reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, batch.targets, reduction="sum")
@@ -435,15 +432,13 @@ def _encode_all(examples, renderer, cfg: Config) -> tuple[list, dict]:
 
 def _apply_precision(model, base_copy, cfg: Config, precision: Precision, log) -> None:
     """Put the weights in the dtypes `precision` asks for (the method already applied)."""
-    from tunesmith.methods.peft_methods import PEFT_METHODS
-
     if precision.name == "bf16":
         model.to(torch.bfloat16)  # weights, and so gradients and AdamW moments, in bf16
         if base_copy is not None:
             base_copy.to(torch.bfloat16)
     elif precision.autocast:
-        # only the trainable weights are saved by these methods: frozen ones can stay in the bf16 autocast uses
-        if cfg.method in PEFT_METHODS or cfg.method == "adapter":
+        # all but full/freeze save only their trainable weights: frozen ones can stay in the bf16 autocast uses
+        if cfg.method not in ("full", "freeze"):
             n = cast_frozen_linears(model)
             log(f"bf16-mixed: {n:,} frozen linear weights stored in bf16 (autocast's cast, made once)")
         if base_copy is not None:  # the KL reference is never saved
