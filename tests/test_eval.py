@@ -184,6 +184,148 @@ def test_label_scores_with_prefix_cache_equal_full_sequence_likelihoods(runs):
             )
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_side_prompts_share_their_beginning_and_score_as_if_alone(tiny_model_dir, attn):
+    """A side prompt (calibration's content-free input after the same shots) laid out as a branch of its row scores
+    what it scores as a prompt of its own: branching mid-prompt, right after the shared prefix, and at the
+    prompt's last token; in both mask paths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.evaluation.classify import full_sequence_logprobs, score_rows
+    from tunesmith.evaluation.generate import encode_prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    rng = random.Random(5)
+    shared = [rng.randrange(5, 500) for _ in range(6)]
+    prompts = [shared + [rng.randrange(5, 500) for _ in range(n)] for n in (8, 3, 5)]
+    conts = [[[rng.randrange(5, 500) for _ in range(n)] for n in (1, 3, 2)] for _ in prompts]
+    side = [
+        [(prompts[0][:10] + [7, 8], [[9, 10], [11]])],  # differs after 4 tokens of the tail
+        [(shared + [33], [[12, 13, 14]]), (prompts[1][:-1] + [44, 45], [[15]])],  # right after the prefix; at the end
+        [],
+    ]
+    with torch.no_grad():
+        for prefix_len in (0, len(shared)):
+            cache = encode_prefix(model, shared[:prefix_len])
+            got = score_rows(model, prompts, conts, pad=0, prefix_len=prefix_len, prefix_cache=cache, side=side)
+            for p, c, row in zip(prompts, conts, got.scores):
+                full = full_sequence_logprobs(model, p, c, pad=0)
+                assert [s for s, _ in row] == pytest.approx([s for s, _ in full], abs=2e-5)
+            assert [len(r) for r in got.side] == [1, 2, 0]
+            for row_side, row_got in zip(side, got.side):
+                for (sp, sc), scored in zip(row_side, row_got):
+                    full = full_sequence_logprobs(model, sp, sc, pad=0)
+                    assert [n for _, n in scored] == [len(x) for x in sc]
+                    assert [s for s, _ in scored] == pytest.approx([s for s, _ in full], abs=2e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generation_from_the_label_scoring_forward_equals_generation_alone(runs, attn):
+    """Label scoring keeps the prompts' cache (keep_state); greedy decoding from it gives the answers greedy_batch
+    gives when it encodes the prompts itself, on both mask paths (custom 4D masks, and cache copies)."""
+    from unittest import mock
+
+    import torch
+
+    from tunesmith.evaluation.classify import score_rows
+    from tunesmith.evaluation.generate import (
+        common_prefix_length,
+        decode_greedy,
+        encode_prefix,
+        encode_prompts,
+        greedy_batch,
+    )
+
+    def next_step(state):  # logits of one decoding step from a state (the cache is copied, not extended)
+        import copy
+
+        ids = state.next_logits.argmax(-1)[:, None]
+        mask = torch.cat([state.mask, torch.ones_like(ids)], 1)
+        cache = copy.deepcopy(state.cache)
+        out = few.model(input_ids=ids, attention_mask=mask, position_ids=state.lengths[:, None], past_key_values=cache)
+        return state.next_logits, out.logits[:, -1]
+
+    _, few, test = _systems(runs["cls"])
+    before = few.model.config._attn_implementation
+    few.model.config._attn_implementation = attn
+    prompts = [few.prompt(ex) for ex in test[:5]]
+    conts = [[few.pair(ex, label)[1] for label in sorted(WORDS)] for ex in test[:5]]
+    n = common_prefix_length(prompts)
+    kwargs = dict(stop_ids=few.renderer.stop_token_ids, stop_strings=few.renderer.stop_strings, max_new_tokens=6)
+    cache = encode_prefix(few.model, prompts[0][:n])
+    alone = greedy_batch(few.model, few.tokenizer, prompts, prefix_len=n, prefix_cache=cache, **kwargs)
+    try:
+        with torch.no_grad():
+            reference = next_step(encode_prompts(few.model, prompts, pad=few.pad, prefix_len=n, prefix_cache=cache))
+            for custom in (True, False):
+                with mock.patch("tunesmith.models.functional.takes_custom_masks", return_value=(custom, "")):
+                    got = score_rows(
+                        few.model, prompts, conts, pad=few.pad, prefix_len=n, prefix_cache=cache, keep_state=True
+                    )
+                for ours, theirs in zip(next_step(got.state), reference):
+                    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+                assert decode_greedy(few.model, few.tokenizer, got.state, **kwargs) == alone
+    finally:
+        few.model.config._attn_implementation = before
+
+
+def test_eval_batch_size_flag_and_config(capsys):
+    """eval.batch_size auto (the default) sizes batches by tokens; a number fixes them; --batch-size overrides the
+    run's value either way, and a bad flag value is a usage error (exit 2)."""
+    from tunesmith.cli import main
+    from tunesmith.config import validate_config
+    from tunesmith.evaluation.prompting import MeasureSettings
+
+    auto = validate_config({"data": {"train": "t.jsonl"}})
+    fixed = validate_config({"data": {"train": "t.jsonl"}, "eval": {"batch_size": 8}})
+    assert auto.eval.batch_size == "auto"
+    assert MeasureSettings.of(auto).batch_size is None and MeasureSettings.of(fixed).batch_size == 8
+    assert MeasureSettings.of(fixed, "auto").batch_size is None and MeasureSettings.of(auto, 4).batch_size == 4
+    for bad in ("0", "x", "-3"):
+        assert main(["eval", "runs/none", "--batch-size", bad]) == 2
+        assert "--batch-size" in capsys.readouterr().err
+
+
+def test_cache_with_room_decodes_exactly_as_the_growing_cache(tiny_model_dir):
+    """Decoding into reserved room gives bit-identical logits to transformers' growing cache, writes in place
+    while there is room, and grows as before once the room is used up."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.evaluation.generate import with_room
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(5, 500, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = model(input_ids=ids, use_cache=True).past_key_values
+        plain, roomy = copy.deepcopy(first), with_room(copy.deepcopy(first), 2)
+        buffer = roomy.layers[0]._k.data_ptr()
+        step = ids[:, -1:]
+        for n in range(4):  # 2 steps in the room, then 2 beyond it
+            a = model(input_ids=step, past_key_values=plain, use_cache=True).logits
+            b = model(input_ids=step, past_key_values=roomy, use_cache=True).logits
+            assert torch.equal(a, b)
+            assert (roomy.layers[0].keys.data_ptr() == buffer) == (n < 2)
+            assert roomy.get_seq_length() == plain.get_seq_length() == 8 + n
+            step = a[:, -1].argmax(-1)[:, None]
+
+
+def test_batches_follow_the_token_budget_or_the_given_size():
+    from tunesmith.evaluation.generate import MAX_ROWS, plan_batches
+
+    widths = [10] * 5 + [40] * 5 + [400] * 3
+    assert [list(b) for b in plan_batches(widths, 4, 100)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12]]
+    got = plan_batches(widths, None, 100)
+    assert [i for b in got for i in b] == list(range(13))  # every row once, in order
+    for b in got:
+        assert len(b) == 1 or len(b) * max(widths[i] for i in b) <= 100
+    assert [len(b) for b in got] == [5, 2, 2, 1, 1, 1, 1]
+    assert max(len(b) for b in plan_batches([1] * 200, None, 10_000)) == MAX_ROWS
+
+
 def test_few_shot_prompt_has_shots_after_the_system_prompt(runs):
     tuned, few, test = _systems(runs["cls"])
     msgs = few.messages(test[0])
@@ -585,7 +727,7 @@ def test_tree_scoring_equals_full_sequences_and_the_copying_path(tiny_model_dir,
         for prefix_len in (0, len(shared)):
             cache = encode_prefix(model, shared[:prefix_len])
             tree = score_continuations(model, prompts, conts, pad=0, prefix_len=prefix_len, prefix_cache=cache)
-            copies = _score_with_copies(
+            copies, _ = _score_with_copies(
                 model,
                 prompts,
                 conts,

@@ -270,6 +270,52 @@ def test_content_free_scores_equal_scoring_the_content_free_prompt_whole(tiny_mo
         assert pred == LABELS[predict([lp for lp, _ in row], prior=content_free_prior(free))]
 
 
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_retrieved_shots_are_scored_calibrated_and_generated_in_one_forward(tiny_model_dir, tmp_path, batch_size):
+    """With retrieved shots, label scoring, the content-free input (a branch of the example's row that shares its
+    shots) and generation (decoded from the scoring forward's cache) give what each gives measured alone: the
+    full-sequence log-likelihoods, and greedy_batch's answers."""
+    from tunesmith import models
+    from tunesmith.data.templates import Renderer
+    from tunesmith.evaluation.classify import full_sequence_logprobs
+    from tunesmith.evaluation.generate import greedy_batch
+    from tunesmith.evaluation.measure import CONTENT_FREE_PER_EXAMPLE, measure
+    from tunesmith.progress import Progress
+
+    train = read_examples(str(_write(tmp_path / "train.jsonl", _rows(12, 0))))
+    test = read_examples(str(_write(tmp_path / "test.jsonl", _rows(5, 1))))
+    model, tok = models.load(str(tiny_model_dir))
+    model.eval()
+    system = System("knn", "knn", model, tok, Renderer(tok), retriever=ShotRetriever(train, 3))
+    plan = TaskPlan("classification", "accuracy", LABELS, ("score", "generate"))
+    res = measure(
+        system,
+        test,
+        plan,
+        batch_size=batch_size,
+        max_new_tokens=5,
+        max_length=None,
+        progress=Progress(None),
+        calibrate=True,
+    )
+    assert set(res.seconds) == {"score", "generate", "calibration"} and all(v > 0 for v in res.seconds.values())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    kwargs = dict(stop_ids=system.renderer.stop_token_ids, stop_strings=system.renderer.stop_strings)
+    for ex, scores, free_scores, generated in zip(test, res.label_scores, res.content_free, res.generated):
+        prompt = system.prompt(ex)
+        conts = [system.pair(ex, label)[1] for label in LABELS]
+        expected = [lp for lp, _ in full_sequence_logprobs(model, prompt, conts, pad=pad)]
+        assert [lp for lp, _ in scores] == pytest.approx(expected, abs=2e-4)
+        assert len(free_scores) == len(CONTENT_FREE_PER_EXAMPLE)
+        free = system.content_free(ex, CONTENT_FREE_PER_EXAMPLE[0])
+        free_prompt = system.prompt(free, system.shots_for(ex))
+        assert free_prompt[:20] == prompt[:20] and free_prompt != prompt  # same shots, input replaced
+        free_conts = [system.pair(free, label, system.shots_for(ex))[1] for label in LABELS]
+        expected = [lp for lp, _ in full_sequence_logprobs(model, free_prompt, free_conts, pad=pad)]
+        assert free_scores[0] == pytest.approx(expected, abs=2e-4)
+        assert generated == greedy_batch(model, tok, [prompt], max_new_tokens=5, **kwargs)[0].strip()
+
+
 def test_evaluate_prompts_measures_the_baseline_without_a_run(tiny_model_dir, tmp_path):
     """The prompted systems of a config alone (what `make results --prompt-only` records for runs that are gone; only
     the config is used, no model of the run) equal what `tunesmith eval` reports for the same config's base

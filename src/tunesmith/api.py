@@ -218,7 +218,7 @@ def evaluate(
     forgetting: bool = True,
     log=print,
     *,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     max_new_tokens: int | None = None,
     quiet: bool = False,
     probe_limit: int | None = None,

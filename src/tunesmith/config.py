@@ -188,8 +188,9 @@ class EvalConfig(_Section):
     """Task or headline metric; None: chosen from the data (classification, extraction, text or lm)."""
     by: Literal["score", "generate", "both"] = "both"
     """Classification: label scoring, greedy generation, or both."""
-    batch_size: int = Field(8, ge=1, le=1024)
-    """Test examples per forward pass."""
+    batch_size: Union[Annotated[int, Field(ge=1, le=1024)], Auto] = "auto"
+    """Test examples per forward pass; auto: as many as fit 4096 tokens (and ~1 GiB of keys/values and activations),
+    at most 64: short prompts decode many answers per step, long few-shot prompts take fewer rows."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Generation length; None: from the longest reference (1.5x + 16, at most 512)."""
     format: str | None = None

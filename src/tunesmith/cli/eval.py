@@ -47,7 +47,12 @@ from tunesmith import api
 )
 @click.option("--allow-missing-labels", is_flag=True, help="Allow --shots below the number of labels.")
 @click.option("--limit", type=int, help="Evaluate the first N test examples only.")
-@click.option("--batch-size", type=int, help="Test examples per forward pass (default 8).")
+@click.option(
+    "--batch-size",
+    callback=lambda ctx, param, value: _int_or_auto(value, "--batch-size"),
+    help="Test examples per forward pass, or auto: as many as fit 4096 tokens, up to 64 (default: the run's "
+    "eval.batch_size).",
+)
 @click.option("--max-new-tokens", type=int, help="Generation length (default: from the longest reference).")
 @click.option("--probe-limit", type=int, help="Use N of the forgetting probe's questions (default: all, or --limit).")
 @click.option("--no-forgetting", is_flag=True, help="Skip the general-ability (forgetting) probe.")
@@ -116,3 +121,12 @@ def eval_command(
             f"fine-tuning fixed {len(flips['improved'])} and broke {len(flips['regressed'])} of "
             f"{result['data']['examples']} examples (listed in {run_dir}/eval/task.json)"
         )
+
+
+def _int_or_auto(value: str | None, flag: str):
+    """None, "auto", or a positive int; a clear usage error otherwise."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r}: give a positive number or auto", param_hint=flag)
+    return int(value)

@@ -54,6 +54,16 @@ def label_continuations(renderer, example: Example, labels: list[str]) -> tuple[
     return prompt, conts
 
 
+@dataclass
+class Scored:
+    """What score_rows returns: per prompt, (total log-probability, tokens) of each continuation; the same for each
+    side prompt; and (keep_state) the prompts' PromptState, from which greedy decoding can continue."""
+
+    scores: list[list[tuple[float, int]]]
+    side: list[list[list[tuple[float, int]]]] | None = None
+    state: object = None
+
+
 @torch.no_grad()
 def score_continuations(
     model,
@@ -64,89 +74,205 @@ def score_continuations(
     prefix_len: int = 0,
     prefix_cache=None,
 ) -> list[list[tuple[float, int]]]:
+    """For each prompt, (total log-probability, tokens) of each of its continuations given the prompt (score_rows)."""
+    return score_rows(model, prompts, continuations, pad=pad, prefix_len=prefix_len, prefix_cache=prefix_cache).scores
+
+
+@torch.no_grad()
+def score_rows(
+    model,
+    prompts: list[list[int]],
+    continuations: list[list[list[int]]],
+    *,
+    pad: int,
+    prefix_len: int = 0,
+    prefix_cache=None,
+    side: list[list[tuple[list[int], list[list[int]]]]] | None = None,
+    keep_state: bool = False,
+) -> Scored:
     """For each prompt, (total log-probability, tokens) of each of its continuations given the prompt.
 
     All prompts start with the same prefix_len tokens whose cache is prefix_cache (or prefix_len = 0).
     One call is one batch: the caller chooses its size.
 
-    One forward does it all: row e holds prompt e's tail followed by all its continuations side by side
-    (each continuation minus its last token, which is predicted, never fed), and a 4D mask lets every
-    continuation see the prefix, the prompt and its own earlier tokens only, with positions that restart after
-    the prompt for each continuation. Nothing is copied per label. Models whose custom masks would be wrong
-    (sliding-window layers, attention kernels without 4D masks) take `_score_with_copies`; peft prefix/prompt
-    tuning takes `full_sequence_logprobs`."""
+    One forward does it all: row e holds prompt e's tail (left-padded to the widest tail), then all its
+    continuations side by side (each minus its last token, which is predicted, never fed), and a 4D mask lets every
+    continuation see the prefix, the prompt and its own earlier tokens only, with positions that restart after the
+    prompt for each continuation. Nothing is copied per label.
+
+    side: per prompt, more (prompt, continuations) pairs that share a beginning with it (contextual calibration's
+    content-free input in the same retrieved shots): each is laid out after the row's own continuations as a branch
+    that sees the row's tokens up to where the two prompts differ, so the shared shots are encoded once.
+
+    keep_state: also return the prompts' PromptState (their cache cut after the tails, which no continuation column
+    touched), so that greedy generation continues without encoding the prompts again.
+
+    Models whose custom masks would be wrong (sliding-window layers, attention kernels without 4D masks) take
+    `_score_with_copies`; peft prefix/prompt tuning takes `full_sequence_logprobs` (and neither keeps a state
+    when there are side prompts)."""
     if uses_prompt_learning(model):
-        return [full_sequence_logprobs(model, p, c, pad=pad) for p, c in zip(prompts, continuations)]
+        return Scored(
+            [full_sequence_logprobs(model, p, c, pad=pad) for p, c in zip(prompts, continuations)],
+            _side_alone(model, side, pad, 0, None) if side is not None else None,
+        )
     from tunesmith.models.functional import mask_for, takes_custom_masks
 
     if not takes_custom_masks(model)[0]:
-        return _score_with_copies(
-            model, prompts, continuations, pad=pad, prefix_len=prefix_len, prefix_cache=prefix_cache
+        scores, state = _score_with_copies(
+            model,
+            prompts,
+            continuations,
+            pad=pad,
+            prefix_len=prefix_len,
+            prefix_cache=prefix_cache,
+            keep_state=keep_state,
         )
+        extra = _side_alone(model, side, pad, prefix_len, prefix_cache) if side is not None else None
+        return Scored(scores, extra, state)
     device = next(model.parameters()).device
-    layouts = []  # per row: tokens, positions, tail length, [(start column, continuation)]
-    for prompt, conts in zip(prompts, continuations):
-        tail = prompt[prefix_len:]
-        tokens, positions, spans = list(tail), list(range(prefix_len, len(prompt))), []
-        for c in conts:
-            spans.append((len(tokens), c))
-            tokens += c[:-1]
-            positions += range(len(prompt), len(prompt) + len(c) - 1)
-        layouts.append((tokens, positions, len(tail), spans))
-    width = max(len(t) for t, *_ in layouts)
-    rows = len(layouts)
-    ids = torch.full((rows, width), pad, dtype=torch.long)
-    pos = torch.zeros((rows, width), dtype=torch.long)
-    mask = torch.zeros((rows, 1, width, prefix_len + width), dtype=torch.bool)
-    keep = torch.zeros((rows, width), dtype=torch.bool)
+    trunks = [p[prefix_len:] for p in prompts]
+    if not all(trunks):
+        raise ValueError("every prompt needs at least one token after the shared prefix")
+    trunk_width = max(map(len, trunks))
+    # per row: its branches as (trunk tokens seen, own prompt tokens, continuations); the first is the prompt's own
+    rows = []
+    for r, (trunk, conts) in enumerate(zip(trunks, continuations)):
+        branches = [(len(trunk), [], conts)]
+        for other, other_conts in side[r] if side is not None else []:
+            if len(other) <= prefix_len or other[:prefix_len] != prompts[r][:prefix_len]:
+                raise ValueError("a side prompt must continue the shared prefix with at least one token")
+            tail, seen = other[prefix_len:], 0
+            while seen < min(len(trunk), len(tail) - 1) and trunk[seen] == tail[seen]:
+                seen += 1
+            branches.append((seen, tail[seen:], other_conts))
+        rows.append(branches)
+    # columns: [0, trunk_width) the left-padded trunk; then per branch its own tokens and continuations, right-padded
+    layouts, width = [], trunk_width
+    for branches in rows:
+        at, placed = trunk_width, []
+        for seen, own, conts in branches:
+            spans = []
+            own_at = at
+            at += len(own)
+            for c in conts:
+                spans.append((at, c))
+                at += len(c) - 1
+            placed.append((seen, own_at, own, spans))
+        layouts.append(placed)
+        width = max(width, at)
+    n = len(rows)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.zeros((n, 1, width, prefix_len + width), dtype=torch.bool)
+    keep = torch.zeros((n, width), dtype=torch.bool)
     mask[:, :, :, :prefix_len] = True
-    for r, (tokens, positions, n_tail, spans) in enumerate(layouts):
-        off = width - len(tokens)  # left padding: a padded query sees only itself (no fully masked row)
-        ids[r, off:] = torch.tensor(tokens, dtype=torch.long)
-        pos[r, off:] = torch.tensor(positions, dtype=torch.long)
+    idx = torch.arange(width)
+    mask[:, 0, idx, prefix_len + idx] = True  # every column sees itself (padding sees nothing else)
+    first_col = []  # per row, per branch: the column whose logits predict each continuation's first token
+    for r, (trunk, placed) in enumerate(zip(trunks, layouts)):
+        off = trunk_width - len(trunk)
+        ids[r, off:trunk_width] = torch.tensor(trunk, dtype=torch.long)
+        pos[r, off:trunk_width] = torch.arange(prefix_len, prefix_len + len(trunk))
         m = mask[r, 0, :, prefix_len:]
-        m[range(off), range(off)] = True
-        tail = slice(off, off + n_tail)
-        m[tail, tail] = torch.ones(n_tail, n_tail, dtype=torch.bool).tril()
-        keep[r, off + n_tail - 1] = True  # predicts every continuation's first token
-        for start, c in spans:
-            n = len(c) - 1
-            if n:
-                own = slice(off + start, off + start + n)
-                m[own, tail] = True
-                m[own, own] = torch.ones(n, n, dtype=torch.bool).tril()
-                keep[r, own] = True
-    logits = model(
+        m[off:trunk_width, off:trunk_width] = torch.ones(len(trunk), len(trunk), dtype=torch.bool).tril()
+        keep[r, trunk_width - 1] = True  # the prompt's next token (generation starts from it)
+        cols = []
+        for seen, own_at, own, spans in placed:
+            seen_cols = slice(off, off + seen)
+            start = prefix_len + seen
+            if own:
+                o = slice(own_at, own_at + len(own))
+                ids[r, o] = torch.tensor(own, dtype=torch.long)
+                pos[r, o] = torch.arange(start, start + len(own))
+                m[o, seen_cols] = True
+                m[o, o] = torch.ones(len(own), len(own), dtype=torch.bool).tril()
+                cols.append(own_at + len(own) - 1)
+            else:
+                cols.append(off + seen - 1)
+            keep[r, cols[-1]] = True
+            after = start + len(own)
+            for col, c in spans:
+                k = len(c) - 1
+                if k:
+                    s = slice(col, col + k)
+                    ids[r, s] = torch.tensor(c[:-1], dtype=torch.long)
+                    pos[r, s] = torch.arange(after, after + k)
+                    m[s, seen_cols] = True
+                    if own:
+                        m[s, own_at : own_at + len(own)] = True
+                    m[s, s] = torch.ones(k, k, dtype=torch.bool).tril()
+                    keep[r, s] = True
+        first_col.append(cols)
+    out = model(
         input_ids=ids.to(device),
         position_ids=pos.to(device),
         attention_mask=mask_for(model, mask.to(device)),
-        past_key_values=expand_cache(prefix_cache, rows),
-        use_cache=prefix_cache is not None,
+        past_key_values=expand_cache(prefix_cache, n),
+        use_cache=keep_state or prefix_cache is not None,
         logits_to_keep=keep.to(device),
-    ).logits
-    logp = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), -1).cpu()
-    # logp rows follow keep in row-major order: per row, the prompt's last position, then each continuation's
-    result: list[list[tuple[float, int]]] = []
-    at = 0
-    for *_, spans in layouts:
-        first = logp[at]
-        at += 1
-        row = []
-        for _, c in spans:
-            n = len(c) - 1
-            total = float(first[c[0]])
-            if n:
-                total += float(logp[at : at + n][torch.arange(n), torch.tensor(c[1:])].sum())
-            at += n
-            row.append((total, len(c)))
-        result.append(row)
-    return result
+    )
+    logits = out.logits.reshape(-1, out.logits.shape[-1])
+    at_kept = torch.full((n, width), -1, dtype=torch.long)
+    at_kept[keep] = torch.arange(int(keep.sum()))  # logits rows follow keep in row-major order
+    logp = torch.log_softmax(logits.float(), -1).cpu()
+    scores, extra = [], []
+    for r, placed in enumerate(layouts):
+        per_branch = []
+        for (*_, spans), col in zip(placed, first_col[r]):
+            first = logp[at_kept[r, col]]
+            got = []
+            for col0, c in spans:
+                k = len(c) - 1
+                total = float(first[c[0]])
+                if k:
+                    total += float(logp[at_kept[r, col0 : col0 + k], torch.tensor(c[1:])].sum())
+                got.append((total, len(c)))
+            per_branch.append(got)
+        scores.append(per_branch[0])
+        extra.append(per_branch[1:])
+    state = None
+    if keep_state:
+        from tunesmith.evaluation.generate import PromptState
+
+        cache = out.past_key_values
+        extra_columns = cache.get_seq_length() - (prefix_len + trunk_width)
+        if extra_columns:  # the continuation columns go; the prompts' keys/values stay
+            cache.crop(-extra_columns)  # negative: tokens to remove, in every transformers version
+        tmask = torch.zeros((n, trunk_width), dtype=torch.long)
+        for r, trunk in enumerate(trunks):
+            tmask[r, trunk_width - len(trunk) :] = 1
+        full = torch.cat([torch.ones((n, prefix_len), dtype=torch.long), tmask], 1)
+        state = PromptState(cache, full, full.sum(-1), logits[at_kept[:, trunk_width - 1].to(logits.device)].float())
+    return Scored(scores, extra if side is not None else None, state)
+
+
+def _side_alone(model, side, pad, prefix_len, prefix_cache) -> list[list[list[tuple[float, int]]]]:
+    """Side prompts scored as prompts of their own (paths that cannot share their beginning)."""
+    flat = [(p, c) for row in side for p, c in row]
+    got = (
+        score_continuations(
+            model, [p for p, _ in flat], [c for _, c in flat], pad=pad, prefix_len=prefix_len, prefix_cache=prefix_cache
+        )
+        if flat
+        else []
+    )
+    out, at = [], 0
+    for row in side:
+        out.append(got[at : at + len(row)])
+        at += len(row)
+    return out
 
 
 @torch.no_grad()
-def _score_with_copies(model, prompts, continuations, *, pad: int, prefix_len: int = 0, prefix_cache=None):
-    """score_continuations for models that take no custom 4D mask: one forward of the prompts, then one of
-    every (prompt, continuation) row from a copy of its prompt's cache."""
+def _score_with_copies(
+    model, prompts, continuations, *, pad: int, prefix_len: int = 0, prefix_cache=None, keep_state: bool = False
+):
+    """(scores, PromptState or None) as score_rows gives them, for models that take no custom 4D mask: one forward
+    of the prompts, then one of every (prompt, continuation) row from a copy of its prompt's cache."""
+    import copy
+
+    from tunesmith.evaluation.generate import PromptState
+
     device = next(model.parameters()).device
     ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, prefix_len)
     out = model(
@@ -157,6 +283,9 @@ def _score_with_copies(model, prompts, continuations, *, pad: int, prefix_len: i
         use_cache=True,
         logits_to_keep=1,
     )
+    state = None
+    if keep_state:
+        state = PromptState(copy.deepcopy(out.past_key_values), mask, mask.sum(-1), out.logits[:, -1].float())
     first_logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # predicts each continuation's 1st token
 
     rows = [(e, c) for e, conts in enumerate(continuations) for c in conts]
@@ -189,7 +318,7 @@ def _score_with_copies(model, prompts, continuations, *, pad: int, prefix_len: i
     result: list[list[tuple[float, int]]] = [[] for _ in prompts]
     for (e, c), total in zip(rows, totals):
         result[e].append((total, len(c)))
-    return result
+    return result, state
 
 
 @torch.no_grad()

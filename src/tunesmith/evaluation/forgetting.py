@@ -58,7 +58,6 @@ THRESHOLDS_TEXT = (
     "high: perplexity up 30% or more, or question score down 0.15 or more"
 )
 RAW_QUESTION = "Question: {prompt}\nAnswer:"  # runs trained on raw text/completions get no chat template
-GEN_BATCH_SIZE = 32
 
 
 @dataclass
@@ -371,7 +370,9 @@ def answer_questions(
         encode_prefix,
         generate_batch,
         greedy_batch,
+        plan_batches,
         prompt_ids,
+        tokens_per_forward,
         uses_prompt_learning,
     )
 
@@ -390,10 +391,11 @@ def answer_questions(
     done = 0
     with system.active():
         cache = encode_prefix(system.model, ids[0][:shared]) if shared else None
+        budget = tokens_per_forward(system.model)
         for max_new, idx in sorted(groups.items()):
             idx = sorted(idx, key=lambda i: len(ids[i]))
-            for start in range(0, len(idx), GEN_BATCH_SIZE):
-                part = idx[start : start + GEN_BATCH_SIZE]
+            for batch in plan_batches([len(ids[i]) - shared + max_new for i in idx], None, budget):
+                part = [idx[j] for j in batch]
                 if plain:
                     outs = generate_batch(
                         system.model,
@@ -401,7 +403,7 @@ def answer_questions(
                         renderer,
                         [prompts[i] for i in part],
                         max_new_tokens=max_new,
-                        batch_size=GEN_BATCH_SIZE,
+                        batch_size=len(part),
                         stop=stops,
                     )
                 else:

@@ -19,6 +19,7 @@ from tunesmith.evaluation.tasks import TaskPlan
 # need its own: there only "N/A" is scored, which keeps calibration at twice the label-scoring cost, not four times.
 CONTENT_FREE = ("N/A", "", "[MASK]")
 CONTENT_FREE_PER_EXAMPLE = ("N/A",)
+MAX_ROWS_LM = 8  # raw text: rows per forward when eval.batch_size is auto (all their logits are kept)
 
 
 @dataclass
@@ -57,7 +58,7 @@ def measure(
     test: list[Example],
     plan: TaskPlan,
     *,
-    batch_size: int,
+    batch_size: int | None,
     max_new_tokens: int,
     max_length: int | None,
     progress,
@@ -67,14 +68,27 @@ def measure(
     """Run one system over the test set: label scoring, generation and/or reference likelihood, as the task needs.
     calibrate: also score the labels after content-free inputs (classification label scoring), so that
     `SystemResult.decided(calibrated=True)` can apply contextual calibration. reference_loss: also the likelihood
-    of the reference answers (extraction and text)."""
+    of the reference answers (extraction and text). batch_size None: batches sized by a token budget.
+
+    When a classification system is both scored and generated, one forward per batch does both: label scoring
+    keeps the prompts' keys/values and greedy decoding continues from them (classify.score_rows keep_state), so
+    long few-shot prompts are encoded once, not twice. With retrieved shots, the content-free input that
+    calibration needs is a branch of the same row (it shares the shots). Time is reported per mode: `score` is
+    the forward (the prompts' encoding included), `generate` the decoding after it, and `calibration` the
+    content-free inputs' share of the forward by tokens fed."""
     import torch
 
-    from tunesmith.evaluation.generate import common_prefix_length, encode_prefix, uses_prompt_learning
+    from tunesmith.evaluation.generate import (
+        common_prefix_length,
+        encode_prefix,
+        tokens_per_forward,
+        uses_prompt_learning,
+    )
 
     result = SystemResult()
+    budget = tokens_per_forward(system.model)
     if plan.task == "lm":
-        return _measure_lm(system, test, batch_size=batch_size, max_length=max_length, progress=progress)
+        return _measure_lm(system, test, batch_size=batch_size, budget=budget, max_length=max_length, progress=progress)
     system.prepare(test)
     prompts = [system.prompt(ex) for ex in test]
     result.prompt_tokens = sum(map(len, prompts)) / len(prompts)
@@ -82,31 +96,53 @@ def measure(
     order = sorted(range(len(test)), key=lambda i: (len(prompts[i]), i))
     test, prompts = [test[i] for i in order], [prompts[i] for i in order]
     t0 = time.perf_counter()
-    prefix_len = 0 if uses_prompt_learning(system.model) else common_prefix_length(prompts)
+    plain = uses_prompt_learning(system.model)
+    prefix_len = 0 if plain else common_prefix_length(prompts)
     prefix = encode_prefix(system.model, prompts[0][:prefix_len])
     shared = {"prefix_len": prefix_len, "prefix_cache": prefix}
     setup = time.perf_counter() - t0
+    sizing = {"batch_size": batch_size, "budget": budget}
+    generate = plan.task != "classification" or "generate" in plan.by
     with torch.no_grad():
         if "score" in plan.by:
-            t0 = time.perf_counter()
-            result.label_scores = _score_labels(system, test, prompts, plan.labels, batch_size, shared, progress)
+            fused = generate and not plain
+            per_example_cf = calibrate and system.retriever is not None and not plain
+            scored = _score_labels(
+                system,
+                test,
+                prompts,
+                plan.labels,
+                sizing,
+                shared,
+                progress,
+                generate=max_new_tokens if fused else None,
+                content_free=per_example_cf,
+            )
+            result.label_scores = scored["scores"]
             result.predictions = [
                 plan.labels[max(range(len(row)), key=lambda k: row[k][0])] for row in result.label_scores
             ]
-            result.seconds["score"] = setup + time.perf_counter() - t0
-            if calibrate:
+            result.seconds["score"] = setup + scored["seconds"]["score"]
+            if fused:
+                result.generated = scored["generated"]
+                result.seconds["generate"] = scored["seconds"]["generate"]
+                generate = False
+            if per_example_cf:
+                result.content_free = scored["content_free"]
+                result.seconds["calibration"] = scored["seconds"]["calibration"]
+            elif calibrate:
                 t0 = time.perf_counter()
                 result.content_free = _score_content_free(
-                    system, test, plan.labels, batch_size, shared, prompts[0][:prefix_len], progress
+                    system, test, plan.labels, sizing, shared, prompts[0][:prefix_len], progress
                 )
                 result.seconds["calibration"] = time.perf_counter() - t0
-        if plan.task != "classification" or "generate" in plan.by:
+        if generate:
             t0 = time.perf_counter()
-            result.generated = _generate(system, prompts, batch_size, max_new_tokens, shared, progress)
+            result.generated = _generate(system, prompts, sizing, max_new_tokens, shared, progress)
             result.seconds["generate"] = setup + time.perf_counter() - t0
         if plan.task in ("extraction", "text") and reference_loss:
             t0 = time.perf_counter()
-            result.nll = _reference_nll(system, test, prompts, batch_size, shared, progress)
+            result.nll = _reference_nll(system, test, prompts, sizing, shared, progress)
             result.seconds["reference_loss"] = time.perf_counter() - t0
     back = [0] * len(order)
     for pos, i in enumerate(order):
@@ -119,25 +155,90 @@ def measure(
     return result
 
 
-def _score_labels(system, test, prompts, labels, batch_size, shared, progress) -> list[list[tuple[float, int]]]:
-    from tunesmith.evaluation.classify import score_continuations
+def _batches(widths: list[int], sizing: dict, prefix_len: int = 0) -> list[range]:
+    from tunesmith.evaluation.generate import plan_batches
 
-    out = []
-    task = progress.start(f"{system.name}: label scoring", len(test))
-    for start in range(0, len(test), batch_size):
-        chunk = range(start, min(start + batch_size, len(test)))
-        conts = []
-        for i in chunk:
-            rows = [system.pair(test[i], label) for label in labels]
-            if any(p != prompts[i] for p, _ in rows):
-                raise RuntimeError(f"{test[i].source}: label rendering changed the prompt tokens")
-            conts.append([c for _, c in rows])
-        out += score_continuations(system.model, [prompts[i] for i in chunk], conts, pad=system.pad, **shared)
-        progress.update(task, advance=len(chunk))
+    return plan_batches([w - prefix_len for w in widths], sizing["batch_size"], sizing["budget"])
+
+
+def _score_labels(
+    system, test, prompts, labels, sizing, shared, progress, *, generate: int | None = None, content_free=False
+) -> dict:
+    """Label scores per example; with generate (max new tokens), also the greedy answers decoded from the same
+    forward; with content_free, the labels' scores after the "N/A" input in each example's own shots (a branch of
+    the example's row). Returns {"scores", "generated", "content_free", "seconds": {mode: seconds}}."""
+    from tunesmith.evaluation.classify import score_rows
+    from tunesmith.evaluation.generate import decode_greedy
+
+    rows = []
+    for i, ex in enumerate(test):
+        pairs = [system.pair(ex, label) for label in labels]
+        if any(p != prompts[i] for p, _ in pairs):
+            raise RuntimeError(f"{ex.source}: label rendering changed the prompt tokens")
+        side = []
+        if content_free:
+            for text in CONTENT_FREE_PER_EXAMPLE:
+                free = [system.pair(system.content_free(ex, text), label, system.shots_for(ex)) for label in labels]
+                side.append((free[0][0], [c for _, c in free]))
+        rows.append(([c for _, c in pairs], side))
+    from tunesmith.evaluation.generate import common_prefix_length
+
+    def cost(conts):  # tokens fed for a list of continuations (each without its last token)
+        return sum(len(c) - 1 for c in conts)
+
+    main = [len(p) + cost(conts) for p, (conts, _) in zip(prompts, rows)]
+    # a side prompt feeds only what follows its common beginning with the example's prompt
+    extra = [
+        sum(len(sp) - common_prefix_length([sp, p]) + cost(sc) for sp, sc in side)
+        for p, (_, side) in zip(prompts, rows)
+    ]
+    fed = [m + e for m, e in zip(main, extra)]
+    widths = [w + (generate or 0) for w in fed]
+    side_ok = content_free and _usable(shared, prompts[0][: shared["prefix_len"]], [sp for _, s in rows for sp, _ in s])
+    what = "label scoring" + (" and generation" if generate else "") + (" (+ calibration)" if content_free else "")
+    task = progress.start(f"{system.name}: {what}", len(test))
+    out = {"scores": [], "generated": [] if generate else None, "content_free": [] if content_free else None}
+    seconds = {"score": 0.0, "generate": 0.0, "calibration": 0.0}
+    for batch in _batches(widths, sizing, shared["prefix_len"]):
+        t0 = time.perf_counter()
+        kwargs = shared if not content_free or side_ok else {}
+        got = score_rows(
+            system.model,
+            [prompts[i] for i in batch],
+            [rows[i][0] for i in batch],
+            pad=system.pad,
+            side=[rows[i][1] for i in batch] if content_free else None,
+            keep_state=generate is not None,
+            **kwargs,
+        )
+        forward = time.perf_counter() - t0
+        out["scores"] += got.scores
+        if content_free:
+            out["content_free"] += [[[lp for lp, _ in branch] for branch in row] for row in got.side]
+            share = sum(extra[i] for i in batch) / max(1, sum(fed[i] for i in batch))
+            seconds["calibration"] += forward * share
+            forward *= 1 - share
+        seconds["score"] += forward
+        if generate:
+            t0 = time.perf_counter()
+            out["generated"] += [
+                g.strip()
+                for g in decode_greedy(
+                    system.model,
+                    system.tokenizer,
+                    got.state,
+                    stop_ids=system.renderer.stop_token_ids,
+                    stop_strings=system.renderer.stop_strings,
+                    max_new_tokens=generate,
+                )
+            ]
+            seconds["generate"] += time.perf_counter() - t0
+        progress.update(task, advance=len(batch))
+    out["seconds"] = seconds
     return out
 
 
-def _score_content_free(system, test, labels, batch_size, shared, prefix_ids, progress) -> list[list[list[float]]]:
+def _score_content_free(system, test, labels, sizing, shared, prefix_ids, progress) -> list[list[list[float]]]:
     """Per example, the label log-probabilities after each content-free input in the example's own prompt (its
     system prompt and shots). Identical content-free prompts (fixed shots: all of them) are scored once."""
     from tunesmith.evaluation.classify import score_continuations
@@ -158,8 +259,9 @@ def _score_content_free(system, test, labels, batch_size, shared, prefix_ids, pr
         per_example.append(mine)
     task = progress.start(f"{system.name}: content-free inputs (calibration)", len(rows))
     scores = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    widths = [len(p) + sum(len(c) - 1 for c in conts) for p, conts in rows]
+    for batch in _batches(widths, sizing):
+        chunk = [rows[i] for i in batch]
         got = score_continuations(
             system.model,
             [p for p, _ in chunk],
@@ -181,14 +283,14 @@ def _usable(shared: dict, prefix_ids: list[int], prompts: list[list[int]]) -> di
     return {}
 
 
-def _generate(system, prompts, batch_size, max_new_tokens, shared, progress) -> list[str]:
+def _generate(system, prompts, sizing, max_new_tokens, shared, progress) -> list[str]:
     from tunesmith.evaluation.generate import greedy_batch, uses_prompt_learning
 
     renderer = system.renderer
     out = []
     task = progress.start(f"{system.name}: generation", len(prompts))
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for batch in _batches([len(p) + max_new_tokens for p in prompts], sizing, shared["prefix_len"]):
+        chunk = [prompts[i] for i in batch]
         if uses_prompt_learning(system.model):
             out += _generate_plain(system, chunk, max_new_tokens)
         else:
@@ -232,21 +334,22 @@ def _generate_plain(system, prompts, max_new_tokens) -> list[str]:
     ]
 
 
-def _reference_nll(system, test, prompts, batch_size, shared, progress) -> list[tuple[float, int]]:
+def _reference_nll(system, test, prompts, sizing, shared, progress) -> list[tuple[float, int]]:
     from tunesmith.evaluation.classify import score_continuations
 
     out = []
     task = progress.start(f"{system.name}: reference likelihood", len(test))
-    for start in range(0, len(test), batch_size):
-        chunk = range(start, min(start + batch_size, len(test)))
-        conts = [[system.pair(test[i], test[i].answer() or "")[1]] for i in chunk]
-        scores = score_continuations(system.model, [prompts[i] for i in chunk], conts, pad=system.pad, **shared)
+    conts = [system.pair(ex, ex.answer() or "")[1] for ex in test]
+    for batch in _batches([len(p) + len(c) for p, c in zip(prompts, conts)], sizing, shared["prefix_len"]):
+        scores = score_continuations(
+            system.model, [prompts[i] for i in batch], [[conts[i]] for i in batch], pad=system.pad, **shared
+        )
         out += [(-row[0][0], row[0][1]) for row in scores]
-        progress.update(task, advance=len(chunk))
+        progress.update(task, advance=len(batch))
     return out
 
 
-def _measure_lm(system, test, *, batch_size, max_length, progress) -> SystemResult:
+def _measure_lm(system, test, *, batch_size, budget, max_length, progress) -> SystemResult:
     """Loss of every text token after the first (which has no context without a BOS), as training scores it."""
     from tunesmith.evaluation.classify import score_continuations
 
@@ -257,7 +360,8 @@ def _measure_lm(system, test, *, batch_size, max_length, progress) -> SystemResu
     t0 = time.perf_counter()
     task = progress.start(f"{system.name}: text likelihood", len(test))
     longest = max(map(len, encoded))
-    rows = max(1, min(batch_size, 4096 // longest))  # bounds the (rows, tokens, vocabulary) logits tensor
+    # every position's logits are kept: bound the (rows, tokens, vocabulary) tensor, whatever the batch size
+    rows = max(1, min(batch_size or MAX_ROWS_LM, 4096 // longest))
     for start in range(0, len(encoded), rows):
         chunk = encoded[start : start + rows]
         scores = score_continuations(

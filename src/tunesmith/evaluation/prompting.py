@@ -191,7 +191,7 @@ def select_prompt(
     tried: list[PromptVariant],
     system_for: Callable[[PromptVariant], System],
     *,
-    batch_size: int,
+    batch_size: int | None,
     max_new_tokens: int,
     max_length: int | None,
     progress,
@@ -283,15 +283,16 @@ class MeasureSettings:
     """How every system is measured: examples per forward pass, generation length (None: from the references),
     the longest encoded example."""
 
-    batch_size: int
+    batch_size: int | None  # None: batches sized by a token budget (generate.tokens_per_forward)
     max_new_tokens: int | None
     max_length: int | None
 
     @classmethod
-    def of(cls, cfg, batch_size: int | None = None, max_new_tokens: int | None = None) -> "MeasureSettings":
+    def of(cls, cfg, batch_size: int | str | None = None, max_new_tokens: int | None = None) -> "MeasureSettings":
         """The config's eval settings, with the flags that were given; the run's resolved data.max_length."""
+        chosen = cfg.eval.batch_size if batch_size is None else batch_size  # a flag wins; "auto" is a choice too
         return cls(
-            batch_size or cfg.eval.batch_size,
+            chosen if isinstance(chosen, int) else None,
             max_new_tokens or cfg.eval.max_new_tokens,
             cfg.data.max_length if isinstance(cfg.data.max_length, int) else None,
         )

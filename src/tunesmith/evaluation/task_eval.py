@@ -47,7 +47,7 @@ def evaluate_run(
     metric: str | None = None,
     by: str | None = None,
     limit: int | None = None,
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     max_new_tokens: int | None = None,
     answer_format: str | None = None,
     forgetting: bool = True,
