@@ -516,6 +516,7 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "TUNESMITH_API_KEY": "k1"}
+    (tmp_path / "allowed").mkdir()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -528,6 +529,8 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
             str(port),
             "--max-tokens",
             "8",
+            "--adapter-root",
+            str(tmp_path / "allowed"),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -550,6 +553,12 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
         assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
         with pytest.raises(openai.BadRequestError, match="more than this server allows"):
             client.completions.create(model=tiny_model_dir.name, prompt="hello", max_tokens=9)
+        add = f"http://127.0.0.1:{port}/v1/adapters"
+        auth = {"Authorization": "Bearer k1"}
+        inside = httpx.post(add, json={"path": str(tmp_path / "allowed" / "run")}, headers=auth)
+        outside = httpx.post(add, json={"path": str(tmp_path)}, headers=auth)
+        assert inside.status_code == 400 and "not a run directory" in inside.json()["error"]["message"]
+        assert outside.status_code == 403 and outside.json()["error"]["code"] == "adapter_path_not_allowed"
     finally:
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0]

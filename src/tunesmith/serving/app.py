@@ -315,7 +315,8 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 def json_depth(raw: bytes, limit: int) -> int:
     """How deep `raw`'s arrays and objects nest, counted up to `limit` + 1 without parsing: json.loads
     recurses once per level, so a body of 100k `[` (100 kB, within the size limit) would end in a
-    RecursionError deep in the parser. One regex pass and a loop over the brackets alone: ~10 ms a MB."""
+    RecursionError deep in the parser. One regex pass and a loop over the brackets alone: 7 to 51 ms for a
+    1 MB body on one core here (51: 500k `[]`; json.loads takes 6 to 170 ms on the same bodies)."""
     depth = deepest = 0
     for b in _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
         if b in b"[{":
