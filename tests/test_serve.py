@@ -97,9 +97,12 @@ def server(tiny_model_dir, runs):
     from tunesmith.serving import build
 
     root, a, b = runs
-    app, registry = build([a.path, b.path], log=lambda *_: None, max_tokens=64, max_pending=40)
+    allowed = root / "allowed"
+    allowed.mkdir(exist_ok=True)
+    app, registry = build([a.path, b.path], log=lambda *_: None, max_tokens=64, max_pending=40, adapter_roots=[allowed])
     srv = Server(app)
     srv.base_id = registry.base_id
+    srv.allowed = allowed
     yield srv
     srv.close()
 
@@ -248,7 +251,7 @@ def test_body_size_limit_and_bad_json(server):
 
 def test_adapter_added_at_runtime(server, runs, tiny_model_dir, tmp_path):
     root, alpha, _ = runs
-    copy = tmp_path / "gamma"
+    copy = server.allowed / "gamma"
     shutil.copytree(alpha.path, copy)
     r = httpx.post(server.url + "/v1/adapters", json={"path": str(copy), "name": "gamma"})
     assert r.status_code == 200, r.text
@@ -262,7 +265,7 @@ def test_adapter_added_at_runtime(server, runs, tiny_model_dir, tmp_path):
     assert same[0] == same[1]  # a copy of alpha's adapter answers as alpha does
     again = httpx.post(server.url + "/v1/adapters", json={"path": str(copy), "name": "gamma"})
     assert again.status_code == 409
-    missing = httpx.post(server.url + "/v1/adapters", json={"path": str(tmp_path / "none")})
+    missing = httpx.post(server.url + "/v1/adapters", json={"path": str(server.allowed / "none")})
     assert missing.status_code == 400 and "not a run directory" in missing.json()["error"]["message"]
 
 
@@ -354,7 +357,13 @@ def test_api_key_is_enforced(tiny_model_dir, runs):
             srv.client("wrong").models.list()
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         assert [m.id for m in srv.client("s3cret").models.list().data] == [registry.base_id]
-        assert httpx.get(srv.url + "/health").status_code == 200
+        # /health stays open (for load balancers) but tells a client without the key the status only
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.get(srv.url + "/health", headers=headers)
+            assert r.status_code == 200 and r.json() == {"status": "ok"}
+            assert registry.base_id not in r.text
+        r = httpx.get(srv.url + "/health", headers={"Authorization": "Bearer s3cret"})
+        assert r.json() == {"status": "ok", "models": [registry.base_id], "pending": 0}
     finally:
         srv.close()
 
@@ -507,6 +516,7 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "TUNESMITH_API_KEY": "k1"}
+    (tmp_path / "allowed").mkdir()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -519,6 +529,8 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
             str(port),
             "--max-tokens",
             "8",
+            "--adapter-root",
+            str(tmp_path / "allowed"),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -541,6 +553,12 @@ def test_cli_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
         assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
         with pytest.raises(openai.BadRequestError, match="more than this server allows"):
             client.completions.create(model=tiny_model_dir.name, prompt="hello", max_tokens=9)
+        add = f"http://127.0.0.1:{port}/v1/adapters"
+        auth = {"Authorization": "Bearer k1"}
+        inside = httpx.post(add, json={"path": str(tmp_path / "allowed" / "run")}, headers=auth)
+        outside = httpx.post(add, json={"path": str(tmp_path)}, headers=auth)
+        assert inside.status_code == 400 and "not a run directory" in inside.json()["error"]["message"]
+        assert outside.status_code == 403 and outside.json()["error"]["code"] == "adapter_path_not_allowed"
     finally:
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0]
@@ -553,7 +571,7 @@ def test_an_internal_error_is_a_500_in_openai_format(server, monkeypatch):
         raise TypeError("boom")
 
     monkeypatch.setattr(server.app.state.registry, "add_run", broken)
-    r = httpx.post(server.url + "/v1/adapters", json={"path": "/nowhere"})
+    r = httpx.post(server.url + "/v1/adapters", json={"path": str(server.allowed / "nowhere")})
     assert r.status_code == 500
     assert r.json()["error"] == {
         "message": "internal server error: TypeError: boom",
@@ -561,3 +579,231 @@ def test_an_internal_error_is_a_500_in_openai_format(server, monkeypatch):
         "param": None,
         "code": None,
     }
+
+
+# ---- hardening (#21): what a client can learn, strict types, odd bodies, where adapters load from -----------
+
+
+def _post(server, path, body, **kw):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, **kw)
+
+
+def _error(r, status):
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_models_never_show_a_path_of_the_server(server, runs):
+    listed = httpx.get(server.url + "/v1/models")
+    one = httpx.get(server.url + "/v1/models/alpha")
+    for r in (listed, one):
+        assert r.status_code == 200 and "/" not in r.text  # the runs' folders used to be each card's root
+    assert all(card["root"] == card["id"] for card in listed.json()["data"])
+    assert one.json()["root"] == one.json()["id"] == f"ft:{server.base_id}:alpha"
+
+
+CHAT = {"model": "alpha", "messages": PROMPT, "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    "endpoint, field, value, fragment",
+    [
+        ("chat", "max_tokens", "8", 'max_tokens: Input should be a valid integer, not a string ("8")'),
+        ("chat", "max_tokens", True, "max_tokens: Input should be a valid integer, not a boolean (true)"),
+        ("chat", "max_tokens", 8.0, "max_tokens: Input should be a valid integer, not a number (8.0)"),
+        ("chat", "max_completion_tokens", False, "not a boolean"),
+        ("chat", "n", "2", "n: Input should be a valid integer, not a string"),
+        ("chat", "seed", "1", "seed: Input should be a valid integer, not a string"),
+        ("chat", "temperature", True, "temperature: Input should be a valid number, not a boolean"),
+        ("chat", "top_p", "0.5", "top_p: Input should be a valid number, not a string"),
+        ("chat", "stream", "true", "stream: Input should be a valid boolean, not a string"),
+        ("chat", "stream", 1, "stream: Input should be a valid boolean, not an integer"),
+        ("chat", "stop", 5, "stop: give a string or a list of strings"),
+        ("completions", "max_tokens", "8", "max_tokens: Input should be a valid integer, not a string"),
+        ("completions", "prompt", [1, 2], "token-id prompts are not supported"),
+    ],
+)
+def test_numbers_and_flags_are_strictly_typed(server, endpoint, field, value, fragment):
+    """pydantic's lax mode turned "8" into 8 and true into 1 token; OpenAI refuses both, so do we."""
+    body = {**CHAT, field: value} if endpoint == "chat" else {"model": "alpha", "prompt": "hi", field: value}
+    error = _error(_post(server, f"/v1/{endpoint.replace('chat', 'chat/completions')}", body), 400)
+    assert fragment in error["message"] and error["param"] == field
+    assert error["type"] == "invalid_request_error"
+
+
+def test_null_means_the_default_as_in_openai(server):
+    body = {**CHAT, "temperature": None, "top_p": None, "n": None, "stream": None, "seed": None, "max_tokens": 2}
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
+
+
+def test_a_chunked_body_is_cut_off_at_the_size_limit(server):
+    """No content-length to refuse up front: the server must stop reading at the limit and answer 413, not
+    wait for (and hold) the whole body. The body here never ends; before, the server waited for its end."""
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    piece = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head.encode())
+        try:
+            for _ in range(18):  # 1.18 MB, over the 1 MB limit, and no final chunk
+                s.sendall(piece)
+        except OSError:  # the server stopped reading and answered: fine, read its answer
+            pass
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                got = s.recv(65536)
+                if not got:
+                    break
+                answer += got
+        except TimeoutError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"code":"request_too_large"' in answer
+
+
+def test_stream_options_flag_is_strict_too(server):
+    error = _error(_post(server, "/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": 1}}), 400)
+    assert error["param"] == "stream_options.include_usage" and "not an integer" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "path, body, param, fragment",
+    [
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": "ab\u0000c"}]},
+            "messages.0.content",
+            "contains a NUL character (U+0000) at offset 2; remove it",
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "\u0000"}]}]},
+            "messages.0.content",
+            "NUL character",
+        ),
+        ("/v1/chat/completions", {**CHAT, "stop": ["x\u0000"]}, "stop", "NUL character"),
+        ("/v1/completions", {"model": "alpha", "prompt": ["ok", "no\u0000"]}, "prompt", "prompt 1 contains a NUL"),
+        ("/v1/adapters", {"path": "/tmp/run\u0000"}, "path", "NUL character"),
+    ],
+)
+def test_nul_characters_are_refused_where_they_are(server, path, body, param, fragment):
+    error = _error(_post(server, path, body), 400)
+    assert error["param"] == param and fragment in error["message"]
+
+
+def test_text_content_parts_are_joined_and_other_parts_refused_by_name(server):
+    """OpenAI's content-part lists: text parts are joined with a newline (as vLLM does), so the answer is the
+    one the joined string gets; an image part is a 400 that names it."""
+    client = server.client()
+    parts = [{"type": "text", "text": "ticket 7:"}, {"type": "text", "text": "refund invoice please"}]
+    as_parts = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0
+    )
+    as_text = client.chat.completions.create(
+        model="alpha",
+        messages=[{"role": "user", "content": "ticket 7:\nrefund invoice please"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+
+    def with_system(content):
+        messages = [{"role": "system", "content": content}, *PROMPT]
+        return client.chat.completions.create(model="alpha", messages=messages, max_tokens=1).usage.prompt_tokens
+
+    assert with_system([{"type": "text", "text": "Be brief."}]) == with_system("Be brief.")  # any role
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    for content, fragment in [
+        ([parts[0], image], "content part 1 has type 'image_url'; this server reads text parts only"),
+        (["plain string"], "content part 0 is not a"),
+        ([{"type": "text"}], "content part 0 has no `text` string"),
+        (7, "give a string or a list of content parts"),
+    ]:
+        error = _error(
+            _post(server, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": content}]}), 400
+        )
+        assert error["param"] == "messages.0.content" and fragment in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000, b'{"a":' * 50_000, b'{"model": "alpha", "messages": ' + b"[" * 70 + b"]" * 70 + b"}"],
+    ids=["100k-arrays", "50k-objects", "70-deep-field"],
+)
+def test_deep_nesting_is_a_quick_400(server, body):
+    start = time.monotonic()
+    error = _error(_post(server, "/v1/chat/completions", body), 400)
+    assert time.monotonic() - start < 2.0
+    assert "nests arrays and objects more than 64 deep" in error["message"]
+
+
+def test_brackets_inside_strings_are_not_nesting(server):
+    text = 'quote \\" then ' + "[{" * 100
+    r = _post(server, "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": text}]})
+    assert r.status_code == 200, r.text
+    from tunesmith.serving.app import json_depth
+
+    assert json_depth(json.dumps({"a": [text, {"b": "]]]}"}]}).encode(), 64) == 3
+    assert json_depth(b"[" * 10_000, 64) == 65  # counting stops past the limit
+
+
+def _copy_run(src, dest, link_model_to=None, link_weights_to=None):
+    shutil.copytree(src, dest)
+    if link_model_to is not None:
+        shutil.rmtree(dest / "model")
+        (dest / "model").symlink_to(link_model_to, target_is_directory=True)
+    if link_weights_to is not None:
+        (dest / "model" / "adapter_model.safetensors").unlink()
+        (dest / "model" / "adapter_model.safetensors").symlink_to(link_weights_to)
+    return dest
+
+
+def test_adapters_load_only_from_allowed_folders(server, runs, tmp_path):
+    """--adapter-root, --watch and the runs given at start are the allowed folders; symlinks and `..` are
+    resolved before the check, for the run folder and for every file of it that would be read."""
+    _, alpha, _ = runs
+    outside = _copy_run(alpha.path, tmp_path / "outside")
+    allowed = server.allowed
+    (allowed / "link-out").symlink_to(outside, target_is_directory=True)
+    _copy_run(alpha.path, allowed / "model-out", link_model_to=outside / "model")
+    _copy_run(alpha.path, allowed / "weights-out", link_weights_to=outside / "model" / "adapter_model.safetensors")
+    refused = {
+        "outside": str(outside),
+        "missing outside": str(tmp_path / "nothing-here"),
+        "dot-dot": f"{allowed}/../../{outside.relative_to(allowed.parent.parent)}",
+        "symlinked run": str(allowed / "link-out"),
+        "symlinked model/": str(allowed / "model-out"),
+        "symlinked weights": str(allowed / "weights-out"),
+        "relative": "../" * 40 + str(outside).lstrip("/"),
+    }
+    before = server.app.state.registry.ids()
+    for case, path in refused.items():
+        error = _error(_post(server, "/v1/adapters", {"path": path, "name": "x"}), 403)
+        assert error["code"] == "adapter_path_not_allowed" and error["param"] == "path", case
+        assert error["message"].startswith(f"{path}: not inside a folder this server loads adapters from"), case
+        assert str(outside) not in error["message"].removeprefix(path), case  # never where a link leads
+    assert server.app.state.registry.ids() == before
+    roots = server.app.state.adapter_roots
+    assert roots.check(str(alpha.path)) == alpha.path.resolve()  # a run given at start may be added again
+    assert roots.check(f"{allowed}/x/../inside") == allowed.resolve() / "inside"
+
+
+def test_without_allowed_folders_no_adapter_loads_at_run_time(tmp_path):
+    from tunesmith.serving.app import AdapterRoots, APIError
+
+    with pytest.raises(APIError) as info:
+        AdapterRoots([]).check(str(tmp_path))
+    assert info.value.status == 403 and "start it with --adapter-root FOLDER" in info.value.message
+
+
+def test_adapter_root_must_be_a_folder(tmp_path, capsys):
+    assert main(["serve", "--base", "whatever", "--port", "0", "--adapter-root", str(tmp_path / "nope")]) == 2
+    assert f"--adapter-root {tmp_path / 'nope'}: not a folder" in capsys.readouterr().err

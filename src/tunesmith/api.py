@@ -202,7 +202,8 @@ def serve(
 ) -> None:
     """Serve `base` and the LoRA/DoRA/IA3 runs of it over an OpenAI-compatible HTTP API until interrupted.
     A non-loopback `host` needs `api_key` (or TUNESMITH_API_KEY). options: watch, max_tokens, max_prompt_tokens,
-    max_pending, max_batch, max_body_bytes, device, dtype. See tunesmith.serving."""
+    max_pending, max_batch, max_body_bytes, device, dtype, adapter_roots (the folders POST /v1/adapters may load
+    runs from, besides `watch` and `runs`). See tunesmith.serving."""
     from tunesmith.serving import serve as _serve
 
     _serve(list(runs), base, host=host, port=port, api_key=api_key, log=log, **options)

@@ -24,6 +24,14 @@ from tunesmith import api
 )
 @click.option("--watch", type=click.Path(), help="Also serve every run that appears in this folder.")
 @click.option(
+    "--adapter-root",
+    "adapter_roots",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Folder POST /v1/adapters may load runs from (repeatable); the --watch folder and the runs given "
+    "are allowed too, nothing else.",
+)
+@click.option(
     "--max-tokens",
     default=1024,
     show_default=True,

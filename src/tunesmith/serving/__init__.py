@@ -69,10 +69,12 @@ def build(
     dtype: str = "auto",
     device: str = "auto",
     watch: str | Path | None = None,
+    adapter_roots: list[str | Path] = (),
     log=print,
     **limits,
 ):
-    """(app, registry): load the base model once, attach every run's adapter, build the app (not started)."""
+    """(app, registry): load the base model once, attach every run's adapter, build the app (not started).
+    POST /v1/adapters loads runs from inside `adapter_roots`, `watch` and the given runs only."""
     from tunesmith.run_dir import RunDir
     from tunesmith.serving.app import Limits, create_app
     from tunesmith.serving.registry import Registry
@@ -86,13 +88,16 @@ def build(
             base = ModelConfig().name
     if watch is not None and not Path(watch).is_dir():
         raise ConfigError(f"--watch {watch}: not a folder; create it or point at the folder your runs are written to")
+    for root in adapter_roots:
+        if not Path(root).is_dir():
+            raise ConfigError(f"--adapter-root {root}: not a folder; point at the folder holding the runs to allow")
     log(f"loading base model {base} ...")
     registry = Registry(base, dtype=dtype, device=device)
     log(f"  in {str(registry.model.dtype).removeprefix('torch.')} on {registry.model.device} (--dtype to change)")
     for run in runs:
         served = registry.add_run(run)
         log(f"  {served.id}  ({served.method} adapter from {served.run_path})")
-    app = create_app(registry, Limits(**limits), api_key=api_key, watch=watch)
+    app = create_app(registry, Limits(**limits), api_key=api_key, watch=watch, adapter_roots=adapter_roots)
     return app, registry
 
 

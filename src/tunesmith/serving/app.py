@@ -5,7 +5,11 @@ server-sent events with `stream: true`), POST /v1/adapters (serve another run wi
 
 Errors are `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes: 400 bad request
 (including a prompt that does not fit the context, code `context_length_exceeded`), 401 missing or wrong
-API key, 404 unknown model, 409 an id already served, 413 body too large, 429 too many requests waiting.
+API key, 403 an adapter outside the allowed folders, 404 unknown model, 409 an id already served, 413 body
+too large, 429 too many requests waiting.
+
+What a client without the API key learns: nothing but `/health`'s status (no model ids, no load). What a
+client with it learns: model ids, never a path on the server's filesystem.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -26,7 +31,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.errors import TunesmithError
-from tunesmith.run_dir import CONFIG, RunDir
+from tunesmith.run_dir import CONFIG, MODEL, RunDir
 from tunesmith.serving import schemas
 from tunesmith.serving.engine import Engine, Generation, Overloaded
 from tunesmith.serving.registry import Conflict, Registry, UnknownModel
@@ -46,6 +51,9 @@ class Limits:
     """Generations (n counts) waiting or running at once; more get 429."""
     max_batch: int = 8
     """Generations run together in one batch."""
+    max_json_depth: int = 64
+    """Deepest nesting of arrays and objects in a request body; deeper ones get 400 before they are parsed.
+    A chat request nests 5 deep (body, messages, message, content parts, part)."""
 
 
 class APIError(Exception):
@@ -67,18 +75,70 @@ class APIError(Exception):
         )
 
 
+class AdapterRoots:
+    """The folders POST /v1/adapters may load runs from: the operator's `--adapter-root`s, the `--watch`
+    folder and the runs the server was started with. A path is checked after resolving symlinks and `..`,
+    and so is every file of the run that will be read (config.yaml, model/ and its entries), so a link
+    inside an allowed folder cannot reach outside it. With no folders at all, nothing is loaded at run time.
+
+    The check and the load are not atomic: someone who can write inside an allowed folder could swap a file
+    for a link between them. Allowed folders are the operator's own, so we accept that."""
+
+    def __init__(self, roots=()):
+        self.roots = list(dict.fromkeys(Path(r).resolve() for r in roots))
+
+    def check(self, given: str) -> Path:
+        """The resolved run directory, or an APIError (403) that does not say where the path leads."""
+        if not self.roots:
+            raise APIError(
+                403,
+                "this server loads no adapters at run time: start it with --adapter-root FOLDER (or --watch "
+                "FOLDER) to allow runs inside FOLDER",
+                type="permission_error",
+                param="path",
+                code="adapter_path_not_allowed",
+            )
+        try:
+            path = Path(given).resolve()
+            inside = self._inside(path)
+            if inside:
+                model = path / MODEL
+                entries = list(model.iterdir()) if model.is_dir() else []
+                inside = all(self._inside(p.resolve()) for p in [path / CONFIG, model, *entries])
+        except (OSError, RuntimeError, ValueError):  # a link loop, an unreadable folder
+            inside = False
+        if not inside:
+            raise APIError(
+                403,
+                f"{given}: not inside a folder this server loads adapters from (its --adapter-root and --watch "
+                "folders and the runs it was started with; links are followed); restart the server with "
+                "--adapter-root pointing at the folder of this run",
+                type="permission_error",
+                param="path",
+                code="adapter_path_not_allowed",
+            )
+        return path
+
+    def _inside(self, path: Path) -> bool:
+        return any(path == root or path.is_relative_to(root) for root in self.roots)
+
+
 def create_app(
     registry: Registry,
     limits: Limits | None = None,
     api_key: str | None = None,
     watch: str | Path | None = None,
     watch_interval: float = 2.0,
+    adapter_roots=(),
 ) -> FastAPI:
     """The app serving `registry`'s models. Starts the engine thread (and the folder watcher) with the app's
-    lifespan and stops them at shutdown."""
+    lifespan and stops them at shutdown. POST /v1/adapters loads runs from inside `adapter_roots`, `watch`
+    and the folders of the runs already served."""
     from contextlib import asynccontextmanager
 
     limits = limits or Limits()
+    started_runs = [s.run_path for s in registry.all() if s.run_path is not None]
+    roots = AdapterRoots([*adapter_roots, *([watch] if watch else []), *started_runs])
     engine = Engine(registry, max_batch=limits.max_batch, max_pending=limits.max_pending)
     watcher = Watcher(Path(watch), registry, engine, watch_interval) if watch else None
 
@@ -94,6 +154,13 @@ def create_app(
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.registry, app.state.limits = engine, registry, limits
+    app.state.adapter_roots = roots
+
+    def authorized(request: Request) -> bool:
+        if not api_key:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -110,25 +177,24 @@ def create_app(
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-                return APIError(
-                    401,
-                    "Incorrect or missing API key: send it as `Authorization: Bearer <key>`",
-                    code="invalid_api_key",
-                ).response()
+        if request.url.path.startswith("/v1") and not authorized(request):
+            return APIError(
+                401,
+                "Incorrect or missing API key: send it as `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+            ).response()
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limits.max_body_bytes:
             return _too_large(limits).response()
         return await call_next(request)
 
     @app.get("/health")
-    async def health():
-        if not engine.alive:
-            return JSONResponse({"status": "engine stopped", "models": registry.ids()}, status_code=503)
-        return {"status": "ok", "models": registry.ids(), "pending": engine.pending}
+    async def health(request: Request):
+        # open to load balancers without the key, so it tells them the status only
+        body = {"status": "ok" if engine.alive else "engine stopped"}
+        if authorized(request):
+            body.update(models=registry.ids(), pending=engine.pending)
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")
     async def list_models():
@@ -141,8 +207,9 @@ def create_app(
     @app.post("/v1/adapters")
     async def add_adapter(request: Request):
         body = await _body(request, schemas.AdapterRequest, limits)
+        path = roots.check(body.path)
         try:
-            served = await asyncio.to_thread(engine.call, lambda: registry.add_run(body.path, body.name))
+            served = await asyncio.to_thread(engine.call, lambda: registry.add_run(path, body.name))
         except Conflict as e:
             raise APIError(409, str(e), param="name", code="model_exists") from None
         except TunesmithError as e:
@@ -188,12 +255,25 @@ def create_app(
 
 
 async def _body(request: Request, model, limits: Limits):
-    raw = await request.body()
-    if len(raw) > limits.max_body_bytes:
-        raise _too_large(limits)
+    # read piece by piece: a chunked body has no content-length for the middleware to refuse, and reading it
+    # whole first would let one request fill the server's memory
+    raw, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limits.max_body_bytes:
+            raise _too_large(limits)
+        raw.append(piece)
+    raw = b"".join(raw)
+    depth = json_depth(raw, limits.max_json_depth)
+    if depth > limits.max_json_depth:
+        raise APIError(
+            400,
+            f"the request body nests arrays and objects more than {limits.max_json_depth} deep; "
+            "an OpenAI request needs far fewer levels",
+        )
     try:
         data = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -208,8 +288,46 @@ async def _body(request: Request, model, limits: Limits):
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        problems = "; ".join(_problem(err) for err in e.errors()[:5])
         raise APIError(400, f"invalid request: {problems}", param=param) from None
+
+
+_JSON_TYPES = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "an array"}
+
+
+def _problem(err) -> str:
+    """One validation error as `field: what is wrong`, naming the JSON type given where the type is wrong."""
+    where = ".".join(str(p) for p in err["loc"])
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"].endswith("_type"):
+        given = err["input"]
+        kind = "null" if given is None else _JSON_TYPES.get(type(given), "an object")
+        shown = json.dumps(given, ensure_ascii=False)
+        message += f", not {kind}" + (f" ({shown})" if len(shown) <= 40 else "")
+    return f"{where}: {message}"
+
+
+# a JSON string (escapes included), so brackets inside strings are not counted as nesting
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(raw: bytes, limit: int) -> int:
+    """How deep `raw`'s arrays and objects nest, counted up to `limit` + 1 without parsing: json.loads
+    recurses once per level, so a body of 100k `[` (100 kB, within the size limit) would end in a
+    RecursionError deep in the parser. One regex pass and a loop over the brackets alone: 7 to 51 ms for a
+    1 MB body on one core here (51: 500k `[]`; json.loads takes 6 to 170 ms on the same bodies)."""
+    depth = deepest = 0
+    for b in _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
+        if b in b"[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        else:
+            depth -= 1
+    return deepest
 
 
 def _too_large(limits: Limits) -> APIError:

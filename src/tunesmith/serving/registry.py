@@ -170,10 +170,7 @@ class Registry:
         model_id = f"ft:{self.base_id}:{run_name}"
         with self._lock:
             if model_id in self._served:
-                raise Conflict(
-                    f"`{model_id}` is already served (from {self._served[model_id].run_path}); "
-                    "give this run another name"
-                )
+                raise Conflict(f"`{model_id}` is already served; give this run another name")
         peft_type = SWITCHABLE[method]
         if self.peft_type is not None and peft_type != self.peft_type:
             raise RunError(

@@ -8,13 +8,18 @@ Field names follow OpenAI's API reference (and what vLLM and llama.cpp's server 
 
 Unknown fields are ignored (clients send things like `user`), but features we do not implement are refused
 with a 400 naming the parameter when a request asks for them, rather than silently ignored.
+
+Types are strict, as OpenAI's are: `max_tokens: "8"` or `max_tokens: true` is a 400 naming the field, not 8 or
+1 token (pydantic's lax mode would coerce both). Text may not hold a NUL character (U+0000): no model is
+trained to read one, and it is what binary data or a C string's terminator leaking into a prompt looks like,
+so the client is told where it is rather than having it silently tokenized or stripped.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # parameter -> the values that mean "not asked for"
 UNSUPPORTED = {
@@ -45,26 +50,38 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    temperature: float = Field(1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, strict=True)
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    stop: list[str] | None = None
+    seed: int | None = Field(None, strict=True)
+    n: int = Field(1, ge=1, le=16, strict=True)
+    stream: bool = Field(False, strict=True)
     stream_options: "StreamOptions | None" = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def _stops(cls, v):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("give a string or a list of strings")
         if len(stops) > 4:
             raise ValueError("at most 4 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        for s in stops:
+            check_text(s)
         return stops
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # OpenAI takes `"temperature": null` (and n, top_p, stream) as "not given"; some clients send it
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (v is None and k in ("temperature", "top_p", "n", "stream"))}
+        return data
 
     @property
     def include_usage(self) -> bool:
@@ -73,31 +90,59 @@ class _Request(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+def check_text(text: str) -> str:
+    at = text.find("\0")
+    if at >= 0:
+        raise ValueError(
+            f"contains a NUL character (U+0000) at offset {at}; remove it (text only: if it came from a binary "
+            "file, decode or drop that data first)"
+        )
+    return text
+
+
+def join_parts(content) -> str | None:
+    """A message's content as one string. OpenAI's content-part lists are accepted when every part is text;
+    the parts are joined with a newline, as vLLM and TensorRT-LLM's OpenAI servers do (OpenAI does not say how
+    it joins them). Other part types (image_url, input_audio, file, refusal, ...) need inputs this server's
+    text models cannot read, so they are refused by name."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError('give a string or a list of content parts like {"type": "text", "text": "..."}')
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"has type {kind!r}" if isinstance(kind, str) else 'is not a {"type": "text", ...} object'
+            raise ValueError(f'content part {i} {what}; this server reads text parts only ({{"type": "text"}})')
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"content part {i} has no `text` string")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v):
+        v = join_parts(v)
+        return v if v is None else check_text(v)
 
     def as_dict(self) -> dict:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(p.text for p in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content or ""}
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
 
     @property
     def max_new(self) -> int | None:
@@ -106,13 +151,21 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    max_tokens: int | None = Field(16, ge=1, strict=True)  # OpenAI's default for /v1/completions
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _prompts(cls, v):
-        if isinstance(v, list) and not v:
+        prompts = [v] if isinstance(v, str) else v
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("give a string or a list of strings (token-id prompts are not supported)")
+        if not prompts:
             raise ValueError("give at least one prompt")
+        for i, p in enumerate(prompts):
+            try:
+                check_text(p)
+            except ValueError as e:
+                raise ValueError(f"prompt {i} {e}" if isinstance(v, list) else str(e)) from None
         return v
 
     @property
@@ -128,9 +181,17 @@ class AdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str
-    """A run directory whose model/ is a LoRA/DoRA/IA3 adapter of the served base model."""
+    """A run directory whose model/ is a LoRA/DoRA/IA3 adapter of the served base model, inside one of the
+    folders the server loads adapters from (see app.AdapterRoots)."""
     name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     """The run name in the served id `ft:<base>:<name>`; default: the run's own name."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v):
+        if not v:
+            raise ValueError("give the run directory's path")
+        return check_text(v)
 
 
 _Request.model_rebuild()
@@ -152,7 +213,7 @@ def model_card(served, base_id: str) -> dict:
         "object": "model",
         "created": served.created,
         "owned_by": "tunesmith",
-        "root": served.id if served.adapter_name is None else str(served.run_path),
+        "root": served.id,  # never the run's path: clients need not know the server's filesystem
         "parent": None,
     }
     if served.adapter_name is not None:
