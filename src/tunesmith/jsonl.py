@@ -19,6 +19,12 @@ def read_objects(path: str | Path) -> tuple[list[tuple[int, dict]], list[tuple[i
         except json.JSONDecodeError as e:
             problems.append((number, f"invalid JSON at column {e.colno}: {e.msg}"))
             continue
+        except RecursionError:  # a line of 100k "[": json's parser recurses once per level
+            problems.append((number, "nested too deeply (JSON lists and objects inside each other)"))
+            continue
+        except ValueError:  # an integer of more than 4300 digits
+            problems.append((number, "a number has more digits than Python reads (4300)"))
+            continue
         if not isinstance(value, dict):
             problems.append((number, f"not a JSON object (a {type(value).__name__})"))
             continue
