@@ -359,6 +359,25 @@ def test_every_raw_fragment_in_every_json_reader(fuzz_dir, suffix, raw):
     assert_cli_clean(path)
 
 
+@FUZZ
+@given(rows=rows_strategy, data=st.binary(max_size=1000), as_bytes=st.booleans())
+def test_generate_prompts_file(fuzz_dir, rows, data, as_bytes):
+    from tunesmith.cli.generate import _read_prompts  # `tunesmith generate --file`: JSONL through tunesmith.jsonl
+
+    path = fuzz_dir / "prompts.jsonl"
+    if as_bytes:
+        path.write_bytes(data)
+    else:
+        write_rows(path, rows, 0)
+    try:
+        prompts = _read_prompts(str(path))
+    except DataError as e:
+        str(e).encode("utf-8")
+        assert all(re.match(rf"{re.escape(str(path))}:\d+: ", line) for line in e.problems), e.problems
+    else:
+        json.dumps(prompts, ensure_ascii=False).encode("utf-8")  # every prompt is text a tokenizer can take
+
+
 # ----------------------------------------------------------------------------------------------------
 # The config loader
 

@@ -334,7 +334,9 @@ def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n')
     assert main(["generate", str(out), "--file", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f'{bad}:2: expected {{"prompt": "..."}} or {{"messages": [...]}}' in err
+    assert (
+        f'{bad}:2: expected {{"prompt": "..."}} or {{"messages": [{{"role": "user", "content": "..."}}, ...]}}' in err
+    )
     assert f"{bad}:3: invalid JSON" in err
 
     chat = subprocess.run(

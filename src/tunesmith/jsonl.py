@@ -11,7 +11,14 @@ def read_objects(path: str | Path) -> tuple[list[tuple[int, dict]], list[tuple[i
     other non-blank line; blank lines are skipped. Line numbers count from 1. Callers add the file name and how
     to fix it in their own words."""
     rows, problems = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    # split on "\n" only: str.splitlines would also split inside a JSON string holding U+2028 or U+0085
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append((number, f"invalid UTF-8 byte 0x{raw[e.start]:02X}; save the file with UTF-8 encoding"))
+            continue
         if not line.strip():
             continue
         try:
