@@ -307,3 +307,15 @@ def test_cli_unknown_keys_warn_and_strict_makes_them_errors(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"error: {path}: 2 problems"
     assert err[1].startswith(f'{path}:1: unknown key "source"; remove it')
+
+
+def test_cli_lone_surrogate_and_deep_nesting_are_file_line_problems(tmp_path, capsys):
+    # issue #21: both ended `data check` with "internal error: TypeError/RecursionError", exit 1
+    path = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+    path.write_text(good + "\n" + good.replace("Hi", "a\\ud800b") + "\n" + "[" * 100_000 + "\n")
+    assert main(["data", "check", str(path), "--model", str(TOKENIZER_DIR)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: {path}: 2 problems"
+    assert err[1].startswith(f"{path}:2: messages[0].content holds a lone surrogate \\ud800")
+    assert err[2].startswith(f"{path}:3: nested too deeply")

@@ -380,6 +380,12 @@ def test_a_number_too_long_for_python_is_a_problem(tmp_path):
 UNKNOWN = 'remove it, or move it under "metadata" (read and ignored); --strict (data.strict) makes it an error'
 
 
+def test_csv_cell_longer_than_the_csv_modules_default_limit(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("text\n" + "word " * 40_000 + "\nshort\n")  # a 200 kB document: over csv's 128 kB default
+    assert [len(ex.text) for ex in read_examples(path)] == [200_000, 5]
+
+
 def test_unknown_keys_of_valid_rows_are_warnings_naming_key_and_lines(tmp_path):
     path = tmp_path / "c.jsonl"
     rows = [{"prompt": f"p{i}", "completion": "c", "source": "web"} for i in range(5)]

@@ -1,9 +1,10 @@
 """Property-based tests (hypothesis) of every reader, format and the config loader (issue #21).
 
 Any input either passes or fails with a tunesmith error that names the file (and the line, where the format has
-lines), in bounded time: never a traceback, never a message the terminal cannot print. Inputs are random bytes and
-text, and mutations of valid rows of every format (wrong types, missing and extra keys, nested junk, odd unicode
-with lone surrogates, huge numbers, NaN, deep nesting), written as .jsonl, .json, .csv, .parquet and .txt.
+lines), in bounded time (and, for the worst fragments, bounded memory): never a traceback, never a message the
+terminal cannot print. Inputs are random bytes and text, and mutations of valid rows of every format (wrong types,
+missing and extra keys, nested junk, odd unicode with lone surrogates, huge numbers, NaN, deep nesting), written as
+.jsonl, .json, .csv, .parquet and .txt.
 
 Each test runs a bounded number of examples (FUZZ_EXAMPLES) so the file takes seconds; raise it locally
 (`FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_readers.py`) to search longer.
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -355,7 +357,13 @@ def test_every_raw_fragment_in_every_json_reader(fuzz_dir, suffix, raw):
     # the fragments the strategies draw from, each on its own in each reader that parses JSON
     path = fuzz_dir / f"raw{suffix}"
     write_rows(path, [{"messages": raw}, {"text": raw}, VALID["chat"]], 0)
-    assert assert_clean(path, lambda: read_file(path)) is None  # each fragment is a problem
+    tracemalloc.start()
+    try:
+        assert assert_clean(path, lambda: read_file(path)) is None  # each fragment is a problem
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * path.stat().st_size + 5_000_000, f"{peak / 1e6:.0f} MB for {path.stat().st_size} bytes"
     assert_cli_clean(path)
 
 

@@ -143,6 +143,16 @@ def test_unknown_data_keys_warn_in_train_and_fail_with_strict(tiny_model_dir, da
     assert f'{extra}:1: warning: unknown key "source" is ignored (lines 1-48)' in capsys.readouterr().out
 
 
+def test_train_reports_a_lone_surrogate_as_a_file_line_problem(tiny_model_dir, data, tmp_path, capsys):
+    train, val = data
+    bad = tmp_path / "bad.jsonl"
+    lines = train.read_text().splitlines()
+    lines[4] = lines[4].replace('"content": "', '"content": "\\ud800', 1)
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(_train_args(tiny_model_dir, (bad, val), tmp_path / "run", "--max-steps", "1")) == 2
+    assert f"{bad}:5: messages[0].content holds a lone surrogate \\ud800" in capsys.readouterr().err
+
+
 def test_accumulation_is_normalised_by_label_tokens(tiny_model_dir, data, tmp_path):
     """One step of 8 examples has the same loss and gradient in one micro-batch or eight (a mean of
     per-micro-batch means would weigh short answers more and change both)."""

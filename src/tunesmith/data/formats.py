@@ -318,6 +318,7 @@ def _read_csv(path: Path, name: str, problems: _Problems) -> list[_Row]:
     bad = {i for i, line in enumerate(_decode_lines(data, name, problems), start=1) if line is None}
     reader = csv.reader(io.StringIO(data.decode("utf-8-sig", errors="replace"), newline=""))
     rows: list[_Row] = []
+    limit = csv.field_size_limit(max(len(data), csv.field_size_limit()))  # the default 128 kB refuses long documents
     try:
         header = [cell.strip() for cell in next(reader, [])]
         if not header:
@@ -343,6 +344,8 @@ def _read_csv(path: Path, name: str, problems: _Problems) -> list[_Row]:
     except csv.Error as e:
         where = f"{name}:{reader.line_num}"
         problems.add(reader.line_num, f"{where}: unreadable CSV ({e}); save it as standard comma-separated CSV")
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 
