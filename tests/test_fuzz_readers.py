@@ -343,6 +343,35 @@ def test_near_valid_rows_check(fuzz_dir, rows, val_rows, suffix, layout):
         json.dumps(report.to_dict())
 
 
+@pytest.fixture(scope="module")
+def renderer(tokenizer):
+    """Example -> what training renders, as api.check_data builds it for --model (the fixture's SmolLM2 tokenizer)."""
+    from tunesmith.data.templates import Renderer
+    from tunesmith.data.validate import chat_template_renderer
+
+    render, pairs = Renderer(tokenizer), chat_template_renderer(tokenizer)
+    return lambda ex: pairs(ex) if ex.kind == "preference" else render.encode(ex)
+
+
+@settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 3, 10))
+@given(
+    rows=rows_strategy,
+    suffix=st.sampled_from(SUFFIXES),
+    max_length=st.integers(8, 64),
+    truncation=st.sampled_from(["truncate", "drop", "error"]),
+)
+def test_check_with_a_tokenizer(fuzz_dir, tokenizer, renderer, rows, suffix, max_length, truncation):
+    # the token statistics and long-example warnings: the tokenizer only ever sees text it can encode
+    path = fuzz_dir / f"tok{suffix}"
+    write_rows(path, rows, 0)
+    report = assert_clean(
+        path,
+        lambda: check(path, tokenizer=tokenizer, max_length=max_length, renderer=renderer, truncation=truncation),
+    )
+    if report is not None:
+        assert report.train.over_max_length == sum("longer than max_length" in w for w in report.warnings)
+
+
 @settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 3, 10))
 @given(rows=rows_strategy, suffix=st.sampled_from(SUFFIXES), layout=st.integers(0, 5))
 def test_cli_data_check_never_crashes(fuzz_dir, rows, suffix, layout):
