@@ -102,3 +102,57 @@ def test_eval_format_must_be_a_regular_expression(tmp_path):
     fmt = load_config(recipe).eval.format  # single-quoted YAML keeps \n for the regular expression to read
     assert fmt == r"Answer: .+\nConfidence: (high|low)"
     assert re.fullmatch(fmt, "Answer: yes\nConfidence: low") and not re.fullmatch(fmt, "Answer: yes Confidence: low")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue #21: data.strict, and recipes the loader must refuse without a traceback
+
+
+def test_data_strict_is_a_checked_bool():
+    assert load_config(None, {"data.strict": True}).data.strict is True
+    assert load_config(None).data.strict is False
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {"data.strict": "sometimes"})
+    assert str(err.value).endswith("data.strict: expected a valid boolean (got 'sometimes')")
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"model: smollm2-135m-instruct\ndata:\n  train: caf\xe9.jsonl\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert str(err.value) == f"{recipe}:3: invalid UTF-8 byte 0xE9; save the recipe with UTF-8 encoding"
+
+
+def test_recipe_nested_too_deeply(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert str(err.value) == f"{recipe}: nested too deeply; a recipe is a mapping of sections two levels deep"
+
+
+def test_data_path_no_file_can_have(tmp_path):
+    from tunesmith.data.formats import read_examples
+    from tunesmith.errors import DataError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('data:\n  train: "a\\0b.jsonl"\n  validation: "' + "x" * 5000 + '.jsonl"\n')
+    cfg = load_config(recipe)
+    assert cfg.data.train == "a\0b.jsonl"
+    with pytest.raises(DataError, match="no such file"):
+        read_examples(cfg.data.train)
+    with pytest.raises(DataError, match="no such file"):
+        read_examples(cfg.data.validation)
+
+
+def test_yaml_alias_bomb_gives_a_short_message(tmp_path):
+    # each level repeats the one before 9 times: 9**6 strings, whose full repr is ~300 kB per problem
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 6)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("\n".join(["x:", *("  " + line for line in lines), "lora:", "  target: *a5", ""]))
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert max(len(p) for p in err.value.problems) < 600  # the bad value shown abridged (reprlib)
+    assert "unknown key 'x'" in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -145,8 +146,9 @@ def test_token_lengths_and_truncation(tmp_path, tokenizer):
     assert report.train.tokens["total"]["max"] == totals[2]
     assert report.train.over_max_length == 1
     assert report.warnings == [
-        f"{path}:3: warning: {totals[2]} tokens, longer than max_length {totals[1]}, so the end will be cut off; "
-        "raise --max-length or shorten the example"
+        f"{path}:3: warning: {totals[2]} tokens, longer than max_length {totals[1]}: train will cut off its last "
+        f"{totals[2] - totals[1]} tokens (data.truncation=truncate); raise --max-length, shorten the example, or set "
+        "data.truncation=drop to leave it out"
     ]
     rendered = check(path, tokenizer=tokenizer, max_length=99, renderer=lambda ex: [0] * 100)
     assert rendered.train.tokens["total"]["p50"] == 100
@@ -242,3 +244,78 @@ def test_check_with_a_model_counts_tokens_as_training_renders_them(capsys):
         assert main(["data", "check", str(files / name), "--model", tok, "--json"]) == 0, name
         report = json.loads(capsys.readouterr().out)
         assert report["train"]["tokens"], name  # token statistics were computed
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue #21: what train will do with long examples; unknown keys
+
+
+def _warnings_of(args: list[str], capsys) -> list[str]:
+    assert main(["data", "check", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["warnings"]
+
+
+def test_check_with_a_model_warns_of_examples_longer_than_its_context(tmp_path, tiny_model_dir, capsys):
+    # tiny_model_dir has a 512-token context: without --max-length, data check uses what train uses
+    rows = [("short question", "short answer"), ("a question", "word " * 600), ("word " * 600, "an answer")]
+    path = write_chat(tmp_path / "long.jsonl", rows)
+    warnings = _warnings_of([str(path), "--model", str(tiny_model_dir)], capsys)
+    assert len(warnings) == 2
+    cut = re.fullmatch(
+        rf"{re.escape(str(path))}:2: warning: (\d+) tokens, longer than max_length 512: train will cut off its last "
+        r"(\d+) tokens \(data.truncation=truncate\); raise --max-length, shorten the example, or set "
+        r"data.truncation=drop to leave it out",
+        warnings[0],
+    )
+    assert cut and int(cut[1]) - 512 == int(cut[2]) > 0
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}:3: warning: \d+ tokens, longer than max_length 512: train will drop it, as its "
+        r"first 512 tokens hold nothing to learn \(data.truncation=truncate keeps the start\); raise --max-length "
+        r"or shorten the prompt",
+        warnings[1],
+    )
+    dropped = _warnings_of([str(path), "--model", str(tiny_model_dir), "--truncation", "drop"], capsys)
+    assert [w.split(": ", 3)[3] for w in dropped] == [
+        "train will drop it (data.truncation=drop); raise --max-length or shorten the example"
+    ] * 2
+    stopped = _warnings_of(
+        [str(path), "--model", str(tiny_model_dir), "--max-length", "100", "--truncation", "error"], capsys
+    )
+    assert len(stopped) == 2 and all("train will stop with an error (data.truncation=error)" in w for w in stopped)
+    # a max_length train would refuse is refused here too
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--max-length", "4096"]) == 2
+    assert "data.max_length=4096 is longer than the model's context (512 tokens)" in capsys.readouterr().err
+
+
+def test_check_without_a_model_config_assumes_what_train_assumes(tmp_path, capsys):
+    # a tokenizer-only directory has no context length: train then assumes 2048, and so does the check
+    path = write_chat(tmp_path / "long.jsonl", [("q", "word " * 2100), ("q2", "short")])
+    warnings = _warnings_of([str(path), "--model", str(TOKENIZER_DIR)], capsys)
+    assert len(warnings) == 1 and "longer than max_length 2048: train will cut off" in warnings[0]
+
+
+def test_cli_unknown_keys_warn_and_strict_makes_them_errors(tmp_path, capsys):
+    path = tmp_path / "extra.jsonl"
+    path.write_text(
+        '{"prompt": "a", "completion": "b", "source": "web"}\n{"prompt": "c", "completion": "d", "source": "web"}\n'
+    )
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f'{path}:1: warning: unknown key "source" is ignored (lines 1-2); remove it' in out
+    assert out.endswith("OK: no problems, 1 warning\n")
+    assert main(["data", "check", str(path), "--strict"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: {path}: 2 problems"
+    assert err[1].startswith(f'{path}:1: unknown key "source"; remove it')
+
+
+def test_cli_lone_surrogate_and_deep_nesting_are_file_line_problems(tmp_path, capsys):
+    # issue #21: both ended `data check` with "internal error: TypeError/RecursionError", exit 1
+    path = tmp_path / "bad.jsonl"
+    good = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+    path.write_text(good + "\n" + good.replace("Hi", "a\\ud800b") + "\n" + "[" * 100_000 + "\n")
+    assert main(["data", "check", str(path), "--model", str(TOKENIZER_DIR)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: {path}: 2 problems"
+    assert err[1].startswith(f"{path}:2: messages[0].content holds a lone surrogate \\ud800")
+    assert err[2].startswith(f"{path}:3: nested too deeply")

@@ -315,6 +315,122 @@ def test_problems_are_capped_but_all_counted(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Issue #21: rows json cannot hold (lone surrogates, deep nesting, huge numbers) and unknown keys
+
+SURROGATE = (
+    "messages[0].content holds a lone surrogate \\ud800 (half of a UTF-16 pair), which is not valid Unicode and "
+    "cannot be encoded as UTF-8 for the tokenizer; remove it, or write the whole pair (e.g. \\ud83d\\ude00 for an emoji)"
+)
+TOO_DEEP = (
+    "nested too deeply (more than 100 levels of lists and objects); a row needs only a few levels, check that the "
+    "line holds one example"
+)
+CHAT_ROW = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+BAD_CONTENT = '[{"role": "user", "content": "a\\ud800b"}, {"role": "assistant", "content": "ok"}]'
+
+
+def test_lone_surrogate_is_a_problem_of_its_line_in_every_reader(tmp_path):
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text(f'{CHAT_ROW}\n{{"messages": {BAD_CONTENT}}}\n')
+    assert problems_of(jsonl) == [f"{jsonl}:2: {SURROGATE}"]
+    as_json = tmp_path / "s.json"
+    as_json.write_text(f'[\n{CHAT_ROW},\n{{"messages": {BAD_CONTENT}}}\n]\n')
+    assert problems_of(as_json) == [f"{as_json}:3: {SURROGATE}"]
+    csv = tmp_path / "s.csv"
+    csv.write_text("messages\n" + '"' + BAD_CONTENT.replace('"', '""') + '"\n')
+    assert problems_of(csv) == [f"{csv}:2: {SURROGATE}"]
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "x\\udfff", "source": "\\ud83d\\ude00 is fine"}\n')
+    assert problems_of(text) == [
+        f"{text}:1: {SURROGATE.replace('messages[0].content', 'text').replace('d800', 'dfff')}"
+    ]
+
+
+def test_lone_surrogate_in_a_parquet_messages_cell(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"messages": [BAD_CONTENT]}), path)
+    assert problems_of(path) == [f"{path}:row 1: {SURROGATE}"]
+
+
+def test_deep_nesting_is_a_problem_of_its_line_in_every_reader(tmp_path):
+    deep = "[" * 100_000
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(f"{CHAT_ROW}\n{deep}\n")
+    assert problems_of(jsonl) == [f"{jsonl}:2: {TOO_DEEP}"]
+    as_json = tmp_path / "d.json"
+    as_json.write_text(f"[\n{CHAT_ROW},\n{deep}{']' * 100_000}\n]\n")
+    assert problems_of(as_json) == [f"{as_json}:3: {TOO_DEEP}"]
+    csv = tmp_path / "d.csv"
+    csv.write_text(f'messages\n"{deep}"\n')
+    assert problems_of(csv) == [f"{csv}:2: messages cell: {TOO_DEEP}"]
+    # deep enough for the limit, shallow enough for json's parser: the same problem
+    shallow = tmp_path / "m.jsonl"
+    shallow.write_text('{"text": "x", "metadata": ' + "[" * 150 + "]" * 150 + "}\n")
+    assert problems_of(shallow) == [f"{shallow}:1: {TOO_DEEP}"]
+
+
+def test_a_number_too_long_for_python_is_a_problem(tmp_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text(f'{CHAT_ROW}\n{{"text": {"9" * 5000}}}\n')
+    assert problems_of(path) == [f"{path}:2: a number has more digits than Python reads (4300); write it as a string"]
+
+
+UNKNOWN = 'remove it, or move it under "metadata" (read and ignored); --strict (data.strict) makes it an error'
+
+
+def test_csv_cell_longer_than_the_csv_modules_default_limit(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("text\n" + "word " * 40_000 + "\nshort\n")  # a 200 kB document: over csv's 128 kB default
+    assert [len(ex.text) for ex in read_examples(path)] == [200_000, 5]
+
+
+def test_unknown_keys_of_valid_rows_are_warnings_naming_key_and_lines(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [{"prompt": f"p{i}", "completion": "c", "source": "web"} for i in range(5)]
+    rows[1]["difficulty"] = 3
+    rows[3]["difficulty"] = 4
+    rows.append({"prompt": "q", "completion": "c", "sourec": 1})  # close to no key the row lacks: unknown
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = read_file(path)
+    assert len(data.examples) == 6
+    assert data.warnings == [
+        f'{path}:1: warning: unknown key "source" is ignored (lines 1-5); {UNKNOWN}',
+        f'{path}:2: warning: unknown key "difficulty" is ignored (lines 2, 4); {UNKNOWN}',
+        f'{path}:6: warning: unknown key "sourec" is ignored (line 6); {UNKNOWN}',
+    ]
+    with pytest.raises(DataError) as info:
+        read_file(path, strict=True)
+    assert info.value.message == f"{path}: 8 problems"
+    assert info.value.problems[:2] == [
+        f'{path}:1: unknown key "source"; remove it (completion rows have prompt, completion; id and metadata are '
+        "allowed and ignored)",
+        f'{path}:2: unknown key "source"; remove it (completion rows have prompt, completion; id and metadata are '
+        "allowed and ignored)",
+    ]
+
+
+def test_misspelt_keys_stay_errors_with_a_did_you_mean(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        '{"mesages": [{"role": "user", "content": "Hi"}], "source": "x"}\n'
+        '{"messages": [{"role": "user", "content": "Hi", "source": "x"}, {"role": "assistant", "content": "Yo"}]}\n'
+        '{"instruction": "Do", "output": "done", "inptu": "x"}\n'
+    )
+    assert problems_of(path, format="auto") == [
+        f'{path}:1: unknown key "mesages"; did you mean "messages"?',
+        f'{path}:1: unknown key "source"; remove it (chat rows have messages; id and metadata are allowed and ignored)',
+        f'{path}:2: message 1 has unknown key "source"; remove it (messages have role, content and weight)',
+        f"{path}:3: row looks like alpaca (keys instruction, output, inptu) but most rows are chat (first at line 2); "
+        "use one format per file",
+    ]
+    alpaca = tmp_path / "a.jsonl"
+    alpaca.write_text('{"instruction": "Do", "output": "done", "inptu": "x"}\n')
+    assert problems_of(alpaca) == [f'{alpaca}:1: unknown key "inptu"; did you mean "input"?']
+
+
+# ----------------------------------------------------------------------------------------------------
 # Classification detection and the train/validation split
 
 

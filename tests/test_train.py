@@ -129,6 +129,30 @@ def test_existing_run_needs_resume_and_bad_flags_are_user_errors(tiny_model_dir,
     assert "longer than the model's context (512 tokens)" in capsys.readouterr().err
 
 
+def test_unknown_data_keys_warn_in_train_and_fail_with_strict(tiny_model_dir, data, tmp_path, capsys):
+    train, val = data
+    extra = tmp_path / "extra.jsonl"
+    rows = [{**json.loads(line), "source": "web"} for line in train.read_text().splitlines()]
+    extra.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = _train_args(tiny_model_dir, (extra, val), tmp_path / "strict", "--max-steps", "1", "--strict")
+    assert main(args) == 2
+    assert f'{extra}:1: unknown key "source"; remove it' in capsys.readouterr().err
+    args = _train_args(tiny_model_dir, (extra, val), tmp_path / "lenient", "--max-steps", "1")
+    args.remove("--quiet")  # the warning goes to the log
+    assert main(args) == 0
+    assert f'{extra}:1: warning: unknown key "source" is ignored (lines 1-48)' in capsys.readouterr().out
+
+
+def test_train_reports_a_lone_surrogate_as_a_file_line_problem(tiny_model_dir, data, tmp_path, capsys):
+    train, val = data
+    bad = tmp_path / "bad.jsonl"
+    lines = train.read_text().splitlines()
+    lines[4] = lines[4].replace('"content": "', '"content": "\\ud800', 1)
+    bad.write_text("\n".join(lines) + "\n")
+    assert main(_train_args(tiny_model_dir, (bad, val), tmp_path / "run", "--max-steps", "1")) == 2
+    assert f"{bad}:5: messages[0].content holds a lone surrogate \\ud800" in capsys.readouterr().err
+
+
 def test_accumulation_is_normalised_by_label_tokens(tiny_model_dir, data, tmp_path):
     """One step of 8 examples has the same loss and gradient in one micro-batch or eight (a mean of
     per-micro-batch means would weigh short answers more and change both)."""
@@ -320,7 +344,9 @@ def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n')
     assert main(["generate", str(out), "--file", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f'{bad}:2: expected {{"prompt": "..."}} or {{"messages": [...]}}' in err
+    assert (
+        f'{bad}:2: expected {{"prompt": "..."}} or {{"messages": [{{"role": "user", "content": "..."}}, ...]}}' in err
+    )
     assert f"{bad}:3: invalid JSON" in err
 
     chat = subprocess.run(

@@ -69,9 +69,16 @@ def check_data(
     model: str | None = None,
     max_length: int | None = None,
     format: str = "auto",
+    truncation: str = "truncate",
+    strict: bool = False,
 ):
     """Validate a data file (every problem as FILE:LINE, raised as one DataError) and return its DataReport.
-    With `model`, token counts use that model's tokenizer and chat template exactly as training renders them."""
+
+    With `model`, token counts use that model's tokenizer and chat template exactly as training renders them, and
+    every example longer than `max_length` is a warning saying what training does with it (per `truncation`,
+    data.truncation). max_length None with a model: what training uses for data.max_length auto (the model's
+    context, at most 2048). strict: unknown keys of rows are problems (data.strict), not warnings."""
+    from tunesmith.config import resolve_max_length
     from tunesmith.data.validate import check
 
     tokenizer = renderer = None
@@ -79,13 +86,15 @@ def check_data(
         from tunesmith.data.templates import Renderer
         from tunesmith.data.validate import chat_template_renderer
 
-        tokenizer = _load_tokenizer(model)
+        model_dir = _tokenizer_path(model)
+        tokenizer = _load_tokenizer(model_dir)
+        max_length = resolve_max_length("auto" if max_length is None else max_length, _context_length(model_dir))
         render = Renderer(tokenizer)
         # preference pairs are not trainable yet, so Renderer refuses them; count prompt + longer answer instead
         pairs = chat_template_renderer(tokenizer) or (lambda ex: tokenizer(ex.prompt or "")["input_ids"])
 
-        def renderer(ex):
-            return pairs(ex) if ex.kind == "preference" else render.encode(ex).input_ids
+        def renderer(ex):  # an Encoded: its labels tell which long examples training drops rather than cuts
+            return pairs(ex) if ex.kind == "preference" else render.encode(ex)
 
     return check(
         str(path),
@@ -94,20 +103,39 @@ def check_data(
         max_length=max_length,
         renderer=renderer,
         format=format,
+        truncation=truncation,
+        strict=strict,
     )
 
 
-def _load_tokenizer(name: str):
-    """Only the tokenizer of a model. A local directory holding a tokenizer is used as is (it needs no weights);
-    anything else goes through `tunesmith.models.resolve` (built-in names, model directories, .gguf files)."""
-    from transformers import AutoTokenizer
-
+def _tokenizer_path(name: str | Path) -> Path:
+    """A local directory holding a tokenizer as is (it needs no weights); anything else through
+    `tunesmith.models.resolve` (built-in names, model directories, .gguf files)."""
     from tunesmith.models import resolve
 
     path = Path(name).expanduser()
     if not (path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))):
-        path = resolve(name)
-    return AutoTokenizer.from_pretrained(path)
+        path = resolve(str(name))
+    return path
+
+
+def _load_tokenizer(name: str | Path):
+    """Only the tokenizer of a model (see `_tokenizer_path`)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_tokenizer_path(name))
+
+
+def _context_length(path: Path) -> int | None:
+    """max_position_embeddings from a model directory's config.json, as training reads it from the model's config;
+    None for a tokenizer-only directory (training then assumes 2048)."""
+    import json
+
+    try:
+        value = json.loads((path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def list_models() -> list[dict]:

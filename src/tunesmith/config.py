@@ -13,6 +13,7 @@ This module imports nothing heavy (no torch) so that `tunesmith --help` stays in
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunesmith.errors import ConfigError
 
 Auto = Literal["auto"]
+AUTO_MAX_LENGTH = 2048
+"""data.max_length auto: the model's context, at most this many tokens."""
 METHODS = ("full", "freeze", "lora", "dora", "ia3", "prefix", "prompt", "adapter")
 
 
@@ -57,6 +60,10 @@ class DataConfig(_Section):
     """Longest sequence in tokens; longer examples are handled by `truncation`. auto: the model's context, at most 2048."""
     truncation: Literal["error", "drop", "truncate"] = "truncate"
     """What to do with examples longer than max_length: fail, drop them, or cut the end off."""
+    strict: bool = False
+    """Fail on unknown keys in data rows (such as `source` or `difficulty`). By default a key that is not a
+    misspelling of a known one is ignored with a warning naming it and its lines; misspelt keys (`mesages`) and
+    unknown keys inside a message are errors either way."""
     val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
     """Share of the training file held out for validation when no validation file is given."""
 
@@ -154,6 +161,20 @@ class TrainConfig(_Section):
     kl_to_base: float = Field(0.0, ge=0.0, le=10.0)
     """Weight of a KL(base || model) penalty on the labelled positions of each batch, against forgetting (0: off;
     try 0.1-1). Costs one extra forward of the base model per batch."""
+
+
+def resolve_max_length(max_length: int | str, context: int | None) -> int:
+    """data.max_length as training uses it: auto -> the model's context (2048 when unknown), at most
+    AUTO_MAX_LENGTH. A value longer than the context is a ConfigError."""
+    context = context or 2048
+    if max_length == "auto":
+        return min(context, AUTO_MAX_LENGTH)
+    if int(max_length) > context:
+        raise ConfigError(
+            f"data.max_length={max_length} is longer than the model's context ({context} tokens); "
+            f"set data.max_length to at most {context}"
+        )
+    return int(max_length)
 
 
 def compile_format(pattern: str):
@@ -298,7 +319,14 @@ def load_config(
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such recipe file")
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ConfigError(
+                f"{path}:{line}: invalid UTF-8 byte 0x{data[e.start]:02X}; save the recipe with UTF-8 encoding"
+            ) from None
         try:
             raw = yaml.safe_load(text) or {}
             lines = _key_lines(yaml.compose(text))
@@ -306,6 +334,8 @@ def load_config(
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
             raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        except RecursionError:  # PyYAML composes nodes recursively: `[[[[...` 1000 deep ends it
+            raise ConfigError(f"{path}: nested too deeply; a recipe is a mapping of sections two levels deep") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, data:, train: ...)")
         # relative data paths in a recipe are relative to the recipe's folder... unless they exist as given
@@ -319,7 +349,7 @@ def validate_config(raw: dict, source: str = "config", lines: dict[tuple, int] |
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        problems = _merge_union_errors([_describe(err, source, lines or {}) for err in e.errors()])
+        problems = _merge_union_errors([_printable(_describe(err, source, lines or {})) for err in e.errors()])
         n = len(problems)
         raise ConfigError(f"{source}: {n} problem{'s' if n > 1 else ''} in the configuration:", problems) from None
 
@@ -341,8 +371,18 @@ def _describe(err: dict, source: str, lines: dict[tuple, int]) -> str:
         fix = f"did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?" if hint else f"known keys: {', '.join(known)}"
         return f"  {where}unknown key '{key}'; {fix}"
     value = err.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    shown = f" (got {_REPR.repr(value)})" if not isinstance(value, dict) else ""
     return f"  {where}{key}: {err['msg']}{shown}"
+
+
+def _printable(text: str) -> str:
+    """Lone surrogates (a YAML key written "\\ud800") escaped, so the message can be printed as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_REPR = reprlib.Repr()  # bounded: YAML aliases can make a value whose full repr is billions of characters
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 6, 6, 4, 6
 
 
 def _merge_union_errors(problems: list[str]) -> list[str]:
@@ -399,7 +439,15 @@ def _resolve_data_paths(raw: dict, base: Path) -> None:
         return
     for key in ("train", "validation", "test"):
         value = data.get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists():
+        if isinstance(value, str) and not Path(value).is_absolute() and not _exists(Path(value)):
             candidate = base / value
-            if candidate.exists():
+            if _exists(candidate):
                 data[key] = str(candidate)
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists without its exceptions for names no file can have (a NUL byte, too long): those don't exist."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
     except TunesmithError as e:
-        click.secho(f"error: {e}", fg="red", err=True)
+        # backslashreplace: a lone surrogate from the user's input must not turn the message into a traceback
+        click.secho(f"error: {e}".encode("utf-8", "backslashreplace").decode("utf-8"), fg="red", err=True)
         return e.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

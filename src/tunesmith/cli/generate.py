@@ -45,12 +45,12 @@ def generate(run_dir, prompt, prompts_file, batch_size, **gen):
     """Generate answers with a run's fine-tuned model."""
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt or --file")
+    prompts = None if prompts_file is None else _read_prompts(prompts_file)  # its problems before the model loads
     run = api.load(run_dir)
     run.load_model(dtype=gen.pop("dtype"))
-    if prompt is not None:
+    if prompts is None:
         click.echo(run.generate(prompt, **gen))
         return
-    prompts = _read_prompts(prompts_file)
     answers = run.generate_batch(prompts, batch_size=batch_size, **gen)
     for p, a in zip(prompts, answers):
         sys.stdout.write(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n")
@@ -61,18 +61,39 @@ def _read_prompts(path: str) -> list:
     problems = [(n, f"{path}:{n}: {what}; write one JSON object per line") for n, what in bad]
     prompts = []
     for n, row in rows:
-        if isinstance(row.get("prompt"), str):
+        msgs = row.get("messages")
+        if isinstance(row.get("prompt"), str) and _is_text(row["prompt"]):
             prompts.append(row["prompt"])
-        elif isinstance(row.get("messages"), list):
-            msgs = row["messages"]
-            if msgs and msgs[-1].get("role") == "assistant":
+        elif isinstance(msgs, list) and msgs and all(_is_message(m) for m in msgs):
+            if msgs[-1]["role"] == "assistant":
                 msgs = msgs[:-1]  # a full conversation: answer its last user turn
-            prompts.append(msgs)
+            prompts.append([{"role": m["role"], "content": m["content"]} for m in msgs])  # other keys dropped
         else:
-            problems.append((n, f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [...]}}'))
+            problems.append(
+                (
+                    n,
+                    f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [{{"role": "user", "content": "..."}}, '
+                    "...]} with text that is valid Unicode (no lone surrogate such as \\ud800)",
+                )
+            )
     if problems:
         raise DataError(f"{path}: {len(problems)} problem(s)", [p for _, p in sorted(problems)])
     return prompts
+
+
+def _is_text(value) -> bool:
+    """A string a tokenizer can encode (a lone surrogate, "\\ud800" in JSON, is not)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_message(item) -> bool:
+    return isinstance(item, dict) and _is_text(item.get("role")) and _is_text(item.get("content"))
 
 
 @click.command()

@@ -23,6 +23,7 @@ FLAGS = {
     "output": "output",
     "name": "name",
     "seed": "train.seed",
+    "strict": "data.strict",
 }
 
 
@@ -73,6 +74,7 @@ class _DottedFlags(click.Command):
 @click.option("--seed", type=int, help="Random seed (data order, initialisation).")
 @click.option("--log", "log_sinks", multiple=True, type=click.Choice(["jsonl", "tensorboard"]), help="Metric sinks.")
 @click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue RUN_DIR from its last checkpoint.")
+@click.option("--strict", is_flag=True, default=None, help="data.strict: unknown keys in data rows are errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def train(ctx, recipe, log_sinks, resume, quiet, **flags):

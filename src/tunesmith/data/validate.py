@@ -16,7 +16,9 @@ turns, token lengths (with a tokenizer), and warnings that do not fail the check
 - conflicting answers: same normalised input, different answer (chat and completion rows)
 - train/validation overlap: a validation row with the same input as a training row (exact), or a
   near-duplicate of one (near)
-- longer than max_length (with a tokenizer): the end would be cut off in training
+- unknown keys of otherwise valid rows (from `formats.read_file`; problems with strict=True)
+- longer than max_length (with a tokenizer): what training will do with the example, per data.truncation: cut
+  its end off (or drop it when the cut leaves no trained token), drop it, or stop with an error
 - classification-like data (see `is_classification`): imbalanced labels, or validation labels the training
   file never shows
 """
@@ -70,7 +72,8 @@ class FileReport:
     """Per role (or field: prompt, completion, text, chosen, rejected) and "total": tokens per example as
     p50/p90/p99/max/mean (nearest-rank percentiles). Only with a tokenizer."""
     over_max_length: int | None = None
-    """Examples whose total exceeds max_length (they would be truncated). Only with a tokenizer and max_length."""
+    """Examples whose total exceeds max_length (training truncates, drops or refuses them per data.truncation).
+    Only with a tokenizer and max_length."""
     exact_duplicates: int = 0
     """Rows that repeat an earlier row exactly."""
     near_duplicates: int = 0
@@ -102,19 +105,24 @@ def check(
     validation_path: str | Path | None = None,
     tokenizer: Any = None,
     max_length: int | None = None,
-    renderer: Callable[[Example], list[int]] | None = None,
+    renderer: Callable[[Example], Sequence[int]] | None = None,
     format: str = "auto",
+    truncation: str = "truncate",
+    strict: bool = False,
 ) -> DataReport:
     """Validate a training file (and a validation file). Raises DataError listing the problems of both files.
 
     tokenizer: a Hugging Face tokenizer, for token counts. renderer: example -> token ids as training sees
-    them (chat template included); without one the total is the sum of the roles' content tokens.
+    them (chat template included), or a `templates.Encoded` (then an example whose cut to max_length keeps no
+    trained token is reported as dropped, as training does); without one the total is the sum of the roles'
+    content tokens. truncation: data.truncation, for what the long-example warnings say training will do.
+    strict: unknown keys of rows are problems, not warnings.
     """
     paths = [str(train_path)] + ([] if validation_path is None else [str(validation_path)])
     files, errors = [], []
     for path in paths:
         try:
-            files.append(read_file(path, format, max_problems=None))
+            files.append(read_file(path, format, max_problems=None, strict=strict))
         except DataError as e:
             errors.append((path, e))
     if errors:
@@ -126,9 +134,9 @@ def check(
         raise DataError(f"{' and '.join(p for p, _ in errors)}: {n} problem{'s' if n != 1 else ''}", shown)
 
     # long examples last: they can be many, and the table counts them
-    warnings: list[str] = []
+    warnings: list[str] = [w for f in files for w in f.warnings]
     too_long: list[str] = []
-    reports = [_file_report(f, tokenizer, max_length, renderer, warnings, too_long) for f in files]
+    reports = [_file_report(f, tokenizer, max_length, renderer, truncation, warnings, too_long) for f in files]
     report = DataReport(train=reports[0], max_length=max_length, warnings=warnings)
     if len(files) == 2:
         report.validation = reports[1]
@@ -146,7 +154,7 @@ def check(
 # One file
 
 
-def _file_report(data: DataFile, tokenizer, max_length, renderer, warnings: list[str], too_long: list[str]):
+def _file_report(data: DataFile, tokenizer, max_length, renderer, truncation, warnings: list[str], too_long: list[str]):
     path, examples = data.path, data.examples
     report = FileReport(path=path, format=data.format, examples=len(examples))
     chats = [ex for ex in examples if ex.kind == "chat"]
@@ -155,14 +163,14 @@ def _file_report(data: DataFile, tokenizer, max_length, renderer, warnings: list
         report.messages = {"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)}
         report.roles = dict(Counter(m.role for ex in chats for m in ex.messages))
     if tokenizer is not None:
-        report.tokens, totals = _token_stats(examples, tokenizer, renderer)
+        report.tokens, totals, nothing_left = _token_stats(examples, tokenizer, renderer, max_length)
         if max_length is not None:
-            long = [(ex, n) for ex, n in zip(examples, totals) if n > max_length]
+            long = [i for i, n in enumerate(totals) if n > max_length]
             report.over_max_length = len(long)
-            for ex, n in long:
+            for i in long:
+                fate = _training_fate(totals[i], max_length, truncation, i in nothing_left)
                 too_long.append(
-                    f"{ex.source}: warning: {n} tokens, longer than max_length {max_length}, so the end will be "
-                    "cut off; raise --max-length or shorten the example"
+                    f"{examples[i].source}: warning: {totals[i]} tokens, longer than max_length {max_length}: {fate}"
                 )
     report.exact_duplicates, report.near_duplicates = _duplicates(examples, path, warnings)
     report.conflicts = _conflicts(examples, path, warnings)
@@ -171,6 +179,26 @@ def _file_report(data: DataFile, tokenizer, max_length, renderer, warnings: list
         report.labels = _label_counts(examples, labels)
         _imbalance(path, labels, report.labels, warnings)
     return report
+
+
+def _training_fate(length: int, max_length: int, truncation: str, nothing_left: bool) -> str:
+    """What training does with an example of `length` tokens (as `training.loop._encode_all` does), and the fix."""
+    if truncation == "error":
+        return (
+            "train will stop with an error (data.truncation=error); raise --max-length, shorten the example, "
+            "or set data.truncation to truncate or drop"
+        )
+    if truncation == "drop":
+        return "train will drop it (data.truncation=drop); raise --max-length or shorten the example"
+    if nothing_left:
+        return (
+            f"train will drop it, as its first {max_length} tokens hold nothing to learn (data.truncation="
+            "truncate keeps the start); raise --max-length or shorten the prompt"
+        )
+    return (
+        f"train will cut off its last {length - max_length} tokens (data.truncation=truncate); raise --max-length, "
+        "shorten the example, or set data.truncation=drop to leave it out"
+    )
 
 
 def _imbalance(path: str, labels: list[str], counts: dict[str, int], warnings: list[str]) -> None:
@@ -194,7 +222,9 @@ def _fields(ex: Example) -> list[tuple[str, str]]:
     return [("text", ex.text or "")]
 
 
-def _token_stats(examples, tokenizer, renderer) -> tuple[dict[str, dict[str, float]], list[int]]:
+def _token_stats(examples, tokenizer, renderer, max_length) -> tuple[dict[str, dict[str, float]], list[int], set[int]]:
+    """Token statistics, each example's total length, and the examples whose first max_length tokens hold no trained
+    token (known where the renderer gives labels: training drops those rather than truncating them)."""
     owners, roles, texts = [], [], []
     for i, ex in enumerate(examples):
         for role, text in _fields(ex):
@@ -208,8 +238,15 @@ def _token_stats(examples, tokenizer, renderer) -> tuple[dict[str, dict[str, flo
     per_example: list[dict[str, int]] = [defaultdict(int) for _ in examples]
     for i, role, n in zip(owners, roles, lengths):
         per_example[i][role] += n
+    nothing_left: set[int] = set()
     if renderer is not None:
-        totals = [len(renderer(ex)) for ex in examples]
+        totals = []
+        for i, ex in enumerate(examples):
+            rendered = renderer(ex)
+            totals.append(len(rendered))
+            labels = getattr(rendered, "labels", None)
+            if max_length is not None and labels is not None and all(t == -100 for t in labels[:max_length]):
+                nothing_left.add(i)
     else:  # a preference pair is trained as prompt + chosen and prompt + rejected: count the longer
         totals = [
             c["prompt"] + max(c["chosen"], c["rejected"]) if ex.kind == "preference" else sum(c.values())
@@ -222,7 +259,7 @@ def _token_stats(examples, tokenizer, renderer) -> tuple[dict[str, dict[str, flo
     order = ["system", "user", "assistant", "prompt", "completion", "chosen", "rejected", "text"]
     stats = {role: _percentiles(by_role[role]) for role in sorted(by_role, key=order.index)}
     stats["total"] = _percentiles(totals)
-    return stats, totals
+    return stats, totals, nothing_left
 
 
 def _percentiles(values: Sequence[int]) -> dict[str, float]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tunesmith import methods, models
 from tunesmith.atomic import atomic_write_text
-from tunesmith.config import Config, validate_config
+from tunesmith.config import Config, resolve_max_length, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
 from tunesmith.models.precision import Precision, cast_frozen_linears, resolve_training_precision
@@ -47,7 +47,6 @@ from tunesmith.training.mitigations import KLToBase, frozen_base, mix_replay
 # peft 0.21 still asks transformers 5.23 for the old attribute name; the warning is not the user's business
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-AUTO_MAX_LENGTH = 2048  # data.max_length: auto -> the model's context, at most this
 # Packed row capacity. Attention over a packed row costs width^2 (the block-diagonal mask is dense on CPU),
 # so several short rows beat one long one: measured on SmolLM2-135M with 16 tickets (1,335 tokens), LoRA
 # forward+backward took 11.1 s as one 1,335-token row, 10.0 s in rows of 512 and 7.9 s in rows of 256.
@@ -342,20 +341,27 @@ class PreparedData:
     train: list  # data.templates.Encoded, replay examples (train.replay) after the task's
     validation: list
     summary: dict  # data.json without the plan and the device
-    max_length: int  # data.max_length resolved (auto: the model's context, at most AUTO_MAX_LENGTH)
+    max_length: int  # data.max_length resolved (auto: the model's context, at most config.AUTO_MAX_LENGTH)
 
 
 def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
     """Read, split and encode the data (`cfg` is left as it is: data.max_length auto is resolved in the result)."""
-    from tunesmith.data.formats import read_examples
+    from tunesmith.data.formats import read_file
     from tunesmith.data.split import split_train_val
     from tunesmith.data.templates import Renderer
 
     if not cfg.data.train:
         raise ConfigError("no training data: pass --data FILE or set data.train in the recipe")
-    train_examples = read_examples(cfg.data.train, cfg.data.format)
+
+    def read(path: str) -> list:
+        data = read_file(path, cfg.data.format, strict=cfg.data.strict)
+        for warning in data.warnings:  # unknown keys of rows (errors with data.strict)
+            log(warning)
+        return data.examples
+
+    train_examples = read(cfg.data.train)
     if cfg.data.validation:
-        val_examples = read_examples(cfg.data.validation, cfg.data.format)
+        val_examples = read(cfg.data.validation)
     elif cfg.data.val_fraction > 0 and len(train_examples) >= 10:
         train_examples, val_examples = split_train_val(train_examples, cfg.data.val_fraction, cfg.train.seed)
     else:
@@ -363,16 +369,7 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
     if any(e.kind == "preference" for e in train_examples):
         raise DataError(f"{cfg.data.train}: preference pairs are validated but cannot be trained on yet")
 
-    context = getattr(model.config, "max_position_embeddings", None) or 2048
-    if cfg.data.max_length == "auto":
-        max_length = min(context, AUTO_MAX_LENGTH)
-    elif cfg.data.max_length > context:
-        raise ConfigError(
-            f"data.max_length={cfg.data.max_length} is longer than the model's context ({context} tokens); "
-            f"set data.max_length to at most {context}"
-        )
-    else:
-        max_length = cfg.data.max_length
+    max_length = resolve_max_length(cfg.data.max_length, getattr(model.config, "max_position_embeddings", None))
     # encoding and replay read data.max_length: give them a copy with it resolved, not the caller's config
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": max_length})})
     renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
