@@ -275,6 +275,7 @@ def test_sixteen_clients_mixed_load(tiny_model_dir, tmp_path):
         start = time.monotonic()
         phase(range(WARMUP_ROUNDS))
         tensors = _live(torch.Tensor)  # first: walking every object costs memory the RSS readings should include
+        generations_before = _live(Generation)  # other tests of this process may have left some
         rss = [_rss_mb()]
         half = (WARMUP_ROUNDS + ROUNDS) // 2
         phase(range(WARMUP_ROUNDS, half))
@@ -286,6 +287,11 @@ def test_sixteen_clients_mixed_load(tiny_model_dir, tmp_path):
         while engine.pending and time.monotonic() < deadline:
             time.sleep(0.02)
         health = httpx.get(srv.url + "/health", headers=auth)
+        # a dropped stream's response object lets go of its generation when the server finishes with the
+        # connection, a moment after the engine has: a leak is what stays alive, not what is still being released
+        deadline = time.monotonic() + 5
+        while _live(Generation) > generations_before and time.monotonic() < deadline:
+            time.sleep(0.1)
         generations, tensors_after = _live(Generation), _live(torch.Tensor)
     finally:
         srv.close()
@@ -300,13 +306,18 @@ def test_sixteen_clients_mixed_load(tiny_model_dir, tmp_path):
         f"mid-way ({engine.cancelled} generations cancelled); {counts['invalid']} invalid requests answered "
         f"4xx in OpenAI's format (by status {invalid}); batches {engine.batches_run}, largest {engine.largest_batch}; "
         f"RSS {rss[0]:.0f} MiB after warm-up, {rss[1]:.0f} at half, {rss[2]:.0f} at the end; "
-        f"live tensors {tensors} -> {tensors_after}, generations left {generations}"
+        f"live tensors {tensors} -> {tensors_after}, live generations {generations_before} -> {generations}"
     )
     assert not load.failures, "\n".join(load.failures[:20])
     expected = Counter(MIX[(c + r) % len(MIX)] for c in range(CLIENTS) for r in range(ROUNDS))
     assert {k: counts[k] for k in expected} == dict(expected) and counts["failed"] == 0
     assert counts["invalid"] == expected["invalid"] and set(invalid) == {"400", "401", "403", "404", "413"}
     assert rss[2] - rss[0] < RSS_GROWTH_LIMIT_MB, rss
-    assert generations == 0 and tensors_after <= tensors, (generations, tensors, tensors_after)
+    assert generations <= generations_before and tensors_after <= tensors, (
+        generations_before,
+        generations,
+        tensors,
+        tensors_after,
+    )
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["pending"] == 0
     assert engine.pending == 0 and engine.largest_batch > 1 and engine.cancelled > 0
