@@ -529,8 +529,8 @@ def _starting_checkpoint(run_dir: Path, resume: bool, log) -> Path | None:
         return None
     cleaned = run.clean_partial()
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None or run.has_model:  # only when cleaning restored a folder an interrupted rename had moved
-        if not resume:
+    if ckpt is not None or run.has_model:  # training worth keeping
+        if not resume:  # possible only when cleaning restored a folder that an interrupted rename had moved aside
             raise _holds_a_run(run_dir)
         if ckpt is None:
             raise RunError(
