@@ -150,8 +150,9 @@ def test_merge_writes_a_dir_transformers_loads_alone(lora_run, tiny_model_dir, t
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
 
     saved = json.loads((out / "equivalence.json").read_text())
-    assert saved["passed"] and saved["kind"] == "merge" and saved["tolerance"] == 1e-4
-    assert saved["max_abs_logit_diff"] <= 1e-4 and saved["greedy_identical"]
+    assert saved["passed"] and saved["kind"] == "merge" and saved["compared_in"] == "float64"
+    assert saved["tolerance"] == 4 * saved["float32_floor"] > 0
+    assert saved["max_abs_logit_diff"] <= saved["tolerance"] and saved["greedy_identical"]
     assert saved["tokenizer"]["same_ids"] and saved["tokenizer"]["same_chat_template_output"]
     assert len(saved["prompts"]) == 3
 
@@ -191,6 +192,46 @@ def test_merge_other_mergeable_methods(method, extra, tiny_model_dir, data, tmp_
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=torch.tensor([IDS])).logits[0]
     assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3
+
+
+def test_merge_check_scales_with_the_model_and_still_catches_a_wrong_merge(data, tmp_path, monkeypatch, capsys):
+    """A large adapter on a model with large logits (SmolLM2's reach ~40) merges and passes: compared in float32
+    against a fixed 1e-4 it was refused (its float32 rounding alone moves these logits by 1.4e-4). One wrong weight
+    in the merged model still fails the check."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_model
+    from tunesmith.exporting import source
+
+    model_dir = build_tiny_model(tmp_path / "tiny", layers=4, hidden=64)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30.0)  # tied to the head: logits of ~30, like a real model's
+    model.save_pretrained(model_dir)
+    run = train_run(model_dir, tmp_path / "run", data)
+    weights = run / "model" / "adapter_model.safetensors"  # B x100: an adapter trained long and hard
+    save_file({k: v * 100 if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
+
+    result = tunesmith.export(run, tmp_path / "out", merge=True, log=lambda *a: None)
+    assert result["passed"] and result["compared_in"] == "float64" and result["greedy_identical"]
+    assert result["max_abs_logit"] > 20
+    assert 0 < result["max_abs_logit_diff"] <= result["tolerance"] == 4 * result["float32_floor"]
+
+    real_merged = source.merged
+
+    def one_wrong_weight(src):
+        model = real_merged(src)
+        with torch.no_grad():
+            weight = model.model.layers[0].self_attn.q_proj.weight.view(-1)
+            weight[weight.abs().argmax()] *= -1
+        return model
+
+    monkeypatch.setattr(source, "merged", one_wrong_weight)
+    assert main(["export", str(run), "--merge", "--out", str(tmp_path / "wrong")]) == 1
+    err = capsys.readouterr().err
+    assert "the export does not match the run, so nothing was written" in err
+    assert not (tmp_path / "wrong").exists() and not no_leftovers(tmp_path)
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------------------
@@ -262,6 +303,13 @@ def test_gguf_q8_0_through_the_cli(lora_run, tmp_path, capsys):
     assert saved["tokenizer"]["passed"] and saved["gguf"]["tensors"] == {"Q8_0": 15, "F32": 5}
     _, tensors = gguf_fields(out / "lora-q8_0.gguf")
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"
+
+
+def test_gguf_f32_is_compared_in_float64(gemma_run, tmp_path):
+    # the same weights as the run (Gemma's norms stored +1 and read back -1, a float32 rounding of its own)
+    result = tunesmith.export(gemma_run, tmp_path / "f32", format="gguf", quant="f32", log=lambda *a: None)
+    assert result["passed"] and result["compared_in"] == "float64" and result["greedy_identical"]
+    assert result["max_abs_logit_diff"] <= result["tolerance"] == 4 * result["float32_floor"]
 
 
 def test_gguf_gemma3_stores_norms_plus_one(gemma_run, tmp_path):

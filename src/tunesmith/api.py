@@ -27,7 +27,8 @@ def train(
     **overrides: Any,
 ) -> "Run":
     """Fine-tune a model. `config` is a Config, a recipe path, or a dict; `overrides` are dotted keys
-    (`tunesmith.train("r.yaml", **{"train.lr": 1e-4})`). With resume=RUN_DIR, continue that run.
+    (`tunesmith.train("r.yaml", **{"train.lr": 1e-4})`). With resume=RUN_DIR, continue that run from its last
+    whole checkpoint (from step 0 with its saved config when it stopped before its first one).
 
     `progress` (a tunesmith.progress.Progress, e.g. tunesmith.cli.display.RichProgress() for a bar) follows the
     steps and shows the validation results; by default no bar is drawn and those lines go to `log`, or nowhere

@@ -6,11 +6,15 @@ process killed at any instant never leaves a half-written result that later look
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+TMP = ".tmp-"  # a temporary name is `.{final name}.tmp-XXXX`; `clean_partial` recognises it by this
+REMOVING = f"{TMP}removing"  # remove_dir's: a folder half-way through being removed
 
 
 @contextmanager
@@ -18,7 +22,7 @@ def atomic_dir(target: Path):
     """Yield a temporary directory next to `target`; on success, sync it and rename it to `target`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP}", dir=target.parent))
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -42,7 +46,7 @@ def atomic_dir(target: Path):
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP}", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -52,6 +56,55 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def clean_partial(parent: Path, names: tuple[str, ...], where: str = "") -> list[str]:
+    """Undo what a writer killed mid-way left in `parent` for the final names matching `names` (fnmatch patterns).
+
+    - `.NAME.tmp-*` was never renamed into place, so nothing vouches for it: removed;
+    - `.NAME.old` (atomic_dir's previous version, moved aside just before the new one is renamed in): when NAME is
+      missing, the process died between the two renames and `.NAME.old` is the last complete version, so it is
+      renamed back; when NAME exists, it is removed.
+    Only names the caller lists are touched, so a user's own dotfiles in the folder are never. Returns one phrase
+    per thing done ("removed the half-written checkpoints/step-3" with where="checkpoints/"), to report."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    done = []
+    for entry in sorted(parent.iterdir()):
+        name = entry.name
+        if name.startswith(".") and TMP in name:
+            final = name[1 : name.index(TMP)]
+            if any(fnmatch.fnmatch(final, pattern) for pattern in names):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                if name.endswith(REMOVING):
+                    done.append(f"finished removing the old {where}{final}")
+                else:
+                    done.append(f"removed the half-written {where}{final}")
+        elif name.startswith(".") and name.endswith(".old") and entry.is_dir():
+            final = name[1 : -len(".old")]
+            if any(fnmatch.fnmatch(final, pattern) for pattern in names):
+                if (parent / final).exists():
+                    shutil.rmtree(entry)
+                else:
+                    os.rename(entry, parent / final)
+                    done.append(f"restored {where}{final} (its replacement was interrupted)")
+    if done:
+        _fsync_dir(parent)
+    return done
+
+
+def remove_dir(path: Path) -> None:
+    """Remove the directory `path` so that a kill half-way leaves no folder under its name with files missing: it is
+    renamed to a hidden temporary name first (which clean_partial finishes removing)."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}{REMOVING}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

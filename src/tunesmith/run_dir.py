@@ -4,7 +4,7 @@
       config.yaml      the fully resolved config          -> RunDir.config / config_text
       data.json        fingerprints, counts, the plan     -> RunDir.data_summary, RunDir.trained_kind
       metrics.jsonl    one JSON object per step / eval    -> RunDir.metrics
-      checkpoints/     step-N/ (training/checkpoint.py owns their content)
+      checkpoints/     step-N/ (training/checkpoint.py owns their content) -> RunDir.checkpoints
       model/           the final adapter or full model    -> RunDir.require_model()
       eval/            evaluation results (evaluation/ writes and reads them)
 
@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.atomic import clean_partial
 from tunesmith.config import Config, validate_config
 from tunesmith.errors import RunError
 
@@ -26,6 +27,7 @@ DATA = "data.json"
 METRICS = "metrics.jsonl"
 MODEL = "model"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step-"  # checkpoints/step-N/, N = optimizer steps done
 EVAL = "eval"
 RAW_KINDS = ("completion", "text")  # runs trained on these are prompted with raw text, not the chat template
 
@@ -116,9 +118,22 @@ class RunDir:
         return self.model_dir
 
     @property
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints, oldest first. Each is written under a hidden temporary name and renamed into
+        place when whole (tunesmith.atomic), so a step-N folder is complete and a half-written one is not listed."""
+        return list_checkpoints(self.path)
+
+    @property
     def holds_training(self) -> bool:
-        """Whether training has started here (a checkpoint or a model exists)."""
-        return (self.path / CHECKPOINTS).exists() or self.model_dir.exists()
+        """Whether the folder holds training worth keeping: a complete checkpoint or a final model. A run killed
+        before its first checkpoint was whole holds none (config.yaml, data.json and a few metrics only)."""
+        return self.has_model or bool(self.checkpoints)
+
+    def clean_partial(self) -> list[str]:
+        """Remove the half-written files and folders a killed run left (hidden `.NAME.tmp-*` ones; see
+        tunesmith.atomic.clean_partial); one phrase per thing done."""
+        done = clean_partial(self.path, (MODEL, CONFIG, DATA))
+        return done + clean_partial(self.path / CHECKPOINTS, (f"{CHECKPOINT_PREFIX}*",), where=f"{CHECKPOINTS}/")
 
     @property
     def eval_dir(self) -> Path:
@@ -132,6 +147,16 @@ class RunDir:
     def metrics(self) -> list[dict]:
         """Every complete record of metrics.jsonl, in order ([] when there is none)."""
         return read_metrics(self.path)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """RUN_DIR/checkpoints/step-N folders, by N (see RunDir.checkpoints)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    n = len(CHECKPOINT_PREFIX)
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[n:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[n:]))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -73,7 +73,12 @@ class _DottedFlags(click.Command):
 @click.option("--name", help="Run name (default: the data file's stem).")
 @click.option("--seed", type=int, help="Random seed (data order, initialisation).")
 @click.option("--log", "log_sinks", multiple=True, type=click.Choice(["jsonl", "tensorboard"]), help="Metric sinks.")
-@click.option("--resume", "resume", type=click.Path(file_okay=False), help="Continue RUN_DIR from its last checkpoint.")
+@click.option(
+    "--resume",
+    "resume",
+    type=click.Path(file_okay=False),
+    help="Continue RUN_DIR from its last checkpoint (from step 0, with its saved config, if none was complete).",
+)
 @click.option("--strict", is_flag=True, default=None, help="data.strict: unknown keys in data rows are errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context

@@ -65,7 +65,7 @@ def export_run(
     log(f"loading {run_dir} ({method} on {config.model.name}) in float32")
     source = src.load_source(run_dir, config, method)
     log(f"reference: the run's model on {len(check.PROMPTS)} prompts ({check.NEW_TOKENS} greedy tokens each)")
-    reference = check.Reference(source)
+    reference = check.Reference(source, f"gguf-{quant}" if kind == "gguf" else kind)
 
     with atomic_dir(out) as tmp:
         if kind == "merge":
@@ -255,7 +255,7 @@ def _provenance(run_dir: Path, config, method: str, quant: str | None) -> dict:
 def _failure(result: dict, out: Path) -> str:
     lines = [
         f"the export does not match the run, so nothing was written to {out}:",
-        f"max |logit diff| {result['max_abs_logit_diff']:.4g} (tolerance {result['tolerance']:g}), "
+        f"max |logit diff| {result['max_abs_logit_diff']:.4g} (tolerance {result['tolerance']:.3g}), "
         f"greedy outputs {'identical' if result['greedy_identical'] else 'different'}",
     ]
     for p in result["prompts"]:

@@ -49,7 +49,8 @@ def model_card(
         "## Equivalence with the run",
         "",
         f"Checked on {len(check['prompts'])} prompts against the run's own model: max |logit difference| "
-        f"{check['max_abs_logit_diff']:.3g} (tolerance {check['tolerance']:g}); greedy outputs of "
+        f"{check['max_abs_logit_diff']:.3g} (tolerance {check['tolerance']:.3g}, computed in "
+        f"{check.get('compared_in', 'float32')}); greedy outputs of "
         f"{check['greedy_new_tokens']} tokens {'identical' if check['greedy_identical'] else 'different'}. "
         "Details: `equivalence.json`.",
         "",

@@ -3,22 +3,29 @@
 `checkpoints/step-N/` holds the trainable weights (safetensors), the optimizer state, the RNG state and a
 small JSON of loop state (step, best validation loss, ...). The directory is built under a temporary name and
 renamed into place only when every file is written and synced, so a run killed at any instant leaves the last
-complete checkpoint loadable and never a half-written one.
+complete checkpoint loadable and never a half-written one (the next start removes the half-written folder:
+RunDir.clean_partial).
+
+`kill_point(name)` marks the instants tests/test_checkpoint_kill.py stops a run at with SIGKILL: a test sets
+TUNESMITH_TEST_KILL_AT to one name and the process kills itself there, so each test kills at an exact instant
+instead of racing a timer against the run.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith.atomic import atomic_dir
+from tunesmith.atomic import atomic_dir, remove_dir
+from tunesmith.run_dir import CHECKPOINT_PREFIX, CHECKPOINTS, list_checkpoints
 
-PREFIX = "step-"
+KILL_AT = "TUNESMITH_TEST_KILL_AT"  # test hook: the name of a kill_point where the process SIGKILLs itself
 
 
 @dataclass
@@ -46,10 +53,15 @@ class LoopState:
 
 
 def save_checkpoint(run_dir: Path, trainable: dict, optimizer, state: LoopState, keep: int) -> Path:
-    """checkpoints/step-N/ for the loop state `state` (N = state.step), then prune to the last `keep`."""
-    target = Path(run_dir) / "checkpoints" / f"{PREFIX}{state.step}"
+    """checkpoints/step-N/ for the loop state `state` (N = state.step), then prune to the last `keep`.
+
+    An OSError (a full disk, a quota) leaves no trace: the temporary folder is removed and the earlier
+    checkpoints are untouched; the caller says what happened."""
+    target = Path(run_dir) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{state.step}"
+    name = f"checkpoint-{state.step}"
     with atomic_dir(target) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        kill_point(f"{name}-mid-write")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -57,16 +69,16 @@ def save_checkpoint(run_dir: Path, trainable: dict, optimizer, state: LoopState,
                 rng[f"cuda{i}"] = s
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps(state.to_dict(), indent=2))
+        kill_point(f"{name}-before-rename")  # every file written, none synced, the folder still hidden
+    kill_point(f"{name}-after-rename")  # complete, older ones not pruned yet
     prune(run_dir, keep)
     return target
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+def kill_point(name: str) -> None:
+    """SIGKILL this process when TUNESMITH_TEST_KILL_AT is `name` (tests only; unset, a dict lookup)."""
+    if os.environ.get(KILL_AT) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -76,7 +88,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def prune(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)  # hidden first: a kill half-way leaves no step-N that looks whole
 
 
 def load_checkpoint(path: Path, device) -> tuple[dict, dict, LoopState]:

@@ -17,10 +17,12 @@ small named function, and what is reusable lives elsewhere (batching, prefix sha
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -40,7 +42,7 @@ from tunesmith.progress import Progress
 from tunesmith.run_dir import CONFIG, RunDir
 from tunesmith.training import chunked_loss, prefix
 from tunesmith.training.auto import TrainingPlan, activation_bytes_per_token, available_memory, lr_at, plan_training
-from tunesmith.training.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tunesmith.training.checkpoint import LoopState, kill_point, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger
 from tunesmith.training.mitigations import KLToBase, frozen_base, mix_replay
 
@@ -65,12 +67,8 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     `log` gets everything else (what is loaded, the data, the plan)."""
     progress = Progress(log) if progress is None else progress
     run_dir = config.run_dir()
-    if not resume and RunDir(run_dir).holds_training:
-        raise RunError(
-            f"{run_dir} already holds a run. Continue it with: tunesmith train --resume {run_dir}\n"
-            f"or write elsewhere with --output DIR (or delete {run_dir})"
-        )
     cfg = _saved_config(run_dir) if resume else config
+    ckpt = _starting_checkpoint(run_dir, resume, log)  # None: from step 0
     _set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
 
@@ -101,10 +99,7 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     optimizer = _optimizer(model, cfg)
 
     state = LoopState()
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise RunError(f"{run_dir}: no checkpoint to resume from; start it again without --resume")
+    if ckpt is not None:
         trainable, optim_state, state = load_checkpoint(ckpt, device)
         methods.load_trainable_state_dict(model, trainable)
         optimizer.load_state_dict(optim_state)
@@ -115,7 +110,7 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
         where = {"device": str(device), "precision": precision.name, "precision_reason": precision.reason}
         atomic_write_text(run_dir / "data.json", json.dumps(data.summary | {"plan": asdict(plan), **where}, indent=2))
 
-    metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state.step if resume else None)
+    metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state.step if ckpt is not None else None)
     # share a micro-batch's common prefix (a fixed system prompt) when that is exact for this model and method
     shareable, _ = prefix.supports_prefix_sharing(model, cfg.method, cfg.train.gradient_checkpointing)
     ctx = TrainingContext(
@@ -139,7 +134,10 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     finally:
         metrics.close()
 
-    methods.save_trained(model, cfg, run_dir / "model", tokenizer)
+    try:
+        methods.save_trained(model, cfg, run_dir / "model", tokenizer)
+    except OSError as e:
+        raise _save_failed(e, "the final model (model/)", run_dir) from None
     log(f"done: {run_dir}/model")
     return run_dir
 
@@ -244,6 +242,7 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
                     f"interrupted at step {state.step} of {plan.total_steps}; checkpoint saved.\n"
                     f"Resume with: tunesmith train --resume {ctx.run_dir}"
                 )
+            kill_point(f"after-step-{state.step}")  # tests: a kill between checkpoints (training/checkpoint.py)
     finally:
         stop.restore()
         progress.close()
@@ -325,8 +324,35 @@ def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progre
 
 
 def _checkpoint(ctx: TrainingContext, state: LoopState) -> None:
-    save_checkpoint(
-        ctx.run_dir, methods.trainable_state_dict(ctx.model), ctx.optimizer, state, keep=ctx.cfg.train.keep_checkpoints
+    try:
+        save_checkpoint(
+            ctx.run_dir,
+            methods.trainable_state_dict(ctx.model),
+            ctx.optimizer,
+            state,
+            keep=ctx.cfg.train.keep_checkpoints,
+        )
+    except OSError as e:
+        raise _save_failed(e, f"the checkpoint of step {state.step}", ctx.run_dir) from None
+
+
+def _save_failed(error: OSError, what: str, run_dir: Path) -> TrainingError:
+    """One line for a write that failed (a full disk, a quota, permissions): what was lost, what is safe, the fix.
+    The writers are atomic, so the earlier checkpoints are whole and the half-written files already gone."""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = "free some space"
+    else:
+        fix = f"fix that ({error.filename or run_dir})"
+    last = latest_checkpoint(run_dir)
+    if last is None:
+        return TrainingError(
+            f"could not save {what}: {reason}; no checkpoint is complete yet: {fix}, then start again with: "
+            f"tunesmith train --resume {run_dir} (from step 0, with the saved config)"
+        )
+    return TrainingError(
+        f"could not save {what}: {reason}; the last complete checkpoint ({last.name}) is intact: {fix}, then "
+        f"continue with: tunesmith train --resume {run_dir}"
     )
 
 
@@ -487,10 +513,62 @@ def _print_plan(plan: TrainingPlan, log) -> None:
         log(f"  auto {key}: {why}")
 
 
+def _starting_checkpoint(run_dir: Path, resume: bool, log) -> Path | None:
+    """The checkpoint to continue from (None: step 0), after removing what a killed run left half-written.
+
+    Checkpoints are renamed into place only when whole, so a run killed before its first one was whole left only
+    config.yaml, data.json and a few logged steps: nothing to keep. Then --resume starts it over with its saved
+    config and a fresh start may reuse the folder; both say so."""
+    run = RunDir(run_dir)
+    if not resume and run.holds_training:  # checked before cleaning: never touch a run we are told to leave
+        raise _holds_a_run(run_dir)
+    if not (run_dir / CONFIG).is_file():  # not a run (yet): nothing of ours to clean or to discard
+        return None
+    cleaned = run.clean_partial()
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None or run.has_model:  # training worth keeping
+        if not resume:  # possible only when cleaning restored a folder that an interrupted rename had moved aside
+            raise _holds_a_run(run_dir)
+        if ckpt is None:
+            raise RunError(
+                f"{run_dir}: training has finished (model/ is there) and left no checkpoint; nothing to resume"
+            )
+        if cleaned:
+            log(f"{run_dir}: {'; '.join(cleaned)}")
+        return ckpt
+    try:
+        logged = sum(r.get("kind") == "train" for r in run.metrics)
+    except ValueError:  # a line cut short by the kill; the count is only for the message
+        logged = 0
+    left = [f"{logged} logged step{'s' if logged != 1 else ''}"] if logged else []
+    left += [c.removeprefix("removed the ") for c in cleaned]
+    if (run_dir / "tensorboard").is_dir():
+        shutil.rmtree(run_dir / "tensorboard")  # events of the discarded attempt
+        left.append("its TensorBoard events")
+    what = f" ({', '.join(left)})" if left else ""
+    if resume:
+        log(
+            f"{run_dir}: no complete checkpoint to resume from: the run stopped before its first one was saved{what}. "
+            "Starting it again from step 0 with its saved config."
+        )
+    else:
+        log(f"{run_dir} held a run that stopped before its first checkpoint; discarding it{what} and starting afresh")
+    return None
+
+
+def _holds_a_run(run_dir: Path) -> RunError:
+    return RunError(
+        f"{run_dir} already holds a run. Continue it with: tunesmith train --resume {run_dir}\n"
+        f"or write elsewhere with --output DIR (or delete {run_dir})"
+    )
+
+
 def _saved_config(run_dir: Path) -> Config:
     """The config a run to resume was trained with (its config.yaml)."""
     if not (run_dir / CONFIG).is_file():
-        raise RunError(f"{run_dir}: not a run directory (no {CONFIG}); nothing to resume")
+        raise RunError(
+            f"{run_dir}: not a run directory (no {CONFIG}); nothing to resume. Start the run without --resume"
+        )
     return RunDir.open(run_dir).config
 
 
