@@ -21,26 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import _train_args, write_chat_data
+from test_train import RESUME_ARGS, _train_args, write_chat_data
 from tunesmith.cli import main
-
-# checkpoints at steps 3, 6, 9 and 10 (the last step), two kept; dropout so a wrong RNG state after resume shows
-COMMON = [
-    "--max-steps",
-    "10",
-    "--batch-size",
-    "8",
-    "--lr",
-    "5e-3",
-    "--lora.r",
-    "4",
-    "--lora.dropout",
-    "0.1",
-    "--train.save_every",
-    "3",
-    "--train.eval_every",
-    "5",
-]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +43,7 @@ def straight(tiny_model_dir, data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("straight") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNESMITH_THREADS", "1")
-        assert main(_train_args(tiny_model_dir, data, out, *COMMON)) == 0
+        assert main(_train_args(tiny_model_dir, data, out, *RESUME_ARGS)) == 0
     return load_file(out / "model" / "adapter_model.safetensors")
 
 
@@ -95,7 +77,7 @@ def _assert_same_weights(out: Path, straight: dict) -> None:
 
 def test_sigkill_anywhere_then_recover_gives_the_same_weights(tiny_model_dir, data, tmp_path, straight, one_thread):
     out = tmp_path / "run"
-    original = _train_args(tiny_model_dir, data, out, *COMMON)
+    original = _train_args(tiny_model_dir, data, out, *RESUME_ARGS)
     resume = ["train", "--resume", str(out), "--quiet"]
 
     # 1. half-way through the first checkpoint: nothing whole is saved
@@ -165,7 +147,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(
     nospace = os.strerror(errno.ENOSPC)
 
     # the first checkpoint cannot be written: nothing whole yet, and the message says how to start again
-    assert main(_train_args(tiny_model_dir, data, out, *COMMON)) == 1
+    assert main(_train_args(tiny_model_dir, data, out, *RESUME_ARGS)) == 1
     assert _error(capsys) == (
         f"error: could not save the checkpoint of step 3: {nospace}; no checkpoint is complete yet: free some "
         f"space, then start again with: tunesmith train --resume {out} (from step 0, with the saved config)"

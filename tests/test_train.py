@@ -202,27 +202,30 @@ def _wait_for(path: Path, proc, timeout=120):
         time.sleep(0.05)
 
 
+# checkpoints at steps 3, 6, 9 and 10 (the last step), two kept; dropout so a wrong RNG state after resume shows
+RESUME_ARGS = [
+    "--max-steps",
+    "10",
+    "--batch-size",
+    "8",
+    "--lr",
+    "5e-3",
+    "--lora.r",
+    "4",
+    "--lora.dropout",
+    "0.1",
+    "--train.save_every",
+    "3",
+    "--train.eval_every",
+    "5",
+]
+
+
 def test_resume_after_sigkill_gives_the_same_weights(tiny_model_dir, data, tmp_path):
-    common = [
-        "--max-steps",
-        "10",
-        "--batch-size",
-        "8",
-        "--lr",
-        "5e-3",
-        "--lora.r",
-        "4",
-        "--lora.dropout",
-        "0.1",
-        "--train.save_every",
-        "3",
-        "--train.eval_every",
-        "5",
-    ]
     straight = tmp_path / "straight"
     assert (
         subprocess.run(
-            [sys.executable, "-m", "tunesmith", *_train_args(tiny_model_dir, data, straight, *common)],
+            [sys.executable, "-m", "tunesmith", *_train_args(tiny_model_dir, data, straight, *RESUME_ARGS)],
             env={**os.environ, "TUNESMITH_THREADS": "1"},
             capture_output=True,
         ).returncode
@@ -230,7 +233,7 @@ def test_resume_after_sigkill_gives_the_same_weights(tiny_model_dir, data, tmp_p
     )
 
     killed = tmp_path / "killed"
-    proc = _spawn(_train_args(tiny_model_dir, data, killed, *common))
+    proc = _spawn(_train_args(tiny_model_dir, data, killed, *RESUME_ARGS))
     _wait_for(killed / "checkpoints" / "step-6", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -7,6 +7,15 @@ import click
 from tunesmith import api
 
 
+def _int_or_auto(ctx, param, value: str | None):
+    """A click callback: None, "auto", or a positive int; a usage error naming the option otherwise."""
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r}: give a positive number or auto")
+    return int(value)
+
+
 @click.command(name="eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--data", type=click.Path(dir_okay=False), help="Test file (default: the run's data.test).")
@@ -49,7 +58,7 @@ from tunesmith import api
 @click.option("--limit", type=int, help="Evaluate the first N test examples only.")
 @click.option(
     "--batch-size",
-    callback=lambda ctx, param, value: _int_or_auto(value, "--batch-size"),
+    callback=_int_or_auto,
     help="Test examples per forward pass, or auto: as many as fit 4096 tokens, up to 64 (default: the run's "
     "eval.batch_size).",
 )
@@ -121,12 +130,3 @@ def eval_command(
             f"fine-tuning fixed {len(flips['improved'])} and broke {len(flips['regressed'])} of "
             f"{result['data']['examples']} examples (listed in {run_dir}/eval/task.json)"
         )
-
-
-def _int_or_auto(value: str | None, flag: str):
-    """None, "auto", or a positive int; a clear usage error otherwise."""
-    if value is None or value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise click.BadParameter(f"{value!r}: give a positive number or auto", param_hint=flag)
-    return int(value)

@@ -168,7 +168,7 @@ def _score_labels(
     forward; with content_free, the labels' scores after the "N/A" input in each example's own shots (a branch of
     the example's row). Returns {"scores", "generated", "content_free", "seconds": {mode: seconds}}."""
     from tunesmith.evaluation.classify import score_rows
-    from tunesmith.evaluation.generate import decode_greedy
+    from tunesmith.evaluation.generate import common_prefix_length, decode_greedy
 
     rows = []
     for i, ex in enumerate(test):
@@ -181,7 +181,6 @@ def _score_labels(
                 free = [system.pair(system.content_free(ex, text), label, system.shots_for(ex)) for label in labels]
                 side.append((free[0][0], [c for _, c in free]))
         rows.append(([c for _, c in pairs], side))
-    from tunesmith.evaluation.generate import common_prefix_length
 
     def cost(conts):  # tokens fed for a list of continuations (each without its last token)
         return sum(len(c) - 1 for c in conts)
@@ -194,14 +193,15 @@ def _score_labels(
     ]
     fed = [m + e for m, e in zip(main, extra)]
     widths = [w + (generate or 0) for w in fed]
-    side_ok = content_free and _usable(shared, prompts[0][: shared["prefix_len"]], [sp for _, s in rows for sp, _ in s])
+    # side prompts replace the input, which may reach into the test prompts' common prefix: then no prefix cache
+    sides = [sp for _, s in rows for sp, _ in s]
+    kwargs = _usable(shared, prompts[0][: shared["prefix_len"]], sides) if content_free else shared
     what = "label scoring" + (" and generation" if generate else "") + (" (+ calibration)" if content_free else "")
     task = progress.start(f"{system.name}: {what}", len(test))
     out = {"scores": [], "generated": [] if generate else None, "content_free": [] if content_free else None}
     seconds = {"score": 0.0, "generate": 0.0, "calibration": 0.0}
     for batch in _batches(widths, sizing, shared["prefix_len"]):
         t0 = time.perf_counter()
-        kwargs = shared if not content_free or side_ok else {}
         got = score_rows(
             system.model,
             [prompts[i] for i in batch],
