@@ -114,7 +114,46 @@ class AdapterConfig(_Section):
     """Std of the up-projection's initial weights; near 0 so an untrained adapter is the identity."""
 
 
+class DPOConfig(_Section):
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290) and IPO (Azar et al. 2023,
+    arXiv:2310.12036) against the starting model as reference."""
+
+    beta: float = Field(0.1, gt=0.0, le=100.0)
+    """Strength of the pull towards the reference: the paper's and TRL's default 0.1 (IPO's tau, same default)."""
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: the DPO paper's loss; ipo: IPO's squared loss on length-averaged log-ratios (as TRL computes it)."""
+    sft_weight: float = Field(0.0, ge=0.0, le=10.0)
+    """Add this weight times the chosen answers' token-mean cross-entropy (RPO, Pang et al. 2024, arXiv:2404.19733;
+    TRL's rpo_alpha); 0: plain DPO."""
+
+
+class ORPOConfig(_Section):
+    """Odds Ratio Preference Optimization (Hong et al. 2024, arXiv:2403.07691): SFT on the chosen answers plus an
+    odds-ratio term; no reference model."""
+
+    lambda_: float = Field(0.1, gt=0.0, le=100.0, alias="lambda")
+    """Weight of the odds-ratio term (the paper's lambda; TRL's ORPOConfig.beta); default 0.1 as in both."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              populate_by_name=True, serialize_by_alias=True)
+
+
+class SimPOConfig(_Section):
+    """Simple Preference Optimization (Meng et al. 2024, arXiv:2405.14734): length-normalised log-likelihood as the
+    reward, a target margin, no reference model."""
+
+    beta: float = Field(2.0, gt=0.0, le=100.0)
+    """Reward scale; the paper uses 2.0-2.5 (2.0 here, its Mistral/Llama-3 base setting)."""
+    gamma: float = Field(1.0, ge=0.0, le=100.0)
+    """Target reward margin in reward units: loss = -log sigmoid(beta * (mean log p(chosen) - mean log p(rejected))
+    - gamma). The SimPO repository's default gamma/beta ratio 0.5 with beta 2.0 gives 1.0 (TRL's CPOConfig
+    simpo_gamma is this gamma, default 0.5 with its beta 0.1)."""
+
+
 class TrainConfig(_Section):
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    """sft: cross-entropy on the answers (chat, completion, text data); dpo, orpo, simpo: preference tuning on
+    prompt/chosen/rejected pairs (options in the dpo / orpo / simpo sections)."""
     epochs: Union[int, Auto] = "auto"
     """Passes over the training data; auto: chosen from the dataset size."""
     max_steps: int | None = Field(None, ge=1)
@@ -242,6 +281,9 @@ class Config(_Section):
     prompt: PromptConfig = PromptConfig()
     adapter: AdapterConfig = AdapterConfig()
     train: TrainConfig = TrainConfig()
+    dpo: DPOConfig = DPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    simpo: SimPOConfig = SimPOConfig()
     eval: EvalConfig = EvalConfig()
 
     @field_validator("model", mode="before")

@@ -4,7 +4,10 @@ Formats map onto four kinds:
 - chat: OpenAI chat rows (`messages`) and Alpaca rows (instruction/input -> user, output -> assistant)
 - completion: prompt/completion rows (raw text, no chat template; loss on the completion)
 - text: raw text for continued pretraining (loss on every token)
-- preference: prompt/chosen/rejected pairs (read and validated; not trained yet)
+- preference: a prompt with a chosen and a rejected answer (DPO, ORPO, SimPO). The prompt is either raw text
+  (`prompt`, the plain {"prompt", "chosen", "rejected"} rows: rendered without a chat template, like completion
+  rows) or chat turns (`messages`: the chat form and OpenAI's DPO format: rendered with the chat template, the
+  answers as the next assistant turn). `chosen` / `rejected` are the answers' text.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ class Example:
     rejected: str | None = None
     source: str = ""
     """Where it came from, as FILE:LINE, for messages that point the user at the row."""
+    metadata: dict | None = None
+    """The row's `metadata` object, as read (e.g. a category that an evaluation groups results by)."""
+
+    @property
+    def is_chat_pair(self) -> bool:
+        """A preference pair whose prompt is chat turns (rendered with the chat template)."""
+        return self.kind == "preference" and self.prompt is None
 
     def prompt_messages(self) -> list[Message]:
         """The conversation before the final assistant message (what a model is asked)."""
@@ -65,6 +75,8 @@ class Example:
         """Text identifying the input (for duplicate, conflict and leakage checks)."""
         if self.kind == "chat":
             return "\n".join(f"{m.role}: {m.content}" for m in self.prompt_messages())
+        if self.kind == "preference" and self.prompt is None:
+            return "\n".join(f"{m.role}: {m.content}" for m in self.messages)
         if self.kind in ("completion", "preference"):
             return self.prompt or ""
         return self.text or ""
