@@ -134,8 +134,13 @@ class ORPOConfig(_Section):
     lambda_: float = Field(0.1, gt=0.0, le=100.0, alias="lambda")
     """Weight of the odds-ratio term (the paper's lambda; TRL's ORPOConfig.beta); default 0.1 as in both."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
-                              populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+        populate_by_name=True,
+        serialize_by_alias=True,
+    )
 
 
 class SimPOConfig(_Section):

@@ -26,6 +26,9 @@ CONFIG = "config.yaml"
 DATA = "data.json"
 METRICS = "metrics.jsonl"
 MODEL = "model"
+REFERENCE = (
+    "reference_logps.safetensors"  # preference runs: the starting model's answer log-probs (training/reference.py)
+)
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"  # checkpoints/step-N/, N = optimizer steps done
 EVAL = "eval"
@@ -132,7 +135,7 @@ class RunDir:
     def clean_partial(self) -> list[str]:
         """Remove the half-written files and folders a killed run left (hidden `.NAME.tmp-*` ones; see
         tunesmith.atomic.clean_partial); one phrase per thing done."""
-        done = clean_partial(self.path, (MODEL, CONFIG, DATA))
+        done = clean_partial(self.path, (MODEL, CONFIG, DATA, REFERENCE))
         return done + clean_partial(self.path / CHECKPOINTS, (f"{CHECKPOINT_PREFIX}*",), where=f"{CHECKPOINTS}/")
 
     @property

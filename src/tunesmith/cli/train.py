@@ -16,6 +16,7 @@ FLAGS = {
     "val_data": "data.validation",
     "test_data": "data.test",
     "method": "method",
+    "objective": "train.objective",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
     "lr": "train.lr",
@@ -65,6 +66,7 @@ class _DottedFlags(click.Command):
 @click.option("--val-data", help="Validation file (default: hold out data.val_fraction of --data).")
 @click.option("--test-data", help="Held-out test file for `tunesmith eval`.")
 @click.option("--method", help="full, freeze, lora, dora, ia3, prefix, prompt or adapter (default lora).")
+@click.option("--objective", help="sft (default), or dpo, orpo, simpo on preference pairs (prompt/chosen/rejected).")
 @click.option("--epochs", help="Passes over the data, or auto.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--lr", help="Peak learning rate, or auto.")

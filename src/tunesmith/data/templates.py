@@ -15,7 +15,11 @@ shifts them. What is trained, per kind:
   taken as is: no separator is inserted (put one at the end of your prompts if you want one). Prompt and
   completion are tokenized separately, as at inference, where the prompt is tokenized alone.
 - text: [BOS] + tokens(text) + [EOS]; loss on every token but BOS.
-- preference: read and validated elsewhere, not trainable yet: encode() raises DataError.
+- preference: `encode_pair` (encode() refuses a pair). Each answer is encoded as if it were the whole example:
+  a chat pair as its prompt turns plus the answer as the next assistant turn (trained like a chat example's
+  final turn), a raw-text pair like a completion row (prompt, answer, EOS). The tokens the two sequences share
+  before their first trained token are the pair's prompt (`EncodedPair.prompt`), fed once; the rest of each
+  sequence, up to its last trained token, is its answer.
 
 BOS: the template writes BOS where it wants it (Llama 3 and Gemma templates write `bos_token`). When the
 tokenizer adds a BOS to plain text (`tokenizer("x")` starts with bos_token_id) and a rendered chat does not
@@ -106,6 +110,39 @@ class Encoded:
         return len(self.input_ids)
 
 
+@dataclass
+class EncodedPair:
+    """A preference pair as token ids: the shared prompt, then each answer (input ids up to and including its last
+    trained token, with its labels: the id where trained, -100 elsewhere). Sequence i of the pair is
+    prompt + answer_i; an answer's first token is predicted from the prompt's last position."""
+
+    prompt: list[int]
+    chosen: list[int]
+    chosen_labels: list[int]
+    rejected: list[int]
+    rejected_labels: list[int]
+    truncated: bool = False
+    """An answer was cut to fit data.max_length."""
+    source: str = ""
+
+    @property
+    def n_label_tokens(self) -> int:
+        return sum(t != IGNORE for t in self.chosen_labels) + sum(t != IGNORE for t in self.rejected_labels)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the two sequences a user asks to train on (the prompt counted in each)."""
+        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    @property
+    def fed(self) -> int:
+        """Tokens fed when the prompt is shared: prompt + both answers."""
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+    def __len__(self) -> int:
+        return self.fed
+
+
 class TooLong(DataError):
     """An example is longer than max_length and truncation is "drop" or "error".
 
@@ -149,12 +186,40 @@ class Renderer:
             ids, labels = self._encode_text(example)
         elif example.kind == "preference":
             raise DataError(
-                f"{_where(example)}preference examples (prompt/chosen/rejected) can be checked but not trained yet; "
-                "train on chat or prompt/completion examples (e.g. the prompt with its chosen answer)"
+                f"{_where(example)}a preference pair (prompt/chosen/rejected) is trained with train.objective dpo, "
+                "orpo or simpo (Renderer.encode_pair), not as one example"
             )
         else:
             raise DataError(f"{_where(example)}unknown example kind {example.kind!r}")
         return _fit(ids, labels, example, max_length, truncation)
+
+    def encode_pair(self, example: Example, max_length: int | None = None, truncation: str = "truncate") -> EncodedPair:
+        """A preference pair's token ids (see EncodedPair). Longer than max_length (prompt + the longer answer):
+        "truncate" cuts the answers' ends (`truncated` says so; the caller reports which pairs); a prompt that
+        leaves no room for an answer token, or "drop" / "error", raises TooLong."""
+        if example.kind != "preference":
+            raise DataError(f"{_where(example)}encode_pair needs a preference pair, not a {example.kind} example")
+        seqs = []
+        for answer in (example.chosen or "", example.rejected or ""):
+            if example.is_chat_pair:
+                # the prompt's own assistant turns are context, never trained: only the answer is
+                context = [Message(m.role, m.content, 0 if m.role == "assistant" else None) for m in example.messages]
+                turn = Example("chat", [*context, Message("assistant", answer)], source=example.source)
+                ids, labels = self._encode_chat(turn)
+            else:
+                part = Example("completion", prompt=example.prompt, completion=answer, source=example.source)
+                ids, labels = self._encode_completion(part)
+            last = max((p for p, t in enumerate(labels) if t != IGNORE), default=-1)
+            first = next((p for p, t in enumerate(labels) if t != IGNORE), len(labels))
+            seqs.append((ids[: last + 1], labels[: last + 1], first))
+        (c_ids, c_lab, c_first), (r_ids, r_lab, r_first) = seqs
+        n = min(c_first, r_first, _common_prefix(c_ids, r_ids))
+        if n == 0:
+            raise DataError(
+                f"{_where(example)}the pair has an empty prompt (no token before the answers); give it a prompt"
+            )
+        pair = EncodedPair(c_ids[:n], c_ids[n:], c_lab[n:], r_ids[n:], r_lab[n:], source=example.source)
+        return _fit_pair(pair, example, max_length, truncation)
 
     def prompt_text(self, messages: list[Message] | list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation rendered as the model is given it to write the next assistant turn.
@@ -409,6 +474,33 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _where(example: Example) -> str:
     return f"{example.source}: " if example.source else ""
+
+
+def _fit_pair(pair: EncodedPair, example: Example, max_length: int | None, truncation: str) -> EncodedPair:
+    longest = len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
+    if truncation not in ("truncate", "drop", "error"):
+        raise ValueError(f"truncation must be truncate, drop or error, not {truncation!r}")
+    if max_length is None or longest <= max_length:
+        return pair
+    room = max_length - len(pair.prompt)
+    message = (
+        f"{_where(example)}pair is {longest} tokens (prompt {len(pair.prompt)} + longer answer "
+        f"{longest - len(pair.prompt)}), longer than data.max_length={max_length}; "
+    )
+    if truncation == "truncate" and room >= 1:
+        for side in ("chosen", "rejected"):
+            setattr(pair, side, getattr(pair, side)[:room])
+            setattr(pair, f"{side}_labels", getattr(pair, f"{side}_labels")[:room])
+        if any(t != IGNORE for t in pair.chosen_labels) and any(t != IGNORE for t in pair.rejected_labels):
+            pair.truncated = True
+            return pair
+    if room < 1 or truncation == "truncate":
+        message += "its prompt leaves no room for an answer; shorten the prompt or raise data.max_length"
+    elif truncation == "error":
+        message += "raise data.max_length, shorten the answers, or set data.truncation=truncate (cuts the answers)"
+    else:
+        message += "dropped (data.truncation=drop)"
+    raise TooLong(message, length=longest, max_length=max_length, source=example.source)
 
 
 def _fit(ids: list[int], labels: list[int], example: Example, max_length: int | None, truncation: str) -> Encoded:

@@ -2,6 +2,8 @@
 
 - `takes_custom_masks` / `mask_for`: custom 4D attention masks (the shared-prefix training path and label scoring
   both put several sequences' tokens after one cached prefix);
+- `pair_batch_logits` / `sequence_logps`: the answers' log-probabilities of preference pairs (data/pairs.py layout),
+  for preference training and its evaluation;
 - `kl_per_position`: KL(p || q) of next-token distributions, the one definition behind the `train.kl_to_base`
   penalty and the forgetting measure.
 """
@@ -42,3 +44,21 @@ def kl_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Ten
     p_log = torch.log_softmax(p_logits, -1)
     q_log = torch.log_softmax(q_logits, -1)
     return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def pair_batch_logits(model, batch) -> torch.Tensor:
+    """Logits (n_keep, vocab) at the kept positions of a data.pairs.PairBatch (tree layout: its 4D mask)."""
+    kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "logits_to_keep": batch.keep}
+    if batch.attention_mask is not None:
+        kwargs["attention_mask"] = mask_for(model, batch.attention_mask)
+    logits = model(**kwargs, use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def sequence_logps(logits: torch.Tensor, batch) -> torch.Tensor:
+    """(2 * n_pairs,) summed log-probabilities of each answer's trained tokens (even: chosen, odd: rejected), in
+    fp32, from `pair_batch_logits`; differentiable."""
+    logits = logits.float()
+    picked = logits[batch.target_slot, batch.target_token] - torch.logsumexp(logits, -1)[batch.target_slot]
+    out = torch.zeros(2 * batch.n_pairs, dtype=torch.float32, device=logits.device)
+    return out.index_add(0, batch.target_seq, picked)

@@ -33,6 +33,19 @@ LR_BY_METHOD = {
     "prompt": 3e-2,
     "adapter": 5e-4,
 }
+# Preference objectives at a lower rate than SFT on the same method. DPO's gradient on a pair is beta * sigmoid(-margin)
+# times the difference of the two answers' log-prob gradients: it does not fade as the chosen answer's likelihood
+# rises (SFT's does), and pushing the rejected answer down has no floor, so at the SFT rate the margin grows by
+# driving both answers' likelihoods down and generations degrade (Rafailov et al. 2024, "From r to Q*"; the DPO recipes
+# of TRL and the alignment handbook use 5e-7 for full fine-tuning and 5e-6 for LoRA on 7B models, i.e. ~40x below
+# their SFT rates). On a small model and a few hundred pairs that low a rate barely moves in a few epochs; the scale
+# below was measured on the bundled safety-preferences data (see LR_WHY and docs/results.md).
+LR_SCALE_BY_OBJECTIVE = {"sft": 1.0, "dpo": 0.25, "orpo": 1.0, "simpo": 0.25}
+LR_WHY = {
+    "dpo": "DPO's pairwise gradient does not fade as SFT's does; at SFT rates it lowers both answers",
+    "orpo": "ORPO is SFT on the chosen answers plus a small odds-ratio term: SFT rates suit it",
+    "simpo": "SimPO's reward is beta 2.0 times a mean log-prob: a large gradient per pair",
+}
 TOKENS_PER_FORWARD = {"cpu": 4096, "cuda": 16384, "mps": 8192}
 
 
@@ -84,8 +97,11 @@ def plan_training(
         epochs = t.epochs
 
     if t.lr == "auto":
-        lr = LR_BY_METHOD[method]
+        objective = getattr(t, "objective", "sft")
+        lr = LR_BY_METHOD[method] * LR_SCALE_BY_OBJECTIVE[objective]
         reasons["lr"] = f"the usual peak rate for {method}"
+        if objective != "sft":
+            reasons["lr"] += f", x{LR_SCALE_BY_OBJECTIVE[objective]:g} for {objective} ({LR_WHY[objective]})"
     else:
         lr = float(t.lr)
 

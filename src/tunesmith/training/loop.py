@@ -36,11 +36,13 @@ from tunesmith import methods, models
 from tunesmith.atomic import atomic_write_text
 from tunesmith.config import Config, resolve_max_length, validate_config
 from tunesmith.data.batching import make_batches, step_indices
+from tunesmith.data.pairs import make_pair_batches
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
+from tunesmith.models.functional import pair_batch_logits, sequence_logps, takes_custom_masks
 from tunesmith.models.precision import Precision, cast_frozen_linears, resolve_training_precision
 from tunesmith.progress import Progress
 from tunesmith.run_dir import CONFIG, RunDir
-from tunesmith.training import chunked_loss, prefix
+from tunesmith.training import chunked_loss, objectives, prefix, reference
 from tunesmith.training.auto import TrainingPlan, activation_bytes_per_token, available_memory, lr_at, plan_training
 from tunesmith.training.checkpoint import LoopState, kill_point, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger
@@ -77,8 +79,8 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     log(f"loading {cfg.model.name} ({device}, precision {precision.name}: {precision.reason})")
     model, tokenizer = models.load(cfg.model.name, dtype="float32", device=str(device))
     data = _prepare_data(cfg, tokenizer, model, log)
-    lengths = [len(e.input_ids) for e in data.train]
-    val_tokens = sum(len(e.input_ids) for e in data.validation)
+    lengths = [len(e) for e in data.train]
+    val_tokens = sum(len(e) for e in data.validation)
     free = available_memory(device)
     if free is not None and cfg.method in ("full", "freeze"):  # gradients and two AdamW moments, allocated later
         free -= 12 * sum(p.numel() for p in model.parameters())
@@ -86,6 +88,15 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
     plan = plan_training(cfg.train, cfg.method, len(data.train), lengths, device.type, val_tokens, memory)
     cfg = _resolved(cfg, plan, data.max_length, precision)
     _print_plan(plan, log)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # preference pairs: each prompt fed once, both answers scored on it (data/pairs.py), where the model's attention
+    # takes a custom 4D mask; else the two sequences of a pair are packed side by side
+    shared_pairs = takes_custom_masks(model)[0]
+    ref = None
+    if data.preference and objectives.NEEDS_REFERENCE[cfg.train.objective]:
+        # before the method is applied: the reference is the starting model, for every method
+        ref = _reference_logps(cfg, model, data, plan, pad_id, shared_pairs, precision, device, ckpt, progress, log)
+        kill_point("after-reference")  # tests: a kill before the first checkpoint must not recompute it
 
     torch.manual_seed(cfg.train.seed)
     base_copy = frozen_base(model, cfg)  # train.kl_to_base with full/freeze/adapter: keep the base's predictions
@@ -110,6 +121,8 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
         where = {"device": str(device), "precision": precision.name, "precision_reason": precision.reason}
         atomic_write_text(run_dir / "data.json", json.dumps(data.summary | {"plan": asdict(plan), **where}, indent=2))
 
+    if ckpt is not None:
+        _check_same_objective(run_dir, cfg)
     metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state.step if ckpt is not None else None)
     # share a micro-batch's common prefix (a fixed system prompt) when that is exact for this model and method
     shareable, _ = prefix.supports_prefix_sharing(model, cfg.method, cfg.train.gradient_checkpointing)
@@ -124,10 +137,13 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
         precision=precision,
         metrics=metrics,
         run_dir=run_dir,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        pad_id=pad_id,
         kl=KLToBase.create(cfg, model, base_copy, precision.autocast_context(device)),
         virtual_tokens=cfg.prompt.num_virtual_tokens if cfg.method == "prompt" else 0,
         share_prefix=prefix.MIN_PREFIX_TOKENS if shareable and plan.batching == "pack" else 0,
+        preference=data.preference,
+        reference=ref,
+        shared_pairs=shared_pairs,
     )
     try:
         _run_steps(ctx, state, progress)
@@ -160,11 +176,14 @@ class TrainingContext:
     kl: KLToBase | None  # the train.kl_to_base penalty; None without it
     virtual_tokens: int  # prompt tuning prepends them to every row: the kept-positions mask must cover them too
     share_prefix: int  # encode a micro-batch's common prefix once when it has this many tokens (0: never)
+    preference: bool = False  # train_set and validation hold data.templates.EncodedPair: a preference objective
+    reference: dict | None = None  # {"train" | "validation": (n, 2) reference log-probs}; None: not needed
+    shared_pairs: bool = True  # pairs in the tree layout (prompt fed once); else the two sequences packed
 
 
 def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> None:
     cfg, plan, model, optimizer = ctx.cfg, ctx.plan, ctx.model, ctx.optimizer
-    lengths = [len(e.input_ids) for e in ctx.train_set]
+    lengths = [len(e) for e in ctx.train_set]
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = progress.start("train", plan.total_steps, completed=state.step)
     stop = _StopFlag()
@@ -177,21 +196,37 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
             epoch, in_epoch = divmod(step, plan.steps_per_epoch)
             if epoch not in epoch_steps:
                 epoch_steps = {epoch: step_indices(lengths, plan.batch_size, cfg.train.seed, epoch, plan.batching)}
-            examples = [ctx.train_set[i] for i in epoch_steps[epoch][in_epoch]]
-            batches = _batches(ctx, examples)
-            n_targets = sum(b.n_targets for b in batches)
+            indices = epoch_steps[epoch][in_epoch]
+            examples = [ctx.train_set[i] for i in indices]
 
             t0 = time.perf_counter()
             lr = lr_at(step, plan, cfg.train.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for batch in batches:
-                batch_loss, _ = _forward(ctx, batch.to(ctx.device))
-                # normalise by the step's label tokens, not per micro-batch: every labelled token weighs the same
-                (batch_loss / max(n_targets, 1)).backward()
-                loss_sum += batch_loss.item()
-            loss = loss_sum / max(n_targets, 1)
+            pair_stats = None
+            if ctx.preference:
+                # the loss of a step is the mean over its pairs, whatever the micro-batching
+                batches = _pair_batches(ctx, examples)
+                n_targets = sum(int(b.target_seq.numel()) for b in batches)
+                pair_stats = _PairStats()
+                ref = ctx.reference["train"][indices] if ctx.reference is not None else None
+                at = 0
+                for batch in batches:
+                    part = None if ref is None else ref[at : at + batch.n_pairs]
+                    batch_loss = _pair_forward(ctx, batch.to(ctx.device), part, pair_stats)
+                    (batch_loss / len(examples)).backward()
+                    at += batch.n_pairs
+                loss = pair_stats.loss / len(examples)
+            else:
+                batches = _batches(ctx, examples)
+                n_targets = sum(b.n_targets for b in batches)
+                loss_sum = 0.0
+                for batch in batches:
+                    batch_loss, _ = _forward(ctx, batch.to(ctx.device))
+                    # normalise by the step's label tokens, not per micro-batch: every labelled token weighs the same
+                    (batch_loss / max(n_targets, 1)).backward()
+                    loss_sum += batch_loss.item()
+                loss = loss_sum / max(n_targets, 1)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {step + 1}; lower train.lr (now {plan.lr:g}) or check the data"
@@ -219,10 +254,15 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
             }
             if ctx.kl is not None:  # log the task loss and the KL term apart
                 record.update(ctx.kl.pop(n_targets, loss))
+            if pair_stats is not None:
+                record.update(pair_stats.record())
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == plan.total_steps:
                 ctx.metrics.log(record)
+            info = f"loss {loss:.4f}"
+            if pair_stats is not None:
+                info += f"  reward acc {pair_stats.accuracy:.2f}"
             progress.update(
-                bar, completed=state.step, info=f"loss {loss:.4f}  {window_tokens / max(window_time, 1e-9):,.0f} tok/s"
+                bar, completed=state.step, info=f"{info}  {window_tokens / max(window_time, 1e-9):,.0f} tok/s"
             )
 
             last = state.step == plan.total_steps
@@ -293,11 +333,84 @@ def _batches(ctx: TrainingContext, examples) -> list:
     )
 
 
+def _pair_batches(ctx: TrainingContext, pairs) -> list:
+    row = SHARED_ROW_TOKENS if ctx.shared_pairs else ROW_TOKENS
+    return make_pair_batches(pairs, ctx.plan.micro_batch_size, ctx.pad_id, row, ctx.shared_pairs)
+
+
+class _PairStats:
+    """Sums over the pairs of a step (or of the validation set) of the loss and the rewards."""
+
+    def __init__(self):
+        self.pairs, self.loss, self.correct, self.chosen, self.rejected = 0, 0.0, 0, 0.0, 0.0
+
+    def add(self, losses: objectives.PairLosses) -> None:
+        self.pairs += int(losses.loss.numel())
+        self.loss += float(losses.loss.detach().sum())
+        self.correct += int((losses.chosen_reward > losses.rejected_reward).sum())
+        self.chosen += float(losses.chosen_reward.sum())
+        self.rejected += float(losses.rejected_reward.sum())
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.pairs, 1)
+
+    def record(self) -> dict:
+        n = max(self.pairs, 1)
+        return {
+            "reward_accuracy": round(self.accuracy, 6),
+            "reward_margin": round((self.chosen - self.rejected) / n, 6),
+            "reward_chosen": round(self.chosen / n, 6),
+            "reward_rejected": round(self.rejected / n, 6),
+        }
+
+
+def _pair_forward(ctx: TrainingContext, batch, ref: torch.Tensor | None, stats: _PairStats) -> torch.Tensor:
+    """Summed loss of the objective over the batch's pairs (differentiable); adds the pairs to `stats`."""
+    autocast = ctx.precision.autocast_context(ctx.device)
+    # the LM head and the log-softmax outside autocast: log-probabilities in fp32 under bf16-mixed
+    logits = chunked_loss.logits_head_outside(ctx.model, lambda: pair_batch_logits(ctx.model, batch), autocast)
+    logps = sequence_logps(logits, batch).view(-1, 2)
+    counts = batch.tokens_per_seq.view(-1, 2)
+    rc, rr = (None, None) if ref is None else (ref[:, 0].to(logps.device), ref[:, 1].to(logps.device))
+    losses = objectives.pair_losses(ctx.cfg, logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], rc, rr)
+    stats.add(losses)
+    return losses.loss.sum()
+
+
+def _reference_logps(cfg, model, data, plan, pad_id, shared, precision, device, ckpt, progress, log) -> dict:
+    """The starting model's log-probabilities of every train and validation pair (training/reference.py)."""
+    splits = {"train": data.train, "validation": data.validation}
+    key = reference.reference_key(model, splits, precision.name, shared)
+    row = SHARED_ROW_TOKENS if shared else ROW_TOKENS
+    autocast = precision.autocast_context(device)
+
+    def compute(name, pairs):
+        return reference.compute(
+            model, pairs, plan.micro_batch_size, pad_id, row, shared, autocast, device, progress, f"reference ({name})"
+        )
+
+    return reference.load_or_compute(cfg.run_dir(), key, splits, compute, resume=ckpt is not None, log=log)
+
+
 @torch.no_grad()
 def evaluate_loss(ctx: TrainingContext, examples) -> dict:
-    """Validation loss (mean over labelled tokens) and token accuracy."""
+    """Validation loss (mean over labelled tokens) and token accuracy; for preference pairs the mean pair loss and
+    the preference (reward) accuracy, margin and rewards."""
     was_training = ctx.model.training
     ctx.model.eval()
+    if ctx.preference:
+        stats = _PairStats()
+        ref = ctx.reference["validation"] if ctx.reference is not None else None
+        at = 0
+        for batch in _pair_batches(ctx, examples):
+            part = None if ref is None else ref[at : at + batch.n_pairs]
+            _pair_forward(ctx, batch.to(ctx.device), part, stats)
+            at += batch.n_pairs
+        if was_training:
+            ctx.model.train()
+        out = {f"val_{k}": v for k, v in stats.record().items()}
+        return {"val_loss": stats.loss / max(stats.pairs, 1), **out, "val_pairs": stats.pairs}
     total, correct, n = 0.0, 0, 0
     for batch in _batches(ctx, examples):
         loss, right = _forward(ctx, batch.to(ctx.device))
@@ -313,7 +426,11 @@ def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progre
     """Validate, log, and return True when early stopping says stop."""
     result = evaluate_loss(ctx, ctx.validation)
     ctx.metrics.log({"kind": "eval", "step": state.step, **{k: round(v, 6) for k, v in result.items()}})
-    progress.print(f"step {state.step}: val_loss {result['val_loss']:.4f}  val_token_acc {result['val_token_acc']:.3f}")
+    if ctx.preference:
+        shown = f"val_reward_accuracy {result['val_reward_accuracy']:.3f}  val_reward_margin {result['val_reward_margin']:.3f}"
+    else:
+        shown = f"val_token_acc {result['val_token_acc']:.3f}"
+    progress.print(f"step {state.step}: val_loss {result['val_loss']:.4f}  {shown}")
     if state.best_val_loss is None or result["val_loss"] < state.best_val_loss - 1e-6:
         state.best_val_loss = result["val_loss"]
         state.evals_without_improvement = 0
@@ -368,6 +485,7 @@ class PreparedData:
     validation: list
     summary: dict  # data.json without the plan and the device
     max_length: int  # data.max_length resolved (auto: the model's context, at most config.AUTO_MAX_LENGTH)
+    preference: bool = False  # train/validation are EncodedPair (train.objective dpo, orpo or simpo)
 
 
 def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
@@ -392,16 +510,17 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
         train_examples, val_examples = split_train_val(train_examples, cfg.data.val_fraction, cfg.train.seed)
     else:
         val_examples = []
-    if any(e.kind == "preference" for e in train_examples):
-        raise DataError(f"{cfg.data.train}: preference pairs are validated but cannot be trained on yet")
+    preference = _check_objective(cfg, train_examples, val_examples)
 
     max_length = resolve_max_length(cfg.data.max_length, getattr(model.config, "max_position_embeddings", None))
     # encoding and replay read data.max_length: give them a copy with it resolved, not the caller's config
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": max_length})})
     renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
     encoded, summary = {}, {"template": renderer.template_name, "kind": train_examples[0].kind}
+    summary["objective"] = cfg.train.objective
     for split, examples in (("train", train_examples), ("validation", val_examples)):
-        encoded[split], summary[split] = _encode_all(examples, renderer, cfg)
+        encode = _encode_pairs if preference else _encode_all
+        encoded[split], summary[split] = encode(examples, renderer, cfg, log)
     if not encoded["train"]:
         raise DataError(f"{cfg.data.train}: no trainable example left after filtering")
     if cfg.train.replay:  # general examples against forgetting (training/mitigations.py); validation stays task-only
@@ -419,11 +538,96 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
         + (f", {s['dropped']} dropped (too long)" if s["dropped"] else "")
     )
     return PreparedData(
-        train=encoded["train"], validation=encoded["validation"], summary=summary, max_length=max_length
+        train=encoded["train"],
+        validation=encoded["validation"],
+        summary=summary,
+        max_length=max_length,
+        preference=preference,
     )
 
 
-def _encode_all(examples, renderer, cfg: Config) -> tuple[list, dict]:
+def _check_objective(cfg: Config, train_examples: list, val_examples: list) -> bool:
+    """Whether this is preference training; a ConfigError when the data and train.objective do not go together."""
+    objective = cfg.train.objective
+    kinds = {e.kind for e in train_examples + val_examples}
+    if objective == "sft":
+        if "preference" in kinds:
+            raise ConfigError(
+                f"{cfg.data.train}: the data holds preference pairs (prompt/chosen/rejected) but train.objective is "
+                "sft; train on them with --objective dpo (or orpo, simpo), or give chat / prompt-completion examples"
+            )
+        return False
+    if kinds != {"preference"}:
+        found = ", ".join(sorted(kinds - {"preference"}))
+        raise ConfigError(
+            f"{cfg.data.train}: train.objective {objective} needs preference pairs (prompt/chosen/rejected, the chat "
+            f"form messages/chosen/rejected, or OpenAI's input/preferred_output/non_preferred_output) but the data "
+            f"holds {found} examples; give pair data, or train with --objective sft"
+        )
+    if cfg.method in ("prefix", "prompt"):
+        raise ConfigError(
+            f"method {cfg.method} cannot be trained with train.objective {objective}: its virtual tokens do not fit "
+            "the shared-prompt pair layout; use lora, dora, ia3, adapter, freeze or full"
+        )
+    if cfg.train.kl_to_base:
+        raise ConfigError(
+            f"train.kl_to_base is for sft; with train.objective {objective} the objective itself holds the model "
+            f"near its start ({'dpo.beta' if objective == 'dpo' else 'its SFT term'}); set train.kl_to_base to 0"
+        )
+    if cfg.train.replay:
+        raise ConfigError(
+            f"train.replay mixes chat examples into sft training; with train.objective {objective} set it to 0"
+        )
+    return True
+
+
+def _encode_pairs(examples, renderer, cfg: Config, log) -> tuple[list, dict]:
+    """Encode preference pairs; pairs cut to fit data.max_length and pairs dropped are named, never silent."""
+    from tunesmith.data.templates import TooLong
+
+    out, dropped = [], []
+    for ex in examples:
+        try:
+            pair = renderer.encode_pair(ex, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+        except TooLong as e:
+            if cfg.data.truncation == "error":
+                raise
+            dropped.append(e)
+            continue
+        out.append(pair)
+    cut = [p.source for p in out if p.truncated]
+    if cut:
+        log(
+            f"warning: {len(cut)} pair{'s' if len(cut) != 1 else ''} longer than data.max_length="
+            f"{cfg.data.max_length}: answers cut to fit ({_lines(cut)}); raise data.max_length to keep them whole"
+        )
+    if dropped:
+        log(
+            f"warning: {len(dropped)} pair{'s' if len(dropped) != 1 else ''} dropped: "
+            + "; ".join(str(e) for e in dropped[:5])
+            + (f"; ... and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        )
+    lengths = sorted(len(p) for p in out) or [0]
+    summary = {
+        "examples": len(out),
+        "dropped": len(dropped),
+        "truncated": len(cut),
+        "tokens": sum(p.tokens for p in out),
+        "fed_tokens": sum(lengths),
+        "label_tokens": sum(p.n_label_tokens for p in out),
+        "length_p50": lengths[len(lengths) // 2],
+        "length_p95": lengths[int(0.95 * (len(lengths) - 1))],
+        "length_max": lengths[-1],
+    }
+    return out, summary
+
+
+def _lines(sources: list[str], limit: int = 5) -> str:
+    shown = ", ".join(sources[:limit])
+    return shown + (f" and {len(sources) - limit} more" if len(sources) > limit else "")
+
+
+def _encode_all(examples, renderer, cfg: Config, log=None) -> tuple[list, dict]:
     from tunesmith.data.templates import TooLong
 
     out, dropped = [], 0
@@ -554,6 +758,17 @@ def _starting_checkpoint(run_dir: Path, resume: bool, log) -> Path | None:
     else:
         log(f"{run_dir} held a run that stopped before its first checkpoint; discarding it{what} and starting afresh")
     return None
+
+
+def _check_same_objective(run_dir: Path, cfg: Config) -> None:
+    """A resumed run goes on with the objective it started with (data.json records it; config.yaml could be edited)."""
+    started = RunDir(run_dir).data_summary.get("objective", "sft")
+    if started != cfg.train.objective:
+        raise RunError(
+            f"{run_dir} was trained with train.objective {started} and its config.yaml now says "
+            f"{cfg.train.objective}; a run cannot change objective half-way. Restore config.yaml, or start a new run "
+            "with --output DIR"
+        )
 
 
 def _holds_a_run(run_dir: Path) -> RunError:
