@@ -319,3 +319,106 @@ def test_cli_lone_surrogate_and_deep_nesting_are_file_line_problems(tmp_path, ca
     assert err[0] == f"error: {path}: 2 problems"
     assert err[1].startswith(f"{path}:2: messages[0].content holds a lone surrogate \\ud800")
     assert err[2].startswith(f"{path}:3: nested too deeply")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue #16: preference pairs: answer lengths, the length-bias warning, long pairs
+
+BIAS = (
+    'DPO can learn that longer is better (Park et al. 2024, "Disentangling Length from Quality in Direct Preference '
+    'Optimization", arXiv:2403.19159); add pairs whose chosen answer is the shorter one, or trim the chosen answers'
+)
+
+
+def write_pairs(path: Path, pairs: list[tuple[str, str, str]], chat: bool = False) -> Path:
+    with path.open("w") as f:
+        for prompt, chosen, rejected in pairs:
+            row = {"prompt": prompt} if not chat else {"messages": [{"role": "user", "content": prompt}]}
+            f.write(json.dumps({**row, "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
+def test_answer_lengths_and_the_length_bias_warning(tmp_path):
+    # chosen 20 characters in 8 of 10 pairs, rejected 10: means 18.0 vs 10.0 (1.8x), chosen longer in 80%
+    pairs = [(f"question {i}", "a" * 20, "b" * 10) for i in range(8)] + [
+        (f"question {i}", "a" * 10, "b" * 10) for i in (8, 9)
+    ]
+    path = write_pairs(tmp_path / "pairs.jsonl", pairs)
+    report = check(path)
+    assert report.train.pair_lengths == {
+        "unit": "characters",
+        "chosen_mean": 18.0,
+        "rejected_mean": 10.0,
+        "chosen_longer": 0.8,
+    }
+    assert report.warnings == [
+        f"{path}: warning: chosen answers are systematically longer than rejected ones (mean 18.0 vs 10.0 "
+        f"characters; chosen longer in 80% of pairs), so {BIAS}"
+    ]
+    # longer on average, but in only 60% of pairs: no warning (nor for 1.2x in every pair)
+    mixed = pairs[:6] + [(f"question {i}", "a" * 10, "b" * 12) for i in range(6, 10)]
+    assert check(write_pairs(tmp_path / "mixed.jsonl", mixed)).warnings == []
+    mild = [(f"question {i}", "a" * 12, "b" * 10) for i in range(10)]
+    assert check(write_pairs(tmp_path / "mild.jsonl", mild)).warnings == []
+
+
+def test_cli_shows_answer_lengths(tmp_path, capsys):
+    path = write_pairs(tmp_path / "p.jsonl", [("q1", "a" * 30, "b" * 10), ("q2", "a" * 10, "b" * 10)])
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"answer length, chosen/rejected \(mean\) +│ +20\.0/10\.0 characters", out)
+    assert re.search(r"chosen answer longer +│ +50% of pairs", out)
+    assert out.endswith("OK: no problems, 0 warnings\n")  # 2x longer on average, but in only half the pairs
+
+
+def test_answer_lengths_in_tokens_with_a_tokenizer(tmp_path, tokenizer):
+    path = write_pairs(
+        tmp_path / "p.jsonl", [("Hi", "Hello there, friend", "No"), ("Yo", "Hey", "Go away now")], chat=True
+    )
+    report = check(path, tokenizer=tokenizer)
+    n = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    chosen, rejected = [n("Hello there, friend"), n("Hey")], [n("No"), n("Go away now")]
+    assert report.train.pair_lengths == {
+        "unit": "tokens",
+        "chosen_mean": sum(chosen) / 2,
+        "rejected_mean": sum(rejected) / 2,
+        "chosen_longer": 0.5,
+    }
+    assert report.train.tokens["prompt"]["max"] == max(n("Hi"), n("Yo"))  # the content of the prompt turns
+
+
+def test_cli_long_pairs_with_a_model(tmp_path, tokenizer, capsys):
+    from tunesmith.data.formats import read_examples
+    from tunesmith.data.templates import Renderer
+
+    rows = [("Short question?", "Yes.", "No."), ("A question?", "word " * 60, "Nope."), ("word " * 150, "Yes.", "No.")]
+    path = write_pairs(tmp_path / "pairs.jsonl", rows, chat=True)
+    encoded = [Renderer(tokenizer).encode_pair(ex) for ex in read_examples(path)]  # what training feeds
+    prompts = [len(p.prompt) for p in encoded]
+    totals = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in encoded]
+    max_length = (prompts[1] + totals[1]) // 2  # line 1 fits, line 2's longer answer is cut, line 3 has no room
+    assert totals[0] <= max_length and prompts[1] < max_length < totals[1] and prompts[2] >= max_length
+    args = [str(path), "--model", str(TOKENIZER_DIR), "--max-length", str(max_length)]
+    assert main(["data", "check", *args]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: 1 problem",
+        f"{path}:3: the prompt alone is {prompts[2]} tokens, so max_length {max_length} leaves no room for an answer "
+        "and the pair cannot be trained; shorten the prompt, raise --max-length, or remove the pair",
+    ]
+    write_pairs(path, rows[:2], chat=True)
+    long = (
+        f"{path}:2: warning: {totals[1]} tokens (prompt {prompts[1]} + longer answer {totals[1] - prompts[1]}), "
+        f"longer than max_length {max_length}: "
+    )
+    assert [w for w in _warnings_of(args, capsys) if "max_length" in w] == [
+        long + f"the answers would be cut to fit, the longer losing its last {totals[1] - max_length} tokens "
+        "(data.truncation=truncate); raise --max-length, shorten the answers, or set data.truncation=drop"
+    ]
+    assert [w for w in _warnings_of([*args, "--truncation", "drop"], capsys) if "max_length" in w] == [
+        long + "train will drop it (data.truncation=drop); raise --max-length or shorten the answers"
+    ]
+    # without a limit in reach, the totals are what training encodes: the chat-templated prompt + the longer answer
+    assert main(["data", "check", str(path), "--model", str(TOKENIZER_DIR), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["tokens"]["total"]["max"] == totals[1]
+    assert report["train"]["over_max_length"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -68,6 +69,32 @@ GOOD = [
             "prompt": "Summarise: the cat sat on the mat.",
             "chosen": "A cat sat on a mat.",
             "rejected": "Dogs are great.",
+            "messages": [],
+            "metadata": None,
+        },
+    ),
+    (
+        "preference_chat.jsonl",
+        "preference",
+        ["1", "2", "3"],
+        {
+            "messages": [("system", "Answer in one sentence.", None), ("user", "What is the capital of France?", None)],
+            "prompt": None,
+            "chosen": "Paris.",
+            "rejected": "I think it may be Lyon.",
+            "metadata": {"topic": "geography"},
+        },
+    ),
+    (
+        "preference_openai.jsonl",
+        "preference",
+        ["1", "2"],
+        {
+            "messages": [("user", "Is it cold in Oslo in January?", None)],
+            "prompt": None,
+            "chosen": "Yes: January in Oslo averages around -4 °C, with snow most days.",
+            "rejected": "It depends.",
+            "metadata": None,
         },
     ),
 ]
@@ -272,7 +299,8 @@ def test_rows_whose_format_cannot_be_told(tmp_path):
     path.write_text('{"question": "Hi", "answer": "Hello"}\n{"txet": "Hi"}\n')
     assert problems_of(path) == [
         f'{path}:1: cannot tell the format from the keys "question", "answer"; expected messages (chat), '
-        "instruction/input/output (alpaca), prompt/completion, text, or prompt/chosen/rejected (preference)",
+        "instruction/input/output (alpaca), prompt/completion, text, or prompt (or messages)/chosen/rejected or "
+        "input/preferred_output/non_preferred_output (preference)",
         f'{path}:2: cannot tell the format from the keys "txet"; did you mean "text" for "txet"?',
     ]
 
@@ -490,3 +518,260 @@ def test_split_edge_cases():
     assert split_train_val(two[:1], 0.5, seed=0) == (two[:1], [])
     with pytest.raises(DataError, match="all 3 examples have the same input"):
         split_train_val([chat("a", "x")] * 3, 0.3, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue #16: preference pairs in three forms (plain, chat, OpenAI DPO), metadata
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def test_chat_form_answers_as_string_message_or_list_of_one():
+    examples = read_examples(FILES / "preference_chat.jsonl")
+    assert [(ex.chosen, ex.rejected, ex.is_chat_pair) for ex in examples] == [
+        ("Paris.", "I think it may be Lyon.", True),
+        ("Hello!", "No.", True),
+        ("Blue.", "Red.", True),
+    ]
+    assert [(m.role, m.content) for m in examples[2].messages] == [
+        ("user", "Name a colour."),
+        ("assistant", "Red."),
+        ("user", "Another one?"),
+    ]
+    assert [ex.metadata for ex in examples] == [{"topic": "geography"}, None, None]
+    assert examples[0].input_key() == "system: Answer in one sentence.\nuser: What is the capital of France?"
+
+
+def test_openai_dpo_rows():
+    path = FILES / "preference_openai.jsonl"
+    examples = read_examples(path)
+    assert [(m.role, m.content) for m in examples[1].messages] == [("system", "Be brief."), ("user", "2 + 2?")]
+    assert (examples[1].chosen, examples[1].rejected, examples[1].metadata) == ("4", "5", {"source": "hand-written"})
+    assert read_file(path, format="preference").format == "preference"
+
+
+def test_trl_conversational_rows_are_the_chat_form(tmp_path):
+    # TRL's conversational preference rows hold the prompt turns in `prompt`
+    path = write_rows(
+        tmp_path / "trl.jsonl",
+        [{"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("Go away.")]}],
+    )
+    (ex,) = read_examples(path)
+    assert (ex.prompt, [(m.role, m.content) for m in ex.messages], ex.chosen) == (None, [("user", "Hi")], "Hello!")
+
+
+def test_pair_problems_of_the_chat_form(tmp_path):
+    good = {"messages": [user("Hi")], "chosen": "Hello", "rejected": "Go away"}
+    path = write_rows(
+        tmp_path / "pairs.jsonl",
+        [
+            good,
+            {**good, "chosen": "  \n"},  # 2
+            {**good, "messages": [user("Hi"), assistant("Hello")]},  # 3
+            {**good, "rejected": {"role": "user", "content": "Go away"}},  # 4
+            {**good, "chosen": [assistant("Hello"), assistant("again")]},  # 5
+            {**good, "rejected": " Hello"},  # 6
+            {**good, "messages": [{"role": "user", "content": "Hi", "weight": 1}]},  # 7
+            {**good, "messages": [{"role": "system", "content": "Be kind"}]},  # 8
+            {**good, "chosen": [], "rejected": 3},  # 9
+            {**good, "chosen": {"role": "assistant", "content": "", "tool_calls": []}},  # 10
+            {**good, "messages": "Hi"},  # 11
+            {"messages": [user("Hi")], "chosen": "Hello", "rejcted": "x"},  # 12
+            {**good, "metadata": ["a"]},  # 13
+        ],
+    )
+    assert problems_of(path) == [
+        f"{path}:{line}"
+        for line in [
+            "2: chosen is empty; write the text or remove the row",
+            "3: the prompt ends with an assistant turn (message 2); a pair's prompt ends with the user turn that "
+            "chosen and rejected answer: remove message 2, or make it the answer in chosen and rejected",
+            '4: rejected message has role "user"; an answer is the assistant\'s turn, set "role": "assistant"',
+            "5: chosen holds 2 messages; an answer is one assistant message (answers of several turns are not "
+            "supported): keep the one reply",
+            "6: chosen and rejected are the same; a preference pair needs two different answers",
+            "7: message 1 has a weight; a preference prompt is not trained (only the answers are), remove it",
+            "8: the prompt ends with a system turn (message 1); a pair's prompt ends with the user turn that chosen "
+            "and rejected answer: add the user turn",
+            '9: chosen is an empty list; write the answer as [{"role": "assistant", "content": "..."}]',
+            '9: rejected is a number (3); expected a string, an assistant message {"role": "assistant", "content": '
+            '"..."} or a list of one',
+            '10: chosen message has "tool_calls"; tool definitions and tool calls are not supported (tunesmith '
+            "trains on text turns only): remove the row",
+            "10: chosen message has empty content; write the answer or remove the row",
+            '11: messages is a string; expected a list of {"role": ..., "content": ...} objects (the prompt turns)',
+            '12: unknown key "rejcted"; did you mean "rejected"?',
+            '13: metadata is a list; expected an object such as {"category": "billing"}',
+        ]
+    ]
+
+
+def test_pair_problems_of_the_openai_form(tmp_path):
+    good = {
+        "input": {"messages": [user("Hi")], "tools": [], "parallel_tool_calls": True},
+        "preferred_output": [assistant("Hello")],
+        "non_preferred_output": [assistant("Go away")],
+    }
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+    path = write_rows(
+        tmp_path / "dpo.jsonl",
+        [
+            good,
+            {**good, "input": {"messages": [user("Hi")], "tools": [tool]}},  # 2
+            {**good, "preferred_output": [{"role": "tool", "content": "12 C"}]},  # 3
+            {**good, "non_preferred_output": assistant("Go away")},  # 4: a message, not a list of one
+            {**good, "input": {"mesages": [user("Hi")]}},  # 5
+            {**good, "input": [user("Hi")]},  # 6
+            {**good, "input": {"messages": [user("Hi"), {"role": "tool", "content": "12 C"}]}},  # 7
+            {**good, "non_preferred_output": [assistant("Hello ")]},  # 8
+            {"input": good["input"], "preffered_output": [assistant("a")], "non_preferred_output": [assistant("b")]},
+        ],
+    )
+    assert problems_of(path) == [
+        f"{path}:{line}"
+        for line in [
+            "2: input.tools lists 1 tool; tool definitions and tool calls are not supported (tunesmith trains on "
+            "text turns only): remove the row",
+            '3: preferred_output message has role "tool"; an answer is the assistant\'s turn, set "role": '
+            '"assistant"; tool definitions and tool calls are not supported (tunesmith trains on text turns only)',
+            '4: non_preferred_output is an object; expected a list of one assistant message [{"role": "assistant", '
+            '"content": "..."}]',
+            '5: input has unknown key "mesages"; did you mean "messages"?',
+            '6: input is a list; expected an object {"messages": [...]} holding the prompt turns',
+            '7: input message 2 has role "tool"; expected one of system, user, assistant; tool definitions and tool '
+            "calls are not supported (tunesmith trains on text turns only)",
+            "8: preferred_output and non_preferred_output are the same; a preference pair needs two different answers",
+            '9: unknown key "preffered_output"; did you mean "preferred_output"?',
+        ]
+    ]
+
+
+MIXED = (
+    "a plain prompt is raw text and chat turns go through the chat template, so the model would see two prompt "
+    "styles: write every pair in one form"
+)
+
+
+def test_a_file_mixing_pair_forms_names_the_minority_lines(tmp_path):
+    plain = {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}
+    chat_pair = {"messages": [user("Hi")], "chosen": "Hello", "rejected": "Go away"}
+    dpo = {"input": {"messages": [user("Hi")]}, "preferred_output": [assistant("Hello")]}
+    dpo["non_preferred_output"] = [assistant("Go away")]
+    path = write_rows(tmp_path / "mixed.jsonl", [plain, chat_pair, plain, dpo, plain])
+    expected = [
+        f"{path}:2: row is a pair in chat form (messages, chosen, rejected) but most pairs are in plain form "
+        f"(prompt, chosen, rejected; first at line 1); {MIXED}",
+        f"{path}:4: row is a pair in OpenAI DPO form (input, preferred_output, non_preferred_output) but most pairs "
+        f"are in plain form (prompt, chosen, rejected; first at line 1); {MIXED}",
+    ]
+    assert problems_of(path) == expected
+    assert problems_of(path, format="preference") == expected  # a forced format checks the forms too
+    # chat and OpenAI forms both render through the chat template, but a file still holds one form
+    path = write_rows(tmp_path / "chat_forms.jsonl", [dpo, chat_pair, chat_pair])
+    assert problems_of(path) == [
+        f"{path}:1: row is a pair in OpenAI DPO form (input, preferred_output, non_preferred_output) but most pairs "
+        "are in chat form (messages, chosen, rejected; first at line 2); both are chat turns, but a file holds one "
+        "form: write every pair in one form"
+    ]
+
+
+def test_a_preference_file_with_chat_and_completion_rows(tmp_path):
+    chat_pair = {"messages": [user("Hi")], "chosen": "Hello", "rejected": "Go away"}
+    path = write_rows(
+        tmp_path / "p.jsonl",
+        [
+            chat_pair,
+            {"messages": [user("Hi"), assistant("Hello")]},  # a chat row: messages without answers
+            chat_pair,
+            {"prompt": "Hi", "completion": "Hello"},
+        ],
+    )
+    assert problems_of(path) == [
+        f"{path}:2: row looks like chat (keys messages) but most rows are preference (first at line 1); use one "
+        "format per file",
+        f"{path}:4: row looks like completion (keys prompt, completion) but most rows are preference (first at line "
+        "1); use one format per file",
+    ]
+    # forced: the chat row is a chat-form pair without answers, the completion row a plain one (and a mixed form)
+    assert problems_of(path, format="preference") == [
+        f'{path}:2: missing key "chosen"; add it (chat-form preference rows need messages, chosen, rejected)',
+        f'{path}:2: missing key "rejected"; add it (chat-form preference rows need messages, chosen, rejected)',
+        f"{path}:4: row is a pair in plain form (prompt, chosen, rejected) but most pairs are in chat form "
+        f"(messages, chosen, rejected; first at line 1); {MIXED}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        (
+            {"preffered_output": [], "non_preferred_output": []},
+            'unknown key "preffered_output"; did you mean "preferred_output"?',
+        ),
+        ({"mesages": [user("Hi")], "chosen": "a", "rejected": "b"}, 'unknown key "mesages"; did you mean "messages"?'),
+        ({"promtp": "Hi", "chosen": "a", "rejected": "b"}, 'unknown key "promtp"; did you mean "prompt"?'),
+        (
+            {"non_preferred_outptu": []},
+            'cannot tell the format from the keys "non_preferred_outptu"; did you mean '
+            '"non_preferred_output" for "non_preferred_outptu"?',
+        ),
+    ],
+)
+def test_misspelt_pair_keys(tmp_path, row, problem):
+    path = write_rows(tmp_path / "typo.jsonl", [row])
+    assert problems_of(path)[0] == f"{path}:1: {problem}"
+
+
+def test_metadata_is_kept_and_must_be_an_object(tmp_path):
+    path = write_rows(
+        tmp_path / "m.jsonl",
+        [
+            {"prompt": "a", "completion": "b", "metadata": {"category": "billing"}},
+            {"prompt": "c", "completion": "d", "metadata": None},
+            {"prompt": "e", "completion": "f"},
+        ],
+    )
+    assert [ex.metadata for ex in read_examples(path)] == [{"category": "billing"}, None, None]
+    write_rows(path, [{"prompt": "a", "completion": "b", "metadata": "billing"}])
+    assert problems_of(path) == [
+        f'{path}:1: metadata is a string; expected an object such as {{"category": "billing"}}'
+    ]
+    csv = tmp_path / "m.csv"
+    csv.write_text('prompt,completion,metadata\na,b,"{""category"": ""billing""}"\nc,d,\ne,f,billing\n')
+    assert problems_of(csv) == [
+        f"{csv}:4: the metadata cell is not valid JSON (column 1: Expecting value); write a JSON object, e.g. "
+        '{"category": "billing"}'
+    ]
+    csv.write_text('prompt,completion,metadata\na,b,"{""category"": ""billing""}"\nc,d,\n')
+    assert [ex.metadata for ex in read_examples(csv)] == [{"category": "billing"}, None]
+
+
+def test_tool_calls_in_a_chat_row_are_named(tmp_path):
+    path = write_rows(
+        tmp_path / "tools.jsonl",
+        [{"messages": [user("Weather?"), {"role": "assistant", "content": "Sunny", "tool_calls": []}]}],
+    )
+    assert problems_of(path) == [
+        f'{path}:1: message 2 has "tool_calls"; tool definitions and tool calls are not supported (tunesmith trains '
+        "on text turns only): remove the row"
+    ]
+
+
+def test_the_readmes_preference_rows_read(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = [json.loads(m) for m in re.findall(r"`(\{.*?\})`\n", readme) if '"chosen"' in m or "preferred_output" in m]
+    assert len(rows) == 3
+    for i, row in enumerate(rows):
+        (ex,) = read_examples(write_rows(tmp_path / f"{i}.jsonl", [row]))
+        assert (ex.chosen, ex.rejected, ex.is_chat_pair) == ("Paris.", "Lyon.", i > 0)

@@ -55,6 +55,17 @@ VALID = {
     "completion": {"prompt": "2+2=", "completion": "4"},
     "text": {"text": "Some text."},
     "preference": {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"},
+    "preference_chat": {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello"}],
+        "rejected": {"role": "assistant", "content": "Go away"},
+        "metadata": {"topic": "greeting"},
+    },
+    "preference_openai": {
+        "input": {"messages": [{"role": "user", "content": "Hi"}], "tools": [], "parallel_tool_calls": True},
+        "preferred_output": [{"role": "assistant", "content": "Hello"}],
+        "non_preferred_output": [{"role": "assistant", "content": "Go away"}],
+    },
 }
 KNOWN_KEYS = sorted({k for row in VALID.values() for k in row} | {"role", "content", "weight", "id", "metadata"})
 
@@ -136,12 +147,14 @@ def near_valid_rows(draw):
     row = json.loads(json.dumps(VALID[draw(st.sampled_from(sorted(VALID)))]))
     for _ in range(draw(st.integers(0, 3))):
         target = row
-        if "messages" in row and isinstance(row["messages"], list) and row["messages"] and draw(st.booleans()):
-            i = draw(st.integers(0, len(row["messages"]) - 1))
-            if not isinstance(row["messages"][i], dict) or draw(st.integers(0, 4)) == 0:
-                row["messages"][i] = draw(junk)
+        lists = _message_lists(row)  # mutate inside a message (of a conversation, a prompt or an answer) half the time
+        if lists and draw(st.booleans()):
+            messages = draw(st.sampled_from(lists))
+            i = draw(st.integers(0, len(messages) - 1))
+            if not isinstance(messages[i], dict) or draw(st.integers(0, 4)) == 0:
+                messages[i] = draw(junk)
                 continue
-            target = row["messages"][i]
+            target = messages[i]
         keys = sorted(target)
         action = draw(st.sampled_from(["set", "delete", "add", "misspell", "extra"]))
         if action == "set" and keys:
@@ -158,6 +171,15 @@ def near_valid_rows(draw):
     if draw(st.integers(0, 9)) == 0:
         return draw(junk)  # not an object at all
     return row
+
+
+def _message_lists(row) -> list[list]:
+    """The non-empty lists of messages in a row: messages, a pair's answers, OpenAI's input.messages and outputs."""
+    if not isinstance(row, dict):
+        return []
+    holders = [row, row["input"] if isinstance(row.get("input"), dict) else {}]
+    keys = ("messages", "chosen", "rejected", "preferred_output", "non_preferred_output")
+    return [h[k] for h in holders for k in keys if isinstance(h.get(k), list) and h[k]]
 
 
 rows_strategy = st.lists(st.one_of(near_valid_rows(), st.sampled_from(list(VALID.values()))), max_size=6)
@@ -345,12 +367,13 @@ def test_near_valid_rows_check(fuzz_dir, rows, val_rows, suffix, layout):
 
 @pytest.fixture(scope="module")
 def renderer(tokenizer):
-    """Example -> what training renders, as api.check_data builds it for --model (the fixture's SmolLM2 tokenizer)."""
+    """What api.check_data gives `check` for --model (the fixture's SmolLM2 tokenizer): example -> what training
+    renders, and a pair -> its (prompt, chosen, rejected) tokens as training encodes it."""
     from tunesmith.data.templates import Renderer
-    from tunesmith.data.validate import chat_template_renderer
+    from tunesmith.data.validate import pair_token_counter
 
-    render, pairs = Renderer(tokenizer), chat_template_renderer(tokenizer)
-    return lambda ex: pairs(ex) if ex.kind == "preference" else render.encode(ex)
+    render = Renderer(tokenizer)
+    return render.encode, pair_token_counter(render)
 
 
 @settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 3, 10))
@@ -366,7 +389,14 @@ def test_check_with_a_tokenizer(fuzz_dir, tokenizer, renderer, rows, suffix, max
     write_rows(path, rows, 0)
     report = assert_clean(
         path,
-        lambda: check(path, tokenizer=tokenizer, max_length=max_length, renderer=renderer, truncation=truncation),
+        lambda: check(
+            path,
+            tokenizer=tokenizer,
+            max_length=max_length,
+            renderer=renderer[0],
+            pair_tokens=renderer[1],
+            truncation=truncation,
+        ),
     )
     if report is not None:
         assert report.train.over_max_length == sum("longer than max_length" in w for w in report.warnings)

@@ -78,24 +78,22 @@ def check_data(
     With `model`, token counts use that model's tokenizer and chat template exactly as training renders them, and
     every example longer than `max_length` is a warning saying what training does with it (per `truncation`,
     data.truncation). max_length None with a model: what training uses for data.max_length auto (the model's
-    context, at most 2048). strict: unknown keys of rows are problems (data.strict), not warnings."""
+    context, at most 2048). strict: unknown keys of rows are problems (data.strict), not warnings. Preference pairs:
+    a pair whose prompt leaves no room for an answer within max_length is a problem."""
     from tunesmith.config import resolve_max_length
     from tunesmith.data.validate import check
 
-    tokenizer = renderer = None
+    tokenizer = renderer = pair_tokens = None
     if model:
         from tunesmith.data.templates import Renderer
-        from tunesmith.data.validate import chat_template_renderer
+        from tunesmith.data.validate import pair_token_counter
 
         model_dir = _tokenizer_path(model)
         tokenizer = _load_tokenizer(model_dir)
         max_length = resolve_max_length("auto" if max_length is None else max_length, _context_length(model_dir))
         render = Renderer(tokenizer)
-        # preference pairs are not trainable yet, so Renderer refuses them; count prompt + longer answer instead
-        pairs = chat_template_renderer(tokenizer) or (lambda ex: tokenizer(ex.prompt or "")["input_ids"])
-
-        def renderer(ex):  # an Encoded: its labels tell which long examples training drops rather than cuts
-            return pairs(ex) if ex.kind == "preference" else render.encode(ex)
+        renderer = render.encode  # an Encoded: its labels tell which long examples training drops rather than cuts
+        pair_tokens = pair_token_counter(render)  # a pair: prompt and each answer (chat pairs: the chat template)
 
     return check(
         str(path),
@@ -106,6 +104,7 @@ def check_data(
         format=format,
         truncation=truncation,
         strict=strict,
+        pair_tokens=pair_tokens,
     )
 
 

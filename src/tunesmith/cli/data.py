@@ -48,7 +48,10 @@ def check(file, validation, model, max_length, truncation, strict, format_, as_j
 
     Every problem is listed as FILE:LINE: what is wrong; how to fix it, and the command exits with status 2.
     Warnings (unknown keys, duplicates, conflicting answers, train/validation overlap, examples longer than
-    max_length and what train will do with them) do not fail the check.
+    max_length and what train will do with them) do not fail the check. Preference pairs: the chosen and rejected
+    answers' mean lengths (tokens with --model, else characters), a warning when chosen answers are systematically
+    longer (DPO then learns that longer is better), and with --model a problem for each pair whose prompt alone
+    fills max_length.
 
     \b
     Examples:

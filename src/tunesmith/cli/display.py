@@ -100,6 +100,13 @@ def data_report(report, console=None, max_warnings: int = 50) -> None:
             [f"{f.messages['min']}/{f.messages['mean']}/{f.messages['max']}" if f.messages else None for f in files],
         )
         row("messages by role", [", ".join(f"{r} {n}" for r, n in f.roles.items()) if f.roles else None for f in files])
+    if any(f.pair_lengths for f in files):
+        pairs = [f.pair_lengths for f in files]
+        row(
+            "answer length, chosen/rejected (mean)",
+            [f"{p['chosen_mean']}/{p['rejected_mean']} {p['unit']}" if p else None for p in pairs],
+        )
+        row("chosen answer longer", [f"{p['chosen_longer']:.0%} of pairs" if p else None for p in pairs])
     if report.max_length is not None:
         row(f"longer than {report.max_length} tokens", [f.over_max_length for f in files])
     row("exact duplicates", [f.exact_duplicates for f in files])

@@ -1,6 +1,6 @@
 """Read a data file into `Example`s, reporting every problem of the file at once.
 
-(~590 lines: one owner for every file type and row format, so a row's problems are collected and worded the same
+(~1050 lines: one owner for every file type and row format, so a row's problems are collected and worded the same
 way whatever the format; each format's parser is a small function.)
 
 Files: .jsonl (one JSON object per line), .json (a list of rows, or {"data": [...]}), .csv (a header row;
@@ -15,9 +15,21 @@ Formats, detected from the keys of each row (or forced with `format=`):
                 "\\n\\n" + input when input is not empty; assistant = output
     completion  {"prompt": "...", "completion": "..."}
     text        {"text": "..."}
-    preference  {"prompt": "...", "chosen": "...", "rejected": "..."}
+    preference  a prompt and two answers, in one of three forms (detected per row; one form per file):
+                plain:  {"prompt": "...", "chosen": "...", "rejected": "..."}  (the prompt is raw text, as in
+                        completion rows)
+                chat:   {"messages": [prompt turns], "chosen": A, "rejected": A}, A being a string, an assistant
+                        message {"role": "assistant", "content": "..."} or a list of one (TRL's conversational
+                        rows, whose `prompt` is a list of turns, are read as this form too)
+                OpenAI: {"input": {"messages": [prompt turns], "tools": [], "parallel_tool_calls": true},
+                         "preferred_output": [assistant message], "non_preferred_output": [assistant message]}
+                        (OpenAI's DPO fine-tuning rows; tools and tool calls are not supported: a problem)
+                Prompt turns follow the chat rules (roles, message keys; no weight, as a prompt is not trained) and
+                end with the user turn the answers reply to. The chosen and rejected answers must differ. Plain and
+                chat prompts render differently (raw text, chat template), so a file mixing forms is a problem.
 
-Rows may also carry `id` and `metadata`; they are read and dropped. A key close to a known key the row lacks
+Rows may also carry `id` (read and dropped) and `metadata` (a JSON object, kept as `Example.metadata`; in .csv a
+cell holding JSON text). A key close to a known key the row lacks
 (`mesages`, `outptu`) is a problem with a did-you-mean, so a typo never silently drops a field. Any other key
 (`source`, `difficulty`) in an otherwise valid row is ignored with one warning per key naming its lines
 (`DataFile.warnings`); with `strict=True` (data.strict, `--strict`) it is a problem of each row. A row with
@@ -64,8 +76,20 @@ KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text": (("text",), ()),
     "preference": (("prompt", "chosen", "rejected"), ()),
 }
+PAIR_FORMS: dict[str, tuple[tuple[str, ...], str]] = {
+    # form -> (required keys, how messages name its rows)
+    "plain": (("prompt", "chosen", "rejected"), "preference"),
+    "chat": (("messages", "chosen", "rejected"), "chat-form preference"),
+    "openai": (("input", "preferred_output", "non_preferred_output"), "OpenAI DPO"),
+}
+"""The three forms of preference rows; KEYS["preference"] is the plain form."""
 IGNORED_KEYS = ("id", "metadata")
 MESSAGE_KEYS = ("role", "content", "weight")
+ANSWER_KEYS = ("role", "content")
+INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
+"""The keys of an OpenAI DPO row's `input` object."""
+_TOOL_KEYS = ("tool_calls", "function_call", "tool_call_id", "tools", "functions")
+_NO_TOOLS = "tool definitions and tool calls are not supported (tunesmith trains on text turns only)"
 MAX_PROBLEMS = 50
 """How many problems a DataError lists before '... and N more' (all are counted)."""
 MAX_DEPTH = 100
@@ -382,23 +406,33 @@ def _read_parquet(path: Path, name: str, problems: _Problems) -> list[_Row]:
 
 
 def _parse_messages_cell(rows: list[_Row], problems: _Problems) -> None:
-    """A table cell holds a conversation as JSON text: parse the last row's, or drop the row with a problem."""
+    """A table cell holds a conversation (`messages`) or a `metadata` object as JSON text: parse the last row's, or
+    drop the row with a problem. An empty metadata cell is no metadata."""
     row = rows[-1]
-    cell = row.value.get("messages")
-    if not isinstance(cell, str):
-        return
-    try:
-        row.value["messages"] = json.loads(cell)
-    except json.JSONDecodeError as e:
-        problems.add(
-            row.pos,
-            f"{row.where}: the messages cell is not valid JSON (column {e.colno}: {e.msg}); "
-            'write the conversation as a JSON list, e.g. [{"role": "user", "content": "..."}]',
-        )
-        rows.pop()
-    except (RecursionError, ValueError) as e:
-        problems.add(row.pos, f"{row.where}: messages cell: {_unparsable(e)}")
-        rows.pop()
+    for key, example in (
+        ("messages", '[{"role": "user", "content": "..."}]'),
+        ("metadata", '{"category": "billing"}'),
+    ):
+        cell = row.value.get(key)
+        if not isinstance(cell, str):
+            continue
+        if key == "metadata" and not cell.strip():
+            del row.value[key]
+            continue
+        what = "the conversation as a JSON list" if key == "messages" else "a JSON object"
+        try:
+            row.value[key] = json.loads(cell)
+        except json.JSONDecodeError as e:
+            problems.add(
+                row.pos,
+                f"{row.where}: the {key} cell is not valid JSON (column {e.colno}: {e.msg}); write {what}, e.g. {example}",
+            )
+            rows.pop()
+            return
+        except (RecursionError, ValueError) as e:
+            problems.add(row.pos, f"{row.where}: {key} cell: {_unparsable(e)}")
+            rows.pop()
+            return
 
 
 def _read_txt(path: Path, name: str, problems: _Problems) -> list[_Row]:
@@ -435,17 +469,49 @@ _EXAMPLE_ROW[".ndjson"] = _EXAMPLE_ROW[".jsonl"]
 
 def detect_format(row: dict) -> str | None:
     """The format a row's keys point to, or None."""
+    if any(key in row for key in ("chosen", "rejected", "preferred_output", "non_preferred_output")):
+        return "preference"  # before chat: a chat-form pair has messages too
     if "messages" in row:
         return "chat"
-    if "chosen" in row or "rejected" in row:
-        return "preference"
     if "instruction" in row or "output" in row:
         return "alpaca"
+    if isinstance(row.get("input"), dict):
+        return "preference"  # OpenAI DPO's input object (alpaca's input is text)
     if "completion" in row or "prompt" in row:
         return "completion"
     if "text" in row:
         return "text"
     return None
+
+
+_FORM_MARKERS = {
+    "input": "openai",
+    "preferred_output": "openai",
+    "non_preferred_output": "openai",
+    "messages": "chat",
+    "prompt": "plain",
+}
+
+
+def pair_form(row: dict) -> str:
+    """Which form of preference row this is: plain, chat or openai (see PAIR_FORMS). A TRL conversational row (its
+    `prompt` a list of turns) is the chat form; without any of the keys that tell, a misspelt one decides."""
+    if isinstance(row.get("prompt"), list) and "messages" not in row:
+        return "chat"
+    for key, form in _FORM_MARKERS.items():
+        if key in row:
+            return form
+    for key in row:
+        if isinstance(key, str) and (hint := difflib.get_close_matches(key, list(_FORM_MARKERS), n=1)):
+            return _FORM_MARKERS[hint[0]]
+    return "plain"
+
+
+_FORM_NAMES = {
+    "plain": "plain form (prompt, chosen, rejected",
+    "chat": "chat form (messages, chosen, rejected",
+    "openai": "OpenAI DPO form (input, preferred_output, non_preferred_output",
+}
 
 
 def _normalise(
@@ -472,7 +538,7 @@ def _normalise(
             for row in objects:
                 problems.add(row.pos, f"{row.where}: {_unknown_format(row.value)}")
             return [], "auto"
-        fmt = max(counts, key=lambda f: (counts[f], -detected.index(f)))  # most rows; a tie goes to the first
+        fmt = _majority(detected)
         first = _line_of(objects[detected.index(fmt)].where)
         for row, f in zip(objects, detected):
             if f and f != fmt:
@@ -484,14 +550,21 @@ def _normalise(
                 )
         # rows of another format are reported above; undetected rows are checked as `fmt` (typos in keys)
         objects = [row for row, f in zip(objects, detected) if f in (fmt, None)]
+    forms = [pair_form(row.value) if fmt == "preference" else "" for row in objects]
+    if fmt == "preference":
+        objects, forms = _one_pair_form(objects, forms, problems)
 
     examples = []
     ignored: dict[str, list[_Row]] = {}  # unknown key -> the otherwise valid rows that carry it
-    for row in objects:
+    for row, form in zip(objects, forms):
         found: list[str] = []
         extra: dict[str, str] = {}  # unknown key -> its problem text (also in `found`)
-        complete = _check_keys(row.value, fmt, found.append, extra)
-        example = _CONVERTERS[fmt](row.value, found.append) if complete else None
+        complete = _check_keys(row.value, fmt, found.append, extra, form)
+        metadata = row.value.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            found.append(f'metadata is {_kind(metadata)}; expected an object such as {{"category": "billing"}}')
+        convert = _PAIR_CONVERTERS[form] if form else _CONVERTERS[fmt]
+        example = convert(row.value, found.append) if complete else None
         if example is not None and not strict and len(found) == len(extra):  # only unknown keys: warn, keep the row
             for key in extra:
                 ignored.setdefault(key, []).append(row)
@@ -500,6 +573,7 @@ def _normalise(
             problems.add(row.pos, f"{row.where}: {text}")
         if example is not None and not found:
             example.source = row.where
+            example.metadata = metadata
             examples.append(example)
     for key, carriers in ignored.items():
         warnings.append(
@@ -507,6 +581,37 @@ def _normalise(
             'or move it under "metadata" (read and ignored); --strict (data.strict) makes it an error'
         )
     return examples, fmt
+
+
+def _majority(labels: list[str | None]) -> str:
+    """The most common label (None aside); a tie goes to the one seen first."""
+    counts = Counter(label for label in labels if label)
+    return max(counts, key=lambda label: (counts[label], -labels.index(label)))
+
+
+def _one_pair_form(objects: list[_Row], forms: list[str], problems: _Problems) -> tuple[list[_Row], list[str]]:
+    """Report the pairs written in another form than most of the file's (as rows of another format are), and leave
+    them out. Plain prompts are raw text and chat prompts go through the chat template: a mix would teach the model
+    two prompt styles."""
+    if len(set(forms)) < 2:
+        return objects, forms
+    form = _majority(forms)  # type: ignore[arg-type]
+    first = _line_of(objects[forms.index(form)].where)
+    for row, other in zip(objects, forms):
+        if other != form:
+            why = (
+                "a plain prompt is raw text and chat turns go through the chat template, so the model would see "
+                "two prompt styles"
+                if "plain" in (form, other)
+                else "both are chat turns, but a file holds one form"
+            )
+            problems.add(
+                row.pos,
+                f"{row.where}: row is a pair in {_FORM_NAMES[other]}) but most pairs are in {_FORM_NAMES[form]}; "
+                f"first at {first}); {why}: write every pair in one form",
+            )
+    keep = [i for i, other in enumerate(forms) if other == form]
+    return [objects[i] for i in keep], [forms[i] for i in keep]
 
 
 def _positions(rows: list[_Row]) -> str:
@@ -581,14 +686,17 @@ def _line_of(where: str) -> str:
 
 def _unknown_format(row: dict) -> str:
     keys = [k for k in row if k not in IGNORED_KEYS]
-    known = sorted({k for required, optional in KEYS.values() for k in required + optional})
+    known = sorted(
+        {k for required, optional in KEYS.values() for k in required + optional}
+        | {k for required, _ in PAIR_FORMS.values() for k in required}
+    )
     hints = [f'"{m[0]}" for {_show(k)}' for k in keys if (m := difflib.get_close_matches(k, known, n=1))]
     if hints:
         fix = f"did you mean {', '.join(hints)}?"
     else:
         fix = (
             "expected messages (chat), instruction/input/output (alpaca), prompt/completion, text, "
-            "or prompt/chosen/rejected (preference)"
+            "or prompt (or messages)/chosen/rejected or input/preferred_output/non_preferred_output (preference)"
         )
     shown = ", ".join(_show(k) for k in keys[:10]) if keys else "no keys"
     return f"cannot tell the format from the keys {shown}; {fix}"
@@ -597,12 +705,17 @@ def _unknown_format(row: dict) -> str:
 Report = Callable[[str], None]
 
 
-def _check_keys(row: dict, fmt: str, report: Report, extra: dict[str, str]) -> bool:
-    """Report unknown and missing keys. True when every required key is there.
+def _check_keys(row: dict, fmt: str, report: Report, extra: dict[str, str], form: str = "") -> bool:
+    """Report unknown and missing keys. True when every required key is there. form: a preference row's form.
 
     A key close to a known key the row lacks is a misspelling (a problem); the other unknown keys are also put in
     `extra` (key -> text), which the caller may turn into a warning when the row is otherwise valid."""
     required, optional = KEYS[fmt]
+    name = fmt
+    if form:
+        required, name = PAIR_FORMS[form]
+        if form == "chat" and "messages" not in row and "prompt" in row:
+            required = ("prompt", *required[1:])  # TRL's conversational rows: the turns under `prompt`
     missing = [k for k in required if k not in row]
     absent = [k for k in required + optional if k not in row]
     complete = not missing
@@ -616,13 +729,11 @@ def _check_keys(row: dict, fmt: str, report: Report, extra: dict[str, str]) -> b
                 missing.remove(hint[0])  # one typo, one message
         else:
             keys = ", ".join([*required, *optional])
-            text = (
-                f"unknown key {_show(key)}; remove it ({fmt} rows have {keys}; id and metadata are allowed and ignored)"
-            )
+            text = f"unknown key {_show(key)}; remove it ({name} rows have {keys}; id and metadata are allowed and ignored)"
             extra[key] = text
             report(text)
     for key in missing:
-        report(f'missing key "{key}"; add it ({fmt} rows need {", ".join(required)})')
+        report(f'missing key "{key}"; add it ({name} rows need {", ".join(required)})')
     return complete
 
 
@@ -662,45 +773,55 @@ def _chat(row: dict, report: Report) -> Example | None:
     return None
 
 
-def _message(item: Any, i: int, report: Report) -> Message | None:
+def _message(item: Any, i: int, report: Report, label: str = "message", prompt: bool = False) -> Message | None:
+    """One chat message, checked; `label` names it in problems. prompt: a preference prompt's turn (no weight, as
+    nothing in a prompt is trained)."""
+    name = f"{label} {i}"
     if not isinstance(item, dict):
-        report(f'message {i} is {_kind(item)}; expected an object like {{"role": "user", "content": "..."}}')
+        report(f'{name} is {_kind(item)}; expected an object like {{"role": "user", "content": "..."}}')
         return None
     ok = True
     misspelt = set()
     for key in item:
-        if key not in MESSAGE_KEYS:
+        if key in _TOOL_KEYS:
+            report(f"{name} has {_show(key)}; {_NO_TOOLS}: remove the row")
+            ok = False
+        elif key not in MESSAGE_KEYS:
             hint = difflib.get_close_matches(key, MESSAGE_KEYS, n=1)
             fix = f'did you mean "{hint[0]}"?' if hint else "remove it (messages have role, content and weight)"
-            report(f"message {i} has unknown key {_show(key)}; {fix}")
+            report(f"{name} has unknown key {_show(key)}; {fix}")
             misspelt.update(hint)
             ok = False
     role = item.get("role")
     if "role" not in item:
         if "role" not in misspelt:  # one typo, one message
-            report(f'message {i} has no role; add "role": one of {", ".join(ROLES)}')
+            report(f'{name} has no role; add "role": one of {", ".join(ROLES)}')
         ok = False
     elif role not in ROLES:
-        report(f"message {i} has role {json.dumps(role)}; expected one of {', '.join(ROLES)}")
+        tools = f"; {_NO_TOOLS}" if role in ("tool", "function") else ""
+        report(f"{name} has role {json.dumps(role)}; expected one of {', '.join(ROLES)}{tools}")
         ok = False
     content = item.get("content")
     if "content" not in item:
         if "content" not in misspelt:
-            report(f'message {i} has no content; add "content": "..."')
+            report(f'{name} has no content; add "content": "..."')
         ok = False
     elif not isinstance(content, str):
-        report(f"message {i} content is {_kind(content)}; expected a string")
+        report(f"{name} content is {_kind(content)}; expected a string")
         ok = False
     elif not content.strip():
-        report(f"message {i} has empty content; write the text or remove the message")
+        report(f"{name} has empty content; write the text or remove the message")
         ok = False
     weight = item.get("weight")
     if "weight" in item:
-        if role in ROLES and role != "assistant":
-            report(f"message {i} is from {role} but has a weight; only assistant messages take a weight, remove it")
+        if prompt:
+            report(f"{name} has a weight; a preference prompt is not trained (only the answers are), remove it")
+            ok = False
+        elif role in ROLES and role != "assistant":
+            report(f"{name} is from {role} but has a weight; only assistant messages take a weight, remove it")
             ok = False
         elif isinstance(weight, bool) or weight not in (0, 1):
-            report(f"message {i} has weight {json.dumps(weight)}; expected 0 (do not train on this reply) or 1")
+            report(f"{name} has weight {json.dumps(weight)}; expected 0 (do not train on this reply) or 1")
             ok = False
     if not ok:
         return None
@@ -731,16 +852,167 @@ def _text(row: dict, report: Report) -> Example | None:
     return None if text is None else Example("text", text=text)
 
 
-def _preference(row: dict, report: Report) -> Example | None:
+def _plain_pair(row: dict, report: Report) -> Example | None:
     prompt = _string(row["prompt"], "prompt", report)
     chosen = _string(row["chosen"], "chosen", report)
     rejected = _string(row["rejected"], "rejected", report)
     if prompt is None or chosen is None or rejected is None:
         return None
-    if chosen.strip() == rejected.strip():
-        report("chosen and rejected are the same; a preference pair needs two different answers")
+    return _pair(Example("preference", prompt=prompt, chosen=chosen, rejected=rejected), "chosen", "rejected", report)
+
+
+def _chat_pair(row: dict, report: Report) -> Example | None:
+    key = "messages" if "messages" in row else "prompt"  # TRL's conversational rows hold the turns in `prompt`
+    messages = _prompt_turns(row[key], key, "message", "chosen and rejected", report)
+    chosen = _answer(row["chosen"], "chosen", report, text=True)
+    rejected = _answer(row["rejected"], "rejected", report, text=True)
+    if messages is None or chosen is None or rejected is None:
         return None
-    return Example("preference", prompt=prompt, chosen=chosen, rejected=rejected)
+    return _pair(Example("preference", messages, chosen=chosen, rejected=rejected), "chosen", "rejected", report)
+
+
+def _openai_pair(row: dict, report: Report) -> Example | None:
+    """OpenAI's DPO fine-tuning row: input {messages, tools, parallel_tool_calls}, preferred_output and
+    non_preferred_output each a list of one assistant message."""
+    messages = None
+    given = row["input"]
+    if not isinstance(given, dict):
+        report(f'input is {_kind(given)}; expected an object {{"messages": [...]}} holding the prompt turns')
+    else:
+        ok = True
+        for key in given:
+            if key not in INPUT_KEYS:
+                hint = difflib.get_close_matches(key, [k for k in INPUT_KEYS if k not in given], n=1)
+                fix = (
+                    f"did you mean {_show(hint[0])}?"
+                    if hint
+                    else "remove it (input has messages, tools, parallel_tool_calls)"
+                )
+                report(f"input has unknown key {_show(key)}; {fix}")
+                ok = False
+        tools = given.get("tools")
+        if isinstance(tools, list) and tools:
+            report(f"input.tools lists {len(tools)} tool{'s' if len(tools) > 1 else ''}; {_NO_TOOLS}: remove the row")
+            ok = False
+        elif tools is not None and not isinstance(tools, list):
+            report(f"input.tools is {_kind(tools)}; expected a list (empty: {_NO_TOOLS})")
+            ok = False
+        parallel = given.get("parallel_tool_calls")
+        if parallel is not None and not isinstance(parallel, bool):
+            report(f"input.parallel_tool_calls is {_kind(parallel)}; expected true or false (it is not used)")
+            ok = False
+        if "messages" not in given:
+            if "messages" not in [h for k in given for h in difflib.get_close_matches(k, INPUT_KEYS, n=1)]:
+                report('input has no messages; add "messages": [the prompt turns, ending with a user turn]')
+        else:
+            answers = "preferred_output and non_preferred_output"
+            messages = _prompt_turns(given["messages"], "input.messages", "input message", answers, report)
+        if not ok:
+            messages = None
+    chosen = _answer(row["preferred_output"], "preferred_output", report, text=False)
+    rejected = _answer(row["non_preferred_output"], "non_preferred_output", report, text=False)
+    if messages is None or chosen is None or rejected is None:
+        return None
+    example = Example("preference", messages, chosen=chosen, rejected=rejected)
+    return _pair(example, "preferred_output", "non_preferred_output", report)
+
+
+def _pair(example: Example, chosen: str, rejected: str, report: Report) -> Example | None:
+    if (example.chosen or "").strip() == (example.rejected or "").strip():
+        report(f"{chosen} and {rejected} are the same; a preference pair needs two different answers")
+        return None
+    return example
+
+
+def _prompt_turns(raw: Any, what: str, label: str, answers: str, report: Report) -> list[Message] | None:
+    """A preference prompt as chat turns: chat messages (no weights) ending with the user turn `answers` reply to."""
+    if not isinstance(raw, list):
+        report(f'{what} is {_kind(raw)}; expected a list of {{"role": ..., "content": ...}} objects (the prompt turns)')
+        return None
+    if not raw:
+        report(f"{what} is empty; add the user turn that {answers} answer")
+        return None
+    messages = [m for i, item in enumerate(raw, start=1) if (m := _message(item, i, report, label, prompt=True))]
+    if len(messages) < len(raw):
+        return None  # a bad message was reported; checks of the whole prompt would only repeat it
+    last = messages[-1].role
+    if last != "user":
+        n = len(messages)
+        fix = f"remove {label} {n}, or make it the answer in {answers}" if last == "assistant" else "add the user turn"
+        report(
+            f"the prompt ends with {'an' if last == 'assistant' else 'a'} {last} turn ({label} {n}); a pair's prompt ends "
+            f"with the user turn that {answers} answer: {fix}"
+        )
+        return None
+    return messages
+
+
+def _answer(value: Any, what: str, report: Report, text: bool) -> str | None:
+    """A pair's answer as text. text: a string or a bare assistant message is accepted too (the chat form); else
+    only a list of one assistant message (OpenAI's form)."""
+    if isinstance(value, str) and text:
+        return _string(value, what, report)
+    if isinstance(value, list):
+        if len(value) == 1:
+            return _answer_message(value[0], what, report)
+        if value:
+            report(
+                f"{what} holds {len(value)} messages; an answer is one assistant message (answers of several turns "
+                "are not supported): keep the one reply"
+            )
+        else:
+            report(f'{what} is an empty list; write the answer as [{{"role": "assistant", "content": "..."}}]')
+        return None
+    if isinstance(value, dict) and text:
+        return _answer_message(value, what, report)
+    expected = (
+        'a string, an assistant message {"role": "assistant", "content": "..."} or a list of one'
+        if text
+        else 'a list of one assistant message [{"role": "assistant", "content": "..."}]'
+    )
+    report(f"{what} is {_kind(value)}; expected {expected}")
+    return None
+
+
+def _answer_message(item: Any, what: str, report: Report) -> str | None:
+    if not isinstance(item, dict):
+        report(f'{what} message is {_kind(item)}; expected {{"role": "assistant", "content": "..."}}')
+        return None
+    ok = True
+    misspelt = set()
+    for key in item:
+        if key in _TOOL_KEYS:
+            report(f"{what} message has {_show(key)}; {_NO_TOOLS}: remove the row")
+            ok = False
+        elif key not in ANSWER_KEYS:
+            hint = difflib.get_close_matches(key, [k for k in ANSWER_KEYS if k not in item], n=1)
+            fix = f"did you mean {_show(hint[0])}?" if hint else "remove it (an answer message has role and content)"
+            report(f"{what} message has unknown key {_show(key)}; {fix}")
+            misspelt.update(hint)
+            ok = False
+    role = item.get("role")
+    if "role" not in item:
+        if "role" not in misspelt:  # one typo, one message
+            report(f'{what} message has no role; add "role": "assistant"')
+        ok = False
+    elif role != "assistant":
+        tools = f"; {_NO_TOOLS}" if role in ("tool", "function") else ""
+        report(
+            f'{what} message has role {json.dumps(role)}; an answer is the assistant\'s turn, set "role": "assistant"{tools}'
+        )
+        ok = False
+    content = item.get("content")
+    if "content" not in item:
+        if "content" not in misspelt:
+            report(f'{what} message has no content; add "content": "..."')
+        ok = False
+    elif not isinstance(content, str):
+        report(f"{what} message content is {_kind(content)}; expected a string")
+        ok = False
+    elif not content.strip():
+        report(f"{what} message has empty content; write the answer or remove the row")
+        ok = False
+    return content if ok else None
 
 
 _CONVERTERS: dict[str, Callable[[dict, Report], Example | None]] = {
@@ -748,7 +1020,12 @@ _CONVERTERS: dict[str, Callable[[dict, Report], Example | None]] = {
     "alpaca": _alpaca,
     "completion": _completion,
     "text": _text,
-    "preference": _preference,
+    "preference": _plain_pair,
+}
+_PAIR_CONVERTERS: dict[str, Callable[[dict, Report], Example | None]] = {
+    "plain": _plain_pair,
+    "chat": _chat_pair,
+    "openai": _openai_pair,
 }
 
 

@@ -1,6 +1,6 @@
 """Check a dataset before training: every problem of its files, then statistics and warnings.
 
-(~570 lines: the checks, the statistics and their one terminal rendering are one feature, `tunesmith data check`;
+(~680 lines: the checks, the statistics and their one terminal rendering are one feature, `tunesmith data check`;
 each check is a small function.)
 
 `check(train, validation)` reads the files with `formats.read_file`, which raises `DataError` listing every
@@ -21,6 +21,12 @@ turns, token lengths (with a tokenizer), and warnings that do not fail the check
   its end off (or drop it when the cut leaves no trained token), drop it, or stop with an error
 - classification-like data (see `is_classification`): imbalanced labels, or validation labels the training
   file never shows
+- preference pairs: the mean length of the chosen and the rejected answers and the share of pairs whose chosen
+  answer is the longer (`FileReport.pair_lengths`; tokens with a tokenizer, else characters), with a warning when
+  chosen answers are systematically longer (LENGTH_BIAS_RATIO, LENGTH_BIAS_SHARE). With a tokenizer and max_length,
+  a pair whose prompt + longer answer exceeds max_length is a warning (its answers would be cut), and one whose
+  prompt alone leaves no room for an answer token is a problem (`DataError`, as FILE:LINE): no objective can
+  learn from it. Pairs are counted as training encodes them (`pair_token_counter`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,14 @@ CLASSIFICATION_COVERAGE = 0.95
 IMBALANCE_RATIO = 10
 """Warn when the most common label has at least this many times the examples of the rarest."""
 
+LENGTH_BIAS_RATIO = 1.3
+"""Warn when the chosen answers' mean length is at least this multiple of the rejected answers'..."""
+LENGTH_BIAS_SHARE = 0.7
+"""...and the chosen answer is the longer in at least this share of pairs. DPO exploits length: Park et al. 2024
+("Disentangling Length from Quality in Direct Preference Optimization", arXiv:2403.19159) show DPO making answers
+far longer than those of its preference data. These thresholds flag only a bias strong enough that the data alone
+teaches "longer is better"; a mild one goes unflagged."""
+
 _BANDS, _BAND_ROWS = 25, 5  # P(candidate) = 1 - (1 - J^5)^25: 0.99995 at J=0.8, 0.55 at 0.5, 0.06 at 0.3
 _NUM_HASHES = _BANDS * _BAND_ROWS
 _MAX_BUCKET = 64  # compare all pairs in LSH buckets up to this size; chain larger ones (bounded work)
@@ -83,6 +97,9 @@ class FileReport:
     labels: dict[str, int] | None = None
     """For classification-like data: examples per label, most common first ("(other)" for the rest). A
     validation file is counted against the training file's labels."""
+    pair_lengths: dict[str, Any] | None = None
+    """Preference data: the answers' lengths in `unit` (tokens with a tokenizer, else characters): chosen_mean,
+    rejected_mean, and chosen_longer, the share of pairs whose chosen answer is the longer."""
 
 
 @dataclass
@@ -109,6 +126,7 @@ def check(
     format: str = "auto",
     truncation: str = "truncate",
     strict: bool = False,
+    pair_tokens: Callable[[Example], tuple[int, int, int]] | None = None,
 ) -> DataReport:
     """Validate a training file (and a validation file). Raises DataError listing the problems of both files.
 
@@ -116,7 +134,9 @@ def check(
     them (chat template included), or a `templates.Encoded` (then an example whose cut to max_length keeps no
     trained token is reported as dropped, as training does); without one the total is the sum of the roles'
     content tokens. truncation: data.truncation, for what the long-example warnings say training will do.
-    strict: unknown keys of rows are problems, not warnings.
+    strict: unknown keys of rows are problems, not warnings. pair_tokens: a preference pair -> its (prompt, chosen,
+    rejected) token counts as training renders them (see `pair_token_counter`); without one, the content tokens.
+    A pair whose prompt leaves no room for an answer within max_length is a problem (raised as DataError).
     """
     paths = [str(train_path)] + ([] if validation_path is None else [str(validation_path)])
     files, errors = [], []
@@ -136,7 +156,15 @@ def check(
     # long examples last: they can be many, and the table counts them
     warnings: list[str] = [w for f in files for w in f.warnings]
     too_long: list[str] = []
-    reports = [_file_report(f, tokenizer, max_length, renderer, truncation, warnings, too_long) for f in files]
+    no_room: list[tuple[str, str]] = []  # (path, problem): pairs whose prompt leaves no room for an answer
+    counting = _Counting(tokenizer, max_length, renderer, pair_tokens, truncation)
+    reports = [_file_report(f, counting, warnings, too_long, no_room) for f in files]
+    if no_room:
+        found = [line for _, line in no_room]
+        n = len(found)
+        shown = found[:MAX_PROBLEMS] + ([f"... and {n - MAX_PROBLEMS} more"] if n > MAX_PROBLEMS else [])
+        where = " and ".join(dict.fromkeys(path for path, _ in no_room))
+        raise DataError(f"{where}: {n} problem{'s' if n != 1 else ''}", shown)
     report = DataReport(train=reports[0], max_length=max_length, warnings=warnings)
     if len(files) == 2:
         report.validation = reports[1]
@@ -154,7 +182,20 @@ def check(
 # One file
 
 
-def _file_report(data: DataFile, tokenizer, max_length, renderer, truncation, warnings: list[str], too_long: list[str]):
+@dataclass
+class _Counting:
+    """How `check` counts tokens (all None without a tokenizer) and what training does with long examples."""
+
+    tokenizer: Any
+    max_length: int | None
+    renderer: Callable[[Example], Sequence[int]] | None
+    pair_tokens: Callable[[Example], tuple[int, int, int]] | None
+    truncation: str
+
+
+def _file_report(
+    data: DataFile, counting: _Counting, warnings: list[str], too_long: list[str], no_room: list[tuple[str, str]]
+) -> FileReport:
     path, examples = data.path, data.examples
     report = FileReport(path=path, format=data.format, examples=len(examples))
     chats = [ex for ex in examples if ex.kind == "chat"]
@@ -162,16 +203,28 @@ def _file_report(data: DataFile, tokenizer, max_length, renderer, truncation, wa
         sizes = [len(ex.messages) for ex in chats]
         report.messages = {"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 2), "max": max(sizes)}
         report.roles = dict(Counter(m.role for ex in chats for m in ex.messages))
-    if tokenizer is not None:
-        report.tokens, totals, nothing_left = _token_stats(examples, tokenizer, renderer, max_length)
+    pairs: dict[int, tuple[int, int, int]] = {}
+    if counting.tokenizer is not None:
+        max_length, truncation = counting.max_length, counting.truncation
+        report.tokens, totals, nothing_left, pairs = _token_stats(examples, counting)
         if max_length is not None:
             long = [i for i, n in enumerate(totals) if n > max_length]
             report.over_max_length = len(long)
             for i in long:
+                if i in pairs:
+                    prompt = pairs[i][0]
+                    if prompt >= max_length:
+                        no_room.append((path, _no_room(examples[i], prompt, max_length)))
+                    else:
+                        too_long.append(_long_pair(examples[i], prompt, totals[i], max_length, truncation))
+                    continue
                 fate = _training_fate(totals[i], max_length, truncation, i in nothing_left)
                 too_long.append(
                     f"{examples[i].source}: warning: {totals[i]} tokens, longer than max_length {max_length}: {fate}"
                 )
+    report.pair_lengths = _pair_lengths(examples, pairs if counting.tokenizer is not None else None)
+    if report.pair_lengths:
+        _length_bias(path, report.pair_lengths, warnings)
     report.exact_duplicates, report.near_duplicates = _duplicates(examples, path, warnings)
     report.conflicts = _conflicts(examples, path, warnings)
     labels = is_classification(examples)
@@ -201,6 +254,62 @@ def _training_fate(length: int, max_length: int, truncation: str, nothing_left: 
     )
 
 
+def _no_room(ex: Example, prompt: int, max_length: int) -> str:
+    return (
+        f"{ex.source}: the prompt alone is {prompt} tokens, so max_length {max_length} leaves no room for an answer "
+        "and the pair cannot be trained; shorten the prompt, raise --max-length, or remove the pair"
+    )
+
+
+def _long_pair(ex: Example, prompt: int, total: int, max_length: int, truncation: str) -> str:
+    """A pair whose prompt fits but whose prompt + longer answer does not: what training does with it."""
+    if truncation == "error":
+        fate = (
+            "train will stop with an error (data.truncation=error); raise --max-length, shorten the answers, "
+            "or set data.truncation to truncate or drop"
+        )
+    elif truncation == "drop":
+        fate = "train will drop it (data.truncation=drop); raise --max-length or shorten the answers"
+    else:
+        fate = (
+            f"the answers would be cut to fit, the longer losing its last {total - max_length} tokens "
+            "(data.truncation=truncate); raise --max-length, shorten the answers, or set data.truncation=drop"
+        )
+    return (
+        f"{ex.source}: warning: {total} tokens (prompt {prompt} + longer answer {total - prompt}), longer than "
+        f"max_length {max_length}: {fate}"
+    )
+
+
+def _pair_lengths(examples: list[Example], tokens: dict[int, tuple[int, int, int]] | None) -> dict[str, Any] | None:
+    """Mean chosen and rejected answer lengths and the share of pairs whose chosen is the longer (None without
+    pairs). tokens: the pairs' (prompt, chosen, rejected) token counts by index; None: count characters."""
+    if tokens is None:
+        lengths = [(len(ex.chosen or ""), len(ex.rejected or "")) for ex in examples if ex.kind == "preference"]
+    else:
+        lengths = [(c, r) for _, c, r in tokens.values()]
+    if not lengths:
+        return None
+    n = len(lengths)
+    return {
+        "unit": "characters" if tokens is None else "tokens",
+        "chosen_mean": round(sum(c for c, _ in lengths) / n, 1),
+        "rejected_mean": round(sum(r for _, r in lengths) / n, 1),
+        "chosen_longer": round(sum(c > r for c, r in lengths) / n, 3),
+    }
+
+
+def _length_bias(path: str, lengths: dict[str, Any], warnings: list[str]) -> None:
+    chosen, rejected, share = lengths["chosen_mean"], lengths["rejected_mean"], lengths["chosen_longer"]
+    if chosen >= LENGTH_BIAS_RATIO * rejected and share >= LENGTH_BIAS_SHARE:
+        warnings.append(
+            f"{path}: warning: chosen answers are systematically longer than rejected ones (mean {chosen} vs "
+            f"{rejected} {lengths['unit']}; chosen longer in {share:.0%} of pairs), so DPO can learn that longer "
+            'is better (Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization", '
+            "arXiv:2403.19159); add pairs whose chosen answer is the shorter one, or trim the chosen answers"
+        )
+
+
 def _imbalance(path: str, labels: list[str], counts: dict[str, int], warnings: list[str]) -> None:
     most, rarest = max(labels, key=lambda k: counts[k]), min(labels, key=lambda k: counts[k])
     if counts[most] >= IMBALANCE_RATIO * counts[rarest]:
@@ -218,13 +327,18 @@ def _fields(ex: Example) -> list[tuple[str, str]]:
     if ex.kind == "completion":
         return [("prompt", ex.prompt or ""), ("completion", ex.completion or "")]
     if ex.kind == "preference":
-        return [("prompt", ex.prompt or ""), ("chosen", ex.chosen or ""), ("rejected", ex.rejected or "")]
+        prompt = [("prompt", m.content) for m in ex.messages] if ex.is_chat_pair else [("prompt", ex.prompt or "")]
+        return [*prompt, ("chosen", ex.chosen or ""), ("rejected", ex.rejected or "")]
     return [("text", ex.text or "")]
 
 
-def _token_stats(examples, tokenizer, renderer, max_length) -> tuple[dict[str, dict[str, float]], list[int], set[int]]:
-    """Token statistics, each example's total length, and the examples whose first max_length tokens hold no trained
-    token (known where the renderer gives labels: training drops those rather than truncating them)."""
+def _token_stats(
+    examples: list[Example], counting: _Counting
+) -> tuple[dict[str, dict[str, float]], list[int], set[int], dict[int, tuple[int, int, int]]]:
+    """Token statistics, each example's total length, the examples whose first max_length tokens hold no trained
+    token (known where the renderer gives labels: training drops those rather than truncating them), and, by index,
+    each preference pair's prompt tokens as training renders them and its answers' content tokens."""
+    tokenizer, renderer, max_length = counting.tokenizer, counting.renderer, counting.max_length
     owners, roles, texts = [], [], []
     for i, ex in enumerate(examples):
         for role, text in _fields(ex):
@@ -239,19 +353,22 @@ def _token_stats(examples, tokenizer, renderer, max_length) -> tuple[dict[str, d
     for i, role, n in zip(owners, roles, lengths):
         per_example[i][role] += n
     nothing_left: set[int] = set()
-    if renderer is not None:
-        totals = []
-        for i, ex in enumerate(examples):
+    pairs: dict[int, tuple[int, int, int]] = {}
+    totals = []
+    for i, (ex, counts) in enumerate(zip(examples, per_example)):
+        if ex.kind == "preference":  # trained as prompt + chosen and prompt + rejected: the longer counts
+            content = (counts["prompt"], counts["chosen"], counts["rejected"])
+            prompt, chosen, rejected = counting.pair_tokens(ex) if counting.pair_tokens else content
+            totals.append(prompt + max(chosen, rejected))
+            pairs[i] = (prompt, content[1], content[2])  # the answers' own lengths for the length statistics
+        elif renderer is not None:
             rendered = renderer(ex)
             totals.append(len(rendered))
             labels = getattr(rendered, "labels", None)
             if max_length is not None and labels is not None and all(t == -100 for t in labels[:max_length]):
                 nothing_left.add(i)
-    else:  # a preference pair is trained as prompt + chosen and prompt + rejected: count the longer
-        totals = [
-            c["prompt"] + max(c["chosen"], c["rejected"]) if ex.kind == "preference" else sum(c.values())
-            for ex, c in zip(examples, per_example)
-        ]
+        else:
+            totals.append(sum(counts.values()))
     by_role: dict[str, list[int]] = defaultdict(list)
     for counts in per_example:
         for role, n in counts.items():
@@ -259,7 +376,7 @@ def _token_stats(examples, tokenizer, renderer, max_length) -> tuple[dict[str, d
     order = ["system", "user", "assistant", "prompt", "completion", "chosen", "rejected", "text"]
     stats = {role: _percentiles(by_role[role]) for role in sorted(by_role, key=order.index)}
     stats["total"] = _percentiles(totals)
-    return stats, totals, nothing_left
+    return stats, totals, nothing_left, pairs
 
 
 def _percentiles(values: Sequence[int]) -> dict[str, float]:
@@ -289,7 +406,7 @@ def normalize_text(text: str) -> str:
 
 def _exact_key(ex: Example) -> tuple:
     if ex.kind == "preference":
-        return (ex.prompt, ex.chosen, ex.rejected)
+        return (ex.input_key(), ex.chosen, ex.rejected)
     return (ex.input_key(), ex.answer())
 
 
@@ -297,6 +414,9 @@ def _words(ex: Example) -> frozenset[str]:
     """The words a near-duplicate check compares: every field but system messages."""
     if ex.kind == "chat":
         text = "\n".join(m.content for m in ex.messages if m.role != "system")
+    elif ex.is_chat_pair:
+        turns = [m.content for m in ex.messages if m.role != "system"]
+        text = "\n".join([*turns, ex.chosen or "", ex.rejected or ""])
     else:
         text = "\n".join(t for _, t in _fields(ex))
     return frozenset(normalize_text(text).split())
@@ -522,23 +642,37 @@ def _quote(text: str, limit: int = 40) -> str:
 def chat_template_renderer(tokenizer) -> Callable[[Example], list[int]] | None:
     """Example -> token ids with the tokenizer's chat template (None if it has none), for total lengths.
 
-    Completion and text rows are the plain text plus EOS; a preference pair counts its longer answer.
-    """
+    Completion and text rows are the plain text plus EOS; a preference pair counts its longer answer (after its
+    chat turns, through the template, for a chat-form pair). `check` counts pairs with `pair_token_counter`."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def render(ex: Example) -> list[int]:
-        if ex.kind == "chat":
-            text = tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in ex.messages], tokenize=False
-            )
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ex.kind == "chat" or ex.is_chat_pair:
+            messages = [{"role": m.role, "content": m.content} for m in ex.messages]
+            if ex.is_chat_pair:
+                longer = max(ex.chosen or "", ex.rejected or "", key=lambda a: len(ids(a)))
+                messages.append({"role": "assistant", "content": longer})
+            return ids(tokenizer.apply_chat_template(messages, tokenize=False))
         if ex.kind == "preference":
-            prompt = tokenizer(ex.prompt or "", add_special_tokens=False)["input_ids"]
-            answers = tokenizer([ex.chosen or "", ex.rejected or ""], add_special_tokens=False)["input_ids"]
-            return prompt + max(answers, key=len) + eos
+            return ids(ex.prompt or "") + max(ids(ex.chosen or ""), ids(ex.rejected or ""), key=len) + eos
         text = (ex.prompt or "") + (ex.completion or "") if ex.kind == "completion" else (ex.text or "")
-        return tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        return ids(text) + eos
 
     return render
+
+
+def pair_token_counter(renderer) -> Callable[[Example], tuple[int, int, int]]:
+    """A preference pair -> its (prompt, chosen, rejected) token counts exactly as training encodes it
+    (`templates.Renderer.encode_pair`, uncut): a plain pair like completion rows, a chat-form pair through the chat
+    template (the prompt turns, then each answer as the next assistant turn)."""
+
+    def count(ex: Example) -> tuple[int, int, int]:
+        pair = renderer.encode_pair(ex)
+        return len(pair.prompt), len(pair.chosen), len(pair.rejected)
+
+    return count
