@@ -98,8 +98,16 @@ class RunDir:
 
     @property
     def raw_prompts(self) -> bool:
-        """Whether the run's model is prompted with raw text (trained on prompt/completion or text rows)."""
+        """Whether the run's model is prompted with raw text (trained on prompt/completion or text rows, or on
+        preference pairs whose prompts are raw text)."""
+        if self.trained_kind == "preference":
+            return self.data_summary.get("prompt_form") == "raw"
         return self.trained_kind in RAW_KINDS
+
+    @property
+    def objective(self) -> str:
+        """train.objective the run was trained with, as data.json records it (sft for runs from before objectives)."""
+        return self.data_summary.get("objective", "sft")
 
     # ---- model/, checkpoints/, metrics.jsonl, eval/ ------------------------------------------------------------
 

@@ -151,8 +151,23 @@ TABLE_METRICS = {  # the summary table's columns (all metrics are in task.json)
     "extraction": ["field_f1", "parse_rate", "schema_match_rate", "exact_match"],
     "text": ["chrf", "format_rate", "rouge_l", "token_f1", "exact_match", "perplexity"],
     "lm": ["perplexity", "loss"],
+    "preference": [
+        "preference_accuracy",
+        "logp_margin",
+        "reward_margin",
+        "refusal_rate_harmful",
+        "over_refusal_rate_harmless",
+        "refusal_accuracy",
+    ],
 }
+NOT_RATES = ("loss", "perplexity", "logp_margin", "reward_margin")  # shown as numbers, not percentages
 HEADERS = {
+    "preference_accuracy": "pref acc",
+    "logp_margin": "logp margin",
+    "reward_margin": "reward margin",
+    "refusal_rate_harmful": "refuses harmful",
+    "over_refusal_rate_harmless": "refuses harmless",
+    "refusal_accuracy": "refusal acc",
     "format_rate": "format",
     "accuracy": "acc",
     "macro_f1": "macro-F1",
@@ -171,7 +186,7 @@ HEADERS = {
 def _fmt(name: str, value) -> str:
     if value is None:
         return "-"
-    if name in ("loss", "perplexity"):
+    if name in NOT_RATES:
         return f"{value:.3f}"
     return f"{value:.1%}"
 
@@ -199,7 +214,7 @@ def summary_table(result: dict):
             cell = _fmt(m, value)
             if base is not None and s is not base and value is not None and base["metrics"].get(m) is not None:
                 delta = value - base["metrics"][m]
-                cell += f" ({delta:+.2f})" if m in ("loss", "perplexity") else f" ({delta * 100:+.1f})"
+                cell += f" ({delta:+.2f})" if m in NOT_RATES else f" ({delta * 100:+.1f})"
             cells.append(cell)
         table.add_row(s["name"], *cells, f"{s['prompt_tokens_per_example']:.0f}", f"{s['seconds_per_example']:.2f}")
     return table

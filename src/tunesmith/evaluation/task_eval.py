@@ -68,7 +68,9 @@ def evaluate_run(
     cfg = run.config
     run.require_model("evaluate")
     options = PromptOptions.resolve(cfg, **prompt_flags)
-    test, data_path, train, plan = _task_inputs(cfg, run.path, data, limit, metric, by, answer_format, log)
+    pairs = _pair_inputs(cfg, run, data, limit, log)  # preference pairs: evaluation/preference_eval.py
+    if pairs is None:
+        test, data_path, train, plan = _task_inputs(cfg, run.path, data, limit, metric, by, answer_format, log)
     if cfg.train.threads:
         import torch
 
@@ -81,12 +83,41 @@ def evaluate_run(
     base = (base_model, base_tok, Renderer(base_tok, cfg.model.chat_template, cfg.data.system_prompt))
     settings = MeasureSettings.of(cfg, batch_size, max_new_tokens)
     tuned = System("fine_tuned", "fine-tuned", tuned_model, tuned_tok, tuned_renderer)
-    with progress or Progress(None) as bars:
-        prompted = base_systems(cfg, plan, base, ShotSource.of(cfg, train), options, settings, bars, log)
-        compared = [*prompted.compared, Compared("fine_tuned", "fine-tuned", tuned)]
-        result = run_task_eval(
-            run.path, test, data_path, plan, compared, settings, bars, prompted.selection, log, str(base_model.dtype)
-        )
+    if pairs is not None:
+        from tunesmith.evaluation.preference_eval import evaluate_pairs
+
+        test, data_path, train = pairs
+        with progress or Progress(None) as bars:
+            result = evaluate_pairs(
+                run,
+                cfg,
+                test,
+                data_path,
+                train,
+                base,
+                (tuned_model, tuned_tok, tuned_renderer),
+                max_new_tokens=settings.max_new_tokens,
+                shots=None if options.shots == "auto" else options.shots,
+                progress=bars,
+                log=log,
+                dtype=str(base_model.dtype),
+            )
+    else:
+        with progress or Progress(None) as bars:
+            prompted = base_systems(cfg, plan, base, ShotSource.of(cfg, train), options, settings, bars, log)
+            compared = [*prompted.compared, Compared("fine_tuned", "fine-tuned", tuned)]
+            result = run_task_eval(
+                run.path,
+                test,
+                data_path,
+                plan,
+                compared,
+                settings,
+                bars,
+                prompted.selection,
+                log,
+                str(base_model.dtype),
+            )
     log(f"wrote {run.eval_dir / 'task.json'} and {run.eval_dir / 'task_examples.jsonl'}")
     if forgetting:
         from tunesmith.evaluation.forgetting import forgetting_eval
@@ -99,6 +130,34 @@ def evaluate_run(
             log=log,
         )
     return result
+
+
+def _pair_inputs(cfg, run: RunDir, data, limit, log):
+    """(test pairs, their file, training pairs) when the test data holds preference pairs, else None."""
+    from tunesmith.data.formats import read_examples
+    from tunesmith.evaluation.preference_eval import check_pairs, is_preference_data
+
+    data_path = str(data) if data is not None else cfg.data.test
+    if not data_path or not Path(data_path).is_file():
+        return None  # _task_inputs says what is missing
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: give a positive number of examples")
+    test = read_examples(data_path, cfg.data.format if data is None else "auto")[:limit]
+    if not is_preference_data(test):
+        if run.objective != "sft" and test:
+            raise DataError(
+                f"{data_path}: the run was trained with train.objective {run.objective} on preference pairs, and this "
+                f"test data holds {test[0].kind} examples; evaluate it on held-out pairs (prompt/chosen/rejected)"
+            )
+        return None
+    check_pairs(test, data_path)
+    train = []
+    if cfg.data.train and Path(cfg.data.train).is_file():
+        train = read_examples(cfg.data.train, cfg.data.format)
+    else:
+        log(f"note: the training data {cfg.data.train} is not there, so no few-shot baseline")
+    log(f"eval: preference on {len(test)} pairs of {data_path} (primary metric: preference_accuracy)")
+    return test, data_path, train
 
 
 def _task_inputs(cfg, run_path: Path, data, limit, metric, by, answer_format, log):

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from tunesmith.data.example import Example
 from tunesmith.errors import ConfigError, DataError
 
-TASKS = ("classification", "extraction", "text", "lm")
-PRIMARY = {"classification": "accuracy", "extraction": "field_f1", "text": "chrf", "lm": "perplexity"}
+TASKS = ("classification", "extraction", "text", "lm", "preference")
+PRIMARY = {
+    "classification": "accuracy",
+    "extraction": "field_f1",
+    "text": "chrf",
+    "lm": "perplexity",
+    "preference": "preference_accuracy",
+}
 MAX_LABELS = 50
 LABEL_COVERAGE = 0.8  # share of test answers that must be training labels for a classification eval
 
@@ -36,6 +42,21 @@ METRICS: dict[str, tuple[str, bool, str]] = {
     "loss": ("text", False, "mean negative log-likelihood per reference token (nats)"),
     "format_rate": ("text", True, "share of generated answers that match eval.format (a regular expression) in full"),
     "perplexity": ("lm", False, "exp(loss): perplexity of the reference tokens"),
+    # preference pairs (evaluation/preference_eval.py)
+    "preference_accuracy": (
+        "preference",
+        True,
+        "share of pairs ranked chosen above rejected (base: log-likelihood; fine-tuned: its objective's reward)",
+    ),
+    "logp_margin": ("preference", True, "mean log p(chosen) - log p(rejected), nats"),
+    "reward_margin": ("preference", True, "mean margin of the training objective's reward (fine-tuned only)"),
+    "refusal_rate_harmful": ("preference", True, "share of harmful prompts the system refuses (generated answers)"),
+    "over_refusal_rate_harmless": ("preference", False, "share of harmless prompts the system refuses (generated)"),
+    "refusal_accuracy": (
+        "preference",
+        True,
+        "share of prompts handled as their category asks: refuse harmful, answer harmless (generated answers)",
+    ),
 }
 TASK_METRICS = {
     "classification": ["accuracy", "macro_f1", "accuracy_generated", "macro_f1_generated", "invalid_rate"],
@@ -51,6 +72,14 @@ TASK_METRICS = {
     ],
     "text": ["chrf", "rouge_l", "token_f1", "exact_match", "format_rate", "loss", "perplexity"],
     "lm": ["perplexity", "loss"],
+    "preference": [
+        "preference_accuracy",
+        "logp_margin",
+        "reward_margin",
+        "refusal_rate_harmful",
+        "over_refusal_rate_harmless",
+        "refusal_accuracy",
+    ],
 }
 
 
@@ -88,6 +117,10 @@ def plan_task(train: list[Example], test: list[Example], metric: str | None, by:
         raise DataError(
             "the test data holds preference pairs (prompt/chosen/rejected); evaluate on chat, "
             "prompt/completion or text rows"
+        )
+    if task == "preference":
+        raise DataError(
+            f"--metric {metric}: preference metrics are measured on preference pairs; this test data is {sorted(kinds)}"
         )
     if kinds == {"text"} or task == "lm":
         if kinds != {"text"}:

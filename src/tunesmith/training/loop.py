@@ -518,6 +518,8 @@ def _prepare_data(cfg: Config, tokenizer, model, log) -> PreparedData:
     renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
     encoded, summary = {}, {"template": renderer.template_name, "kind": train_examples[0].kind}
     summary["objective"] = cfg.train.objective
+    if preference:  # how its prompts are given to the model: raw text or through the chat template
+        summary["prompt_form"] = "chat" if train_examples[0].is_chat_pair else "raw"
     for split, examples in (("train", train_examples), ("validation", val_examples)):
         encode = _encode_pairs if preference else _encode_all
         encoded[split], summary[split] = encode(examples, renderer, cfg, log)
@@ -762,7 +764,7 @@ def _starting_checkpoint(run_dir: Path, resume: bool, log) -> Path | None:
 
 def _check_same_objective(run_dir: Path, cfg: Config) -> None:
     """A resumed run goes on with the objective it started with (data.json records it; config.yaml could be edited)."""
-    started = RunDir(run_dir).data_summary.get("objective", "sft")
+    started = RunDir(run_dir).objective
     if started != cfg.train.objective:
         raise RunError(
             f"{run_dir} was trained with train.objective {started} and its config.yaml now says "
