@@ -395,3 +395,58 @@ def test_pairs_need_a_prompt(tokenizer):
     renderer = Renderer(tokenizer)
     with pytest.raises(DataError, match="empty prompt"):
         renderer.encode_pair(Example("preference", prompt="", chosen="a", rejected="b", source="f:3"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def test_eval_ranks_by_the_objective_reward_and_matches_training_validation(tiny_model_dir, pair_data, tmp_path):
+    """The tuned model's preference accuracy on the validation pairs is what training logged for them: the same
+    pairs, model and reference (the base model on the same prompts)."""
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, pair_data, out, *RUN_ARGS)) == 0
+    assert main(["eval", str(out), "--data", str(pair_data[1]), "--no-forgetting", "--shots", "2"]) == 0
+    task = json.loads((out / "eval" / "task.json").read_text())
+    assert task["task"] == "preference" and task["primary"] == "preference_accuracy"
+    systems = {s["key"]: s for s in task["systems"]}
+    assert list(systems) == ["base_zero_shot", "base_few_shot", "fine_tuned"]
+    assert systems["base_few_shot"]["shots"] == 2
+    assert (
+        systems["base_few_shot"]["prompt_tokens_per_example"] > systems["base_zero_shot"]["prompt_tokens_per_example"]
+    )
+    last_eval = [r for r in _records(out) if r["kind"] == "eval"][-1]
+    tuned = systems["fine_tuned"]["metrics"]
+    assert tuned["preference_accuracy"] == pytest.approx(last_eval["val_reward_accuracy"])
+    assert tuned["reward_margin"] == pytest.approx(last_eval["val_reward_margin"], rel=1e-4)
+    examples = [json.loads(line) for line in (out / "eval" / "task_examples.jsonl").read_text().splitlines()]
+    assert len(examples) == 8 and all(set(e["scores"].values()) <= {0.0, 1.0} for e in examples)
+    assert sum(e["scores"]["fine_tuned"] for e in examples) / 8 == pytest.approx(tuned["preference_accuracy"])
+    assert "refusal_rate_harmful" not in tuned  # these pairs carry no categories: no generation metrics
+    assert main(["report", str(out)]) == 0
+    assert "preference_accuracy" in (out / "report.html").read_text()
+
+
+def test_few_shot_pairs_put_chosen_answers_as_earlier_turns():
+    from tunesmith.evaluation.preference_eval import few_shot_example
+
+    shots = _pairs(2, chat=True, seed=5)
+    ex = Example("preference", messages=[Message("system", "S"), Message("user", "Q")], chosen="a", rejected="b")
+    got = few_shot_example(ex, shots[:1])
+    roles = [m.role for m in got.messages]
+    assert roles[0] == "system" and roles[-1] == "user" and got.messages[-1].content == "Q"
+    assert Message("assistant", shots[0].chosen) in got.messages and (got.chosen, got.rejected) == ("a", "b")
+    assert all(m.content != shots[0].rejected for m in got.messages)
+    raw = few_shot_example(Example("preference", prompt="Q:", chosen=" a", rejected=" b"), _pairs(2, chat=False))
+    assert raw.prompt.endswith("\n\nQ:") and _pairs(2, chat=False)[0].chosen in raw.prompt
+
+
+def test_eval_of_a_preference_run_on_chat_rows_says_what_to_give(tiny_model_dir, pair_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_model_dir, pair_data, out, "--max-steps", "1")) == 0
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n"
+    )
+    assert main(["eval", str(out), "--data", str(chat), "--no-forgetting"]) == 2
+    assert "trained with train.objective dpo on preference pairs" in capsys.readouterr().err
