@@ -322,10 +322,12 @@ def test_text(tokenizer, renderer):
     assert enc.n_label_tokens == len(body) + 1
 
 
-def test_preference_is_not_trainable_yet(renderer):
+def test_a_preference_pair_is_encoded_as_a_pair_not_one_example(renderer):
     ex = Example(kind="preference", prompt="p", chosen="a", rejected="b", source="prefs.jsonl:7")
-    with pytest.raises(DataError, match=r"^prefs.jsonl:7: preference examples .* not trained yet"):
+    with pytest.raises(DataError, match=r"^prefs.jsonl:7: a preference pair .* train.objective dpo"):
         renderer.encode(ex)
+    pair = renderer.encode_pair(ex)  # a raw-text pair: like a completion row, prompt then answer then EOS
+    assert pair.chosen_labels[-1] == pair.chosen[-1] == renderer.eos_token_id
 
 
 # ---- truncation -----------------------------------------------------------------------------------------------
