@@ -46,7 +46,7 @@ def _pairs(n: int, chat: bool, seed: int = 0) -> list[Example]:
         if chat:
             turns = [Message("user", f"say {q}")]
             if i % 3 == 0:  # multi-turn prompts too
-                turns = [Message("system", "Be brief."), Message("user", "hi"), Message("assistant", "hello"), *turns]
+                turns = [Message("user", "hi"), Message("assistant", "hello"), *turns]
             out.append(Example("preference", messages=turns, chosen=good, rejected=bad, source=f"t:{i + 1}"))
         else:
             out.append(Example("preference", prompt=f"Q: {q}\nA:", chosen=" " + good, rejected=" " + bad))
@@ -87,9 +87,11 @@ def _full_sequence_logps(model, pairs) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _layout_logps(model, pairs, shared, row_tokens=64, micro=3) -> torch.Tensor:
+def _layout_logps(model, pairs, shared, row_tokens=64, micro=3, share_prefix=0) -> torch.Tensor:
     parts = []
-    for batch in make_pair_batches(pairs, micro, 0, row_tokens, shared):
+    batches = make_pair_batches(pairs, micro, 0, row_tokens, shared, share_prefix)
+    assert any(b.prefix_ids is not None for b in batches) == bool(share_prefix and shared)
+    for batch in batches:
         parts.append(sequence_logps(pair_batch_logits(model, batch), batch).view(-1, 2))
     return torch.cat(parts)
 
@@ -98,14 +100,21 @@ def _layout_logps(model, pairs, shared, row_tokens=64, micro=3) -> torch.Tensor:
 @pytest.mark.parametrize("chat", [True, False])
 def test_shared_prompt_scoring_equals_the_two_full_sequences(tiny_model_dir, attn, chat):
     model, tok = _model(tiny_model_dir, attn)
-    renderer = Renderer(tok)
-    pairs = [renderer.encode_pair(e) for e in _pairs(7, chat)]
+    renderer = Renderer(tok, system_prompt="Answer in a few words." if chat else None)
+    examples = _pairs(7, chat)
+    if not chat:  # a raw-text prefix every prompt starts with, fed once per micro-batch
+        examples = [
+            Example("preference", prompt="Task: answer.\n" + e.prompt, chosen=e.chosen, rejected=e.rejected)
+            for e in examples
+        ]
+    pairs = [renderer.encode_pair(e) for e in examples]
     assert all(p.prompt and p.chosen and p.rejected for p in pairs)
     with torch.no_grad():
         want = _full_sequence_logps(model, pairs)
-        for shared in (True, False):
-            got = _layout_logps(model, pairs, shared)  # rows of 64 tokens: several pairs per row, several rows
-            torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+        for shared, share_prefix in ((True, 0), (False, 0), (True, 4)):
+            # rows of 64 tokens: several pairs per row, several rows; with share_prefix the common prefix apart
+            got = _layout_logps(model, pairs, shared, share_prefix=share_prefix)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
     shared_batch = make_pair_batches(pairs, 7, 0, 64, True)[0]
     assert shared_batch.input_ids.ne(0).sum() < sum(p.tokens for p in pairs)  # the prompts are fed once
 

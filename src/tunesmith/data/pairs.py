@@ -48,6 +48,7 @@ class PairBatch:
     target_seq: torch.Tensor  # (n,) 2 * pair + (0 chosen, 1 rejected)
     n_pairs: int
     n_tokens: int  # tokens of the two sequences of every pair (prompt counted twice): the work a user asks for
+    prefix_ids: torch.Tensor | None = None  # (1, L) prompt tokens every pair of the batch starts with, fed once
 
     def to(self, device) -> "PairBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -61,6 +62,7 @@ class PairBatch:
             move(self.target_seq),
             self.n_pairs,
             self.n_tokens,
+            move(self.prefix_ids),
         )
 
     @property
@@ -69,18 +71,21 @@ class PairBatch:
         return torch.bincount(self.target_seq, minlength=2 * self.n_pairs)
 
 
-def _segments(pair: EncodedPair, shared: bool) -> list[tuple[list[int], list[int], list[tuple[int, int, int]]]]:
+def _segments(
+    pair: EncodedPair, shared: bool, skip: int = 0
+) -> list[tuple[list[int], list[int], list[tuple[int, int, int]]]]:
     """The row segments of one pair: (tokens, positions, [(offset in segment, token, side)]) — each target is
-    the token predicted at that offset. Shared: one segment (the tree); else one per answer."""
+    the token predicted at that offset. Shared: one segment (the tree), without the first `skip` prompt tokens
+    (the batch's common prefix, fed apart); else one per answer."""
     p = len(pair.prompt)
     sides = ((pair.chosen, pair.chosen_labels), (pair.rejected, pair.rejected_labels))
     if shared:
-        tokens, positions, targets = list(pair.prompt), list(range(p)), []
+        tokens, positions, targets = list(pair.prompt[skip:]), list(range(skip, p)), []
         for side, (answer, labels) in enumerate(sides):
             start = len(tokens)  # where this answer's fed tokens (all but its last) begin
             for j, label in enumerate(labels):
                 if label != IGNORE:
-                    targets.append((p - 1 if j == 0 else start + j - 1, label, side))
+                    targets.append((p - skip - 1 if j == 0 else start + j - 1, label, side))
             tokens += answer[:-1]
             positions += range(p, p + len(answer) - 1)
         return [(tokens, positions, targets)]
@@ -93,20 +98,43 @@ def _segments(pair: EncodedPair, shared: bool) -> list[tuple[list[int], list[int
 
 
 def make_pair_batches(
-    pairs: list[EncodedPair], micro_batch_size: int, pad_id: int, row_tokens: int, shared: bool = True
+    pairs: list[EncodedPair],
+    micro_batch_size: int,
+    pad_id: int,
+    row_tokens: int,
+    shared: bool = True,
+    share_prefix: int = 0,
 ) -> list[PairBatch]:
     """The micro-batches of one optimizer step: `micro_batch_size` pairs each, packed into rows of at most
-    `row_tokens` tokens (a row is never narrower than the longest segment it must hold)."""
+    `row_tokens` tokens (a row is never narrower than the longest segment it must hold). With `shared` and
+    share_prefix > 0, prompt tokens that every pair of a micro-batch starts with (a system prompt), when at least
+    share_prefix of them, are cut off and carried once as `prefix_ids` (training/prefix.py feeds them once)."""
     return [
-        _batch(pairs[i : i + micro_batch_size], pad_id, row_tokens, shared)
+        _batch(pairs[i : i + micro_batch_size], pad_id, row_tokens, shared, share_prefix)
         for i in range(0, len(pairs), micro_batch_size)
     ]
 
 
-def _batch(pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool) -> PairBatch:
+def common_prompt_prefix(pairs: list[EncodedPair]) -> int:
+    """Prompt tokens every pair starts with, leaving each pair at least its last prompt token (which predicts the
+    first answer token, so it must be fed in the pair's own row)."""
+    first = pairs[0].prompt
+    n = min(len(p.prompt) for p in pairs) - 1
+    for p in pairs[1:]:
+        i = 0
+        while i < n and p.prompt[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def _batch(pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool, share_prefix: int = 0) -> PairBatch:
+    skip = common_prompt_prefix(pairs) if shared and share_prefix and len(pairs) > 1 else 0
+    if skip < share_prefix:
+        skip = 0
     segs = []  # (pair index, segment)
     for i, pair in enumerate(pairs):
-        segs += [(i, s) for s in _segments(pair, shared)]
+        segs += [(i, s) for s in _segments(pair, shared, skip)]
     lengths = [len(s[0]) for _, s in segs]
     rows = pack_rows(lengths, max(row_tokens, max(lengths)))
     width = max(sum(lengths[k] for k in row) for row in rows)
@@ -124,7 +152,7 @@ def _batch(pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool)
             pos[r, at : at + n] = torch.tensor(positions)
             seg_id[r, at : at + n] = k
             if shared:  # 0 prompt, 1 chosen, 2 rejected
-                p = len(pairs[i].prompt)
+                p = len(pairs[i].prompt) - skip
                 c = len(pairs[i].chosen) - 1
                 branch[r, at + p : at + p + c] = 1
                 branch[r, at + p + c : at + n] = 2
@@ -142,6 +170,8 @@ def _batch(pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool)
         same = (seg_id[:, :, None] == seg_id[:, None, :]) & (seg_id[:, :, None] >= 0)
         branch_ok = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
         mask = (same & causal & branch_ok) | torch.eye(width, dtype=torch.bool)  # padding sees itself
+        if skip:  # every token sees the common prefix (padding too: harmless, it carries no target)
+            mask = torch.cat([torch.ones(len(rows), width, skip, dtype=torch.bool), mask], dim=2)
         mask = mask[:, None]
     return PairBatch(
         input_ids=ids,
@@ -153,4 +183,23 @@ def _batch(pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool)
         target_seq=torch.tensor([s for _, _, _, s in slots], dtype=torch.long),
         n_pairs=len(pairs),
         n_tokens=sum(p.tokens for p in pairs),
+        prefix_ids=torch.tensor([pairs[0].prompt[:skip]], dtype=torch.long) if skip else None,
     )
+
+
+def budget_batches(
+    pairs: list[EncodedPair], budget: int, pad_id: int, row_tokens: int, shared: bool = True, share_prefix: int = 0
+) -> list[tuple[int, PairBatch]]:
+    """No-grad scoring batches: consecutive pairs, as many as fit `budget` fed tokens (at least one), with the index
+    of each batch's first pair."""
+    out = []
+    start = 0
+    while start < len(pairs):
+        end, fed = start, 0
+        while end < len(pairs) and (end == start or fed + len(pairs[end]) <= budget):
+            fed += len(pairs[end])
+            end += 1
+        chunk = pairs[start:end]
+        out.append((start, _batch(chunk, pad_id, row_tokens, shared, share_prefix)))
+        start = end
+    return out

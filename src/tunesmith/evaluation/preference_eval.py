@@ -38,7 +38,7 @@ import torch
 
 from tunesmith.atomic import atomic_write_text
 from tunesmith.data.example import Example, Message
-from tunesmith.data.pairs import make_pair_batches
+from tunesmith.data.pairs import budget_batches
 from tunesmith.errors import DataError
 from tunesmith.evaluation.tasks import METRICS
 from tunesmith.models.functional import pair_batch_logits, sequence_logps, takes_custom_masks
@@ -47,6 +47,7 @@ from tunesmith.progress import Progress
 VERSION = 1
 ROW_TOKENS = 512
 FORWARD_TOKENS = 4096  # tokens per no-grad scoring forward
+SHARE_PREFIX = 8  # a system prompt of at least this many tokens that all pairs of a batch share is fed once
 CATEGORIES = ("harmful", "harmless")
 DEFAULT_SHOTS = 3
 
@@ -74,22 +75,14 @@ def few_shot_example(ex: Example, shots: list[Example]) -> Example:
 def pair_logps(model, pairs: list, pad_id: int, progress: Progress | None = None, label: str = "") -> torch.Tensor:
     """(n, 2) summed answer log-probs [chosen, rejected], in batches of about FORWARD_TOKENS fed tokens."""
     shared = takes_custom_masks(model)[0]
+    device = next(model.parameters()).device
     out = []
     bar = progress.start(label, len(pairs)) if progress is not None else None
-    start = 0
-    while start < len(pairs):
-        end, fed = start, 0
-        while end < len(pairs) and (end == start or fed + len(pairs[end]) <= FORWARD_TOKENS):
-            fed += len(pairs[end])
-            end += 1
-        chunk = pairs[start:end]
-        batch = make_pair_batches(chunk, len(chunk), pad_id, ROW_TOKENS, shared)[0]
-        device = next(model.parameters()).device
+    for _, batch in budget_batches(pairs, FORWARD_TOKENS, pad_id, ROW_TOKENS, shared, SHARE_PREFIX if shared else 0):
         batch = batch.to(device)
         out.append(sequence_logps(pair_batch_logits(model, batch), batch).view(-1, 2).cpu())
         if bar is not None:
-            progress.update(bar, advance=len(chunk))
-        start = end
+            progress.update(bar, advance=batch.n_pairs)
     return torch.cat(out) if out else torch.zeros((0, 2))
 
 

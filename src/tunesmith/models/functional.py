@@ -46,12 +46,38 @@ def kl_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Ten
     return (p_log.exp() * (p_log - q_log)).sum(-1)
 
 
+def forward_after_prefix(model, batch) -> torch.Tensor:
+    """Logits at `batch.keep` for a batch whose rows all follow `batch.prefix_ids` (1, L): the prefix runs once with
+    use_cache=True (its keys/values stay in the autograd graph), each layer's cache is expanded (a view) over the
+    rows, and the rows run on it with their 4D mask (R, 1, T, L + T) and positions starting after the prefix."""
+    rows = batch.input_ids.shape[0]
+    # no LM head on the prefix: an all-False boolean logits_to_keep selects no position
+    no_logits = torch.zeros_like(batch.prefix_ids, dtype=torch.bool)
+    cache = model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=no_logits).past_key_values
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    out = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=mask_for(model, batch.attention_mask),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=batch.keep,
+    )
+    return out.logits
+
+
 def pair_batch_logits(model, batch) -> torch.Tensor:
-    """Logits (n_keep, vocab) at the kept positions of a data.pairs.PairBatch (tree layout: its 4D mask)."""
-    kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "logits_to_keep": batch.keep}
-    if batch.attention_mask is not None:
-        kwargs["attention_mask"] = mask_for(model, batch.attention_mask)
-    logits = model(**kwargs, use_cache=False).logits
+    """Logits (n_keep, vocab) at the kept positions of a data.pairs.PairBatch (tree layout: its 4D mask; a common
+    prompt prefix fed once when the batch carries one)."""
+    if batch.prefix_ids is not None:
+        logits = forward_after_prefix(model, batch)
+    else:
+        kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "logits_to_keep": batch.keep}
+        if batch.attention_mask is not None:
+            kwargs["attention_mask"] = mask_for(model, batch.attention_mask)
+        logits = model(**kwargs, use_cache=False).logits
     return logits.reshape(-1, logits.shape[-1])
 
 

@@ -335,7 +335,8 @@ def _batches(ctx: TrainingContext, examples) -> list:
 
 def _pair_batches(ctx: TrainingContext, pairs) -> list:
     row = SHARED_ROW_TOKENS if ctx.shared_pairs else ROW_TOKENS
-    return make_pair_batches(pairs, ctx.plan.micro_batch_size, ctx.pad_id, row, ctx.shared_pairs)
+    # a system prompt every pair starts with is fed once per micro-batch (training/prefix.py), when exact
+    return make_pair_batches(pairs, ctx.plan.micro_batch_size, ctx.pad_id, row, ctx.shared_pairs, ctx.share_prefix)
 
 
 class _PairStats:
@@ -387,7 +388,16 @@ def _reference_logps(cfg, model, data, plan, pad_id, shared, precision, device, 
 
     def compute(name, pairs):
         return reference.compute(
-            model, pairs, plan.micro_batch_size, pad_id, row, shared, autocast, device, progress, f"reference ({name})"
+            model,
+            pairs,
+            pad_id,
+            row,
+            shared,
+            autocast,
+            device,
+            progress,
+            f"reference ({name})",
+            prefix.MIN_PREFIX_TOKENS,
         )
 
     return reference.load_or_compute(cfg.run_dir(), key, splits, compute, resume=ckpt is not None, log=log)

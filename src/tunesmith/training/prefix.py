@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.models.functional import mask_for, takes_custom_masks
+from tunesmith.models.functional import forward_after_prefix, takes_custom_masks
 
 # Below this many shared tokens the extra prefix pass costs more than it saves (measured: see bench/RESULTS.md).
 MIN_PREFIX_TOKENS = 8
@@ -41,19 +41,4 @@ def supports_prefix_sharing(model, method: str, gradient_checkpointing: bool) ->
 
 def forward_shared_prefix(model, batch) -> torch.Tensor:
     """Logits at `batch.keep` positions (n_keep, vocab) for a batch whose examples share `batch.prefix_ids`."""
-    rows = batch.input_ids.shape[0]
-    # no LM head on the prefix: an all-False boolean logits_to_keep selects no position
-    no_logits = torch.zeros_like(batch.prefix_ids, dtype=torch.bool)
-    cache = model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=no_logits).past_key_values
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
-    out = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        attention_mask=mask_for(model, batch.attention_mask),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=batch.keep,
-    )
-    return out.logits
+    return forward_after_prefix(model, batch)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.atomic import TMP, _fsync_dir
-from tunesmith.data.pairs import make_pair_batches
+from tunesmith.data.pairs import budget_batches
 from tunesmith.errors import RunError
 from tunesmith.models.functional import pair_batch_logits, sequence_logps
 from tunesmith.run_dir import REFERENCE
@@ -45,34 +45,37 @@ def reference_key(model, splits: dict[str, list], precision: str, shared: bool) 
     return h.hexdigest()
 
 
+FORWARD_TOKENS = 4096  # fed tokens per no-grad forward of the reference pass
+
+
 @torch.no_grad()
 def compute(
     model,
     pairs: list,
-    micro_batch_size: int,
     pad_id: int,
     row_tokens: int,
     shared: bool,
     autocast,
     device,
     progress=None,
-    label: str = "reference",
+    label="reference",
+    share_prefix: int = 0,
 ) -> torch.Tensor:
     """(n, 2) log-probabilities [chosen, rejected] of every pair under `model`, in pair order."""
     was_training = model.training
     model.eval()
     out = []
     bar = progress.start(label, len(pairs)) if progress is not None else None
-    done = 0
     try:
-        for batch in make_pair_batches(pairs, micro_batch_size, pad_id, row_tokens, shared):
+        for _, batch in budget_batches(
+            pairs, FORWARD_TOKENS, pad_id, row_tokens, shared, share_prefix if shared else 0
+        ):
             batch = batch.to(device)
             with autocast:
                 logits = pair_batch_logits(model, batch)
             out.append(sequence_logps(logits, batch).view(-1, 2).cpu())
-            done += batch.n_pairs
             if bar is not None:
-                progress.update(bar, completed=done)
+                progress.update(bar, advance=batch.n_pairs)
     finally:
         if was_training:
             model.train()
