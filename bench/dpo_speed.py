@@ -73,7 +73,9 @@ def main() -> None:
         "/work/wt-safety/data/safety-preferences/train.jsonl or data/safety-preferences/train.jsonl when present, "
         "else pairs built from data/ticket-triage",
     )
-    parser.add_argument("--n-pairs", type=int, default=64, help="pairs used (the first N of the file)")
+    parser.add_argument(
+        "--n-pairs", type=int, help="pairs used, the first N of the file (default: steps x batch, each trained once)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step (no accumulation)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (step 1 is warm-up)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.n_pairs is None:
+        args.n_pairs = args.steps * args.batch
     if args.worker:
         worker = {"prep": _prepare, "trl": _trl_run, "ts": _tunesmith_run}[args.worker]
         result = worker(args, Path(args.workdir))
@@ -165,7 +169,9 @@ def spawn(worker: str, args, work: Path, workdir: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"error: the {worker} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        sys.exit(
+            f"error: the {worker} run failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     result = json.loads(lines[-1][len("RESULT ") :])
     result["wall_s"] = time.perf_counter() - t0
     return result
@@ -183,6 +189,8 @@ def _report_tokens(side: str, result: dict, prep: dict) -> None:
         _print_ids(f"{NAMES[side]} ids", result["pair0"])
     same0 = result.get("pair0") == prep["pair0"]
     print(f"{NAMES[side]}: pair 0 ids identical to the reference encoding: {same0}; {result.get('token_note', '')}")
+    if "micro_batch_size" in result:
+        print(f"{NAMES[side]}: micro-batch {result['micro_batch_size']} pairs, batching {result['batching']}")
     if result.get("step_useful_tokens") is not None:
         ok = result["step_useful_tokens"] == prep["step_useful_tokens"][: len(result["step_useful_tokens"])]
         print(f"{NAMES[side]}: steps saw the expected pairs (useful tokens per step match): {ok}")
@@ -195,7 +203,7 @@ def print_table(runs: dict[str, list[dict]], args) -> dict:
     print()
     print(
         f"{'side':<15} {'runs':>4} {'useful tok/s':>12} {'vs TRL':>6} {'peak RSS MB':>11} {'vs TRL':>6} "
-        f"{'first loss':>11} {'ref precompute s':>16} {'step s':>7}"
+        f"{'RSS to ref MB':>13} {'first loss':>11} {'ref precompute s':>16} {'step s':>7}"
     )
     summary: dict = {}
     for side, rs in runs.items():
@@ -211,15 +219,26 @@ def print_table(runs: dict[str, list[dict]], args) -> dict:
             "peak_rss_mb": rss,
             "tokens_per_s_vs_trl": ratio_tps,
             "peak_rss_vs_trl": ratio_rss,
+            "peak_rss_after_ref_mb": med(side, "peak_rss_after_ref_mb"),
             "first_loss": rs[0]["first_loss"],
             "precompute_s": med(side, "precompute_s"),
             "step_s": step_s,
         }
+        row = summary[side]
         print(
             f"{NAMES[side]:<15} {len(rs):>4} {tps:>12.1f} {_x(ratio_tps):>6} {rss:>11.0f} {_x(ratio_rss):>6} "
-            f"{rs[0]['first_loss']:>11.6f} {med(side, 'precompute_s'):>16.1f} {step_s:>7.2f}"
+            f"{row['peak_rss_after_ref_mb']:>13.0f} {row['first_loss']:>11.6f} {row['precompute_s']:>16.1f} "
+            f"{step_s:>7.2f}"
         )
+    print(
+        "(peak RSS: the whole run, model load included; RSS to ref: the peak until the reference log-probs were done; "
+        "step s: median step time from step 2)"
+    )
     if runs.get("trl") and runs.get("ts"):
+        ref_a, ref_b = runs["trl"][0]["ref_logps"], runs["ts"][0]["ref_logps"]
+        diff = max(abs(x - y) for ra, rb in zip(ref_a, ref_b) for x, y in zip(ra, rb))
+        summary["ref_logps_max_abs_diff"] = diff
+        print(f"reference log-probs (summed over each answer), {len(ref_a)} pairs: largest difference {diff:.2e}")
         a, b = runs["trl"][0]["first_loss"], runs["ts"][0]["first_loss"]
         rel = abs(a - b) / abs(a)
         summary["first_loss_rel_diff"] = rel
@@ -292,15 +311,11 @@ def _prepare(args, work: Path) -> dict:
     pairs = pairs[: args.n_pairs]
 
     encoded = []
-    for p in pairs:
-        ids = {}
-        for answer in ("chosen", "rejected"):
-            e = renderer.encode(Example(kind="completion", prompt=p["prompt"], completion=p[answer]), truncation="error")
-            n_prompt = next(i for i, label in enumerate(e.labels) if label != IGNORE)
-            ids.setdefault("prompt", e.input_ids[:n_prompt])
-            assert ids["prompt"] == e.input_ids[:n_prompt]
-            ids[answer] = e.input_ids[n_prompt:]
-        encoded.append(ids)
+    for p in pairs:  # tunesmith's encoding of a plain pair: prompt, then each answer + EOS, every answer token trained
+        e = renderer.encode_pair(Example(kind="preference", **p), truncation="error")
+        if any(t == IGNORE for t in e.chosen_labels + e.rejected_labels):
+            raise SystemExit("an answer token is not trained in tunesmith's encoding; the layouts would differ")
+        encoded.append({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected})
     order = epoch_order(len(pairs), SEED, 0)  # tunesmith's order for epoch 0 (data/batching.py)
     useful = [_useful(e) for e in encoded]
     step_useful = [sum(useful[i] for i in order[s * args.batch : (s + 1) * args.batch]) for s in range(args.steps)]
@@ -332,6 +347,8 @@ def _prepare(args, work: Path) -> dict:
         "step_useful_tokens": step_useful,
         "adapter_tensors": n,
         "pair0": encoded[order[0]],  # the first pair of step 1
+        "adds_bos": renderer.adds_bos,
+        "eos_token_id": tokenizer.eos_token_id,
     }
     (work / "prep.json").write_text(json.dumps(prep))
     return prep
@@ -376,19 +393,33 @@ def _default_pairs_file() -> Path | None:
 
 
 def _load_pairs(args, renderer) -> tuple[list[dict], str]:
-    """Plain {"prompt", "chosen", "rejected"} text pairs; chat prompts rendered with the chat template."""
-    from tunesmith.data.formats import read_examples
-
+    """Plain {"prompt", "chosen", "rejected"} text pairs. A chat prompt (`messages`, or `prompt` as a list of turns)
+    is rendered with the chat template and its generation prompt; an answer may be a string, an assistant message
+    or a list holding one."""
     path = Path(args.pairs) if args.pairs else _default_pairs_file()
     if path is None:
         return _ticket_pairs(renderer), "data/ticket-triage/train.jsonl (built pairs)"
     pairs = []
-    for e in read_examples(str(path), "auto"):
-        if e.kind != "preference":
-            raise SystemExit(f"{path}: {e.source}: not a preference pair ({e.kind})")
-        prompt = renderer.prompt_text(e.messages, add_generation_prompt=True) if e.is_chat_pair else e.prompt
-        pairs.append({"prompt": prompt, "chosen": e.chosen, "rejected": e.rejected})
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        turns = row.get("messages", row.get("prompt"))
+        if isinstance(turns, str):
+            prompt = turns
+        elif isinstance(turns, list):
+            prompt = renderer.prompt_text(turns, add_generation_prompt=True)
+        else:
+            raise SystemExit(f"{path}:{n}: no prompt (a `prompt` string or chat `messages`)")
+        pairs.append({"prompt": prompt, "chosen": _answer(row, "chosen"), "rejected": _answer(row, "rejected")})
     return pairs, str(path)
+
+
+def _answer(row: dict, key: str) -> str:
+    value = row[key]
+    if isinstance(value, list):
+        (value,) = value
+    return value["content"] if isinstance(value, dict) else value
 
 
 def _ticket_pairs(renderer) -> list[dict]:
@@ -503,7 +534,9 @@ def _trl_run(args, workdir: Path) -> dict:
                     f"TRL's own tokenization differed from the reference on {len(differ)} of {len(own)} pairs "
                     f"(first: step-order pair {i}: TRL {own[i]} vs {expected[i]}); the reference ids are used"
                 )
-                out = Dataset.from_list([{f"{k}_ids": e[k] for k in ("prompt", "chosen", "rejected")} for e in expected])
+                out = Dataset.from_list(
+                    [{f"{k}_ids": e[k] for k in ("prompt", "chosen", "rejected")} for e in expected]
+                )
             else:
                 notes.append(f"TRL's own tokenization equals the reference on all {len(own)} pairs")
             return out
@@ -570,6 +603,7 @@ def _trl_run(args, workdir: Path) -> dict:
         callbacks=[clock],
     )
     # The reference (adapters disabled) is precomputed by now; the policy starts from the shared initial adapter
+    rss_after_ref = _peak_rss_mb()
     load_initial_adapter(trainer.model, work / "init-adapter")
     seen: list[int] = []
     collate = trainer.data_collator
@@ -586,10 +620,11 @@ def _trl_run(args, workdir: Path) -> dict:
     result = _summary(clock.times, seen[: args.steps], trainer.losses[0], BenchDPOTrainer.precompute_s)
     return result | {
         "pair0": {k: list(row0[f"{k}_ids"]) for k in ("prompt", "chosen", "rejected")},
-        "ref_logps_first": [float(row0["ref_chosen_logps"]), float(row0["ref_rejected_logps"])],
+        "ref_logps": [[float(r["ref_chosen_logps"]), float(r["ref_rejected_logps"])] for r in trainer.train_dataset],
         "token_note": "; ".join(notes),
         "step_useful_tokens": seen[: args.steps],
         "losses": trainer.losses,
+        "peak_rss_after_ref_mb": rss_after_ref,
         "setup_s": t_train - t_start,
         "train_s": train_s,
         "versions": {
@@ -612,12 +647,19 @@ def _tunesmith_run(args, workdir: Path) -> dict:
     torch.set_num_threads(args.threads)
     import peft
     import transformers
+    from safetensors.torch import load_file
 
     import tunesmith
     from tunesmith import methods
+    from tunesmith.data.templates import Renderer
+    from tunesmith.run_dir import REFERENCE
+    from tunesmith.training import reference
 
     work = Path(os.environ["BENCH_WORK"])
     prep, ordered = _read_prep(work)
+
+    # the initial adapter, right after tunesmith applies its LoRA (after the reference pass, which runs on the
+    # starting model before any method is applied)
     apply_method = methods.apply_method
     loaded: list[int] = []
 
@@ -627,6 +669,32 @@ def _tunesmith_run(args, workdir: Path) -> dict:
         return model
 
     methods.apply_method = apply_with_initial_adapter  # training/loop.py calls methods.apply_method
+
+    # the ids tunesmith trains on, as its Renderer encodes them (in file order)
+    seen_pairs: list = []
+    encode_pair = Renderer.encode_pair
+
+    def recording_encode_pair(self, example, *a, **k):
+        pair = encode_pair(self, example, *a, **k)
+        seen_pairs.append({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected})
+        return pair
+
+    Renderer.encode_pair = recording_encode_pair
+
+    # the reference pass, timed apart from the steps
+    load_or_compute = reference.load_or_compute
+    precompute: list[float] = []
+    rss_after_ref: list[float] = []
+
+    def timed_load_or_compute(*a, **k):
+        t = time.perf_counter()
+        out = load_or_compute(*a, **k)
+        precompute.append(time.perf_counter() - t)
+        rss_after_ref.append(_peak_rss_mb())
+        return out
+
+    reference.load_or_compute = timed_load_or_compute
+
     steps = args.steps
     micro = args.ts_micro_batch if args.ts_micro_batch == "auto" else int(args.ts_micro_batch)
     config = {
@@ -645,7 +713,6 @@ def _tunesmith_run(args, workdir: Path) -> dict:
             "weight_decay": 0.0,
             "max_grad_norm": 1.0,
             "seed": SEED,
-            "eval_every": steps,
             "save_every": steps,
             "threads": args.threads,
             "precision": "fp32",
@@ -653,23 +720,47 @@ def _tunesmith_run(args, workdir: Path) -> dict:
         "dpo": {"beta": args.beta, "loss": "sigmoid"},
         "output": str(workdir / "run"),
     }
+    logged: list[str] = []
     t_start = time.perf_counter()
-    run = tunesmith.train(config, quiet=True, log=lambda *a: None)
+    run = tunesmith.train(config, quiet=True, log=lambda *a: logged.append(" ".join(map(str, a))))
     wall = time.perf_counter() - t_start
     if loaded != [prep["adapter_tensors"]]:
         raise SystemExit(f"the initial adapter was loaded {len(loaded)} times ({loaded}); expected once")
-    records = [json.loads(line) for line in (Path(run.path) / "metrics.jsonl").read_text().splitlines()]
+    run_dir = Path(run.path)
+    plan = json.loads((run_dir / "data.json").read_text())["plan"]
+    if plan["batching"] not in ("pack", "pad"):  # group reorders the steps; the TRL side follows the epoch order
+        raise SystemExit(f"tunesmith planned batching {plan['batching']}; the step order would differ from TRL's")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    precompute = [r for r in records if r["kind"] not in ("train", "eval")]
-    precompute_s = next((r.get("time_s", r.get("seconds", 0.0)) for r in precompute if "ref" in json.dumps(r)), 0.0)
-    result = _summary([r["step_time"] for r in train], prep["step_useful_tokens"], train[0]["loss"], precompute_s)
+    expected = [None] * len(ordered)
+    for p in ordered:
+        expected[p["index"]] = p["ids"]
+    differ = [i for i, (a, b) in enumerate(zip(seen_pairs, expected)) if a != b]
+    note = (
+        f"tunesmith's encoding equals the reference on all {len(expected)} pairs"
+        if len(seen_pairs) == len(expected) and not differ
+        else f"tunesmith's encoding differs on {len(differ)} pairs ({len(seen_pairs)} encoded)"
+    )
+    ref = load_file(str(run_dir / REFERENCE))["train"]  # (n, 2) in file order
+    result = _summary([r["step_time"] for r in train], prep["step_useful_tokens"], train[0]["loss"], sum(precompute))
     return result | {
+        "pair0": seen_pairs[ordered[0]["index"]],
+        "token_note": note,
+        "ref_logps": [ref[p["index"]].tolist() for p in ordered],  # step order, as TRL's
         "losses": [r["loss"] for r in train],
+        "step_useful_tokens": [b["tokens"] - a for a, b in zip([0] + [r["tokens"] for r in train], train)],
         "reported_tokens_per_s": [r["tokens_per_s"] for r in train],
+        "peak_rss_after_ref_mb": rss_after_ref[0],
+        "micro_batch_size": plan["micro_batch_size"],
+        "batching": plan["batching"],
         "train_s": wall,
-        "other_records": precompute[:5],
-        "versions": {"tunesmith": getattr(tunesmith, "__version__", "?"), "transformers": transformers.__version__,
-                     "peft": peft.__version__, "torch": torch.__version__},
+        "log": logged,
+        "versions": {
+            "tunesmith": getattr(tunesmith, "__version__", "?"),
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "torch": torch.__version__,
+        },
     }
 
 
