@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench bench-venv results clean-venv browser
+.PHONY: install demo test test-fast lint format bench bench-venv bench-dpo results clean-venv browser
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run: make PY=python3 ..." >&2; exit 2; }
@@ -90,6 +90,11 @@ $(BENCH_STAMP): $(BENCH_VENV)/bin/python
 	@touch $(BENCH_STAMP)
 
 bench-venv: $(BENCH_STAMP)
+
+# DPO training speed against TRL's DPOTrainer (bench/dpo_speed.py; ~10 min on 2 idle cores with its defaults).
+# DPO_BENCH_ARGS=... passes options to it (--steps, --repeats, --pairs FILE, --json FILE).
+bench-dpo: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/dpo_speed.py $(DPO_BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -193,7 +193,13 @@ def _report_tokens(side: str, result: dict, prep: dict) -> None:
         print(f"{NAMES[side]}: micro-batch {result['micro_batch_size']} pairs, batching {result['batching']}")
     if result.get("step_useful_tokens") is not None:
         ok = result["step_useful_tokens"] == prep["step_useful_tokens"][: len(result["step_useful_tokens"])]
-        print(f"{NAMES[side]}: steps saw the expected pairs (useful tokens per step match): {ok}")
+        print(f"{NAMES[side]}: useful tokens of every step as expected: {ok}")
+    if result.get("step_pairs") is not None:
+        order, batch = prep["order"], len(result["step_pairs"][0])
+        expected = [order[s * batch : (s + 1) * batch] for s in range(len(result["step_pairs"]))]
+        print(
+            f"{NAMES[side]}: every step held the expected pairs in the expected order: {result['step_pairs'] == expected}"
+        )
 
 
 def print_table(runs: dict[str, list[dict]], args) -> dict:
@@ -605,11 +611,19 @@ def _trl_run(args, workdir: Path) -> dict:
     # The reference (adapters disabled) is precomputed by now; the policy starts from the shared initial adapter
     rss_after_ref = _peak_rss_mb()
     load_initial_adapter(trainer.model, work / "init-adapter")
-    seen: list[int] = []
+    seen: list[int] = []  # useful tokens of each batch the trainer draws
+    seen_pairs: list[list[int]] = []  # and which pairs (file indices) it holds
+    index_of = {json.dumps([p["ids"][k] for k in ("prompt", "chosen", "rejected")]): p["index"] for p in ordered}
     collate = trainer.data_collator
 
     def recording_collator(examples):
         seen.append(sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples))
+        seen_pairs.append(
+            [
+                index_of.get(json.dumps([list(e[f"{k}_ids"]) for k in ("prompt", "chosen", "rejected")]))
+                for e in examples
+            ]
+        )
         return collate(examples)
 
     trainer.data_collator = recording_collator
@@ -623,6 +637,7 @@ def _trl_run(args, workdir: Path) -> dict:
         "ref_logps": [[float(r["ref_chosen_logps"]), float(r["ref_rejected_logps"])] for r in trainer.train_dataset],
         "token_note": "; ".join(notes),
         "step_useful_tokens": seen[: args.steps],
+        "step_pairs": seen_pairs[: args.steps],
         "losses": trainer.losses,
         "peak_rss_after_ref_mb": rss_after_ref,
         "setup_s": t_train - t_start,
@@ -651,9 +666,10 @@ def _tunesmith_run(args, workdir: Path) -> dict:
 
     import tunesmith
     from tunesmith import methods
+    from tunesmith.data import batching
     from tunesmith.data.templates import Renderer
     from tunesmith.run_dir import REFERENCE
-    from tunesmith.training import reference
+    from tunesmith.training import loop, reference
 
     work = Path(os.environ["BENCH_WORK"])
     prep, ordered = _read_prep(work)
@@ -694,6 +710,16 @@ def _tunesmith_run(args, workdir: Path) -> dict:
         return out
 
     reference.load_or_compute = timed_load_or_compute
+
+    # which pairs each step holds (training/loop.py splits an epoch with step_indices)
+    step_lists: list[list[int]] = []
+
+    def recording_step_indices(*a, **k):
+        steps = batching.step_indices(*a, **k)
+        step_lists.extend(steps)
+        return steps
+
+    loop.step_indices = recording_step_indices
 
     steps = args.steps
     micro = args.ts_micro_batch if args.ts_micro_batch == "auto" else int(args.ts_micro_batch)
@@ -743,25 +769,29 @@ def _tunesmith_run(args, workdir: Path) -> dict:
     )
     ref = load_file(str(run_dir / REFERENCE))["train"]  # (n, 2) in file order
     result = _summary([r["step_time"] for r in train], prep["step_useful_tokens"], train[0]["loss"], sum(precompute))
-    return result | {
-        "pair0": seen_pairs[ordered[0]["index"]],
-        "token_note": note,
-        "ref_logps": [ref[p["index"]].tolist() for p in ordered],  # step order, as TRL's
-        "losses": [r["loss"] for r in train],
-        "step_useful_tokens": [b["tokens"] - a for a, b in zip([0] + [r["tokens"] for r in train], train)],
-        "reported_tokens_per_s": [r["tokens_per_s"] for r in train],
-        "peak_rss_after_ref_mb": rss_after_ref[0],
-        "micro_batch_size": plan["micro_batch_size"],
-        "batching": plan["batching"],
-        "train_s": wall,
-        "log": logged,
-        "versions": {
-            "tunesmith": getattr(tunesmith, "__version__", "?"),
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-            "torch": torch.__version__,
-        },
-    }
+    return (
+        result
+        | {
+            "pair0": seen_pairs[ordered[0]["index"]],
+            "token_note": note,
+            "ref_logps": [ref[p["index"]].tolist() for p in ordered],  # step order, as TRL's
+            "losses": [r["loss"] for r in train],
+            "step_useful_tokens": [b["tokens"] - a for a, b in zip([0] + [r["tokens"] for r in train], train)],
+            "step_pairs": step_lists[: len(train)],
+            "reported_tokens_per_s": [r["tokens_per_s"] for r in train],
+            "peak_rss_after_ref_mb": rss_after_ref[0],
+            "micro_batch_size": plan["micro_batch_size"],
+            "batching": plan["batching"],
+            "train_s": wall,
+            "log": logged,
+            "versions": {
+                "tunesmith": getattr(tunesmith, "__version__", "?"),
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                "torch": torch.__version__,
+            },
+        }
+    )
 
 
 if __name__ == "__main__":
