@@ -13,7 +13,9 @@ What is held identical (shared/BENCHMARKING.md):
 - model and tokenizer (the same local directory), fp32, the same number of torch threads, no gradient
   checkpointing, no evaluation, no checkpoint saving during the measured steps;
 - the pairs and their order: plain {"prompt", "chosen", "rejected"} text rows; a chat prompt is rendered to text
-  once, here, with the model's chat template (tunesmith's Renderer), so both tools get the same raw text. tunesmith
+  once, here, with the model's chat template and generation prompt (tunesmith's Renderer; with --system-prompt
+  auto, the data card's system prompt, as recipes/safety-dpo.yaml gives it), so both tools get the same raw text
+  (default pairs: data/safety-preferences/train.jsonl, else pairs built from data/ticket-triage). tunesmith
   shuffles with its seeded epoch order; TRL gets the pairs already in that order and trains with a sequential
   sampler, so every step holds the same 8 pairs on both sides;
 - the token ids: tunesmith's plain-pair encoding ([BOS if the tokenizer adds one] + tokens(prompt) +
@@ -32,7 +34,13 @@ Useful tokens of a step: for each of its pairs, len(prompt) + len(chosen) + len(
 above (the two sequences a user asked to train on; no padding; a prompt counted twice even where a tool encodes it
 once). Per-step useful tokens/s are taken from step 2 on (step 1 is warm-up) and their median is the run's figure;
 the table shows the median over repeats. The first-step loss is on identical weights and data, so the two must
-agree (relative difference <= 1e-4 in fp32).
+agree (relative difference <= 1e-4 in fp32); the reference log-probs of every pair are compared too.
+
+What each tool does with the same work, from their code (trl 1.16.0): TRL feeds prompt+chosen and prompt+rejected
+as 2B padded rows; its fused LM head (trl/trainer/utils.py add_fused_lm_head) scores only the labelled positions
+with a Triton kernel on CUDA/XPU, but on a CPU it runs the LM head, log-softmax, entropy and top-1 statistics in
+torch ops over every position, prompt and padding included. tunesmith feeds each prompt once with both answers on
+it (data/pairs.py), packed, and runs the LM head only where an answer token is predicted.
 """
 
 from __future__ import annotations
@@ -70,8 +78,13 @@ def main() -> None:
     parser.add_argument(
         "--pairs",
         help="preference pairs (.jsonl: plain prompt/chosen/rejected or chat form); default: "
-        "/work/wt-safety/data/safety-preferences/train.jsonl or data/safety-preferences/train.jsonl when present, "
-        "else pairs built from data/ticket-triage",
+        "data/safety-preferences/train.jsonl when present, else pairs built from data/ticket-triage",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default="auto",
+        help="system message for chat prompts that have none: auto (the data card's, as the recipe gives it), none, "
+        "or the text",
     )
     parser.add_argument(
         "--n-pairs", type=int, help="pairs used, the first N of the file (default: steps x batch, each trained once)"
@@ -121,6 +134,7 @@ def main() -> None:
             f"initial adapter: {prep['adapter_tensors']} LoRA tensors, B ~ N(0, {B_INIT_STD}) (seed {SEED})",
             flush=True,
         )
+        print(f"system prompt for chat prompts without one: {prep['system_prompt']!r}")
         _print_ids("reference encoding (tunesmith's plain-pair layout)", prep["pair0"])
         for rep in range(args.repeats):
             for side in sides:
@@ -158,7 +172,8 @@ def spawn(worker: str, args, work: Path, workdir: Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     python = args.trl_python if worker == "trl" else sys.executable
     cmd = [python, __file__, "--worker", worker, "--workdir", str(work if worker == "prep" else workdir)]
-    for key in ("model", "pairs", "n_pairs", "batch", "steps", "lr", "beta", "threads", "ts_micro_batch"):
+    keys = ("model", "pairs", "n_pairs", "batch", "steps", "lr", "beta", "threads", "ts_micro_batch", "system_prompt")
+    for key in keys:
         if getattr(args, key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = os.environ | {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -310,7 +325,8 @@ def _prepare(args, work: Path) -> dict:
     model_path = _model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cfg = validate_config({"model": {"name": args.model}})
-    renderer = Renderer(tokenizer, cfg.model.chat_template, cfg.data.system_prompt)
+    system_prompt = _system_prompt(args)
+    renderer = Renderer(tokenizer, cfg.model.chat_template, system_prompt)
     pairs, source = _load_pairs(args, renderer)
     if len(pairs) < args.n_pairs:
         raise SystemExit(f"{source} has {len(pairs)} pairs; {args.n_pairs} asked for")
@@ -353,6 +369,7 @@ def _prepare(args, work: Path) -> dict:
         "step_useful_tokens": step_useful,
         "adapter_tensors": n,
         "pair0": encoded[order[0]],  # the first pair of step 1
+        "system_prompt": system_prompt,
         "adds_bos": renderer.adds_bos,
         "eos_token_id": tokenizer.eos_token_id,
     }
@@ -389,13 +406,26 @@ def _lora_config(cls):
 
 
 def _default_pairs_file() -> Path | None:
-    for candidate in (
-        Path("/work/wt-safety/data/safety-preferences/train.jsonl"),
-        ROOT / "data" / "safety-preferences" / "train.jsonl",
-    ):
-        if candidate.exists():
-            return candidate
-    return None
+    path = ROOT / "data" / "safety-preferences" / "train.jsonl"
+    return path if path.exists() else None
+
+
+def _system_prompt(args) -> str | None:
+    """--system-prompt: none, literal text, or auto: the data card's (a ```-fenced block under "## System prompt" in
+    the README.md beside the pairs file, as data/safety-preferences has and recipes give as data.system_prompt)."""
+    if args.system_prompt == "none":
+        return None
+    if args.system_prompt != "auto":
+        return args.system_prompt
+    path = Path(args.pairs) if args.pairs else _default_pairs_file()
+    card = path.parent / "README.md" if path is not None else None
+    if card is None or not card.exists():
+        return None
+    text = card.read_text()
+    if "## System prompt" not in text:
+        return None
+    block = text.split("## System prompt", 1)[1].split("```")
+    return block[1].strip() if len(block) > 2 else None
 
 
 def _load_pairs(args, renderer) -> tuple[list[dict], str]:
