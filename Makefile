@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench results clean-venv browser
+.PHONY: install demo test test-fast lint format bench bench-venv bench-dpo results clean-venv browser
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run: make PY=python3 ..." >&2; exit 2; }
@@ -69,6 +69,32 @@ results: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/train_speed.py $(BENCH_ARGS)
 	$(BIN)/python bench/eval_speed.py --examples 32 $(if $(wildcard runs/demo-ticket-triage/model),--run runs/demo-ticket-triage)
+
+# A second venv with TRL for bench/dpo_speed.py's baseline (TRL's DPOTrainer), so the project's venv stays without it.
+# The same torch wheel first (a bare torch requirement would pull a CUDA build), then the project's transformers
+# and peft and the TRL release whose requirements accept them (trl 1.16.0: transformers>=4.56.2, accelerate>=1.10.1,
+# datasets>=4.7.0; peft is its optional extra). Re-running does nothing once the stamp exists.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_SPEC ?= transformers==5.23.* peft==0.21.2 trl==1.16.0 accelerate==1.16.0 datasets==4.8.*
+
+$(BENCH_VENV)/bin/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run: make PY=python3 ..." >&2; exit 2; }
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+
+$(BENCH_STAMP): $(BENCH_VENV)/bin/python
+	$(BENCH_VENV)/bin/python -c "import torch" 2>/dev/null || $(BENCH_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/pip install -q $(BENCH_SPEC)
+	$(BENCH_VENV)/bin/python -c "import torch, trl; print('bench venv: torch', torch.__version__, 'trl', trl.__version__)"
+	@touch $(BENCH_STAMP)
+
+bench-venv: $(BENCH_STAMP)
+
+# DPO training speed against TRL's DPOTrainer (bench/dpo_speed.py; ~10 min on 2 idle cores with its defaults).
+# DPO_BENCH_ARGS=... passes options to it (--steps, --repeats, --pairs FILE, --json FILE).
+bench-dpo: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python bench/dpo_speed.py $(DPO_BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
