@@ -371,7 +371,11 @@ def write_table(rows: list[dict], out: Path, args) -> None:
                     f" (per-example 95% CI {100 * paired['low']:+.1f} to {100 * paired['high']:+.1f}, "
                     f"n={paired['examples']})"
                 )
-            if best_key != "base_best_prompt" and task["task"] != "lm":
+            if task["task"] == "preference":
+                verdict += (
+                    "; against the better of base zero-/few-shot on the test pairs (no prompt selection for pairs)"
+                )
+            elif best_key != "base_best_prompt" and task["task"] != "lm":
                 verdict += "; no validation-chosen prompt in this record (measured before prompt selection)"
             if fresh:
                 verdict += (
@@ -382,6 +386,8 @@ def write_table(rows: list[dict], out: Path, args) -> None:
         best_cell = f"{_fmt(primary, value['base_best_prompt'])} ({chosen})" if chosen else "not measured"
         if task["task"] == "lm":
             best_cell = "— (raw text)"
+        elif task["task"] == "preference":
+            best_cell = "— (pairs: zero-/few-shot only)"
         f = row["forgetting"]
         forgot = (
             "not measured"
