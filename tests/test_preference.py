@@ -433,7 +433,9 @@ def test_eval_ranks_by_the_objective_reward_and_matches_training_validation(tiny
     assert sum(e["scores"]["fine_tuned"] for e in examples) / 8 == pytest.approx(tuned["preference_accuracy"])
     assert "refusal_rate_harmful" not in tuned  # these pairs carry no categories: no generation metrics
     assert main(["report", str(out)]) == 0
-    assert "preference_accuracy" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "preference_accuracy" in html and "preference rewards and accuracy" in html  # the rewards plot
+    assert "validation preference (last)" in html
 
 
 def test_few_shot_pairs_put_chosen_answers_as_earlier_turns():

@@ -549,12 +549,23 @@ def _training_section(inp: Inputs) -> str:
         )
         if _num(scored[-1].get("val_token_acc")):
             facts.append(("validation token accuracy (last)", f"{scored[-1]['val_token_acc'] * 100:.1f}%"))
+        if _num(scored[-1].get("val_reward_accuracy")):
+            facts.append(
+                (
+                    "validation preference (last)",
+                    f"chosen reward above rejected in {scored[-1]['val_reward_accuracy'] * 100:.1f}% of pairs, "
+                    f"mean margin {scored[-1].get('val_reward_margin', float('nan')):.3f}",
+                )
+            )
     parts.append(
         '<table class="facts">'
         + "".join(f'<tr><th scope="row">{escape(k)}</th><td>{escape(v)}</td></tr>' for k, v in facts)
         + "</table>"
     )
     parts.append(_figure(report_plots.loss_curves(train, evals), "training and validation loss"))
+    preference = report_plots.preference_curves(train, evals)
+    if preference is not None:
+        parts.append(_figure(preference, "preference rewards and accuracy"))
     parts.append(
         '<div class="row">'
         + _figure(report_plots.lr_curve(train), "learning rate")

@@ -109,6 +109,56 @@ def loss_curves(train: list[dict], evals: list[dict]) -> str | None:
     return _render(draw, 7.2, 3.4)
 
 
+def preference_curves(train: list[dict], evals: list[dict]) -> str | None:
+    """Preference training: the rewards of chosen and rejected answers and the margin (left), and the share of pairs
+    whose chosen reward is higher (right), per step and on validation. None for SFT runs."""
+    steps, margin = _series(train, "reward_margin")
+    vsteps, vacc = _series(evals, "val_reward_accuracy")
+    if not margin and not vacc:
+        return None
+
+    def draw(fig):
+        left, right = fig.subplots(1, 2)
+        window = max(1, len(margin) // 20) if len(margin) >= 60 else 1
+        for key, label, color in (
+            ("reward_chosen", "chosen", TUNED),
+            ("reward_rejected", "rejected", BASE),
+            ("reward_margin", "margin", VALIDATION),
+        ):
+            st, vals = _series(train, key)
+            if vals:
+                left.plot(st, _moving_average(vals, window), color=color, linewidth=1.4, label=f"{label} (training)")
+            vst, vvals = _series(evals, f"val_{key}")
+            if vvals:
+                left.plot(
+                    vst,
+                    vvals,
+                    color=color,
+                    marker="o",
+                    markersize=3.5,
+                    linestyle="--",
+                    linewidth=1.0,
+                    label=f"{label} (validation)",
+                )
+        left.axhline(0, color="#999", linewidth=0.6)
+        left.set_xlabel("optimizer step")
+        left.set_ylabel("reward (the objective's)")
+        left.set_title("Rewards")
+        left.legend(frameon=False, fontsize=7)
+        st, acc = _series(train, "reward_accuracy")
+        if acc:
+            right.plot(st, _moving_average(acc, window), color=TUNED, linewidth=1.4, label="training")
+        if vacc:
+            right.plot(vsteps, vacc, color=VALIDATION, marker="o", markersize=3.5, linewidth=1.4, label="validation")
+        right.set_ylim(0, 1.02)
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("share of pairs")
+        right.set_title("Chosen reward above rejected")
+        right.legend(frameon=False, fontsize=7)
+
+    return _render(draw, 9.0, 3.4)
+
+
 def lr_curve(train: list[dict]) -> str | None:
     steps, lr = _series(train, "lr")
     if not lr:
