@@ -306,6 +306,22 @@ def _fmt(metric: str, value) -> str:
     return f"{100 * value:.1f}%"
 
 
+def _refusal_summary(systems: dict) -> str:
+    """Preference rows with refusal metrics: how base zero-shot and the fine-tuned model answer (generated)."""
+    base = systems.get("base_zero_shot", {}).get("metrics", {})
+    tuned = systems.get("fine_tuned", {}).get("metrics", {})
+    parts = [
+        f"{label} {100 * base[k]:.1f}% → {100 * tuned[k]:.1f}%"
+        for k, label in (
+            ("refusal_rate_harmful", "refuses harmful"),
+            ("over_refusal_rate_harmless", "refuses harmless"),
+            ("refusal_accuracy", "refusal accuracy"),
+        )
+        if base.get(k) is not None and tuned.get(k) is not None
+    ]
+    return f"; generated answers, base zero-shot → fine-tuned: {', '.join(parts)}" if parts else ""
+
+
 def write_table(rows: list[dict], out: Path, args) -> None:
     lines = [
         "# Results: fine-tuned vs prompted base model, per bundled task",
@@ -375,6 +391,7 @@ def write_table(rows: list[dict], out: Path, args) -> None:
                 verdict += (
                     "; against the better of base zero-/few-shot on the test pairs (no prompt selection for pairs)"
                 )
+                verdict += _refusal_summary(systems)
             elif best_key != "base_best_prompt" and task["task"] != "lm":
                 verdict += "; no validation-chosen prompt in this record (measured before prompt selection)"
             if fresh:
