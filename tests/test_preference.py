@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_train import _train_args
 from tunesmith.cli import main
 from tunesmith.config import validate_config
 from tunesmith.data.example import Example, Message
@@ -228,25 +229,8 @@ def pair_data(tmp_path_factory):
     return write_pairs(root / "train.jsonl", 40, chat=False), write_pairs(root / "val.jsonl", 8, seed=1, chat=False)
 
 
-def _args(tiny_model_dir, data, out, *extra):
-    train, val = data
-    return [
-        "train",
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        str(train),
-        "--val-data",
-        str(val),
-        "--output",
-        str(out),
-        "--quiet",
-        "--seed",
-        "3",
-        "--objective",
-        "dpo",
-        *extra,
-    ]
+def _args(tiny_model_dir, data, out, *extra, objective="dpo"):
+    return _train_args(tiny_model_dir, data, out, "--objective", objective, *extra)
 
 
 RUN_ARGS = [
@@ -287,7 +271,7 @@ def test_dpo_starts_at_log_2_and_learns_with_every_weight_method(tiny_model_dir,
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])
 def test_orpo_and_simpo_need_no_reference(tiny_model_dir, pair_data, tmp_path, objective):
     out = tmp_path / "run"
-    assert main([*_args(tiny_model_dir, pair_data, out, *RUN_ARGS)[:-2], "--objective", objective]) == 0
+    assert main(_args(tiny_model_dir, pair_data, out, *RUN_ARGS, objective=objective)) == 0
     assert not (out / "reference_logps.safetensors").exists()
     evals = [r for r in _records(out) if r["kind"] == "eval"]
     assert evals[-1]["val_reward_margin"] > evals[0]["val_reward_margin"]
