@@ -24,6 +24,7 @@ def train(
     quiet: bool = False,
     log=print,
     progress=None,
+    hooks=None,
     **overrides: Any,
 ) -> "Run":
     """Fine-tune a model. `config` is a Config, a recipe path, or a dict; `overrides` are dotted keys
@@ -32,7 +33,8 @@ def train(
 
     `progress` (a tunesmith.progress.Progress, e.g. tunesmith.cli.display.RichProgress() for a bar) follows the
     steps and shows the validation results; by default no bar is drawn and those lines go to `log`, or nowhere
-    with quiet=True. `log` gets the other messages either way."""
+    with quiet=True. `log` gets the other messages either way. `hooks` (tunesmith.training.loop.TrainHooks) choose
+    when to validate and may stop the run at a step boundary (tunesmith.errors.Stopped)."""
     from tunesmith.progress import Progress
     from tunesmith.training.loop import train as _train
 
@@ -40,14 +42,14 @@ def train(
         progress = Progress(None if quiet else log)
     if resume is not None:
         cfg = validate_config({"output": str(resume)})
-        return Run(_train(cfg, resume=True, progress=progress, log=log))
+        return Run(_train(cfg, resume=True, progress=progress, log=log, hooks=hooks))
     if isinstance(config, Config):
         cfg = config if not overrides else load_config(None, _merge(config.model_dump(mode="json"), overrides))
     elif isinstance(config, dict):
         cfg = load_config(None, _merge(config, overrides))
     else:
         cfg = load_config(config, list(overrides.items()))
-    return Run(_train(cfg, progress=progress, log=log))
+    return Run(_train(cfg, progress=progress, log=log, hooks=hooks))
 
 
 def _merge(raw: dict, overrides: dict) -> list[tuple[str, Any]]:
@@ -296,13 +298,50 @@ def evaluate(
     )
 
 
+def sweep(
+    recipe: str | Path,
+    *,
+    trials: int | None = None,
+    budget: str | None = None,
+    objective: str | None = None,
+    pruner: str | None = None,
+    output: str | Path | None = None,
+    progress=None,
+    log=print,
+    **overrides: Any,
+) -> Path:
+    """Search the recipe's hyperparameters with Optuna (`tunesmith sweep`); returns the sweep folder. Unset
+    arguments come from the recipe's `sweep:` section; `overrides` are dotted config keys as in `train`. Trial 0 is
+    the recipe as written; the winner is written to DIR/best.yaml and evaluated once on the test split. Calling it
+    again with the same folder resumes. `progress`: a callable making a tunesmith.progress.Progress per trial
+    (the CLI passes RichProgress); None: no bars. See tunesmith.sweep.runner."""
+    from tunesmith.sweep.runner import run_sweep
+
+    return run_sweep(
+        recipe,
+        overrides_=list(overrides.items()),
+        trials=trials,
+        budget=budget,
+        objective=objective,
+        pruner=pruner,
+        output=output,
+        progress_factory=progress,
+        log=log,
+    )
+
+
 def report(run_dir: str | Path, out: str | Path | None = None, open_browser: bool = False) -> Path:
     """Write RUN_DIR/report.html (or `out`): one self-contained page with the training curves, the task metrics of
     the prompted base model vs the fine-tuned one, confusion matrices, forgetting, flipped examples and the config.
-    Eval files that are missing are named in the page with the command that makes them. Returns the page's path."""
+    Eval files that are missing are named in the page with the command that makes them. Returns the page's path.
+    For a sweep folder (tunesmith sweep): the sweep's page (trials, best config, Pareto front, test comparison)."""
     from tunesmith.evaluation.report_html import write_report
+    from tunesmith.sweep.report import is_sweep_dir, write_sweep_report
 
-    path = write_report(Run(run_dir).path, out)
+    if is_sweep_dir(run_dir):
+        path = write_sweep_report(run_dir, out)
+    else:
+        path = write_report(Run(run_dir).path, out)
     if open_browser:
         import webbrowser
 

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tunesmith.errors import ConfigError
 
@@ -271,6 +281,94 @@ class EvalConfig(_Section):
         return v
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """ "2h", "90m", "1h30m", "45s", "1.5h" -> seconds. A bare number is ambiguous and refused."""
+    import re
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        raise ValueError(f"{text!r} has no unit; write e.g. 90m, 2h or 1h30m")
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(min|[smhd])", str(text).strip().lower())
+    rebuilt = "".join(f"{n}{u}" for n, u in parts)
+    if not parts or rebuilt != re.sub(r"\s+", "", str(text).strip().lower()):
+        raise ValueError(f"{text!r} is not a duration; write e.g. 90m, 2h, 1h30m or 45s")
+    seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: a budget must be longer than zero")
+    return seconds
+
+
+class SweepParam(_Section):
+    """One searched key: a range (`low`, `high`, optional `log` scale or `step`) or a list of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    """Sample on a log scale (learning rates, betas): needs low > 0."""
+    step: float | None = Field(None, gt=0)
+    """Only multiples of step above low (e.g. 0.05 for a replay share); not with log."""
+    choices: list[Union[StrictBool, StrictInt, float, str]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SweepParam":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either choices or a low/high range, not both")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"choices repeat a value: {self.choices}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (a range) or choices (a list)")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log scale needs low > 0 (got {self.low:g})")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not combine; drop one")
+        return self
+
+
+class SweepConfig(_Section):
+    """`tunesmith sweep`: a hyperparameter search (Optuna) over this recipe; ignored by `tunesmith train`."""
+
+    trials: int = Field(20, ge=1, le=10_000)
+    """Trials in all, the baseline trial 0 (this recipe as written) included; --trials overrides."""
+    budget: str | None = None
+    """Wall-clock budget, e.g. 2h or 90m (--budget overrides); None: no limit. A trial estimated to overrun what is
+    left is not started; a trial running when the budget ends stops at a step boundary and counts as pruned."""
+    objective: str = "val_loss"
+    """val_loss (the final validation loss), task (the held-out task's headline metric, measured on the validation
+    split), a metric name (accuracy, macro_f1, field_f1, chrf, ...; or val_reward_accuracy for preference pairs), or
+    task,forgetting: both at once, a Pareto front."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """Stop trials early on their validation loss: median (below the median of earlier trials at the same epoch
+    fraction), hyperband (successive halving brackets), none. Multi-objective sweeps never prune."""
+    evals_per_epoch: int = Field(2, ge=1, le=20)
+    """Validations per epoch of each trial, at the same fractions of an epoch in every trial (what pruning compares)."""
+    startup_trials: int = Field(4, ge=0, le=1000)
+    """Trials sampled at random before TPE models the results, and finished before the pruner may stop any."""
+    eval_limit: int | None = Field(None, ge=1)
+    """Validation examples the task objective is measured on; None: all of them."""
+    probe_limit: int = Field(96, ge=8, le=100_000)
+    """Forgetting objective: questions of the general-ability probe (and a passage per 8 of them) per trial."""
+    seed: int | None = None
+    """Sampler seed; None: train.seed."""
+    default_space: bool = True
+    """Start from tunesmith's search space for the method and objective; `space` adds, narrows or (null) drops keys."""
+    space: dict[str, Union[SweepParam, None]] = {}
+    """Config key -> range or choices, e.g. `train.lr: {low: 1e-5, high: 1e-3, log: true}`, `lora.r: {choices:
+    [8, 16, 32]}`; `lora.alpha_ratio` sets lora.alpha to ratio x lora.r; null drops a key of the default space."""
+
+    @field_validator("budget")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+
 class Config(_Section):
     name: str | None = None
     """Run name; default: the training file's stem."""
@@ -290,6 +388,10 @@ class Config(_Section):
     orpo: ORPOConfig = ORPOConfig()
     simpo: SimPOConfig = SimPOConfig()
     eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig = SweepConfig()
+
+    _source: str = PrivateAttr("config")
+    _lines: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -308,6 +410,19 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+    def __eq__(self, other: object) -> bool:  # equal settings; where they were read from does not count
+        return isinstance(other, Config) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def where(self, *loc: str) -> str:
+        """ "recipe.yaml:12: " for the line of the key path `loc` in the recipe this config was read from (the
+        nearest enclosing key's line), "recipe.yaml: " when unknown, "" for a config from flags only."""
+        line = _nearest_line(tuple(loc), self._lines)
+        if line:
+            return f"{self._source}:{line}: "
+        return "" if self._source == "command line" else f"{self._source}: "
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -394,7 +509,9 @@ def load_config(
 
 def validate_config(raw: dict, source: str = "config", lines: dict[tuple, int] | None = None) -> Config:
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
+        cfg._source, cfg._lines = source, dict(lines or {})
+        return cfg
     except ValidationError as e:
         problems = _merge_union_errors([_printable(_describe(err, source, lines or {})) for err in e.errors()])
         n = len(problems)

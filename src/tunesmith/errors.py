@@ -51,3 +51,15 @@ class Interrupted(TunesmithError):
     """The user pressed Ctrl-C; state was saved. Exit code 130 like a shell."""
 
     exit_code = 130
+
+
+class Stopped(TunesmithError):
+    """A caller's hook (tunesmith sweep: pruning, a time budget) stopped a run at a step boundary, after its
+    checkpoint was saved. `step` is the last step done."""
+
+    exit_code = 1
+
+    def __init__(self, reason: str, step: int):
+        super().__init__(f"stopped at step {step}: {reason}")
+        self.reason = reason
+        self.step = step

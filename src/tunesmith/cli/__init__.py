@@ -24,6 +24,7 @@ Quick start:
   tunesmith train recipes/ticket-triage-lora.yaml  ... or from a recipe
   tunesmith eval runs/tickets                     fine-tuned vs base prompted zero/few-shot
   tunesmith report runs/tickets                   one self-contained report.html with plots
+  tunesmith sweep recipe.yaml --budget 2h         search hyperparameters (report: tunesmith report DIR)
   tunesmith generate runs/tickets --prompt "..."  try the result
   tunesmith chat runs/tickets                     talk to it
   tunesmith serve runs/tickets                    OpenAI-compatible API (base + fine-tuned adapters)
@@ -41,6 +42,7 @@ COMMANDS = {
     "train": ("tunesmith.cli.train:train", "Fine-tune a model (recipe and/or flags)."),
     "generate": ("tunesmith.cli.generate:generate", "Generate from a run's model (one prompt or a file)."),
     "chat": ("tunesmith.cli.generate:chat", "Talk to a run's model interactively."),
+    "sweep": ("tunesmith.cli.sweep:sweep", "Search hyperparameters (Optuna) under a time budget; resumable."),
     "eval": ("tunesmith.cli.eval:eval_command", "Fine-tuned vs base model prompted zero/few-shot: task metrics."),
     "report": ("tunesmith.cli.report:report", "Write a run's self-contained report.html (plots, metrics, forgetting)."),
     "serve": ("tunesmith.cli.serve:serve", "Serve a base model and its fine-tuned runs (OpenAI-compatible API)."),

@@ -16,10 +16,12 @@ from tunesmith import api
 def report(run_dir, out, open_browser):
     """Write one self-contained report.html for a run: loss curves, base vs fine-tuned metrics, confusion
     matrices, forgetting, flipped examples, config. Figures are embedded; it opens without a network.
+    For a sweep folder (tunesmith sweep): the trials, the best config, the Pareto front, the test comparison.
 
     \b
     tunesmith report runs/tickets
     tunesmith report runs/tickets --out /tmp/tickets.html --open
+    tunesmith report sweeps/ticket-triage
     """
     path = api.report(run_dir, out=out, open_browser=open_browser)
     click.echo(f"report: {path}")

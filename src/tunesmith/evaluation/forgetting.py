@@ -429,7 +429,13 @@ def answer_questions(
 
 
 def forgetting_eval(
-    run, base=None, tuned=None, limit: int | None = None, log=print, probe: str | Path | None = None
+    run,
+    base=None,
+    tuned=None,
+    limit: int | None = None,
+    log=print,
+    probe: str | Path | None = None,
+    base_cache: dict | None = None,
 ) -> dict:
     """Compare base and fine-tuned model on the general-ability probe; write RUN_DIR/eval/forgetting.json
     (docs/eval-format.md) and eval/forgetting_examples.jsonl, and return the JSON object.
@@ -438,7 +444,10 @@ def forgetting_eval(
     loaded from the run and base is the tuned model with its adapter disabled (peft methods) or a fresh copy of the base model.
     limit: use only this many questions (spread evenly over the file) and limit // 8 passages (at least 3), for
     a quick look; the verdict thresholds stay the same but the numbers are noisier.
-    probe: a directory with your own general_text.jsonl and questions.jsonl (default: the built-in probe)."""
+    probe: a directory with your own general_text.jsonl and questions.jsonl (default: the built-in probe).
+    base_cache: a dict kept across calls on runs of the same base model and template (tunesmith sweep's trials):
+    the base model's perplexity and answers, which do not change, are measured once, and a base model that had to
+    be loaded is kept."""
     from tunesmith.atomic import atomic_write_text
     from tunesmith.data.templates import Renderer
 
@@ -463,6 +472,8 @@ def forgetting_eval(
         base_sys = _System(base[0].eval())
     elif hasattr(tuned_model, "disable_adapter"):
         base_sys = _System(tuned_model, disable_adapter=True)
+    elif base_cache is not None and "model" in base_cache:
+        base_sys = _System(base_cache["model"])
     else:
         from tunesmith import models
 
@@ -471,6 +482,8 @@ def forgetting_eval(
             cfg.model.name, dtype=cfg.model.dtype, device=str(next(tuned_model.parameters()).device)
         )
         base_sys = _System(base_model.eval())
+        if base_cache is not None:
+            base_cache["model"] = base_model
     # the run's template, not its task system prompt: the probe asks general questions
     raw = run.raw_prompts
     renderer = Renderer(tokenizer, cfg.model.chat_template, None, raw_prompts=raw)
@@ -480,15 +493,22 @@ def forgetting_eval(
     n_tokens = sum(len(s) - 1 for s in text_seqs)
     log(f"forgetting: probe {data.name}: {len(texts)} passages ({n_tokens:,} tokens), {len(questions)} questions")
     stage = time.perf_counter()
-    ppl_base, _ = perplexity(base_sys, text_seqs)
+    cache = base_cache if base_cache is not None else {}
+    key = (cfg.model.name, cfg.model.chat_template, raw, tuple(t.get("id", i) for i, t in enumerate(texts)))
+    if ("ppl",) + key not in cache:
+        cache[("ppl",) + key] = perplexity(base_sys, text_seqs)[0]
+    ppl_base = cache[("ppl",) + key]
     ppl_tuned, _ = perplexity(tuned_sys, text_seqs)
     log(f"  perplexity base {ppl_base:.3f}, fine-tuned {ppl_tuned:.3f} ({time.perf_counter() - stage:.0f} s)")
     stage = time.perf_counter()
     kl, kl_tokens = mean_kl(base_sys, tuned_sys, q_seqs)
     log(f"  KL(base || fine-tuned) {kl:.4f} nats/token over {kl_tokens:,} tokens ({time.perf_counter() - stage:.0f} s)")
     stage = time.perf_counter()
+    qkey = ("answers", cfg.model.name, cfg.model.chat_template, raw, tuple(q["id"] for q in questions))
+    if qkey not in cache:
+        cache[qkey] = answer_questions(base_sys, tokenizer, renderer, questions, raw, log, "base")
     answers = {
-        "base": answer_questions(base_sys, tokenizer, renderer, questions, raw, log, "base"),
+        "base": cache[qkey],
         "fine_tuned": answer_questions(tuned_sys, tokenizer, renderer, questions, raw, log, "fine-tuned"),
     }
     log(f"  questions answered ({time.perf_counter() - stage:.0f} s)")

@@ -37,7 +37,7 @@ from tunesmith.atomic import atomic_write_text
 from tunesmith.config import Config, resolve_max_length, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.data.pairs import make_pair_batches
-from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, TrainingError
+from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, Stopped, TrainingError
 from tunesmith.models.functional import pair_batch_logits, sequence_logps, takes_custom_masks
 from tunesmith.models.precision import Precision, cast_frozen_linears, resolve_training_precision
 from tunesmith.progress import Progress
@@ -62,11 +62,18 @@ ROW_TOKENS = 256
 SHARED_ROW_TOKENS = 512
 
 
-def train(config: Config, resume: bool = False, progress: Progress | None = None, log=print) -> Path:
+def train(
+    config: Config,
+    resume: bool = False,
+    progress: Progress | None = None,
+    log=print,
+    hooks: "TrainHooks | None" = None,
+) -> Path:
     """Fine-tune per `config`; returns the run directory. With resume=True, continue from its last checkpoint.
 
     `progress` is told the steps done and shown the validation results (default: no bar, those lines to `log`);
-    `log` gets everything else (what is loaded, the data, the plan)."""
+    `log` gets everything else (what is loaded, the data, the plan). `hooks` (a TrainHooks) lets a caller such as
+    `tunesmith sweep` choose when to validate and stop the run at a step boundary (raises Stopped)."""
     progress = Progress(log) if progress is None else progress
     run_dir = config.run_dir()
     cfg = _saved_config(run_dir) if resume else config
@@ -144,6 +151,7 @@ def train(config: Config, resume: bool = False, progress: Progress | None = None
         preference=data.preference,
         reference=ref,
         shared_pairs=shared_pairs,
+        hooks=hooks,
     )
     try:
         _run_steps(ctx, state, progress)
@@ -179,6 +187,28 @@ class TrainingContext:
     preference: bool = False  # train_set and validation hold data.templates.EncodedPair: a preference objective
     reference: dict | None = None  # {"train" | "validation": (n, 2) reference log-probs}; None: not needed
     shared_pairs: bool = True  # pairs in the tree layout (prompt fed once); else the two sequences packed
+    hooks: "TrainHooks | None" = None  # a caller's schedule of validations and stop requests (tunesmith sweep)
+
+
+class TrainHooks:
+    """What a caller may change in a run without changing its config: when to validate, and when to stop.
+
+    `tunesmith sweep` validates every trial at the same fractions of an epoch, so that a pruner compares trials
+    at equal progress whatever their batch size, and stops a trial whose validation loss says it is not worth
+    finishing, or that would overrun the sweep's time budget. The default methods change nothing."""
+
+    def eval_steps(self, plan: TrainingPlan) -> set[int] | None:
+        """The optimizer steps after which to validate and checkpoint (the last step always is); None: the plan's
+        eval_every and save_every."""
+        return None
+
+    def on_eval(self, step: int, plan: TrainingPlan, result: dict) -> str | None:
+        """After each validation: a reason to stop the run now (its checkpoint is saved first), or None."""
+        return None
+
+    def stop_reason(self, step: int, plan: TrainingPlan) -> str | None:
+        """After each optimizer step: a reason to stop now (e.g. a time budget), or None."""
+        return None
 
 
 def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> None:
@@ -189,6 +219,7 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
     stop = _StopFlag()
     epoch_steps: dict[int, list[list[int]]] = {}
     window_tokens, window_time = 0, 0.0
+    eval_at = ctx.hooks.eval_steps(plan) if ctx.hooks is not None else None
     model.train()
     try:
         while state.step < plan.total_steps:
@@ -266,11 +297,19 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
             )
 
             last = state.step == plan.total_steps
-            stop_early = False
-            if ctx.validation and (state.step % plan.eval_every == 0 or last):
-                stop_early = _evaluate_and_track(ctx, state, progress)
-            if state.step % plan.save_every == 0 or last or stop_early or stop.requested:
+            stop_early, stopped = False, None
+            due_eval = state.step in eval_at if eval_at is not None else state.step % plan.eval_every == 0
+            due_save = state.step in eval_at if eval_at is not None else state.step % plan.save_every == 0
+            if ctx.validation and (due_eval or last):
+                stop_early, result = _evaluate_and_track(ctx, state, progress)
+                if ctx.hooks is not None:
+                    stopped = ctx.hooks.on_eval(state.step, plan, result)
+            if stopped is None and ctx.hooks is not None and not last:
+                stopped = ctx.hooks.stop_reason(state.step, plan)
+            if due_save or last or stop_early or stop.requested or stopped:
                 _checkpoint(ctx, state)
+            if stopped:
+                raise Stopped(stopped, state.step)
             if stop_early:
                 progress.print(
                     f"early stopping: validation loss has not improved for {cfg.train.early_stopping_patience} "
@@ -432,8 +471,8 @@ def evaluate_loss(ctx: TrainingContext, examples) -> dict:
     return {"val_loss": total / max(n, 1), "val_token_acc": correct / max(n, 1), "val_tokens": n}
 
 
-def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progress) -> bool:
-    """Validate, log, and return True when early stopping says stop."""
+def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progress) -> tuple[bool, dict]:
+    """Validate, log, and return (whether early stopping says stop, the validation result)."""
     result = evaluate_loss(ctx, ctx.validation)
     ctx.metrics.log({"kind": "eval", "step": state.step, **{k: round(v, 6) for k, v in result.items()}})
     if ctx.preference:
@@ -447,7 +486,7 @@ def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progre
     else:
         state.evals_without_improvement += 1
     patience = ctx.cfg.train.early_stopping_patience
-    return patience is not None and state.evals_without_improvement >= patience
+    return patience is not None and state.evals_without_improvement >= patience, result
 
 
 def _checkpoint(ctx: TrainingContext, state: LoopState) -> None:
