@@ -338,7 +338,7 @@ class _Sweep:
         t0 = time.monotonic()
         outcome = TrialOutcome(number, "complete")
         try:
-            kwargs = {"quiet": progress is None, "log": self.file_log(number), "progress": progress, "hooks": hooks}
+            kwargs = {"log": self.file_log(number), "progress": progress, "hooks": hooks}  # validation lines too
             if (run_dir / "model").is_dir():
                 pass  # trained before the sweep stopped; only the measuring was lost
             elif (run_dir / "config.yaml").is_file():
@@ -492,8 +492,17 @@ class _Sweep:
         best = summary["best"] if not self.obj.multi else summary["front"]
         if isinstance(best, dict):
             self.say(f"best: trial {best['number']} -> {self.out / BEST}")
+        else:
+            self.say(
+                f"Pareto front: trials {', '.join(map(str, best))}; the most accurate, trial {chosen[0]} -> "
+                f"{self.out / BEST}" + (f", the others -> {self.out / 'pareto'}/" if len(best) > 1 else "")
+            )
         test = summary.get("test")
-        if test is None and self.cfg.data.test and Path(self.cfg.data.test).is_file() and self.obj_has_test():
+        if not self.obj_has_test():
+            self.say(f"preference pairs: evaluate the winner with `tunesmith eval {self.trial_dir(chosen[0])}`")
+        elif not (self.cfg.data.test and Path(self.cfg.data.test).is_file()):
+            self.say("no data.test: the winner was not evaluated on held-out data")
+        elif test is None:
             test = self.evaluate_on_test(chosen, summary)
             summary["test"] = test
             atomic_write_text(self.out / SUMMARY, json.dumps(summary, indent=2))
@@ -601,8 +610,8 @@ class _TrialHooks(TrainHooks):
         if name not in objectives.VAL_RECORD and sweep.obj.maximize[0]:
             value = -value  # the study maximizes its metric: report the validation loss so that higher is better
         point = self.grid_point(step, plan)
-        frozen = sweep.study._storage.get_trial(self.trial._trial_id)
-        if point not in frozen.intermediate_values:
+        frozen = next(t for t in sweep.study.get_trials(deepcopy=False) if t.number == self.trial.number)
+        if point not in frozen.intermediate_values:  # a resumed trial does not report a point twice
             self.trial.report(value, point)
         if sweep.s.pruner != "none" and self.trial.should_prune():
             epoch = step / plan.steps_per_epoch
