@@ -427,6 +427,10 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             f"Not measured yet (no record in {args.records}/): {', '.join(missing)}. "
             f'`make results RESULTS_ARGS="--recipes {",".join(missing)}"` trains and evaluates them.',
         ]
+    from sweep_results import section  # scripts/sweep_results.py: the recorded `tunesmith sweep` runs
+
+    sweeps = section(ROOT / args.records / "sweeps")
+    lines += ["", *sweeps] if sweeps else []
     lines += ["", "## All metrics", ""]
     for row in rows:
         task = row["task"]

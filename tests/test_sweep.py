@@ -255,3 +255,17 @@ def test_a_user_space_narrows_and_drops_default_keys(tiny_model_dir, tmp_path):
     assert params["lora.r"] in (2, 4) and params["lora.alpha_ratio"] in (1, 2)
     cfg = yaml.safe_load((out / "trial-001" / "config.yaml").read_text())
     assert cfg["lora"]["alpha"] == params["lora.alpha_ratio"] * params["lora.r"]
+
+
+def test_a_recorded_sweep_renders_in_the_results_page(swept, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import sweep_results
+
+    _, out = swept
+    record = sweep_results.make_record(out, "tunesmith sweep recipe.yaml", "tiny model")
+    (tmp_path / "tiny.json").write_text(json.dumps(record))
+    text = "\n".join(sweep_results.section(tmp_path))
+    s = summary(out)
+    assert f"{len(s['trials'])} trials" in text and "tiny model" in text
+    assert f"| {s['best']['number']} **best** | complete |" in text
+    assert "Test split (12 examples, accuracy)" in text and "trial 0 (the recipe as written)" in text
