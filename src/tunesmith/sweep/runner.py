@@ -88,8 +88,7 @@ def run_sweep(
     cfg = load_config(recipe, overrides_ or [])
     settings = _settings(cfg, trials, budget, objective, pruner, output)
     user_params(cfg)  # every problem of sweep.space now, before any training
-    if settings.objective.task:
-        objectives.validation_examples(cfg)
+    objectives.validation_examples(cfg)  # every objective is measured on validation data: refuse now if there is none
     out = settings.output
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
@@ -329,7 +328,7 @@ class _Sweep:
         shown = ", ".join(f"{k} {sampled(p, values[k])}" for p in self.space or [] for k in [p.key] if k in values)
         self.say(
             f"trial {number} ({len(self.finished()) + 1} of {self.s.trials}): "
-            + (shown or "the recipe as written (baseline)")
+            + (shown or "the recipe with its flags, untouched (baseline)")
             + self.best_so_far()
             + (f" | {_duration(max(self.left(), 0))} left" if self.left() is not None else "")
         )
