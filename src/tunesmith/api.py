@@ -237,6 +237,14 @@ def serve(
     _serve(list(runs), base, host=host, port=port, api_key=api_key, log=log, **options)
 
 
+def jobs_client(url: str | None = None, api_key: str | None = None):
+    """A client of a `tunesmith serve --jobs-dir` server's files and fine-tuning jobs API (standard library only):
+    upload, wait_for_file, create_job, list_jobs, job, cancel, events. See tunesmith.jobs.client."""
+    from tunesmith.jobs.client import JobsClient
+
+    return JobsClient(url, api_key)
+
+
 def evaluate(
     run: "Run | str | Path",
     data: str | Path | None = None,

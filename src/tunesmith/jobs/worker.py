@@ -253,7 +253,10 @@ class Worker:
     def _result_file(self, job, task_json: Path) -> str:
         file_id = st.new_id("file")
         dest = self.jobs_dir / "files" / f"{file_id}.json"
-        atomic_write_text(dest, task_json.read_text(encoding="utf-8"))
+        task = json.loads(task_json.read_text(encoding="utf-8"))
+        if isinstance(task.get("data"), dict) and job["validation_file"]:  # the upload's name, not the server's path
+            task["data"]["path"] = self.store.file_row(job["validation_file"], None)["filename"]
+        atomic_write_text(dest, json.dumps(task, indent=2))
         self.store.add_file(
             file_id,
             job["tenant"],

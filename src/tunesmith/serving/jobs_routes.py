@@ -44,7 +44,7 @@ HYPER = {
     # name -> (type check, lowest, highest); "auto" is always allowed
     "n_epochs": (int, 1, 50),
     "batch_size": (int, 1, 256),
-    "learning_rate_multiplier": ((int, float), 1e-3, 100.0),
+    "learning_rate_multiplier": ((int, float), 1e-3, 1000.0),
     "beta": ((int, float), 1e-3, 100.0),
 }
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
