@@ -6,7 +6,9 @@ on the same port and folders. Jobs run a handful of steps each, so the module ta
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -135,12 +137,12 @@ def all_events(client, job_id) -> list:
     return out[::-1]
 
 
-def long_job(client, file_id, **kw):
-    # 12 examples, batch 4, 40 epochs: 120 steps, long enough to be caught running
+def long_job(client, file_id, epochs=40, **kw):
+    # 12 examples, batch 4: 3 steps an epoch; 40 epochs are long enough to be caught running
     return client.fine_tuning.jobs.create(
         model=kw.pop("model", "tiny"),
         training_file=file_id,
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 40, "batch_size": 4}}},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": epochs, "batch_size": 4}}},
         **kw,
     )
 
@@ -367,7 +369,7 @@ def _runner_pids(job_id: str) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the job process dies with the server on Linux")
 def test_sigkill_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server, root, finished):
     client = server.client()
-    job = long_job(client, upload(client, root / "train.jsonl").id, suffix="resumed")
+    job = long_job(client, upload(client, root / "train.jsonl").id, epochs=12, suffix="resumed")
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
         assert client.fine_tuning.jobs.retrieve(job.id).status in st.ACTIVE
         time.sleep(0.1)
@@ -380,6 +382,10 @@ def test_sigkill_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server,
     while _runner_pids(job.id):  # the training process died with the server
         assert time.monotonic() < deadline, "the job's process outlived the killed server"
         time.sleep(0.1)
+    logged = [
+        json.loads(line)["step"] for line in (server.root / "jobs" / "jobs" / job.id / "run" / "metrics.jsonl").open()
+    ]
+    assert 5 <= max(logged) < 36  # killed mid-job, after its first checkpoint
     db = sqlite3.connect(server.root / "jobs" / "jobs.db")
     assert db.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()[0] == "running"
     db.close()
@@ -395,7 +401,7 @@ def test_sigkill_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server,
     assert "Resuming the job after a server restart (attempt 2)" in messages
     assert any(m.startswith("resuming from ") and "/step-" in m for m in messages), messages
     steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
-    assert steps == list(range(1, 121))  # each step once, none lost, none twice
+    assert steps == list(range(1, 37))  # each step once, none lost, none twice
     answer = client.chat.completions.create(
         model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
@@ -404,6 +410,20 @@ def test_sigkill_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server,
     model = finished[2].fine_tuned_model
     assert model in [m.id for m in client.models.list().data]
     assert model not in [m.id for m in server.client(BOB).models.list().data]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job's process in /proc")
+def test_a_crashed_training_process_fails_its_job_and_the_server_goes_on(server, root):
+    client = server.client()
+    job = long_job(client, upload(client, root / "val.jsonl").id)
+    while not _runner_pids(job.id) or client.fine_tuning.jobs.retrieve(job.id).status != "running":
+        time.sleep(0.1)
+    for pid in _runner_pids(job.id):
+        os.kill(pid, signal.SIGKILL)
+    job = wait(client, job.id)
+    assert job.status == "failed" and job.error.code == "training_failed"
+    assert job.error.message.startswith("the training process was killed by SIGKILL at step ")
+    assert server.get("/health").json()["status"] == "ok"
 
 
 def test_cli_jobs_is_a_thin_client(server, root, capsys, monkeypatch):
@@ -485,3 +505,208 @@ def test_keys_file_problems_are_all_named(tmp_path):
     (tenant,) = load_keys_file(path).values()
     assert (tenant.name, tenant.max_file_bytes, tenant.max_queued_jobs) == ("a", 10, 2)
     assert main(["serve", "--keys-file", str(tmp_path / "missing.yaml")]) == 2
+
+
+# ---- the dashboard, in headless Chromium driven over the DevTools protocol ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from test_report import find_chromium
+
+    path = find_chromium()
+    if path is None:
+        reason = "no chromium binary on PATH (Debian's `chromium` package; `make browser` installs it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {reason}")
+        pytest.skip(reason)
+    return path
+
+
+class DevTools:
+    """Chromium with --remote-debugging-pipe: DevTools protocol messages (JSON, NUL-terminated) on fds 3 and 4,
+    so no driver and no websocket library is needed."""
+
+    def __init__(self, binary: str, profile: Path):
+        import fcntl
+        import threading
+
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+        # move the child's ends above 10 so that dup2 onto 3 and 4 cannot overwrite one with the other
+        low_r, low_w = fcntl.fcntl(to_chrome_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_chrome_w, fcntl.F_DUPFD, 10)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+
+        def fds():
+            os.dup2(low_r, 3)
+            os.dup2(low_w, 4)
+
+        flags = ["--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions"]
+        flags += ["--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-pipe"]
+        flags += ["--window-size=1400,1400", "--hide-scrollbars", "about:blank"]
+        self.proc = subprocess.Popen(
+            [binary, *flags], pass_fds=(3, 4), preexec_fn=fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        os.close(low_r)
+        os.close(low_w)
+        self._next, self._replies, self.events = 0, {}, []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Page.enable", session=True)
+        self.send("Runtime.enable", session=True)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            session=True,
+            width=1400,
+            height=1400,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+
+    def _read(self):
+        buffer = b""
+        while True:
+            chunk = os.read(self._from_chrome, 1 << 16)
+            if not chunk:
+                return
+            buffer += chunk
+            while b"\0" in buffer:
+                raw, buffer = buffer.split(b"\0", 1)
+                message = json.loads(raw)
+                with self._cond:
+                    if "id" in message:
+                        self._replies[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                    self._cond.notify_all()
+
+    def send(self, method: str, session: bool = False, timeout: float = 30, **params):
+        with self._cond:
+            self._next += 1
+            number = self._next
+        message = {"id": number, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        with self._cond:
+            assert self._cond.wait_for(lambda: number in self._replies, timeout), f"{method}: no answer"
+            reply = self._replies.pop(number)
+        assert "error" not in reply, reply
+        return reply["result"]
+
+    def js(self, expression: str):
+        result = self.send("Runtime.evaluate", session=True, expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_js(self, expression: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout
+        while not self.js(expression):
+            assert time.monotonic() < deadline, f"still false after {timeout} s: {expression}"
+            time.sleep(0.2)
+        return self.js(expression)
+
+    def click(self, selector: str) -> None:
+        """A real mouse click at the middle of the element."""
+        box = self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                      " return [r.x + r.width / 2, r.y + r.height / 2]; })()")  # fmt: skip
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send(
+                "Input.dispatchMouseEvent", session=True, type=kind, x=box[0], y=box[1], button="left", clickCount=1
+            )
+
+    def type(self, selector: str, text: str) -> None:
+        self.js(f"document.querySelector({json.dumps(selector)}).focus()")
+        self.send("Input.insertText", session=True, text=text)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(10)
+        os.close(self._to_chrome)
+
+
+def test_dashboard_in_headless_chromium(chromium, server, root, finished, tmp_path):
+    from PIL import Image
+
+    client = server.client()
+    job = finished[2]
+    running = long_job(client, upload(client, root / "train.jsonl").id)
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        # the key travels in the fragment (never sent to the server); the page moves it to sessionStorage
+        browser.send("Page.navigate", session=True, url=f"{server.url}/#key={ALICE}&jobs={job.id},{running.id}")
+        browser.wait_js(f"document.querySelector('#jobs tr[data-job=\"{running.id}\"]') !== null")
+        assert browser.js("location.hash") == f"#jobs={job.id},{running.id}"
+        statuses = browser.js("Object.fromEntries([...document.querySelectorAll('#jobs tbody tr')]"
+                              ".map(r => [r.dataset.job, r.querySelector('.status').textContent]))")  # fmt: skip
+        assert statuses[job.id] == "succeeded" and statuses[running.id] in ("queued", "running")
+        assert set(statuses) == {j.id for j in client.fine_tuning.jobs.list(limit=100).data}
+
+        # two runs side by side: the finished one with its curves and evaluation table
+        browser.wait_js("document.querySelectorAll('#panels .panel').length === 2")
+        done = f'#panels .panel[data-job="{job.id}"]'
+        browser.wait_js(f"document.querySelector('{done} .eval-table') !== null")
+        points = json.loads(browser.js(f"document.querySelector('{done} canvas.loss').dataset.points"))
+        assert points == {"train_loss": 6, "valid_loss": 2}  # steps 1-6; evaluations at 3 and 6
+        assert json.loads(browser.js(f"document.querySelector('{done} canvas.lr').dataset.points")) == {
+            "learning_rate": 6
+        }
+        systems = browser.js(
+            f"[...document.querySelectorAll('{done} .eval-table tbody tr')].map(r => r.dataset.system)"
+        )
+        assert systems == [s["key"] for s in json.loads(client.files.content(job.result_files[0]).read())["systems"]]
+
+        # live curves: the running job's point count grows between polls (every 2 s)
+        live = f'#panels .panel[data-job="{running.id}"] canvas.loss'
+        count = "(JSON.parse(document.querySelector('%s').dataset.points || '{}').train_loss || 0)" % live.replace(
+            "'", "\\'"
+        )
+        first = browser.wait_js(f"{count} > 0 && {count}")
+        browser.wait_js(f"{count} > {first}")
+        assert browser.js(
+            f"document.querySelector('{live}').closest('.panel').querySelector('.status').textContent"
+        ) in (
+            "running",
+            "succeeded",
+        )
+
+        # the report link opens the run's report.html (fetched with the key) in a new tab
+        browser.click(f"{done} a.report")
+        deadline = time.monotonic() + 20
+        while not [t for t in browser.send("Target.getTargets")["targetInfos"] if t["url"].startswith("blob:")]:
+            assert time.monotonic() < deadline, "report.html did not open"
+            time.sleep(0.2)
+
+        # the chat box answers with the fine-tuned model, greedy: the same text as the API gives
+        browser.js(f"document.getElementById('chat-model').value = {json.dumps(job.fine_tuned_model)}")
+        browser.js("document.getElementById('chat-temperature').value = '0'")
+        browser.type("#chat-input", "ticket 3: refund invoice please")
+        browser.click("#chat-send")
+        reply = browser.wait_js("document.querySelector('#chat-log .msg.assistant')?.textContent")
+        expected = client.chat.completions.create(
+            model=job.fine_tuned_model,
+            messages=[{"role": "user", "content": "ticket 3: refund invoice please"}],
+            max_tokens=64,
+            temperature=0,
+        )
+        assert reply == f"{job.fine_tuned_model}: {expected.choices[0].message.content}"
+
+        shot = tmp_path / "dashboard.png"
+        shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", session=True, format="png")["data"]))
+        if os.environ.get("TUNESMITH_SCREENSHOTS"):  # keep a copy to look at
+            Path(os.environ["TUNESMITH_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+            (Path(os.environ["TUNESMITH_SCREENSHOTS"]) / "dashboard.png").write_bytes(shot.read_bytes())
+        image = Image.open(shot).convert("RGB")
+        assert image.size == (1400, 1400)
+        colours = image.getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 200  # text, tables and curves, not a blank page
+        blue = sum(n for n, (r, g, b) in colours if b > 180 and r < 60 and g < 120)  # train_loss's #1a56db
+        assert blue > 200
+    finally:
+        browser.close()
+        if client.fine_tuning.jobs.retrieve(running.id).status in st.ACTIVE:
+            client.fine_tuning.jobs.cancel(running.id)
+        wait(client, running.id)

@@ -243,9 +243,17 @@ class Worker:
         elif code == 130 and job["cancel_requested"]:
             self.store.update_job(job_id, status=st.CANCELLED, finished_at=now, trained_tokens=follower.tokens)
             self.store.add_event(job_id, "info", f"Job cancelled at step {follower.step}; checkpoint saved")
-        elif code == 130 or self._stop.is_set() or code < 0:
-            # stopped with the server (or killed with it): still running, resumed at the next start
+        elif self._stop.is_set():
+            # stopped with the server: still running, resumed at the next start
             self.store.add_event(job_id, "info", f"Job paused at step {follower.step}: the server is stopping")
+        elif code < 0:  # killed from outside (the OOM killer, a user): this job fails, the server goes on
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            self._fail(
+                job_id,
+                f"the training process was killed by {name} at step {follower.step} (out of memory?); "
+                f"{_tail(job_dir / 'stderr.log', 3)}",
+                code="training_failed",
+            )
         else:
             error = _read_json(job_dir / "error.json") or {"message": _tail(job_dir / "stderr.log")}
             self._fail(job_id, error["message"], code="training_failed")

@@ -116,7 +116,7 @@ async function fillPanel(panel, jobId) {
   status.className = "status " + job.status;
   const hp = job.hyperparameters;
   panel.querySelector(".meta").textContent =
-    `base ${job.model} · epochs ${hp.n_epochs} · batch ${hp.batch_size} · lr x${hp.learning_rate_multiplier}` +
+    `base ${job.model} · epochs ${hp.n_epochs} · batch ${hp.batch_size} · lr multiplier ${hp.learning_rate_multiplier}` +
     (job.trained_tokens ? ` · ${job.trained_tokens} tokens trained` : "");
   if (job.error) {
     panel.querySelector(".error").hidden = false;
@@ -166,6 +166,13 @@ async function openReport(jobId) {
 
 // ---- charts ---------------------------------------------------------------------------------------------------------
 
+function tick(value, span) {
+  // enough decimals that the four ticks differ: 10.72, 10.79, 10.86 rather than 10.7, 10.8, 10.8
+  if (value !== 0 && Math.abs(value) < 1e-3) return value.toExponential(2);
+  const digits = Math.min(8, Math.max(0, 1 - Math.floor(Math.log10(span / 3))));
+  return value.toFixed(digits);
+}
+
 function drawChart(canvas, series) {
   const ctx = canvas.getContext("2d");
   const W = canvas.width, H = canvas.height, L = 64, R = 12, T = 10, B = 26;
@@ -188,7 +195,7 @@ function drawChart(canvas, series) {
   ctx.beginPath(); ctx.moveTo(L, T); ctx.lineTo(L, H - B); ctx.lineTo(W - R, H - B); ctx.stroke();
   for (let i = 0; i <= 3; i++) {
     const y = y0 + (y1 - y0) * i / 3;
-    ctx.fillText(y.toPrecision(3), 4, Y(y) + 4);
+    ctx.fillText(tick(y, y1 - y0), 4, Y(y) + 4);
     const x = x0 + (x1 - x0) * i / 3;
     ctx.fillText(String(Math.round(x)), X(x) - 6, H - 8);
   }
@@ -223,13 +230,15 @@ async function sendChat(event) {
   const text = input.value.trim();
   if (!text) return;
   const model = document.getElementById("chat-model").value;
+  const temperature = document.getElementById("chat-temperature");
   const log = document.getElementById("chat-log");
   input.value = "";
   state.history.push({ role: "user", content: text });
   log.append(el("div", { class: "msg user" }, el("b", {}, "you: "), text));
   try {
     const answer = await api("/v1/chat/completions", {
-      method: "POST", json: { model, messages: state.history, max_tokens: 64 },
+      method: "POST",
+      json: { model, messages: state.history, max_tokens: 64, temperature: Number(temperature.value) },
     });
     const reply = answer.choices[0].message.content;
     state.history.push({ role: "assistant", content: reply });
