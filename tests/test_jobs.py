@@ -290,6 +290,11 @@ def test_bad_input_gives_openai_errors_and_failed_jobs(server, root):
     assert e.value.status_code == 413 and e.value.body["code"] == "file_too_large"
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
+    gone = upload(client, root / "val.jsonl")
+    assert client.files.delete(gone.id).deleted
+    assert gone.id not in [f.id for f in client.files.list().data]
+    with pytest.raises(openai.NotFoundError, match=f"No such File object: {gone.id}"):
+        client.files.retrieve(gone.id)
     with pytest.raises(openai.BadRequestError, match="already failed"):
         client.fine_tuning.jobs.cancel(job.id)
     r = httpx.post(server.url + "/v1/fine_tuning/jobs", content=b"{", headers={"Authorization": f"Bearer {ALICE}"})
@@ -367,7 +372,7 @@ def _runner_pids(job_id: str) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the job process dies with the server on Linux")
-def test_sigkill_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server, root, finished):
+def test_sigkill_or_ctrl_c_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server, root, finished):
     client = server.client()
     job = long_job(client, upload(client, root / "train.jsonl").id, epochs=12, suffix="resumed")
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
@@ -391,6 +396,19 @@ def test_sigkill_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server,
     db.close()
 
     server.start()
+    # once the resumed run has logged a new step, stop the server gracefully (Ctrl-C): the job pauses at a step
+    # boundary with a checkpoint, stays `running`, and the next start resumes it again
+    metrics = server.root / "jobs" / "jobs" / job.id / "run" / "metrics.jsonl"
+    while max(json.loads(line)["step"] for line in metrics.open()) <= max(logged):
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+        time.sleep(0.1)
+    assert server.stop(signal.SIGINT) == 0
+    store = st.Store(server.root / "jobs" / "jobs.db")  # read while the server is down
+    assert store.job_row(job.id)["status"] == "running"
+    paused = [e["message"] for e in store.list_events(job.id, None, 1000).data if "paused" in e["message"]]
+    store.close()
+    assert len(paused) == 1 and paused[0].startswith("Job paused at step ") and "the server is stopping" in paused[0]
+    server.start()
     done = wait(client, job.id, timeout=240)
     assert done.status == "succeeded", done.error
     assert [f.model_dump() for f in client.files.list().data][-len(files_before) :] == files_before
@@ -399,6 +417,7 @@ def test_sigkill_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server,
     assert events_before.items() <= after.items()  # every event from before the kill, unchanged
     messages = [e.message for e in events]
     assert "Resuming the job after a server restart (attempt 2)" in messages
+    assert "Resuming the job after a server restart (attempt 3)" in messages
     assert any(m.startswith("resuming from ") and "/step-" in m for m in messages), messages
     steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
     assert steps == list(range(1, 37))  # each step once, none lost, none twice

@@ -228,6 +228,7 @@ def create_app(
     @app.get("/health")
     async def health(request: Request):
         # open to load balancers without the key, so it tells them the status only
+        request.state.tenant = tenant_of(request)
         body = {"status": "ok" if engine.alive else "engine stopped"}
         if authorized(request):
             body.update(models=[s.id for s in registry.all() if visible(s, request)], pending=engine.pending)
