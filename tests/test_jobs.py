@@ -270,6 +270,7 @@ def test_bad_input_gives_openai_errors_and_failed_jobs(server, root):
         (dict(model="tiny", training_file=good.id, hyperparameters={"n_epochs": 0}), None, None),
         (dict(model="tiny", training_file=good.id, hyperparameters={"warmup": 3}), None, None),
         (dict(model="tiny", training_file=good.id, suffix="no spaces"), "suffix", None),
+        (dict(model="tiny", training_file=good.id, method={"type": "dpo", "dpo": []}), "method.dpo", None),
     ]
     for kwargs, param, code in cases:
         with pytest.raises(openai.BadRequestError) as e:

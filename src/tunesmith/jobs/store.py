@@ -169,10 +169,11 @@ class Store:
             )
         return self.file(file_id, tenant)
 
-    def file_row(self, file_id: str, tenant: str | None) -> sqlite3.Row:
-        """The row of a file the tenant owns (tenant None: any owner); NotFound for others' and deleted files."""
-        row = self._one("SELECT * FROM files WHERE id = ? AND deleted = 0", (file_id,))
-        if row is None or (tenant is not None and row["tenant"] != tenant):
+    def file_row(self, file_id: str, tenant: str | None, deleted_too: bool = False) -> sqlite3.Row:
+        """The row of a file the tenant owns (tenant None: any owner); NotFound for others' and deleted files
+        (deleted_too: a job that started before its file was deleted still reads it)."""
+        row = self._one("SELECT * FROM files WHERE id = ?", (file_id,))
+        if row is None or (tenant is not None and row["tenant"] != tenant) or (row["deleted"] and not deleted_too):
             raise NotFound(file_id)
         return row
 

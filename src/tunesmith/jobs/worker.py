@@ -186,13 +186,13 @@ class Worker:
         hyper = method.get(method["type"], {}).get("hyperparameters", {})
         values = {
             "model.name": self.base_model,
-            "data.train": self.store.file_row(job["training_file"], None)["path"],
+            "data.train": self.store.file_row(job["training_file"], None, deleted_too=True)["path"],
             "train.seed": job["seed"],
             "name": job["id"],
             **self.overrides,
         }
         if job["validation_file"]:
-            values["data.validation"] = self.store.file_row(job["validation_file"], None)["path"]
+            values["data.validation"] = self.store.file_row(job["validation_file"], None, deleted_too=True)["path"]
         if hyper.get("n_epochs", "auto") != "auto":
             values["train.epochs"] = hyper["n_epochs"]
         if hyper.get("batch_size", "auto") != "auto":
@@ -240,7 +240,7 @@ class Worker:
                 trained_tokens=follower.tokens,
             )
             self.store.add_event(job_id, "info", f"The job has successfully completed: {model}")
-        elif code == 130 and job["cancel_requested"]:
+        elif code in (130, -signal.SIGINT) and job["cancel_requested"]:  # -SIGINT: cancelled while starting up
             self.store.update_job(job_id, status=st.CANCELLED, finished_at=now, trained_tokens=follower.tokens)
             self.store.add_event(job_id, "info", f"Job cancelled at step {follower.step}; checkpoint saved")
         elif self._stop.is_set():

@@ -409,7 +409,11 @@ def _method(body: dict) -> dict:
             param="method.type",
             code="unsupported_method",
         )
-    hyper = dict((method.get(kind) or {}).get("hyperparameters") or {})
+    inner = method.get(kind) or {}
+    hyper = inner.get("hyperparameters") if isinstance(inner, dict) else None
+    if not isinstance(hyper, (dict, type(None))) or not isinstance(inner, dict):
+        raise APIError(400, f"method.{kind}: an object with `hyperparameters` (an object)", param=f"method.{kind}")
+    hyper = dict(hyper or {})
     top = body.get("hyperparameters")
     if top is not None:
         if not isinstance(top, dict):
