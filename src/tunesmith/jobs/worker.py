@@ -56,7 +56,6 @@ class Worker:
         self.workers = workers
         self.on_success = on_success  # job row -> fine_tuned_model id (serves the model); raises to fail the job
         self._threads: dict[str, threading.Thread] = {}
-        self._procs: dict[str, subprocess.Popen] = {}
         self._stop = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch, name="tunesmith-jobs", daemon=True)
 
@@ -65,9 +64,7 @@ class Worker:
 
     def stop(self, timeout: float = 60) -> None:
         """Stop the running jobs at a step boundary (they stay `running` and resume at the next start)."""
-        self._stop.set()
-        for proc in list(self._procs.values()):
-            _signal(proc, signal.SIGINT)
+        self._stop.set()  # each job's thread sends its process one SIGINT (a second one would stop it at once)
         self._dispatcher.join(timeout)
         for thread in list(self._threads.values()):
             thread.join(timeout)
@@ -163,20 +160,16 @@ class Worker:
                 start_new_session=True,  # a Ctrl-C at the server's terminal reaches the job through us, once
                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
             )
-        self._procs[job_id] = proc
         reader = threading.Thread(target=self._read_events, args=(job_id, proc), daemon=True)
         reader.start()
         follower = _RunFollower(self.store, job_id, job_dir / "run")
         signalled = False
-        try:
-            while proc.poll() is None:
-                follower.poll()
-                if not signalled and (self._stop.is_set() or self.store.job_row(job_id)["cancel_requested"]):
-                    _signal(proc, signal.SIGINT)
-                    signalled = True
-                time.sleep(POLL_S)
-        finally:
-            self._procs.pop(job_id, None)
+        while proc.poll() is None:
+            follower.poll()
+            if not signalled and (self._stop.is_set() or self.store.job_row(job_id)["cancel_requested"]):
+                _signal(proc, signal.SIGINT)
+                signalled = True
+            time.sleep(POLL_S)
         reader.join(10)
         follower.poll()
         self._finish(job_id, job_dir, proc.returncode, follower)

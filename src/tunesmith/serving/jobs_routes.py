@@ -409,7 +409,7 @@ def _method(body: dict) -> dict:
             param="method.type",
             code="unsupported_method",
         )
-    inner = method.get(kind) or {}
+    inner = {} if method.get(kind) is None else method[kind]
     hyper = inner.get("hyperparameters") if isinstance(inner, dict) else None
     if not isinstance(hyper, (dict, type(None))) or not isinstance(inner, dict):
         raise APIError(400, f"method.{kind}: an object with `hyperparameters` (an object)", param=f"method.{kind}")
