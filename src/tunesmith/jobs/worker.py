@@ -37,7 +37,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: a killed server leaves the run going; its restart waits for the lock below
+    except OSError:  # not Linux: a killed server leaves the run going, and a restart would start a second one
         pass
 
 
