@@ -233,10 +233,20 @@ def serve(
     """Serve `base` and the LoRA/DoRA/IA3 runs of it over an OpenAI-compatible HTTP API until interrupted.
     A non-loopback `host` needs `api_key` (or TUNESMITH_API_KEY). options: watch, max_tokens, max_prompt_tokens,
     max_pending, max_batch, max_body_bytes, device, dtype, adapter_roots (the folders POST /v1/adapters may load
-    runs from, besides `watch` and `runs`). See tunesmith.serving."""
+    runs from, besides `watch` and `runs`); for fine-tuning as a service: jobs_dir (turns on the files and
+    fine-tuning jobs API and the dashboard), workers, job_overrides (KEY=VALUE items for every job's run), keys_file
+    (API keys of several tenants), max_file_bytes, max_queued_jobs. See tunesmith.serving and tunesmith.jobs."""
     from tunesmith.serving import serve as _serve
 
     _serve(list(runs), base, host=host, port=port, api_key=api_key, log=log, **options)
+
+
+def jobs_client(url: str | None = None, api_key: str | None = None):
+    """A client of a `tunesmith serve --jobs-dir` server's files and fine-tuning jobs API (standard library only):
+    upload, wait_for_file, create_job, list_jobs, job, cancel, events. See tunesmith.jobs.client."""
+    from tunesmith.jobs.client import JobsClient
+
+    return JobsClient(url, api_key)
 
 
 def evaluate(

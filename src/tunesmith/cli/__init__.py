@@ -28,6 +28,7 @@ Quick start:
   tunesmith generate runs/tickets --prompt "..."  try the result
   tunesmith chat runs/tickets                     talk to it
   tunesmith serve runs/tickets                    OpenAI-compatible API (base + fine-tuned adapters)
+  tunesmith serve --base M --jobs-dir jobs/      ... plus fine-tuning jobs (OpenAI's API) and a dashboard
   tunesmith export runs/tickets --merge --out DIR  merged model (or --format gguf, --adapter-only)
   tunesmith models list                           built-in models (no model hub needed)
 
@@ -47,6 +48,7 @@ COMMANDS = {
     "report": ("tunesmith.cli.report:report", "Write a run's self-contained report.html (plots, metrics, forgetting)."),
     "serve": ("tunesmith.cli.serve:serve", "Serve a base model and its fine-tuned runs (OpenAI-compatible API)."),
     "export": ("tunesmith.cli.export:export", "Export a run: merged HF model, GGUF file or peft adapter (checked)."),
+    "jobs": ("tunesmith.cli.jobs:jobs", "Fine-tuning jobs on a `tunesmith serve --jobs-dir` server (create, follow)."),
 }
 
 

@@ -48,6 +48,27 @@ from tunesmith import api
 )
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Generations decoded together.")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True, type=int)
+@click.option(
+    "--jobs-dir",
+    type=click.Path(file_okay=False),
+    help="Turn on the files + fine-tuning jobs API and the dashboard at /: store, uploads and runs go here "
+    "(a restart with the same folder resumes everything).",
+)
+@click.option("--workers", default=1, show_default=True, type=int, help="Fine-tuning jobs run at once.")
+@click.option(
+    "--job-set",
+    "job_overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Config override for every job's run (repeatable), e.g. --job-set method=dora --job-set train.save_every=50.",
+)
+@click.option(
+    "--keys-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="YAML file of API keys, one tenant each, with limits (README: 'Fine-tuning as a service').",
+)
+@click.option("--max-file-bytes", type=int, help="Largest upload per file; default 50000000 (keys file: per tenant).")
+@click.option("--max-queued-jobs", type=int, help="Jobs validating or queued per tenant; default 5.")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--dtype",
@@ -63,10 +84,13 @@ def serve(run_dirs, base, host, port, api_key, watch, **options):
       tunesmith serve runs/tickets                     the run and its base on 127.0.0.1:8000
       tunesmith serve runs/a runs/b --watch runs/      several runs; new runs in runs/ appear live
       tunesmith serve --base smollm2-135m-instruct     the base model alone
+      tunesmith serve --jobs-dir jobs/ --keys-file keys.yaml   + fine-tuning jobs API, tenants, dashboard at /
     """
     for key, value in options.items():
         if (
-            key in ("max_tokens", "max_pending", "max_batch", "max_body_bytes", "max_prompt_tokens")
+            key
+            in ("max_tokens", "max_pending", "max_batch", "max_body_bytes", "max_prompt_tokens", "workers")
+            + ("max_file_bytes", "max_queued_jobs")
             and value is not None
             and value < 1
         ):

@@ -3,7 +3,9 @@
     registry.py  the base model (loaded once) and the runs' peft adapters on it; model ids; which runs fit
     engine.py    the one thread that owns the model: a queue, batches per adapter, a per-row sampling loop
     schemas.py   request bodies and response shapes (OpenAI's field names)
-    app.py       the FastAPI app: endpoints, errors in OpenAI's format, limits, API key, watched folder
+    app.py       the FastAPI app: endpoints, errors in OpenAI's format, limits, API keys, watched folder
+    jobs_routes.py  files + fine-tuning jobs API (OpenAI's shapes) over tunesmith.jobs, and the dashboard at /
+    static/      the dashboard's page, script and style (no CDN)
 
 FastAPI, uvicorn and torch are imported only when a server is built.
 """
@@ -70,11 +72,21 @@ def build(
     device: str = "auto",
     watch: str | Path | None = None,
     adapter_roots: list[str | Path] = (),
+    keys_file: str | Path | None = None,
+    jobs_dir: str | Path | None = None,
+    workers: int = 1,
+    job_overrides: list[str] | dict | None = None,
+    max_file_bytes: int | None = None,
+    max_queued_jobs: int | None = None,
     log=print,
     **limits,
 ):
     """(app, registry): load the base model once, attach every run's adapter, build the app (not started).
-    POST /v1/adapters loads runs from inside `adapter_roots`, `watch` and the given runs only."""
+    POST /v1/adapters loads runs from inside `adapter_roots`, `watch` and the given runs only.
+    `keys_file`: several API keys, one tenant each (tunesmith.jobs.tenants). `jobs_dir`: where the files and
+    fine-tuning jobs API keeps its store, uploads and runs (without it, that API is off); `workers` jobs run at
+    once; `job_overrides` (KEY=VALUE config overrides) apply to every job's run."""
+    from tunesmith.jobs.tenants import Tenants
     from tunesmith.run_dir import RunDir
     from tunesmith.serving.app import Limits, create_app
     from tunesmith.serving.registry import Registry
@@ -91,14 +103,41 @@ def build(
     for root in adapter_roots:
         if not Path(root).is_dir():
             raise ConfigError(f"--adapter-root {root}: not a folder; point at the folder holding the runs to allow")
+    tenants = Tenants.build(api_key, keys_file, max_file_bytes=max_file_bytes, max_queued_jobs=max_queued_jobs)
+    overrides = _job_overrides(job_overrides)
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: run at least 1 job at a time")
     log(f"loading base model {base} ...")
     registry = Registry(base, dtype=dtype, device=device)
     log(f"  in {str(registry.model.dtype).removeprefix('torch.')} on {registry.model.device} (--dtype to change)")
     for run in runs:
         served = registry.add_run(run)
         log(f"  {served.id}  ({served.method} adapter from {served.run_path})")
-    app = create_app(registry, Limits(**limits), api_key=api_key, watch=watch, adapter_roots=adapter_roots)
+    app = create_app(
+        registry,
+        Limits(**limits),
+        api_key=api_key,
+        watch=watch,
+        adapter_roots=adapter_roots,
+        tenants=tenants,
+        jobs_dir=jobs_dir,
+        workers=workers,
+        job_overrides=overrides,
+    )
+    if jobs_dir is not None:
+        log(f"  fine-tuning jobs in {jobs_dir} ({workers} at a time)")
     return app, registry
+
+
+def _job_overrides(given) -> dict:
+    """--job-set KEY=VALUE items as a dict, each checked against the config schema now rather than per job."""
+    from tunesmith.config import load_config, parse_override
+
+    if not given:
+        return {}
+    values = dict(given) if isinstance(given, dict) else dict(parse_override(item) for item in given)
+    load_config(None, list(values.items()))  # a ConfigError naming the key and the fix
+    return values
 
 
 def serve(
@@ -114,11 +153,12 @@ def serve(
     import uvicorn
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    check_exposure(host, api_key)  # before minutes of model loading
+    check_exposure(host, api_key or options.get("keys_file"))  # before minutes of model loading
     check_port(host, port)
     app, registry = build(runs, base, api_key=api_key, log=log, **options)
     shown = f"[{host}]" if ":" in host else host
     log(
-        f"serving {', '.join(registry.ids())} at http://{shown}:{port}/v1" + ("  (API key required)" if api_key else "")
+        f"serving {', '.join(registry.ids())} at http://{shown}:{port}/v1"
+        + ("  (API key required)" if api_key or options.get("keys_file") else "")
     )
     uvicorn.run(app, host=host, port=port, log_level="warning")

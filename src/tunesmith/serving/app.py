@@ -1,7 +1,11 @@
 """The FastAPI app: OpenAI-compatible endpoints over the engine, errors in OpenAI's format, limits, API key.
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions (both streamed over
-server-sent events with `stream: true`), POST /v1/adapters (serve another run without a restart).
+server-sent events with `stream: true`), POST /v1/adapters (serve another run without a restart). With a jobs
+folder, also the files and fine-tuning jobs API and the dashboard (serving/jobs_routes.py).
+
+API keys: one `api_key`, or several from a keys file (`tenants`, tunesmith.jobs.tenants); each key belongs to a
+tenant, and a fine-tuned model made by a tenant's job is visible to that tenant only.
 
 Errors are `{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes: 400 bad request
 (including a prompt that does not fit the context, code `context_length_exceeded`), 401 missing or wrong
@@ -18,7 +22,6 @@ import asyncio
 import json
 import logging
 import re
-import secrets
 import threading
 import time
 import uuid
@@ -130,37 +133,68 @@ def create_app(
     watch: str | Path | None = None,
     watch_interval: float = 2.0,
     adapter_roots=(),
+    tenants=None,
+    jobs_dir: str | Path | None = None,
+    workers: int = 1,
+    job_overrides: dict | None = None,
 ) -> FastAPI:
     """The app serving `registry`'s models. Starts the engine thread (and the folder watcher) with the app's
     lifespan and stops them at shutdown. POST /v1/adapters loads runs from inside `adapter_roots`, `watch`
-    and the folders of the runs already served."""
+    and the folders of the runs already served. `tenants` (tunesmith.jobs.tenants.Tenants) replaces `api_key`
+    with several keys. With `jobs_dir`, the files and fine-tuning jobs API runs `workers` jobs at once, with the
+    config overrides `job_overrides` (dotted keys) applied to every job's run."""
     from contextlib import asynccontextmanager
 
+    from tunesmith.jobs.tenants import Tenants
+
     limits = limits or Limits()
+    tenants = tenants or Tenants.build(api_key)
     started_runs = [s.run_path for s in registry.all() if s.run_path is not None]
     roots = AdapterRoots([*adapter_roots, *([watch] if watch else []), *started_runs])
     engine = Engine(registry, max_batch=limits.max_batch, max_pending=limits.max_pending)
     watcher = Watcher(Path(watch), registry, engine, watch_interval) if watch else None
+    service = None
+    if jobs_dir is not None:
+        from tunesmith.serving.jobs_routes import JobsService
+
+        service = JobsService(Path(jobs_dir), registry, engine, workers=workers, overrides=job_overrides)
 
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
         if watcher:
             watcher.start()
+        if service:
+            await asyncio.to_thread(service.start)
         yield
+        if service:
+            await asyncio.to_thread(service.stop)
         if watcher:
             watcher.stop()
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.registry, app.state.limits = engine, registry, limits
-    app.state.adapter_roots = roots
+    app.state.adapter_roots, app.state.tenants, app.state.jobs = roots, tenants, service
+
+    def tenant_of(request: Request):
+        """The tenant of the request's API key; None when the key is missing or wrong."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return tenants.lookup(token.strip() if scheme.lower() == "bearer" else None)
 
     def authorized(request: Request) -> bool:
-        if not api_key:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+        return tenant_of(request) is not None
+
+    def visible(served, request: Request) -> bool:
+        return service is None or service.visible(served.id, getattr(request.state, "tenant", None))
+
+    def served_for(request: Request, model_id: str):
+        served = _served(registry, model_id)
+        if not visible(served, request):  # another tenant's model: answered as if it did not exist
+            raise APIError(
+                404, f"The model `{model_id}` does not exist on this server", param="model", code="model_not_found"
+            )
+        return served
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -177,32 +211,37 @@ def create_app(
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1") and not authorized(request):
-            return APIError(
-                401,
-                "Incorrect or missing API key: send it as `Authorization: Bearer <key>`",
-                code="invalid_api_key",
-            ).response()
+        if request.url.path.startswith("/v1"):
+            request.state.tenant = tenant_of(request)
+            if request.state.tenant is None:
+                return APIError(
+                    401,
+                    "Incorrect or missing API key: send it as `Authorization: Bearer <key>`",
+                    code="invalid_api_key",
+                ).response()
+        upload = request.url.path == "/v1/files" and request.method == "POST"  # capped by the tenant's file limit
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > limits.max_body_bytes:
+        if not upload and length and length.isdigit() and int(length) > limits.max_body_bytes:
             return _too_large(limits).response()
         return await call_next(request)
 
     @app.get("/health")
     async def health(request: Request):
         # open to load balancers without the key, so it tells them the status only
+        request.state.tenant = tenant_of(request)
         body = {"status": "ok" if engine.alive else "engine stopped"}
         if authorized(request):
-            body.update(models=registry.ids(), pending=engine.pending)
+            body.update(models=[s.id for s in registry.all() if visible(s, request)], pending=engine.pending)
         return JSONResponse(body, status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [schemas.model_card(s, registry.base_id) for s in registry.all()]}
+    async def list_models(request: Request):
+        cards = [schemas.model_card(s, registry.base_id) for s in registry.all() if visible(s, request)]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str):
-        return schemas.model_card(_served(registry, model_id), registry.base_id)
+    async def get_model(request: Request, model_id: str):
+        return schemas.model_card(served_for(request, model_id), registry.base_id)
 
     @app.post("/v1/adapters")
     async def add_adapter(request: Request):
@@ -220,7 +259,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _body(request, schemas.ChatRequest, limits)
-        served = _served(registry, body.model)
+        served = served_for(request, body.model)
         messages = [m.as_dict() for m in body.messages]
         if messages[-1]["role"] == "assistant":
             raise APIError(
@@ -239,7 +278,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _body(request, schemas.CompletionRequest, limits)
-        served = _served(registry, body.model)
+        served = served_for(request, body.model)
         tok = registry.tokenizer
         with registry.tokenizer_lock:
             prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in body.prompts]
@@ -248,6 +287,10 @@ def create_app(
         max_new = min(_budget(registry, limits, len(p), body.max_new, "prompt") for p in prompts)
         return await _run(engine, body, served, prompts, max_new, chat=False)
 
+    if service is not None:
+        from tunesmith.serving.jobs_routes import add_routes
+
+        add_routes(app, service)
     return app
 
 
@@ -255,6 +298,24 @@ def create_app(
 
 
 async def _body(request: Request, model, limits: Limits):
+    data = await read_json(request, limits)
+    if model is not schemas.AdapterRequest:
+        name = schemas.unsupported_param(data)
+        if name:
+            raise APIError(
+                400, f"`{name}` is not supported by this server; leave it out", param=name, code="unsupported_parameter"
+            )
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        problems = "; ".join(_problem(err) for err in e.errors()[:5])
+        raise APIError(400, f"invalid request: {problems}", param=param) from None
+
+
+async def read_json(request: Request, limits: Limits) -> dict:
+    """The request body as a JSON object, read within the size and nesting limits (or an APIError)."""
     # read piece by piece: a chunked body has no content-length for the middleware to refuse, and reading it
     # whole first would let one request fill the server's memory
     raw, size = [], 0
@@ -277,19 +338,7 @@ async def _body(request: Request, model, limits: Limits):
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
-    if model is not schemas.AdapterRequest:
-        name = schemas.unsupported_param(data)
-        if name:
-            raise APIError(
-                400, f"`{name}` is not supported by this server; leave it out", param=name, code="unsupported_parameter"
-            )
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        problems = "; ".join(_problem(err) for err in e.errors()[:5])
-        raise APIError(400, f"invalid request: {problems}", param=param) from None
+    return data
 
 
 _JSON_TYPES = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "an array"}
