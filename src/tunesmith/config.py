@@ -205,6 +205,10 @@ class TrainConfig(_Section):
     kl_to_base: float = Field(0.0, ge=0.0, le=10.0)
     """Weight of a KL(base || model) penalty on the labelled positions of each batch, against forgetting (0: off;
     try 0.1-1). Costs one extra forward of the base model per batch."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several processes (--nproc N, torchrun): ddp replicates the model and averages gradients; fsdp shards
+    weights, gradients and optimizer state (FSDP2, per decoder layer; full and freeze only). auto: fsdp for full
+    fine-tuning, ddp otherwise. One process ignores it."""
 
 
 def resolve_max_length(max_length: int | str, context: int | None) -> int:
