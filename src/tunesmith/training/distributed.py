@@ -540,7 +540,7 @@ class MemoryEstimate:
     grads: int
     optimizer: int
     activations: int
-    gathered: int  # FSDP: one decoder layer's full weights while it runs (all-gathered), 0 otherwise
+    gathered: int  # FSDP: the root's weights and one decoder layer's, all-gathered while they run; 0 otherwise
 
     @property
     def total(self) -> int:
@@ -549,15 +549,17 @@ class MemoryEstimate:
 
 def estimate_memory(model, strategy_name: str, world: int, weight_bytes: int, act_bytes: int) -> MemoryEstimate:
     """Per-process bytes of a plan: weights, gradients and AdamW's two moments (fp32) of the trainable weights, the
-    activations of one micro-batch (`act_bytes`, from training/auto.py's per-token figure), and for FSDP one layer
-    gathered. FSDP divides weights, gradients and optimizer state by the world size; DDP replicates them."""
+    activations of one micro-batch (`act_bytes`, from training/auto.py's per-token figure), and for FSDP the weights
+    all-gathered at once (the root's and one layer's). FSDP divides weights, gradients and optimizer state by the world size; DDP replicates them."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shards = world if strategy_name == "fsdp" else 1
     gathered = 0
     if strategy_name == "fsdp":
-        layers = decoder_layers(model)
-        gathered = max(sum(p.numel() for p in layer.parameters()) for layer in layers) * weight_bytes
+        # the root's own weights (embeddings, final norm; the head when untied) are gathered for the whole forward,
+        # each decoder layer's while it runs (backward: the same, in reverse)
+        sizes = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+        gathered = (total - sum(sizes) + max(sizes)) * weight_bytes
     return MemoryEstimate(
         weights=total * weight_bytes // shards,
         grads=trainable * weight_bytes // shards,
@@ -565,6 +567,30 @@ def estimate_memory(model, strategy_name: str, world: int, weight_bytes: int, ac
         activations=act_bytes,
         gathered=gathered,
     )
+
+
+# diagnostics (bench/fsdp_memory.py): log what each process holds after its first step, and its peak RSS at the end
+REPORT_MEMORY = os.environ.get("TUNESMITH_REPORT_MEMORY") == "1"
+
+
+def report_memory(model, optimizer, dist: Dist, when: str) -> None:
+    """Printed by rank 0, one line per rank: the weights, gradients and optimizer state it holds, its resident
+    memory now and its peak so far (diagnostics, printed whatever --quiet says)."""
+    import resource
+
+    mine = local_state_bytes(model, optimizer) if optimizer is not None else {}
+    with open("/proc/self/statm") as fh:  # Linux; resident pages are the second field
+        mine["rss"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    mine["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    every = [None] * dist.world_size
+    if dist.enabled:
+        torch.distributed.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    if dist.is_main:
+        for rank, got in enumerate(every):
+            values = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in got.items())
+            print(f"memory {when}, rank {rank}: {values}", flush=True)
 
 
 def local_state_bytes(model, optimizer) -> dict:

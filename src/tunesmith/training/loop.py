@@ -179,6 +179,8 @@ def train(
         metrics.close()
 
     _save_final(model, cfg, run_dir, tokenizer, dist)
+    if distributed.REPORT_MEMORY:
+        distributed.report_memory(model, None, dist, "at the end")
     log(f"done: {run_dir}/model")
     return run_dir
 
@@ -197,8 +199,10 @@ def _dry_run(cfg: Config, world: int, log) -> Path:
     _print_plan(plan, log)
     per_token = activation_bytes_per_token(model.config)
     model = methods.apply_method(model, cfg, tokenizer=tokenizer)
-    # a micro-batch of the longer examples (95th percentile), as the auto plan sizes it
-    tokens = plan.micro_batch_size * lengths[int(0.95 * (len(lengths) - 1))]
+    # a micro-batch of the longer examples (95th percentile), as the auto plan sizes it; each of `world` processes
+    # holds at most its share of a step
+    examples = min(plan.micro_batch_size, -(-plan.batch_size // world))
+    tokens = examples * lengths[int(0.95 * (len(lengths) - 1))]
     act = per_token * tokens
     if cfg.train.gradient_checkpointing:  # only each layer's input is kept, one layer recomputed at a time
         act //= max(getattr(model.config, "num_hidden_layers", 1), 1)
@@ -217,7 +221,7 @@ def _dry_run(cfg: Config, world: int, log) -> Path:
         ),
     ]
     if est.gathered:
-        rows.append(("gathered", est.gathered, "FSDP: one decoder layer's full weights while it runs"))
+        rows.append(("gathered", est.gathered, "FSDP: the root's weights (embeddings) and one layer's, all-gathered"))
     log(f"estimated memory per process ({world} process{'es' if world != 1 else ''}, {cfg.method}, {precision.name}):")
     for name, n, why in rows:
         log(f"  {name:<15}{mib(n)}  {why}")
@@ -274,6 +278,7 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
     stop = distributed.StopFlag(ctx.dist.is_main) if ctx.dist.enabled else _StopFlag()
     epoch_steps: dict[int, list[list[int]]] = {}
     window_tokens, window_time = 0, 0.0
+    first_step = state.step
     model.train()
     try:
         while state.step < plan.total_steps:
@@ -326,6 +331,8 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
             else:
                 grad_norm = _clip(trainable, cfg.train.max_grad_norm)
             optimizer.step()
+            if distributed.REPORT_MEMORY and step == first_step:  # diagnostics: weights, gradients, AdamW state held
+                distributed.report_memory(model, optimizer, ctx.dist, "after the first step")
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
 
