@@ -523,9 +523,10 @@ class PeerLost(TrainingError):
 
 def lost_peer(error: Exception, dist: Dist) -> TrainingError:
     """A collective failed: another rank died or hung. One line instead of gloo's traceback."""
+    detail = (str(error).splitlines() or ["no detail"])[0].split(". This is typically")[0]
     return PeerLost(
-        f"rank {dist.rank}: lost contact with the other processes ({type(error).__name__}: "
-        f"{str(error).splitlines()[0] if str(error) else 'no detail'}); another rank has died or hung. "
+        f"rank {dist.rank} lost contact with the other processes ({type(error).__name__}: {detail}); another rank "
+        "has died or hung. "
         "The last complete checkpoint is intact: continue with tunesmith train --resume RUN_DIR"
     )
 
