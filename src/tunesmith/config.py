@@ -189,7 +189,7 @@ class TrainConfig(_Section):
     batching: Literal["auto", "pack", "pad", "group"] = "auto"
     """pack: several examples per row without padding; pad: dynamic padding; group: length-grouped padding."""
     threads: int | None = Field(None, ge=1)
-    """CPU threads for torch; None: all physical cores."""
+    """CPU threads for torch; None: all cores (shared out among the processes of a run on one machine)."""
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     """fp32; bf16-mixed: bf16 matmuls under autocast, fp32 weights, optimizer state, LM head and loss; bf16: all in
     bf16 (least memory; updates below a weight's bf16 resolution are lost). auto: bf16-mixed where the device

@@ -54,7 +54,9 @@ def launch(nproc: int, argv: list[str], log=print) -> None:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # --standalone: a rendezvous on localhost with a free port; -m: run `python -m tunesmith ...` per rank
     args = parse_args(["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc), "-m", "tunesmith", *argv])
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too; train.threads sets torch's own count
+    # torchrun's default too, said here so it does not warn; training sets torch's thread count (train.threads,
+    # else the cores shared out among the processes)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         run(args)
     except ChildFailedError as e:

@@ -231,10 +231,11 @@ def _dry_run(cfg: Config, world: int, log) -> Path:
 
 def _save_final(model, cfg: Config, run_dir: Path, tokenizer, dist) -> None:
     """model/, written once (by rank 0; FSDP's shards gathered to it first)."""
-    state_dict = distributed.full_state_dict(model, dist) if dist.strategy == "fsdp" else None
+    # FSDP: the weights gathered to rank 0 (a collective: every rank takes part)
+    gathered = {"state_dict": distributed.full_state_dict(model, dist)} if dist.strategy == "fsdp" else {}
     if dist.is_main:
         try:
-            methods.save_trained(distributed.unwrap(model), cfg, run_dir / "model", tokenizer, state_dict=state_dict)
+            methods.save_trained(distributed.unwrap(model), cfg, run_dir / "model", tokenizer, **gathered)
         except OSError as e:
             raise _save_failed(e, "the final model (model/)", run_dir) from None
     dist.barrier()
@@ -911,7 +912,9 @@ def _saved_config(run_dir: Path) -> Config:
 
 def _set_threads(threads: int | None) -> None:
     if threads is None:
-        threads = int(os.environ.get("TUNESMITH_THREADS", 0)) or (os.cpu_count() or 1)
+        # processes started together on one machine (torchrun sets LOCAL_WORLD_SIZE) share its cores
+        share = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        threads = int(os.environ.get("TUNESMITH_THREADS", 0)) or max(1, (os.cpu_count() or 1) // share)
     torch.set_num_threads(threads)
 
 
