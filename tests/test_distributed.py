@@ -284,3 +284,15 @@ def test_dry_run_estimates_memory_per_process(tiny_model_dir, data, tmp_path, ca
     # 1.6M fp32 parameters: 6.1 MiB of weights, as many of gradients, twice that of AdamW moments
     assert one["weights"] == pytest.approx(1_595_552 * 4 / 2**20, abs=0.05)
     assert not (tmp_path / "r").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_each_example_of_a_step_is_trained_once_by_one_rank(n):
+    from tunesmith.training.distributed import Dist
+
+    indices = [10 + i for i in range(n)]
+    shares = [Dist(rank=r, world_size=3, strategy="ddp").share(indices) for r in range(3)]
+    trained = [i for share, weight in shares if weight == 1.0 for i in share]
+    assert trained == indices  # in order, none twice, none missed
+    assert all(share for share, _ in shares)  # a rank without examples still makes its passes (weight 0)
+    assert Dist().share(indices) == (indices, 1.0)
