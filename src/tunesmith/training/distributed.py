@@ -43,8 +43,9 @@ from tunesmith.atomic import TMP, _fsync_dir, remove_dir
 from tunesmith.errors import ConfigError, RunError, TrainingError, TunesmithError
 from tunesmith.run_dir import CHECKPOINT_PREFIX, CHECKPOINTS
 
-# How long a rank waits in one collective before giving up. A rank that dies closes its sockets and gloo fails the
-# others at once (measured: < 1 s); this bounds the case of a rank that hangs without dying. The first step of a
+# How long a rank waits in one collective before giving up. A rank that dies closes its sockets, and gloo fails the
+# others' next collective with "Connection closed by peer" (the test that kills a rank sees that message); this
+# bounds the case of a rank that hangs without dying. The first step of a
 # big model (loading, data encoding on every rank) must fit in it, hence minutes, not seconds.
 TIMEOUT_S = int(os.environ.get("TUNESMITH_DIST_TIMEOUT", 600))
 
