@@ -210,12 +210,14 @@ def strategy(cfg, world_size: int) -> str:
     """ddp or fsdp for `cfg` (train.distributed; auto: fsdp for full fine-tuning, ddp for the rest); "none" for one
     process. A combination that cannot work is a ConfigError naming the alternative."""
     check(cfg)
-    if world_size <= 1:
-        return "none"
-    chosen = cfg.train.distributed
-    if chosen == "auto":
-        chosen = "fsdp" if cfg.method == "full" else "ddp"
-    return chosen
+    return resolved(cfg) if world_size > 1 else "none"
+
+
+def resolved(cfg) -> str:
+    """train.distributed with auto replaced: fsdp for full fine-tuning, ddp for the rest (config.yaml's value)."""
+    if cfg.train.distributed != "auto":
+        return cfg.train.distributed
+    return "fsdp" if cfg.method == "full" else "ddp"
 
 
 def check(cfg) -> None:

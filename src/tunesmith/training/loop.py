@@ -825,6 +825,7 @@ def _resolved(cfg: Config, plan: TrainingPlan, max_length: int, precision: Preci
         eval_every=plan.eval_every,
         save_every=plan.save_every,
         batching=plan.batching,
+        distributed=distributed.resolved(cfg),
     )
     raw["output"] = str(cfg.run_dir())
     return validate_config(raw, source="resolved config")
