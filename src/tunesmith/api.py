@@ -43,13 +43,32 @@ def train(
     if resume is not None:
         cfg = validate_config({"output": str(resume)})
         return Run(_train(cfg, resume=True, progress=progress, log=log, hooks=hooks))
+    return Run(_train(_config(config, overrides), progress=progress, log=log, hooks=hooks))
+
+
+def estimate_memory(
+    config: Config | str | Path | dict | None = None, *, nproc: int = 1, log=print, **overrides
+) -> None:
+    """`tunesmith train --dry-run`: load the model and data, plan, and print the estimated memory per process for
+    `nproc` processes (weights, gradients, optimizer state, activations); trains and writes nothing."""
+    from tunesmith.training.loop import train as _train
+
+    _train(_config(config, overrides), log=log, dry_run=True, world_size=nproc)
+
+
+def launch_train(nproc: int, argv: list[str], log=print) -> None:
+    """`tunesmith train ARGV --nproc N`: the same command on N local processes (torch.distributed.run)."""
+    from tunesmith.training.launch import launch
+
+    launch(nproc, argv, log=log)
+
+
+def _config(config, overrides: dict) -> Config:
     if isinstance(config, Config):
-        cfg = config if not overrides else load_config(None, _merge(config.model_dump(mode="json"), overrides))
-    elif isinstance(config, dict):
-        cfg = load_config(None, _merge(config, overrides))
-    else:
-        cfg = load_config(config, list(overrides.items()))
-    return Run(_train(cfg, progress=progress, log=log, hooks=hooks))
+        return config if not overrides else load_config(None, _merge(config.model_dump(mode="json"), overrides))
+    if isinstance(config, dict):
+        return load_config(None, _merge(config, overrides))
+    return load_config(config, list(overrides.items()))
 
 
 def _merge(raw: dict, overrides: dict) -> list[tuple[str, Any]]:

@@ -199,7 +199,7 @@ class TrainConfig(_Section):
     batching: Literal["auto", "pack", "pad", "group"] = "auto"
     """pack: several examples per row without padding; pad: dynamic padding; group: length-grouped padding."""
     threads: int | None = Field(None, ge=1)
-    """CPU threads for torch; None: all physical cores."""
+    """CPU threads for torch; None: all cores (shared out among the processes of a run on one machine)."""
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
     """fp32; bf16-mixed: bf16 matmuls under autocast, fp32 weights, optimizer state, LM head and loss; bf16: all in
     bf16 (least memory; updates below a weight's bf16 resolution are lost). auto: bf16-mixed where the device
@@ -215,6 +215,10 @@ class TrainConfig(_Section):
     kl_to_base: float = Field(0.0, ge=0.0, le=10.0)
     """Weight of a KL(base || model) penalty on the labelled positions of each batch, against forgetting (0: off;
     try 0.1-1). Costs one extra forward of the base model per batch."""
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several processes (--nproc N, torchrun): ddp replicates the model and averages gradients; fsdp shards
+    weights, gradients and optimizer state (FSDP2, per decoder layer; full and freeze only). auto: fsdp for full
+    fine-tuning, ddp otherwise. One process ignores it."""
 
 
 def resolve_max_length(max_length: int | str, context: int | None) -> int:

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
     except TunesmithError as e:
+        if getattr(e, "all_ranks", False) and os.environ.get("RANK", "0") != "0":
+            return e.exit_code  # raised alike by every process of a distributed run: rank 0 says it
         # backslashreplace: a lone surrogate from the user's input must not turn the message into a traceback
         click.secho(f"error: {e}".encode("utf-8", "backslashreplace").decode("utf-8"), fg="red", err=True)
         return e.exit_code

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from tunesmith import api
@@ -52,6 +54,7 @@ class _DottedFlags(click.Command):
         if bad:
             raise ConfigError(f"{', '.join(bad)}: no value given; write e.g. --lora.r 8")
         ctx.meta["dotted_overrides"] = dotted
+        ctx.meta["raw_args"] = list(args)
         return super().parse_args(ctx, rest)
 
 
@@ -83,18 +86,33 @@ class _DottedFlags(click.Command):
 )
 @click.option("--strict", is_flag=True, default=None, help="data.strict: unknown keys in data rows are errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--nproc",
+    type=int,
+    help="Train on N local processes (torch.distributed.run; DDP for adapters, FSDP2 for full fine-tuning).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Plan only: print the estimated memory per process (with --nproc N), train nothing."
+)
 @click.pass_context
-def train(ctx, recipe, log_sinks, resume, quiet, **flags):
+def train(ctx, recipe, log_sinks, resume, quiet, nproc, dry_run, **flags):
     """Fine-tune a model on your examples.
 
     \b
     tunesmith train --data tickets.jsonl                  LoRA on the default model
     tunesmith train recipes/ticket-triage-lora.yaml --train.max_steps 20
     tunesmith train --resume runs/tickets                 continue after a stop
+    tunesmith train recipe.yaml --nproc 2                 on 2 processes (GPUs, or CPU cores)
     """
-    progress = None if quiet else RichProgress()  # --quiet: no bar and no validation lines
+    if nproc is not None and nproc > 1 and not dry_run:
+        # the same command without --nproc, once per process; rank 0 prints the run's lines
+        api.launch_train(nproc, _without_nproc(ctx.meta["raw_args"]), log=click.echo)
+        return
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: give at least 1 process")
+    progress = None if quiet or dry_run else RichProgress()  # --quiet: no bar and no validation lines
     if resume:
-        if recipe or any(v is not None for v in flags.values()) or ctx.meta["dotted_overrides"]:
+        if recipe or any(v is not None for v in flags.values()) or ctx.meta["dotted_overrides"] or dry_run:
             raise ConfigError("--resume continues a run with its saved config; give no recipe or other flags with it")
         run = api.train(resume=resume, quiet=quiet, log=click.echo, progress=progress)
     else:
@@ -103,7 +121,25 @@ def train(ctx, recipe, log_sinks, resume, quiet, **flags):
         if log_sinks:
             overrides.append(("train.log", list(log_sinks)))
         overrides += ctx.meta["dotted_overrides"]
+        if dry_run:
+            api.estimate_memory(recipe, nproc=nproc or 1, log=click.echo, **dict(overrides))
+            return
         run = api.train(recipe, quiet=quiet, log=click.echo, progress=progress, **dict(overrides))
+    if os.environ.get("RANK", "0") != "0":
+        return  # a process of a distributed run: rank 0 says where the run is
     click.echo(
         f'\nrun: {run.path}\nnext: tunesmith generate {run.path} --prompt "..."   or   tunesmith chat {run.path}'
     )
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    """The train command's arguments less --nproc N / --nproc=N (what each process runs)."""
+    out, skip = ["train"], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out

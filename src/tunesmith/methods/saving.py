@@ -28,18 +28,23 @@ ADAPTER_CONFIG = "adapter_config.json"
 META = "tunesmith.json"
 
 
-def save_trained(model: nn.Module, config: Config, out_dir: Path, tokenizer=None) -> None:
+def save_trained(
+    model: nn.Module, config: Config, out_dir: Path, tokenizer=None, state_dict: dict | None = None
+) -> None:
     """Write the fine-tuned model (and its tokenizer) to `out_dir`, replacing it whole: a crash leaves the old or
-    the new dir, never a model/ without its tokenizer."""
+    the new dir, never a model/ without its tokenizer. `state_dict`: the full weights when the model's own are
+    sharded (FSDP; full/freeze only), gathered by the caller."""
     with atomic_dir(Path(out_dir)) as tmp:
-        _write(model, config, tmp)
+        _write(model, config, tmp, state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
 
-def _write(model: nn.Module, config: Config, path: Path) -> None:
+def _write(model: nn.Module, config: Config, path: Path, state_dict: dict | None = None) -> None:
     method = config.method
-    if method in peft_methods.PEFT_METHODS or method in ("full", "freeze"):
+    if state_dict is not None and method in ("full", "freeze"):
+        model.save_pretrained(path, state_dict=state_dict)  # gathered from FSDP's shards
+    elif method in peft_methods.PEFT_METHODS or method in ("full", "freeze"):
         model.save_pretrained(path)  # peft's adapter format, or a transformers model dir
     elif method == "adapter":
         from safetensors.torch import save_file

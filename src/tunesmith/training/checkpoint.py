@@ -26,6 +26,8 @@ from tunesmith.atomic import atomic_dir, remove_dir
 from tunesmith.run_dir import CHECKPOINT_PREFIX, CHECKPOINTS, list_checkpoints
 
 KILL_AT = "TUNESMITH_TEST_KILL_AT"  # test hook: the name of a kill_point where the process SIGKILLs itself
+KILL_RANK = "TUNESMITH_TEST_KILL_RANK"  # with several processes: only the one of this RANK kills itself
+KILL_SIGNAL = "TUNESMITH_TEST_KILL_SIGNAL"  # the signal it sends itself (default KILL; TERM, INT: a stop request)
 
 
 @dataclass
@@ -76,9 +78,14 @@ def save_checkpoint(run_dir: Path, trainable: dict, optimizer, state: LoopState,
 
 
 def kill_point(name: str) -> None:
-    """SIGKILL this process when TUNESMITH_TEST_KILL_AT is `name` (tests only; unset, a dict lookup)."""
-    if os.environ.get(KILL_AT) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process when TUNESMITH_TEST_KILL_AT is `name` (tests only; unset, a dict lookup). With several
+    processes only rank TUNESMITH_TEST_KILL_RANK does (default: every rank); TUNESMITH_TEST_KILL_SIGNAL picks
+    another signal (TERM, INT)."""
+    if os.environ.get(KILL_AT) != name:
+        return
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get(KILL_RANK, rank) == rank:
+        os.kill(os.getpid(), getattr(signal, f"SIG{os.environ.get(KILL_SIGNAL, 'KILL')}"))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -26,7 +26,7 @@ import shutil
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from tunesmith.models.functional import pair_batch_logits, sequence_logps, takes
 from tunesmith.models.precision import Precision, cast_frozen_linears, resolve_training_precision
 from tunesmith.progress import Progress
 from tunesmith.run_dir import CONFIG, RunDir
-from tunesmith.training import chunked_loss, objectives, prefix, reference
+from tunesmith.training import chunked_loss, distributed, objectives, prefix, reference
 from tunesmith.training.auto import TrainingPlan, activation_bytes_per_token, available_memory, lr_at, plan_training
 from tunesmith.training.checkpoint import LoopState, kill_point, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger
@@ -68,20 +68,30 @@ def train(
     progress: Progress | None = None,
     log=print,
     hooks: "TrainHooks | None" = None,
+    dry_run: bool = False,
+    world_size: int | None = None,
 ) -> Path:
     """Fine-tune per `config`; returns the run directory. With resume=True, continue from its last checkpoint.
 
     `progress` is told the steps done and shown the validation results (default: no bar, those lines to `log`);
-    `log` gets everything else (what is loaded, the data, the plan). `hooks` (a TrainHooks) lets a caller such as
-    `tunesmith sweep` choose when to validate and stop the run at a step boundary (raises Stopped)."""
+    `log` gets everything else (what is loaded, the data, the plan). Launched by torchrun, this process trains its
+    share of each step (training/distributed.py) and only rank 0 logs and writes. dry_run: load, plan and print
+    the estimated memory per process for `world_size` processes (default: this launch's), then stop. `hooks` (a
+    TrainHooks) lets a caller such as `tunesmith sweep` choose when to validate and stop the run at a step boundary
+    (raises Stopped); one process only."""
     progress = Progress(log) if progress is None else progress
     run_dir = config.run_dir()
     cfg = _saved_config(run_dir) if resume else config
-    ckpt = _starting_checkpoint(run_dir, resume, log)  # None: from step 0
+    dist = distributed.setup(cfg, cfg.model.device)
+    if not dist.is_main:  # rank 0 speaks and writes for the run
+        log, progress = (lambda *_a, **_k: None), Progress(None)
+    if dry_run:
+        return _dry_run(cfg, world_size or dist.world_size, log)
+    ckpt = dist.from_main(lambda: _starting_checkpoint(run_dir, resume, log))  # None: from step 0
     _set_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
 
-    device = models.pick_device(cfg.model.device)
+    device = dist.device if dist.enabled else models.pick_device(cfg.model.device)
     precision = resolve_training_precision(cfg.train.precision, device, cfg.method)
     log(f"loading {cfg.model.name} ({device}, precision {precision.name}: {precision.reason})")
     model, tokenizer = models.load(cfg.model.name, dtype="float32", device=str(device))
@@ -114,25 +124,34 @@ def train(
         # transformers 5.23 renamed gradient_checkpointing_enable; non-reentrant is its default
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    model = distributed.wrap(model, dist)  # DDP or FSDP2 when launched by torchrun; unchanged in one process
     optimizer = _optimizer(model, cfg)
 
     state = LoopState()
-    if ckpt is not None:
+    if ckpt is not None and (dist.enabled or distributed.is_sharded(ckpt)):
+        state = distributed.load_checkpoint(ckpt, model, optimizer, dist, cfg.method, log)
+        log(f"resuming from {ckpt} (step {state.step} of {plan.total_steps})")
+    elif ckpt is not None:
         trainable, optim_state, state = load_checkpoint(ckpt, device)
         methods.load_trainable_state_dict(model, trainable)
         optimizer.load_state_dict(optim_state)
         log(f"resuming from {ckpt} (step {state.step} of {plan.total_steps})")
-    else:
+    elif dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         where = {"device": str(device), "precision": precision.name, "precision_reason": precision.reason}
+        if dist.enabled:
+            where["distributed"] = {"world_size": dist.world_size, "strategy": dist.strategy}
         atomic_write_text(run_dir / "data.json", json.dumps(data.summary | {"plan": asdict(plan), **where}, indent=2))
+    dist.barrier()
 
     if ckpt is not None:
         _check_same_objective(run_dir, cfg)
-    metrics = MetricsLogger(run_dir, cfg.train.log, resume_step=state.step if ckpt is not None else None)
-    # share a micro-batch's common prefix (a fixed system prompt) when that is exact for this model and method
+    metrics = _metrics_logger(run_dir, cfg, state.step if ckpt is not None else None, dist)
+    # share a micro-batch's common prefix (a fixed system prompt) when that is exact for this model and method; not
+    # across processes: it runs the model twice per micro-batch, which DDP's and FSDP's hooks do not allow
     shareable, _ = prefix.supports_prefix_sharing(model, cfg.method, cfg.train.gradient_checkpointing)
+    shareable = shareable and not dist.enabled
     ctx = TrainingContext(
         cfg=cfg,
         plan=plan,
@@ -152,18 +171,84 @@ def train(
         reference=ref,
         shared_pairs=shared_pairs,
         hooks=hooks,
+        dist=dist,
     )
     try:
         _run_steps(ctx, state, progress)
+    except RuntimeError as e:
+        if dist.enabled:  # a collective failed: a peer died or hung (gloo/nccl say so in a RuntimeError)
+            raise distributed.lost_peer(e, dist) from None
+        raise
     finally:
         metrics.close()
 
-    try:
-        methods.save_trained(model, cfg, run_dir / "model", tokenizer)
-    except OSError as e:
-        raise _save_failed(e, "the final model (model/)", run_dir) from None
+    _save_final(model, cfg, run_dir, tokenizer, dist)
+    if distributed.REPORT_MEMORY:
+        distributed.report_memory(model, None, dist, "at the end")
     log(f"done: {run_dir}/model")
     return run_dir
+
+
+def _dry_run(cfg: Config, world: int, log) -> Path:
+    """`tunesmith train --dry-run`: the plan and the estimated memory per process of `world` processes; nothing is
+    trained or written."""
+    strategy = distributed.strategy(cfg, world)
+    device = models.pick_device(cfg.model.device)
+    precision = resolve_training_precision(cfg.train.precision, device, cfg.method)
+    model, tokenizer = models.load(cfg.model.name, dtype="float32", device="cpu")
+    data = _prepare_data(cfg, tokenizer, model, log)
+    lengths = sorted(len(e) for e in data.train)
+    val_tokens = sum(len(e) for e in data.validation)
+    plan = plan_training(cfg.train, cfg.method, len(data.train), lengths, device.type, val_tokens, None)
+    _print_plan(plan, log)
+    per_token = activation_bytes_per_token(model.config)
+    model = methods.apply_method(model, cfg, tokenizer=tokenizer)
+    # a micro-batch of the longer examples (95th percentile), as the auto plan sizes it; each of `world` processes
+    # holds at most its share of a step
+    examples = min(plan.micro_batch_size, -(-plan.batch_size // world))
+    tokens = examples * lengths[int(0.95 * (len(lengths) - 1))]
+    act = per_token * tokens
+    if cfg.train.gradient_checkpointing:  # only each layer's input is kept, one layer recomputed at a time
+        act //= max(getattr(model.config, "num_hidden_layers", 1), 1)
+    weight_bytes = 2 if precision.name == "bf16" else 4
+    est = distributed.estimate_memory(model, strategy, world, weight_bytes, act)
+    mode = {"none": "one process", "ddp": "DDP, replicated", "fsdp": f"FSDP2, sharded over {world}"}[strategy]
+    mib = lambda n: f"{n / 2**20:10.1f} MiB"  # noqa: E731
+    rows = [
+        ("weights", est.weights, f"{'fp32' if weight_bytes == 4 else 'bf16'}, {mode}"),
+        ("gradients", est.grads, "trainable weights only"),
+        ("optimizer", est.optimizer, "AdamW: two fp32 moments per trainable weight"),
+        (
+            "activations",
+            est.activations,
+            f"one micro-batch: {plan.micro_batch_size} x {tokens // plan.micro_batch_size} tokens",
+        ),
+    ]
+    if est.gathered:
+        rows.append(("gathered", est.gathered, "FSDP: the root's weights (embeddings) and one layer's, all-gathered"))
+    log(f"estimated memory per process ({world} process{'es' if world != 1 else ''}, {cfg.method}, {precision.name}):")
+    for name, n, why in rows:
+        log(f"  {name:<15}{mib(n)}  {why}")
+    log(f"  {'total':<15}{mib(est.total)}  (estimate; allocator overhead and the framework itself come on top)")
+    return cfg.run_dir()
+
+
+def _save_final(model, cfg: Config, run_dir: Path, tokenizer, dist) -> None:
+    """model/, written once (by rank 0; FSDP's shards gathered to it first)."""
+    # FSDP: the weights gathered to rank 0 (a collective: every rank takes part)
+    gathered = {"state_dict": distributed.full_state_dict(model, dist)} if dist.strategy == "fsdp" else {}
+    if dist.is_main:
+        try:
+            methods.save_trained(distributed.unwrap(model), cfg, run_dir / "model", tokenizer, **gathered)
+        except OSError as e:
+            raise _save_failed(e, "the final model (model/)", run_dir) from None
+    dist.barrier()
+
+
+def _metrics_logger(run_dir: Path, cfg: Config, resume_step: int | None, dist):
+    if dist.is_main:
+        return MetricsLogger(run_dir, cfg.train.log, resume_step=resume_step)
+    return distributed.NoMetrics()
 
 
 @dataclass(frozen=True)
@@ -188,6 +273,7 @@ class TrainingContext:
     reference: dict | None = None  # {"train" | "validation": (n, 2) reference log-probs}; None: not needed
     shared_pairs: bool = True  # pairs in the tree layout (prompt fed once); else the two sequences packed
     hooks: "TrainHooks | None" = None  # a caller's schedule of validations and stop requests (tunesmith sweep)
+    dist: distributed.Dist = field(default_factory=distributed.Dist)  # this process's rank; one process: a no-op
 
 
 class TrainHooks:
@@ -216,10 +302,11 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
     lengths = [len(e) for e in ctx.train_set]
     trainable = [p for p in model.parameters() if p.requires_grad]
     bar = progress.start("train", plan.total_steps, completed=state.step)
-    stop = _StopFlag()
+    stop = distributed.StopFlag(ctx.dist.is_main) if ctx.dist.enabled else _StopFlag()
     epoch_steps: dict[int, list[list[int]]] = {}
     window_tokens, window_time = 0, 0.0
     eval_at = ctx.hooks.eval_steps(plan) if ctx.hooks is not None else None
+    first_step = state.step
     model.train()
     try:
         while state.step < plan.total_steps:
@@ -248,26 +335,35 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
                     (batch_loss / len(examples)).backward()
                     at += batch.n_pairs
                 loss = pair_stats.loss / len(examples)
+                n_tokens = sum(b.n_tokens for b in batches)
             else:
-                batches = _batches(ctx, examples)
-                n_targets = sum(b.n_targets for b in batches)
+                # this process's share of the step (all of it in one process); counts summed over the processes
+                mine, weight = ctx.dist.share(indices)
+                batches = _batches(ctx, [ctx.train_set[i] for i in mine])
+                local = weight * sum(b.n_targets for b in batches), weight * sum(b.n_tokens for b in batches)
+                n_targets, n_tokens = (int(v) for v in ctx.dist.sum(*local))
                 loss_sum = 0.0
-                for batch in batches:
+                for batch, w in ctx.dist.accumulate(ctx.model, batches, weight):
                     batch_loss, _ = _forward(ctx, batch.to(ctx.device))
                     # normalise by the step's label tokens, not per micro-batch: every labelled token weighs the same
-                    (batch_loss / max(n_targets, 1)).backward()
-                    loss_sum += batch_loss.item()
-                loss = loss_sum / max(n_targets, 1)
+                    # (grad_scale: DDP and FSDP average the processes' gradients, the loss is their sum)
+                    (batch_loss * (w * ctx.dist.grad_scale) / max(n_targets, 1)).backward()
+                    loss_sum += w * batch_loss.item()
+                loss = ctx.dist.sum(loss_sum)[0] / max(n_targets, 1)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {step + 1}; lower train.lr (now {plan.lr:g}) or check the data"
                 )
-            grad_norm = _clip(trainable, cfg.train.max_grad_norm)
+            if ctx.dist.enabled:
+                grad_norm = ctx.dist.clip(trainable, cfg.train.max_grad_norm)
+            else:
+                grad_norm = _clip(trainable, cfg.train.max_grad_norm)
             optimizer.step()
+            if distributed.REPORT_MEMORY and step == first_step:  # diagnostics: weights, gradients, AdamW state held
+                distributed.report_memory(model, optimizer, ctx.dist, "after the first step")
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
 
-            n_tokens = sum(b.n_tokens for b in batches)
             state.step = step + 1
             state.tokens += n_tokens
             window_tokens, window_time = window_tokens + n_tokens, window_time + elapsed
@@ -306,7 +402,8 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
                     stopped = ctx.hooks.on_eval(state.step, plan, result)
             if stopped is None and ctx.hooks is not None and not last:
                 stopped = ctx.hooks.stop_reason(state.step, plan)
-            if due_save or last or stop_early or stop.requested or stopped:
+            stop_requested = ctx.dist.any(stop.requested)  # a signal on any process stops them all here
+            if due_save or last or stop_early or stop_requested or stopped:
                 _checkpoint(ctx, state)
             if stopped:
                 raise Stopped(stopped, state.step)
@@ -316,11 +413,14 @@ def _run_steps(ctx: TrainingContext, state: LoopState, progress: Progress) -> No
                     f"evaluations (best {state.best_val_loss:.4f})"
                 )
                 break
-            if stop.requested:
-                raise Interrupted(
+            if stop_requested:
+                how = f" --nproc {ctx.dist.world_size}" if ctx.dist.enabled else ""
+                error = Interrupted(
                     f"interrupted at step {state.step} of {plan.total_steps}; checkpoint saved.\n"
-                    f"Resume with: tunesmith train --resume {ctx.run_dir}"
+                    f"Resume with: tunesmith train --resume {ctx.run_dir}{how}"
                 )
+                error.all_ranks = True  # every process raises it; the command line prints it once
+                raise error
             kill_point(f"after-step-{state.step}")  # tests: a kill between checkpoints (training/checkpoint.py)
     finally:
         stop.restore()
@@ -339,11 +439,12 @@ def _forward(ctx: TrainingContext, batch) -> tuple[torch.Tensor, int]:
         kwargs["attention_mask"] = batch.attention_mask
     autocast = ctx.precision.autocast_context(ctx.device)
     # many labelled positions (raw text, long answers) and no KL term: the head and the loss run chunk by chunk
-    if ctx.kl is None and chunked_loss.should_chunk(ctx.model, batch.targets.numel()):
+    module = distributed.unwrap(ctx.model)  # DDP's wrapper runs the forward; the module has the head
+    if ctx.kl is None and chunked_loss.should_chunk(module, batch.targets.numel()):
         # outside autocast: the head and the loss in the weights' dtype (fp32 under bf16-mixed)
-        hidden, head = chunked_loss.body_without_head(ctx.model, lambda: _model_outputs(ctx, batch, kwargs), autocast)
+        hidden, head = chunked_loss.body_without_head(module, lambda: _model_outputs(ctx, batch, kwargs), autocast)
         return chunked_loss.chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, batch.targets)
-    logits = chunked_loss.logits_head_outside(ctx.model, lambda: _model_outputs(ctx, batch, kwargs), autocast)
+    logits = chunked_loss.logits_head_outside(module, lambda: _model_outputs(ctx, batch, kwargs), autocast)
     logits = logits.reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, batch.targets, reduction="sum")
     if ctx.kl is not None and ctx.model.training:  # train.kl_to_base (training/mitigations.py); not in validation
@@ -491,6 +592,12 @@ def _evaluate_and_track(ctx: TrainingContext, state: LoopState, progress: Progre
 
 def _checkpoint(ctx: TrainingContext, state: LoopState) -> None:
     try:
+        if ctx.dist.enabled:  # every process writes its shard (torch.distributed.checkpoint)
+            cfg = ctx.cfg
+            distributed.save_checkpoint(
+                ctx.run_dir, ctx.model, ctx.optimizer, state, cfg.train.keep_checkpoints, ctx.dist, cfg.method
+            )
+            return
         save_checkpoint(
             ctx.run_dir,
             methods.trainable_state_dict(ctx.model),
@@ -753,6 +860,7 @@ def _resolved(cfg: Config, plan: TrainingPlan, max_length: int, precision: Preci
         eval_every=plan.eval_every,
         save_every=plan.save_every,
         batching=plan.batching,
+        distributed=distributed.resolved(cfg),
     )
     raw["output"] = str(cfg.run_dir())
     return validate_config(raw, source="resolved config")
@@ -840,7 +948,9 @@ def _saved_config(run_dir: Path) -> Config:
 
 def _set_threads(threads: int | None) -> None:
     if threads is None:
-        threads = int(os.environ.get("TUNESMITH_THREADS", 0)) or (os.cpu_count() or 1)
+        # processes started together on one machine (torchrun sets LOCAL_WORLD_SIZE) share its cores
+        share = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        threads = int(os.environ.get("TUNESMITH_THREADS", 0)) or max(1, (os.cpu_count() or 1) // share)
     torch.set_num_threads(threads)
 
 
