@@ -481,15 +481,119 @@ def test_export_does_not_import_torch_until_called():
 # ---- the real default model ---------------------------------------------------------------------------------------
 
 
+# Prompts for llama.cpp against tunesmith: questions the chat model answers in a few words or a few sentences
+LLAMA_PROMPTS = [
+    "What is the capital of France?",
+    "My card was charged twice for the same order. Can you help?",
+    "Write one sentence about the sea.",
+    "List three primary colours.",
+    "How do I reset my password?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a short tip for sleeping better.",
+]
+LLAMA_TOKENS = 32
+
+
+def against_llama_cpp(run, gguf: Path, quant: str, answers: dict[str, str]) -> dict:
+    """Greedy decoding of LLAMA_PROMPTS in llama.cpp (the GGUF file) against tunesmith's own greedy answers
+    (`answers`, from run.generate) and the run's float32 logits along llama.cpp's tokens (teacher-forced, one
+    forward per prompt). Returns, per prompt, the first position where llama.cpp chose another token than the run
+    would have (None: the same answer), the run's logit margin between its token and llama.cpp's there, the largest
+    |log-prob difference| of llama.cpp's tokens before it, and whether llama.cpp's chat route (the GGUF's own chat
+    template and vocabulary) gave tunesmith's text."""
+    from llama_cpp_run import LlamaCpp
+    from tunesmith.evaluation.generate import prompt_ids
+
+    model, tokenizer, renderer = run.load_model()
+    stops = renderer.stop_token_ids
+    llama = LlamaCpp(gguf)
+    rows = []
+    try:
+        for prompt in LLAMA_PROMPTS:
+            ids = prompt_ids(tokenizer, renderer, prompt)
+            got = llama.complete(ids, LLAMA_TOKENS)
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids + got.ids])).logits[
+                    0, len(ids) - 1 : len(ids) + len(got.ids) - 1
+                ]
+            ours = out.argmax(-1).tolist()
+            diverge = next((i for i, (a, b) in enumerate(zip(ours, got.ids)) if a != b), None)
+            agreed = len(got.ids) if diverge is None else diverge
+            logprobs = torch.log_softmax(out.double(), -1)[torch.arange(agreed), got.ids[:agreed]]
+            text = tokenizer.decode([i for i in got.ids if i not in stops], skip_special_tokens=True)
+            rows.append(
+                {
+                    "diverge": diverge,
+                    "margin": None
+                    if diverge is None
+                    else (out[diverge, ours[diverge]] - out[diverge, got.ids[diverge]]).item(),
+                    "logprob_diff": max((abs(a - b) for a, b in zip(logprobs.tolist(), got.logprobs)), default=0.0),
+                    "same_text": text == answers[prompt],
+                    "chat_same_text": llama.chat([{"role": "user", "content": prompt}], LLAMA_TOKENS)
+                    == answers[prompt],
+                    "tokens": len(got.ids),
+                }
+            )
+    finally:
+        llama.close()
+    return {"quant": quant, "rows": rows, "identical": sum(r["diverge"] is None for r in rows)}
+
+
 @pytest.mark.slow
-def test_real_model_gguf_q8_0(tmp_path):
-    """SmolLM2-135M-Instruct + LoRA (2 steps) as a q8_0 GGUF: passes its check, and the layout is the real one."""
+def test_real_model_gguf_runs_in_llama_cpp(tmp_path, capsys):
+    """SmolLM2-135M-Instruct + LoRA (2 steps) exported to GGUF f16 and q8_0 by the CLI, then run in real llama.cpp
+    (xllamacpp) with greedy decoding on 8 prompts (32 tokens), against tunesmith's own greedy answers.
+
+    What may differ, and why: llama.cpp computes with the file's f16 / q8_0 weights (and its own kernels), tunesmith
+    in float32, and the export check bounds how far that moves the logits (max |logit diff| 0.15 for f16, 3.0 for
+    q8_0; check.TOLERANCES). Two logits each moved by at most t can swap only where the run's margin between them is
+    under 2t. So: every prompt where llama.cpp's answer differs must differ first at such a near-tie of the run's
+    own logits, llama.cpp's log-probabilities of the tokens before it must be within 2t of the run's, and where the
+    tokens agree the text must be tunesmith's text, through llama.cpp's chat route too (GGUF chat template and
+    tokenizer). Measured 2026-12-07 (xllamacpp 2026.10.11549, 1 thread, 2-core Xeon): f16 and q8_0 both gave 8 of 8
+    answers identical to tunesmith's (max |log-prob diff| 0.010 for f16, 0.57 for q8_0); another 2-step adapter
+    (trained with 1 thread) gave f16 7 of 8 (the 8th first differs at token 5) and q8_0 4 of 8 (first differences
+    at tokens 1, 2, 5 and 19). f16 must give at least 6 of 8 identical answers."""
+    import time
+
     data = write_data(tmp_path / "train.jsonl", 8)
     run = train_run(
         "smollm2-135m-instruct", tmp_path / "run", data, steps=2, train={"batch_size": 4, "lr": 1e-3}, lora={"r": 8}
     )
-    q8 = tunesmith.export(run, tmp_path / "q8", format="gguf", quant="q8_0", log=lambda *a: None)
-    assert q8["passed"] and q8["greedy_identical"] and q8["tokenizer"]["passed"] and q8["max_abs_logit_diff"] <= 3.0
-    fields, tensors = gguf_fields(tmp_path / "q8" / q8["gguf"]["file"])
+    files = {}
+    for quant in ("f16", "q8_0"):
+        code = main(["export", str(run), "--format", "gguf", "--quant", quant, "--out", str(tmp_path / quant)])
+        assert code == 0, capsys.readouterr().err
+        saved = json.loads((tmp_path / quant / "equivalence.json").read_text())
+        assert saved["passed"] and saved["greedy_identical"] and saved["tokenizer"]["passed"]
+        files[quant] = tmp_path / quant / saved["gguf"]["file"]
+    fields, tensors = gguf_fields(files["q8_0"])
     assert fields["llama.block_count"].contents() == 30 and fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert len(tensors) == 272  # as many as the official SmolLM2 GGUF (tied output layer not stored)
+
+    from tunesmith.exporting.check import TOLERANCES
+
+    tuned = tunesmith.load(run)
+    answers = {p: tuned.generate(p, max_new_tokens=LLAMA_TOKENS) for p in LLAMA_PROMPTS}
+    assert len({a for a in answers.values() if a}) >= 6  # real answers, not one string repeated
+    results = {}
+    for quant in ("f16", "q8_0"):
+        started = time.perf_counter()
+        result = against_llama_cpp(tuned, files[quant], quant, answers)
+        with capsys.disabled():
+            print(
+                f"\nllama.cpp {quant}: {result['identical']}/{len(LLAMA_PROMPTS)} greedy answers identical to "
+                f"tunesmith's; first divergences {[r['diverge'] for r in result['rows']]}, run's margins there "
+                f"{[None if r['margin'] is None else round(r['margin'], 3) for r in result['rows']]}, max |log-prob "
+                f"diff| {max(r['logprob_diff'] for r in result['rows']):.3g} ({time.perf_counter() - started:.0f} s)"
+            )
+        bound = 2 * TOLERANCES[f"gguf-{quant}"]
+        for row in result["rows"]:
+            assert row["tokens"] > 0 and row["logprob_diff"] <= bound, row
+            if row["diverge"] is None:
+                assert row["same_text"] and row["chat_same_text"], row
+            else:
+                assert 0 < row["margin"] <= bound, row
+        results[quant] = result
+    assert results["f16"]["identical"] >= 6
