@@ -189,9 +189,13 @@ def test_merge_other_mergeable_methods(method, extra, tiny_model_dir, data, tmp_
     assert result["passed"] and result["max_abs_logit_diff"] <= 1e-4 and result["method"] == method
     from transformers import AutoModelForCausalLM
 
+    # our own comparison, independent of the exporter's check: plain transformers vs the run as tunesmith loads it
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert not hasattr(merged, "peft_config")
     with torch.no_grad():
-        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=torch.tensor([IDS])).logits[0]
-    assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3
+        got = merged(input_ids=torch.tensor([IDS])).logits[0]
+    assert (got - run_logits(run, IDS)).abs().max().item() < 1e-4
+    assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3  # the training is in there
 
 
 def test_merge_check_scales_with_the_model_and_still_catches_a_wrong_merge(data, tmp_path, monkeypatch, capsys):
@@ -425,9 +429,23 @@ def test_exports_a_method_cannot_make_are_clear_errors(method, flags, message, t
 
 
 def test_prompt_tuning_exports_as_adapter(tiny_model_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     run = train_run(tiny_model_dir, tmp_path / "run", data, method="prompt", steps=2, train={"batching": "pad"})
     result = tunesmith.export(run, tmp_path / "out", adapter_only=True, log=lambda *a: None)
     assert result["passed"] and result["adapter"] == "PROMPT_TUNING"
+
+    # our own comparison: peft alone loads the exported adapter on a fresh base, and computes the run's logits
+    # (peft prepends the virtual tokens' logits; both models do, so the whole outputs are compared)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    exported = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    assert type(exported).__name__ == "PeftModelForCausalLM" and exported.peft_config["default"].num_virtual_tokens > 0
+    with torch.no_grad():
+        got = exported(input_ids=torch.tensor([IDS])).logits[0]
+    assert got.shape == run_logits(run, IDS).shape
+    assert (got - run_logits(run, IDS)).abs().max().item() < 1e-5
+    assert (got[-len(IDS) :] - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3  # the prompt acts
 
 
 @pytest.mark.parametrize(
