@@ -366,6 +366,23 @@ def test_gemma3_settings_llama_cpp_cannot_express_are_refused():
         )
 
 
+def test_gguf_refuses_what_llama_cpp_would_compute_differently():
+    """Sliding windows llama.cpp's graph would not apply, a Qwen3 head_dim the check's reader ignores, and an
+    architecture without a writer: each refused with a ModelError naming it, before anything is written."""
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+
+    from tunesmith.exporting.gguf_file import _llama_metadata, _qwen_metadata, architecture
+
+    with pytest.raises(ModelError, match=r"this Mistral model attends within a sliding window of 4096 tokens"):
+        _llama_metadata(None, MistralConfig(sliding_window=4096, max_position_embeddings=32768))
+    with pytest.raises(ModelError, match=r"this qwen2 model uses a sliding window \(use_sliding_window\)"):
+        _qwen_metadata(None, Qwen2Config(use_sliding_window=True, sliding_window=4096))
+    with pytest.raises(ModelError, match=r"Qwen3 with head_dim 128 != hidden_size / heads \(1024 / 16\)"):
+        _qwen_metadata(None, Qwen3Config(hidden_size=1024, num_attention_heads=16, head_dim=128))
+    with pytest.raises(ModelError, match=r"this model is GPT2LMHeadModel\. Export it with --merge"):
+        architecture(type("GPT2LMHeadModel", (), {})())
+
+
 def test_vocab_matches_llama_cpp_conventions(tokenizer):
     from tunesmith.exporting.vocab import _scores_from_merges, build_vocab
 
