@@ -22,8 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TUNESMITH_CPU_BF16", "0")
 
 
-def build_tiny_model(path: Path, seed: int = 0, layers: int = 2, hidden: int = 32) -> Path:
-    """Write a tiny Llama-architecture model with the SmolLM2 tokenizer and chat template to `path`."""
+def build_tiny_model(path: Path, seed: int = 0, layers: int = 2, hidden: int = 32, tied: bool = True) -> Path:
+    """Write a tiny Llama-architecture model with the SmolLM2 tokenizer and chat template to `path`. Tied (the
+    default, as SmolLM2), its greedy answers mostly repeat the prompt's last token; untied, they depend on the
+    prompt."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +38,7 @@ def build_tiny_model(path: Path, seed: int = 0, layers: int = 2, hidden: int = 3
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -9,16 +9,15 @@ from tunesmith.cli import main
 
 
 def test_help_is_a_quick_start_and_does_not_import_torch():
+    # what keeps --help instant is not importing torch or transformers (seconds each); a wall-clock limit is not
+    # asserted, since on a busy machine it fails for reasons the code does not control
     code = (
-        "import sys, time; t = time.perf_counter(); from tunesmith.cli import main; "
-        "rc = main(['--help']); assert rc == 0; "
-        "print('torch' in sys.modules, 'transformers' in sys.modules, time.perf_counter() - t)"
+        "import sys; from tunesmith.cli import main; rc = main(['--help']); assert rc == 0; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     *_, last = out.strip().splitlines()
-    torch_loaded, transformers_loaded, seconds = last.split()
-    assert (torch_loaded, transformers_loaded) == ("False", "False")
-    assert float(seconds) < 1.0
+    assert last.split() == ["False", "False"]
     assert "tunesmith data check" in out and "tunesmith train" in out
 
 

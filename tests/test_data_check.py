@@ -229,6 +229,36 @@ def test_cli_json_with_model_tokenizer(capsys):
     )
     assert report["train"]["over_max_length"] == sum("longer than max_length 40" in w for w in report["warnings"])
 
+    # the counts, row by row: the renderer training uses for each row's total, the tokenizer for each message
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.formats import read_examples
+    from tunesmith.data.templates import Renderer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    examples = read_examples(FILES / "chat.jsonl")
+    totals = sorted(len(Renderer(tok).encode(ex).input_ids) for ex in examples)
+    rows = [json.loads(line) for line in (FILES / "chat.jsonl").read_text().splitlines() if line.strip()]
+    by_role = {}
+    for row in rows:
+        counts = {}
+        for m in row["messages"]:
+            counts[m["role"]] = counts.get(m["role"], 0) + len(tok(m["content"], add_special_tokens=False).input_ids)
+        for role, n in counts.items():
+            by_role.setdefault(role, []).append(n)
+    stats = report["train"]["tokens"]
+    assert len(totals) == 3 and stats["total"] == {
+        "p50": totals[1],  # nearest rank: the 2nd of 3
+        "p90": totals[2],
+        "p99": totals[2],
+        "max": totals[2],
+        "mean": round(sum(totals) / 3, 1),
+    }
+    for role, values in by_role.items():
+        assert stats[role]["max"] == max(values) and stats[role]["mean"] == round(sum(values) / len(values), 1), role
+    assert set(stats) == {*by_role, "total"}
+    assert report["train"]["over_max_length"] == sum(t > 40 for t in totals)
+
 
 def test_cli_format_flag(capsys):
     assert main(["data", "check", str(FILES / "text.jsonl"), "--format", "chat"]) == 2

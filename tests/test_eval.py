@@ -523,18 +523,45 @@ def test_label_scoring_prediction_is_the_most_likely_label(runs):
     assert "generated" not in examples[0]
 
 
-def test_extraction_eval(runs):
-    from tunesmith.evaluation import metrics as M
+def test_extraction_eval(runs, monkeypatch):
+    """The eval's extraction metrics, for answers we choose, against values computed by hand (not by the metrics
+    module the eval calls). The model's generation is replaced by fixed answers to the 3 test inputs: one exact, one
+    in a code fence with the name's case changed and a wrong quantity, one not JSON."""
+    import re
 
+    from tunesmith.evaluation import measure
+
+    answers = {
+        "bob wants 2 plums": '{"name": "bob", "order": {"item": "plums", "qty": 2}}',
+        "carol wants 8 apples": '```json\n{"name": "Carol", "order": {"item": "apples", "qty": 9}}\n```',
+        "dave wants 7 pears": "dave wants pears",
+    }
+
+    def fixed_answers(system, prompts, *args, **kwargs):
+        texts = [system.tokenizer.decode(p) for p in prompts]
+        # the last order in a prompt is its input (few-shot prompts show others first); inputs that are not among
+        # the 3 test examples (validation examples for choosing the best prompt) get a non-answer
+        return [answers.get(re.findall(r"\w+ wants \d \w+", t)[-1], "no answer") for t in texts]
+
+    monkeypatch.setattr(measure, "_generate", fixed_answers)
     result = tunesmith.evaluate(runs["ext"], shots=1, limit=3, max_new_tokens=24, **quiet())
     assert result["task"] == "extraction" and result["primary"] == "field_f1"
     examples = read_examples_file(runs["ext"])
-    assert len(examples) == 3
-    refs = [M.parse_json_object(e["reference"]) for e in examples]
+    assert [json.loads(e["reference"])["name"] for e in examples] == ["bob", "carol", "dave"]
+    # (key, value) pairs per reference: name, order.item, order.qty. bob: 3 right; carol: name (case is normalised)
+    # and item right, qty 9 for 8 (1 false positive, 1 missed); dave: nothing parsed (3 missed).
+    # tp 5, fp 1, fn 4: precision 5/6, recall 5/9, F1 2PR/(P+R) = (50/54) / (25/18) = 2/3
+    expected = {
+        "parse_rate": 2 / 3,
+        "schema_match_rate": 2 / 3,  # carol's object has every key, with the references' types
+        "exact_match": 1 / 3,
+        "field_precision": 5 / 6,
+        "field_recall": 5 / 9,
+        "field_f1": 2 / 3,
+    }
     for s in result["systems"]:
-        expected, _ = M.extraction_report([e["outputs"][s["key"]] for e in examples], refs)
-        for k, v in expected.items():
-            assert s["metrics"][k] == pytest.approx(v)
+        assert {k: s["metrics"][k] for k in expected} == pytest.approx(expected), s["key"]
+        assert [e["outputs"][s["key"]] for e in examples] == [a.strip() for a in answers.values()]
         assert s["metrics"]["perplexity"] == pytest.approx(math.exp(s["metrics"]["loss"]))
         assert s["metrics"]["loss"] > 0
 

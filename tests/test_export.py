@@ -189,9 +189,13 @@ def test_merge_other_mergeable_methods(method, extra, tiny_model_dir, data, tmp_
     assert result["passed"] and result["max_abs_logit_diff"] <= 1e-4 and result["method"] == method
     from transformers import AutoModelForCausalLM
 
+    # our own comparison, independent of the exporter's check: plain transformers vs the run as tunesmith loads it
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert not hasattr(merged, "peft_config")
     with torch.no_grad():
-        got = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(input_ids=torch.tensor([IDS])).logits[0]
-    assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3
+        got = merged(input_ids=torch.tensor([IDS])).logits[0]
+    assert (got - run_logits(run, IDS)).abs().max().item() < 1e-4
+    assert (got - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3  # the training is in there
 
 
 def test_merge_check_scales_with_the_model_and_still_catches_a_wrong_merge(data, tmp_path, monkeypatch, capsys):
@@ -362,6 +366,23 @@ def test_gemma3_settings_llama_cpp_cannot_express_are_refused():
         )
 
 
+def test_gguf_refuses_what_llama_cpp_would_compute_differently():
+    """Sliding windows llama.cpp's graph would not apply, a Qwen3 head_dim the check's reader ignores, and an
+    architecture without a writer: each refused with a ModelError naming it, before anything is written."""
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+
+    from tunesmith.exporting.gguf_file import _llama_metadata, _qwen_metadata, architecture
+
+    with pytest.raises(ModelError, match=r"this Mistral model attends within a sliding window of 4096 tokens"):
+        _llama_metadata(None, MistralConfig(sliding_window=4096, max_position_embeddings=32768))
+    with pytest.raises(ModelError, match=r"this qwen2 model uses a sliding window \(use_sliding_window\)"):
+        _qwen_metadata(None, Qwen2Config(use_sliding_window=True, sliding_window=4096))
+    with pytest.raises(ModelError, match=r"Qwen3 with head_dim 128 != hidden_size / heads \(1024 / 16\)"):
+        _qwen_metadata(None, Qwen3Config(hidden_size=1024, num_attention_heads=16, head_dim=128))
+    with pytest.raises(ModelError, match=r"this model is GPT2LMHeadModel\. Export it with --merge"):
+        architecture(type("GPT2LMHeadModel", (), {})())
+
+
 def test_vocab_matches_llama_cpp_conventions(tokenizer):
     from tunesmith.exporting.vocab import _scores_from_merges, build_vocab
 
@@ -425,9 +446,23 @@ def test_exports_a_method_cannot_make_are_clear_errors(method, flags, message, t
 
 
 def test_prompt_tuning_exports_as_adapter(tiny_model_dir, data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     run = train_run(tiny_model_dir, tmp_path / "run", data, method="prompt", steps=2, train={"batching": "pad"})
     result = tunesmith.export(run, tmp_path / "out", adapter_only=True, log=lambda *a: None)
     assert result["passed"] and result["adapter"] == "PROMPT_TUNING"
+
+    # our own comparison: peft alone loads the exported adapter on a fresh base, and computes the run's logits
+    # (peft prepends the virtual tokens' logits; both models do, so the whole outputs are compared)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    exported = PeftModel.from_pretrained(base, tmp_path / "out").eval()
+    assert type(exported).__name__ == "PeftModelForCausalLM" and exported.peft_config["default"].num_virtual_tokens > 0
+    with torch.no_grad():
+        got = exported(input_ids=torch.tensor([IDS])).logits[0]
+    assert got.shape == run_logits(run, IDS).shape
+    assert (got - run_logits(run, IDS)).abs().max().item() < 1e-5
+    assert (got[-len(IDS) :] - base_logits(tiny_model_dir, IDS)).abs().max().item() > 1e-3  # the prompt acts
 
 
 @pytest.mark.parametrize(
@@ -481,15 +516,119 @@ def test_export_does_not_import_torch_until_called():
 # ---- the real default model ---------------------------------------------------------------------------------------
 
 
+# Prompts for llama.cpp against tunesmith: questions the chat model answers in a few words or a few sentences
+LLAMA_PROMPTS = [
+    "What is the capital of France?",
+    "My card was charged twice for the same order. Can you help?",
+    "Write one sentence about the sea.",
+    "List three primary colours.",
+    "How do I reset my password?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a short tip for sleeping better.",
+]
+LLAMA_TOKENS = 32
+
+
+def against_llama_cpp(run, gguf: Path, quant: str, answers: dict[str, str]) -> dict:
+    """Greedy decoding of LLAMA_PROMPTS in llama.cpp (the GGUF file) against tunesmith's own greedy answers
+    (`answers`, from run.generate) and the run's float32 logits along llama.cpp's tokens (teacher-forced, one
+    forward per prompt). Returns, per prompt, the first position where llama.cpp chose another token than the run
+    would have (None: the same answer), the run's logit margin between its token and llama.cpp's there, the largest
+    |log-prob difference| of llama.cpp's tokens before it, and whether llama.cpp's chat route (the GGUF's own chat
+    template and vocabulary) gave tunesmith's text."""
+    from llama_cpp_run import LlamaCpp
+    from tunesmith.evaluation.generate import prompt_ids
+
+    model, tokenizer, renderer = run.load_model()
+    stops = renderer.stop_token_ids
+    llama = LlamaCpp(gguf)
+    rows = []
+    try:
+        for prompt in LLAMA_PROMPTS:
+            ids = prompt_ids(tokenizer, renderer, prompt)
+            got = llama.complete(ids, LLAMA_TOKENS)
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids + got.ids])).logits[
+                    0, len(ids) - 1 : len(ids) + len(got.ids) - 1
+                ]
+            ours = out.argmax(-1).tolist()
+            diverge = next((i for i, (a, b) in enumerate(zip(ours, got.ids)) if a != b), None)
+            agreed = len(got.ids) if diverge is None else diverge
+            logprobs = torch.log_softmax(out.double(), -1)[torch.arange(agreed), got.ids[:agreed]]
+            text = tokenizer.decode([i for i in got.ids if i not in stops], skip_special_tokens=True)
+            rows.append(
+                {
+                    "diverge": diverge,
+                    "margin": None
+                    if diverge is None
+                    else (out[diverge, ours[diverge]] - out[diverge, got.ids[diverge]]).item(),
+                    "logprob_diff": max((abs(a - b) for a, b in zip(logprobs.tolist(), got.logprobs)), default=0.0),
+                    "same_text": text == answers[prompt],
+                    "chat_same_text": llama.chat([{"role": "user", "content": prompt}], LLAMA_TOKENS)
+                    == answers[prompt],
+                    "tokens": len(got.ids),
+                }
+            )
+    finally:
+        llama.close()
+    return {"quant": quant, "rows": rows, "identical": sum(r["diverge"] is None for r in rows)}
+
+
 @pytest.mark.slow
-def test_real_model_gguf_q8_0(tmp_path):
-    """SmolLM2-135M-Instruct + LoRA (2 steps) as a q8_0 GGUF: passes its check, and the layout is the real one."""
+def test_real_model_gguf_runs_in_llama_cpp(tmp_path, capsys):
+    """SmolLM2-135M-Instruct + LoRA (2 steps) exported to GGUF f16 and q8_0 by the CLI, then run in real llama.cpp
+    (xllamacpp) with greedy decoding on 8 prompts (32 tokens), against tunesmith's own greedy answers.
+
+    What may differ, and why: llama.cpp computes with the file's f16 / q8_0 weights (and its own kernels), tunesmith
+    in float32, and the export check bounds how far that moves the logits (max |logit diff| 0.15 for f16, 3.0 for
+    q8_0; check.TOLERANCES). Two logits each moved by at most t can swap only where the run's margin between them is
+    under 2t. So: every prompt where llama.cpp's answer differs must differ first at such a near-tie of the run's
+    own logits, llama.cpp's log-probabilities of the tokens before it must be within 2t of the run's, and where the
+    tokens agree the text must be tunesmith's text, through llama.cpp's chat route too (GGUF chat template and
+    tokenizer). Measured 2026-12-07 (xllamacpp 2026.10.11549, 1 thread, 2-core Xeon): f16 and q8_0 both gave 8 of 8
+    answers identical to tunesmith's (max |log-prob diff| 0.010 for f16, 0.57 for q8_0); another 2-step adapter
+    (trained with 1 thread) gave f16 7 of 8 (the 8th first differs at token 5) and q8_0 4 of 8 (first differences
+    at tokens 1, 2, 5 and 19). f16 must give at least 6 of 8 identical answers."""
+    import time
+
     data = write_data(tmp_path / "train.jsonl", 8)
     run = train_run(
         "smollm2-135m-instruct", tmp_path / "run", data, steps=2, train={"batch_size": 4, "lr": 1e-3}, lora={"r": 8}
     )
-    q8 = tunesmith.export(run, tmp_path / "q8", format="gguf", quant="q8_0", log=lambda *a: None)
-    assert q8["passed"] and q8["greedy_identical"] and q8["tokenizer"]["passed"] and q8["max_abs_logit_diff"] <= 3.0
-    fields, tensors = gguf_fields(tmp_path / "q8" / q8["gguf"]["file"])
+    files = {}
+    for quant in ("f16", "q8_0"):
+        code = main(["export", str(run), "--format", "gguf", "--quant", quant, "--out", str(tmp_path / quant)])
+        assert code == 0, capsys.readouterr().err
+        saved = json.loads((tmp_path / quant / "equivalence.json").read_text())
+        assert saved["passed"] and saved["greedy_identical"] and saved["tokenizer"]["passed"]
+        files[quant] = tmp_path / quant / saved["gguf"]["file"]
+    fields, tensors = gguf_fields(files["q8_0"])
     assert fields["llama.block_count"].contents() == 30 and fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert len(tensors) == 272  # as many as the official SmolLM2 GGUF (tied output layer not stored)
+
+    from tunesmith.exporting.check import TOLERANCES
+
+    tuned = tunesmith.load(run)
+    answers = {p: tuned.generate(p, max_new_tokens=LLAMA_TOKENS) for p in LLAMA_PROMPTS}
+    assert len({a for a in answers.values() if a}) >= 6  # real answers, not one string repeated
+    results = {}
+    for quant in ("f16", "q8_0"):
+        started = time.perf_counter()
+        result = against_llama_cpp(tuned, files[quant], quant, answers)
+        with capsys.disabled():
+            print(
+                f"\nllama.cpp {quant}: {result['identical']}/{len(LLAMA_PROMPTS)} greedy answers identical to "
+                f"tunesmith's; first divergences {[r['diverge'] for r in result['rows']]}, run's margins there "
+                f"{[None if r['margin'] is None else round(r['margin'], 3) for r in result['rows']]}, max |log-prob "
+                f"diff| {max(r['logprob_diff'] for r in result['rows']):.3g} ({time.perf_counter() - started:.0f} s)"
+            )
+        bound = 2 * TOLERANCES[f"gguf-{quant}"]
+        for row in result["rows"]:
+            assert row["tokens"] > 0 and row["logprob_diff"] <= bound, row
+            if row["diverge"] is None:
+                assert row["same_text"] and row["chat_same_text"], row
+            else:
+                assert 0 < row["margin"] <= bound, row
+        results[quant] = result
+    assert results["f16"]["identical"] >= 6

@@ -807,3 +807,27 @@ def test_without_allowed_folders_no_adapter_loads_at_run_time(tmp_path):
 def test_adapter_root_must_be_a_folder(tmp_path, capsys):
     assert main(["serve", "--base", "whatever", "--port", "0", "--adapter-root", str(tmp_path / "nope")]) == 2
     assert f"--adapter-root {tmp_path / 'nope'}: not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("end", ["max_tokens", "stop_token"])
+def test_an_answer_ending_inside_a_character_is_sent_as_decoded(tokenizer, end):
+    """Mid-stream, the bytes of an incomplete UTF-8 character are held back until the character is whole; when the
+    answer ends there (max_tokens, or the model's end-of-turn token next), nothing more will come, so the final text
+    is the decoded text, U+FFFD included, as run.generate returns it (found on tiny random Qwen2: the server dropped
+    the last character and answered differently from run.generate)."""
+    from tunesmith.serving.engine import Generation, _advance, _Row
+
+    ids = tokenizer.encode("Nice 😀🎉")[:5]  # 'Nice 😀' and the first byte of '🎉'
+    expected = tokenizer.decode(ids, skip_special_tokens=True)
+    assert expected.endswith("\ufffd") and not tokenizer.decode(ids[:4]).endswith("\ufffd")
+    events = []
+    g = Generation("m", [1], max_tokens=5 if end == "max_tokens" else 64, stop_token_ids=[tokenizer.eos_token_id])
+    g.emit = events.append
+    row = _Row(g, "cpu")
+    feed = ids if end == "max_tokens" else [*ids, tokenizer.eos_token_id]
+    for token in feed:
+        _advance(row, token, tokenizer, threading.Lock(), lambda g, e: events.append(e))
+    assert "".join(e.text for e in events if e.kind == "text") == expected
+    assert [e.kind for e in events if e.kind != "text"] == ["done"]
+    assert events[-1].finish_reason == ("length" if end == "max_tokens" else "stop")
+    assert [e.text for e in events if e.kind == "text"][-1] == "\ufffd"  # held back until the end, then sent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+import tunesmith
 from tunesmith.cli import main
 
 WORDS = {
@@ -328,8 +330,13 @@ def test_early_stopping_stops_when_validation_loss_stalls(tiny_model_dir, data, 
 
 
 def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
+    from conftest import build_tiny_model
+
     out = tmp_path / "run"
-    assert main(_train_args(tiny_model_dir, data, out, "--max-steps", "2")) == 0
+    # an untied tiny model, kept random (lr 0), so its answers depend on the conversation (asserted below for the
+    # history): the tied one answers "\n\n\n" to everything, and an answer that ignored the history would go unnoticed
+    untied = build_tiny_model(tmp_path / "untied", tied=False)
+    assert main(_train_args(untied, data, out, "--max-steps", "2", "--lr", "0")) == 0
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         json.dumps({"prompt": "ticket: refund"})
@@ -341,7 +348,11 @@ def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
     assert main(["generate", str(out), "--file", str(prompts), "--max-new-tokens", "3"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows][0] == "ticket: refund" and len(rows) == 2
-    assert all(isinstance(r["answer"], str) for r in rows)
+    run = tunesmith.load(out)  # the answers are the run's greedy answers, whether asked as a string or as messages
+    assert [r["answer"] for r in rows] == [
+        run.generate("ticket: refund", max_new_tokens=3),
+        run.generate([{"role": "user", "content": "ticket: parcel"}], max_new_tokens=3),
+    ]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\nnot json\n')
@@ -354,14 +365,30 @@ def test_generate_file_and_chat(tiny_model_dir, data, tmp_path, capsys):
 
     chat = subprocess.run(
         [sys.executable, "-m", "tunesmith", "chat", str(out), "--max-new-tokens", "3"],
-        input="hello there\n/reset\nsecond turn\n\n",
+        input="hello there\n/reset\nsecond turn\nthird turn\n\n",
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "TUNESMITH_THREADS": "1"},
     )
     assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.count("model> ") == 2
+    # stdout: "you> model> ANSWER\n" per turn ("you> " alone for /reset)
+    answers = [re.sub(r"\n(you> )*$", "", chunk) for chunk in chat.stdout.split("model> ")[1:]]
+    first = run.generate([{"role": "user", "content": "hello there"}], max_new_tokens=3)
+    second = run.generate([{"role": "user", "content": "second turn"}], max_new_tokens=3)  # /reset: no history
+    third = run.generate(
+        [
+            {"role": "user", "content": "second turn"},
+            {"role": "assistant", "content": second},
+            {"role": "user", "content": "third turn"},
+        ],
+        max_new_tokens=3,
+    )
+    assert answers == [first, second, third]
+    kept = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": first}]
+    assert run.generate([*kept, {"role": "user", "content": "second turn"}], max_new_tokens=3) != second, (
+        "the history changes the answer, so a /reset that kept it would fail the test"
+    )
 
 
 def test_generate_on_an_unfinished_run_says_how_to_continue(tmp_path, capsys):

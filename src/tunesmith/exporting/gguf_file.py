@@ -4,6 +4,16 @@ What follows llama.cpp's convert_hf_to_gguf.py, per architecture:
 - Llama (LlamaForCausalLM, e.g. SmolLM2): the q_proj/k_proj weights are permuted from Hugging Face's
   rotate-half rope layout to the interleaved layout llama.cpp's rope expects (`_permute`); the metadata
   carries the rope dimension and frequency base.
+- Mistral (MistralForCausalLM): llama.cpp runs it as the llama architecture (as convert_hf_to_gguf.py writes it),
+  which has no sliding window: a model whose window is shorter than its context is refused.
+- Qwen2 and Qwen3 (Qwen2ForCausalLM, Qwen3ForCausalLM): no permutation (llama.cpp runs them with NEOX rope, Hugging
+  Face's layout); Qwen2's q/k/v biases and Qwen3's per-head q/k RMSNorms are written under their llama.cpp names.
+  A model with `use_sliding_window` is refused (llama.cpp's graphs for both attend to the whole context), and so is
+  a Qwen3 whose head_dim is not hidden_size / heads (every released one): transformers' GGUF reader, which the
+  check uses, ignores that key for Qwen3.
+- Phi-3 (Phi3ForCausalLM): the fused qkv_proj and gate_up_proj are written as they are (attn_qkv, and ffn_up,
+  which llama.cpp's phi3 graph splits into gate and up), NEOX rope over head_dim x partial_rotary_factor
+  dimensions; the long-context rope scalings (longrope, su) and a sliding window are refused.
 - Gemma 3 (Gemma3ForCausalLM): the RMSNorm weights are stored +1, since Gemma computes x * (1 + w) and llama.cpp
   x * w; no permutation (llama.cpp runs Gemma with NEOX rope, Hugging Face's layout). Settings that llama.cpp
   fixes for the architecture (one global layer in six, local rope base 10000, attention scale 1/sqrt(head_dim))
@@ -25,14 +35,21 @@ import numpy as np
 from tunesmith.errors import ModelError
 
 QUANTS = ("f32", "f16", "q8_0")
-SUPPORTED = {"LlamaForCausalLM": "llama", "Gemma3ForCausalLM": "gemma3"}
+SUPPORTED = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma3ForCausalLM": "gemma3",
+}
 
 
 def architecture(model) -> str:
     name = type(model).__name__
     if name not in SUPPORTED:
         raise ModelError(
-            f"GGUF export supports {', '.join(SUPPORTED)} (the Llama and Gemma 3 families); this model is {name}. "
+            f"GGUF export supports {', '.join(SUPPORTED)}; this model is {name}. "
             "Export it with --merge (a Hugging Face directory) and convert that with llama.cpp's convert_hf_to_gguf.py"
         )
     return SUPPORTED[name]
@@ -50,7 +67,9 @@ def write_gguf(model, vocab, path: Path, quant: str, name: str, log: Callable[[s
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    (_llama_metadata if arch == "llama" else _gemma3_metadata)(writer, config)
+    {"llama": _llama_metadata, "qwen2": _qwen_metadata, "qwen3": _qwen_metadata, "phi3": _phi3_metadata}.get(
+        arch, _gemma3_metadata
+    )(writer, config)
     writer.add_file_type(
         {
             "f32": gguf.LlamaFileType.ALL_F32,
@@ -61,9 +80,7 @@ def write_gguf(model, vocab, path: Path, quant: str, name: str, log: Callable[[s
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.write(writer)
 
-    names = gguf.get_tensor_name_map(
-        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.GEMMA3, config.num_hidden_layers
-    )
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tied = _is_tied(model)
     counts: dict[str, int] = {}
     with torch.no_grad():
@@ -77,7 +94,7 @@ def write_gguf(model, vocab, path: Path, quant: str, name: str, log: Callable[[s
             data = tensor.detach().to(torch.float32).cpu().numpy()
             if arch == "llama":
                 data = _llama_tensor(hf_name, data, config)
-            else:
+            elif arch == "gemma3":
                 data = _gemma3_tensor(hf_name, data)
             data, qtype = _quantize(data, quant)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
@@ -113,13 +130,56 @@ def _block_metadata(writer, config) -> None:
 
 
 def _llama_metadata(writer, config) -> None:
+    window = getattr(config, "sliding_window", None)
+    if window is not None and window < config.max_position_embeddings:
+        raise ModelError(
+            f"GGUF export: this {type(config).__name__.removesuffix('Config')} model attends within a sliding window "
+            f"of {window} tokens (context {config.max_position_embeddings}); llama.cpp runs it as the llama "
+            "architecture, without a window, so the file would compute something else beyond it"
+        )
+    _rope_and_heads(writer, config)
+
+
+def _qwen_metadata(writer, config) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.model_type == "qwen3" and head_dim != config.hidden_size // config.num_attention_heads:
+        # llama.cpp reads attention.key_length, but transformers' GGUF reader (5.23), which the export check loads the
+        # file with, does not map it for qwen3 and builds head_dim = hidden_size / heads: the check cannot run
+        raise ModelError(
+            f"GGUF export of Qwen3 with head_dim {head_dim} != hidden_size / heads "
+            f"({config.hidden_size} / {config.num_attention_heads}) is not supported: the export check reads the file "
+            "back with transformers' GGUF loader, which ignores Qwen3's head_dim. Export it with --merge and convert "
+            "that with llama.cpp's convert_hf_to_gguf.py"
+        )
+    if getattr(config, "use_sliding_window", False):
+        raise ModelError(
+            f"GGUF export: this {config.model_type} model uses a sliding window (use_sliding_window), which "
+            "llama.cpp's graph for it does not apply"
+        )
+    _rope_and_heads(writer, config)
+
+
+def _phi3_metadata(writer, config) -> None:
+    if getattr(config, "sliding_window", None) is not None and config.sliding_window < config.max_position_embeddings:
+        raise ModelError(
+            f"GGUF export: this phi3 model attends within a sliding window of {config.sliding_window} tokens; "
+            "writing that for llama.cpp is not supported yet"
+        )
+    params = getattr(config, "rope_parameters", None) or {}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0)
+    _rope_and_heads(writer, config, rope_dims=int(head_dim * partial))
+
+
+def _rope_and_heads(writer, config, rope_dims: int | None = None) -> None:
+    """Shape, head and rope keys of the llama-like architectures (llama, qwen2, qwen3, phi3)."""
     import gguf
 
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_vocab_size(config.vocab_size)
     _block_metadata(writer, config)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope_dims or head_dim)
     if head_dim != config.hidden_size // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -130,9 +190,13 @@ def _llama_metadata(writer, config) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(params["factor"])
     elif rope_type != "default":
-        raise ModelError(f"GGUF export: rope scaling {rope_type!r} of this Llama model is not supported yet")
+        raise ModelError(
+            f"GGUF export: rope scaling {rope_type!r} of this {config.model_type} model is not supported yet"
+        )
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ModelError(f"GGUF export: llama.cpp's llama architecture uses SiLU, this model {config.hidden_act}")
+        raise ModelError(
+            f"GGUF export: llama.cpp's {config.model_type} graph uses SiLU, this model {config.hidden_act}"
+        )
 
 
 def _gemma3_metadata(writer, config) -> None:

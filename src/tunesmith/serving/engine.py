@@ -324,7 +324,7 @@ def _advance(row: _Row, token: int, tokenizer, tok_lock, finish) -> None:
         with tok_lock:
             text = tokenizer.decode(row.ids, skip_special_tokens=True)  # without the stop token
         cut = _first_stop(text, row.stops)
-        _send(row, text if cut is None else text[:cut])
+        _send(row, text if cut is None else text[:cut], final=True)
         row.ids.append(token)
         row.done = True
         finish(g, Event("done", finish_reason="stop", completion_tokens=len(row.ids)))
@@ -334,20 +334,22 @@ def _advance(row: _Row, token: int, tokenizer, tok_lock, finish) -> None:
         text = tokenizer.decode(row.ids, skip_special_tokens=True)
     cut = _first_stop(text, row.stops)
     if cut is not None:
-        _send(row, text[:cut])
+        _send(row, text[:cut], final=True)
         row.done = True
         finish(g, Event("done", finish_reason="stop", completion_tokens=len(row.ids)))
         return
     if len(row.ids) >= g.max_tokens:
-        _send(row, text)
+        _send(row, text, final=True)
         row.done = True
         finish(g, Event("done", finish_reason="length", completion_tokens=len(row.ids)))
         return
     _send(row, text[: _safe_length(text, row.stops)])
 
 
-def _send(row: _Row, text: str) -> None:
-    if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+def _send(row: _Row, text: str, final: bool = False) -> None:
+    """Emit what `text` adds to what was sent. `final`: no more tokens will come, so an incomplete UTF-8 character at
+    the end is sent as decoded (U+FFFD), as run.generate returns it, instead of waiting for bytes that never come."""
+    if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 character: wait for its other bytes
         text = text.rstrip("\ufffd")
     if not text.startswith(row.sent):  # decoding more tokens rewrote earlier text (rare): keep what was sent
         text = row.sent + text[len(row.sent) :]
