@@ -156,7 +156,12 @@ def _test_section(summary: dict) -> str:
         )
     winner, baseline = test["runs"].get(str(test["trials"][0])), test["runs"].get("0")
     verdict = ""
-    if winner and baseline and str(test["trials"][0]) != "0":
+    if len(summary["objective"]["names"]) > 1:
+        verdict = (
+            f"<p>The Pareto front holds {len(summary.get('front', []))} trials (each best at its level of forgetting "
+            "on validation); every one is measured here on the test split, with forgetting.</p>"
+        )
+    elif winner and baseline and str(test["trials"][0]) != "0":
         d = winner["value"] - baseline["value"]
         verdict = (
             f"<p>The winner scores {_fmt(winner['value'])} {escape(metric)} against the baseline's "
@@ -195,8 +200,9 @@ def _best_section(sweep_dir: Path, summary: dict) -> str:
         f"{n} {_fmt(v)}" for n, v in zip(summary["objective"]["names"], (base or {}).get("values") or [])
     )
     recipe = "best.yaml"
+    title = "Most accurate trial of the Pareto front" if len(summary["objective"]["names"]) > 1 else "Best config"
     return (
-        f'<section id="best"><h2>Best config: trial {best["number"]}</h2>'
+        f'<section id="best"><h2>{title}: trial {best["number"]}</h2>'
         f"<p>Validation: {escape(values)} (baseline: {escape(base_values or 'not finished')}). Its fully resolved "
         f"config is <code>{escape(str(sweep_dir / recipe))}</code>: <code>tunesmith train {escape(str(sweep_dir / recipe))}</code>.</p>"
         "<table><tr><th>key</th><th>baseline (resolved)</th><th>best</th></tr>" + "".join(rows) + "</table></section>"
