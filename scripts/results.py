@@ -427,6 +427,8 @@ def write_table(rows: list[dict], out: Path, args) -> None:
             f"Not measured yet (no record in {args.records}/): {', '.join(missing)}. "
             f'`make results RESULTS_ARGS="--recipes {",".join(missing)}"` trains and evaluates them.',
         ]
+    if str(Path(__file__).resolve().parent) not in sys.path:  # imported from elsewhere (tests): find its sibling
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sweep_results import section  # scripts/sweep_results.py: the recorded `tunesmith sweep` runs
 
     sweeps = section(ROOT / args.records / "sweeps")
