@@ -375,7 +375,9 @@ def _runner_pids(job_id: str) -> list[int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the job process dies with the server on Linux")
 def test_sigkill_or_ctrl_c_of_the_server_mid_job_loses_nothing_and_the_job_resumes(server, root, finished):
     client = server.client()
-    job = long_job(client, upload(client, root / "train.jsonl").id, epochs=12, suffix="resumed")
+    # 40 epochs (120 steps): an idle machine must not finish the job between its first checkpoint and the kill
+    job = long_job(client, upload(client, root / "train.jsonl").id, epochs=40, suffix="resumed")
+    total = 40 * 3
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
         assert client.fine_tuning.jobs.retrieve(job.id).status in st.ACTIVE
         time.sleep(0.1)
@@ -391,7 +393,7 @@ def test_sigkill_or_ctrl_c_of_the_server_mid_job_loses_nothing_and_the_job_resum
     logged = [
         json.loads(line)["step"] for line in (server.root / "jobs" / "jobs" / job.id / "run" / "metrics.jsonl").open()
     ]
-    assert 5 <= max(logged) < 36  # killed mid-job, after its first checkpoint
+    assert 5 <= max(logged) < total  # killed mid-job, after its first checkpoint
     db = sqlite3.connect(server.root / "jobs" / "jobs.db")
     assert db.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()[0] == "running"
     db.close()
@@ -423,7 +425,7 @@ def test_sigkill_or_ctrl_c_of_the_server_mid_job_loses_nothing_and_the_job_resum
     assert "Resuming the job after a server restart (attempt 3)" in messages
     assert any(m.startswith("resuming from ") and "/step-" in m for m in messages), messages
     steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
-    assert steps == list(range(1, 37))  # each step once, none lost, none twice
+    assert steps == list(range(1, total + 1))  # each step once, none lost, none twice
     answer = client.chat.completions.create(
         model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
@@ -655,7 +657,10 @@ def test_dashboard_in_headless_chromium(chromium, server, root, finished, tmp_pa
 
     client = server.client()
     job = finished[2]
-    running = long_job(client, upload(client, root / "train.jsonl").id)
+    # 50 epochs (the API's most) of 120 examples, 1,500 steps: still running when the page polls it, even on an idle
+    # machine; cancelled at the end
+    write_chat_data(root / "long.jsonl", 120, seed=3)
+    running = long_job(client, upload(client, root / "long.jsonl").id, epochs=50)
     browser = DevTools(chromium, tmp_path / "profile")
     try:
         # the key travels in the fragment (never sent to the server); the page moves it to sessionStorage

@@ -328,13 +328,12 @@ class _RunFollower:
         folder = self.run_dir / "checkpoints"
         if not folder.is_dir():
             return
-        for entry in folder.iterdir():
-            name = entry.name
-            if name.startswith("step-") and name[5:].isdigit() and entry.is_dir():
-                step = int(name[5:])
-                metrics = {k: v for k, v in self._by_step.get(step, {"step": step}).items() if k != "total_steps"}
-                if self.store.add_checkpoint(self.job_id, step, metrics):
-                    self.store.add_event(self.job_id, "info", f"Checkpoint saved at step {step}", dedupe=f"ckpt:{step}")
+        found = [e for e in folder.iterdir() if e.name.startswith("step-") and e.name[5:].isdigit() and e.is_dir()]
+        # in step order: two new in one poll (a periodic one and the cancel's) are listed newest first, as OpenAI does
+        for step in sorted(int(e.name[5:]) for e in found):
+            metrics = {k: v for k, v in self._by_step.get(step, {"step": step}).items() if k != "total_steps"}
+            if self.store.add_checkpoint(self.job_id, step, metrics):
+                self.store.add_event(self.job_id, "info", f"Checkpoint saved at step {step}", dedupe=f"ckpt:{step}")
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
