@@ -52,6 +52,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 test: $(STAMP) browser lint
+	@$(BIN)/python -c "import torch, transformers, peft; print('testing with torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 	$(BIN)/python -m pytest -q --timeout=900 tests
 
 test-fast: $(STAMP)

@@ -396,25 +396,97 @@ def test_prompt_init_text_uses_the_text_embeddings(tiny_model_dir, tokenizer):
     assert logits(model).shape[1] == batch().shape[1] + 7
 
 
-def test_prefix_tuning_generates_as_it_scores(tiny_model_dir):
-    """Prefix tuning lives in past_key_values: greedy generation with the cache must match a no-cache loop."""
-    model = apply_method(load_base(tiny_model_dir), make_config("prefix", prefix={"num_virtual_tokens": 3}))
+@pytest.mark.parametrize(
+    "method,sections",
+    [("prefix", {"prefix": {"num_virtual_tokens": 3}}), ("prompt", {"prompt": {"num_virtual_tokens": 3}})],
+)
+def test_prompt_learning_decodes_as_it_scores(method, sections, tiny_model_dir, tokenizer):
+    """Prefix/prompt tuning put virtual tokens in front of every row. tunesmith decodes them as a cache prefix
+    (evaluation.generate.virtual_cache) with the base model, left-padded batches and a shared prompt prefix: the
+    tokens must be those of a no-cache argmax loop through peft's own forward, row by row, and not the base model's;
+    inside disable_adapter() the same loop must give the base model's tokens."""
+    from tunesmith.evaluation.generate import decode_greedy, encode_prefix, encode_prompts
+
+    model = apply_method(load_base(tiny_model_dir), make_config(method, **sections))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.normal_(0, 1.0)  # a prefix large enough to change what the model says
+                p.normal_(0, 1.0)  # virtual tokens that change what the model says
     model.eval()
-    prompt = batch()[:1, :6]
-    generated = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
-    ids = prompt
+    ids = batch()
+    prompts = [ids[0, :6].tolist(), ids[0, :3].tolist() + ids[1, :6].tolist()]  # 6 and 9 tokens: left padding
+
+    def reference(rows) -> list[list[int]]:
+        out = []
+        with torch.no_grad():
+            for row in rows:
+                seq = torch.tensor([row])
+                for _ in range(6):
+                    logits = model(input_ids=seq, use_cache=False).logits  # prompt tuning: virtual positions first
+                    seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
+                out.append(seq[0, len(row) :].tolist())
+        return out
+
+    def ours(rows, prefix_len=0) -> list[list[int]]:
+        got: list[list[int]] = [[] for _ in rows]
+        cache = encode_prefix(model, rows[0][:prefix_len]) if prefix_len else None
+        state = encode_prompts(model, rows, pad=0, prefix_len=prefix_len, prefix_cache=cache)
+        decode_greedy(model, tokenizer, state, stop_ids=[], max_new_tokens=6, on_token=lambda i, t: got[i].append(t))
+        return got
+
+    expected = reference(prompts)
+    assert ours(prompts) == expected
+    shared = [prompts[0], prompts[0][:3] + prompts[1][3:]]  # the first 3 tokens shared
+    assert ours(shared, prefix_len=3) == reference(shared)
     with torch.no_grad():
-        for _ in range(6):
-            ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        tuned = model(input_ids=ids[:1, :6]).logits[:, -1]
         with model.disable_adapter():
-            plain = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
-    assert torch.equal(generated, ids)
-    assert not torch.equal(generated, plain)
-    assert logits_offset(model) == 0
+            assert ours(prompts) == reference(prompts)
+            base = model(input_ids=ids[:1, :6]).logits[:, -1]
+    assert (tuned - base).abs().max() > 1e-2  # the virtual tokens matter
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_generate_stream_and_sampling(method, tiny_model_dir, tokenizer):
+    """The user-facing paths of a prefix/prompt-tuned model (run.generate's generate_batch, chat's stream) use the same
+    cached decoding: greedy answers equal decode_greedy's, stream yields the same text, a seeded sampled answer is
+    reproducible and differs from greedy."""
+    from tunesmith.data.templates import Renderer
+    from tunesmith.evaluation.generate import (
+        decode_greedy,
+        encode_prompts,
+        generate_batch,
+        prompt_ids,
+        stream,
+    )
+
+    model = apply_method(load_base(tiny_model_dir), make_config(method, **{method: {"num_virtual_tokens": 4}}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0)
+    model.eval()
+    renderer = Renderer(tokenizer)
+    prompts = ["Where is the invoice?", "My card was charged twice and nobody answers"]
+    greedy = generate_batch(model, tokenizer, renderer, prompts, max_new_tokens=8)
+    ids = [prompt_ids(tokenizer, renderer, p) for p in prompts]
+    direct = [
+        decode_greedy(
+            model,
+            tokenizer,
+            encode_prompts(model, [row], pad=0),
+            stop_ids=renderer.stop_token_ids,
+            stop_strings=renderer.stop_strings,
+            max_new_tokens=8,
+        )[0]
+        for row in ids
+    ]
+    assert greedy == direct and any(greedy)
+    assert "".join(stream(model, tokenizer, renderer, prompts[1], max_new_tokens=8)) == greedy[1]
+    sampled = [
+        generate_batch(model, tokenizer, renderer, prompts, max_new_tokens=8, temperature=1.5, seed=3) for _ in "ab"
+    ]
+    assert sampled[0] == sampled[1] != greedy
 
 
 def test_load_trainable_state_dict_is_strict(tiny_model_dir):

@@ -21,6 +21,7 @@ import torch
 
 from tunesmith.data.example import Example, Message
 from tunesmith.evaluation.generate import expand_cache, left_pad, uses_prompt_learning
+from tunesmith.models.kv import cache_kw, cache_of
 
 
 @dataclass
@@ -207,7 +208,7 @@ def score_rows(
         input_ids=ids.to(device),
         position_ids=pos.to(device),
         attention_mask=mask_for(model, mask.to(device)),
-        past_key_values=expand_cache(prefix_cache, n),
+        **cache_kw(expand_cache(prefix_cache, n)),
         use_cache=keep_state or prefix_cache is not None,
         logits_to_keep=keep.to(device),
     )
@@ -234,7 +235,7 @@ def score_rows(
     if keep_state:
         from tunesmith.evaluation.generate import PromptState
 
-        cache = out.past_key_values
+        cache = cache_of(out)
         extra_columns = cache.get_seq_length() - (prefix_len + trunk_width)
         if extra_columns:  # the continuation columns go; the prompts' keys/values stay
             cache.crop(-extra_columns)  # negative: tokens to remove, in every transformers version
@@ -279,13 +280,13 @@ def _score_with_copies(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        past_key_values=expand_cache(prefix_cache, len(prompts)),
+        **cache_kw(expand_cache(prefix_cache, len(prompts))),
         use_cache=True,
         logits_to_keep=1,
     )
     state = None
     if keep_state:
-        state = PromptState(copy.deepcopy(out.past_key_values), mask, mask.sum(-1), out.logits[:, -1].float())
+        state = PromptState(copy.deepcopy(cache_of(out)), mask, mask.sum(-1), out.logits[:, -1].float())
     first_logp = torch.log_softmax(out.logits[:, -1].float(), -1).cpu()  # predicts each continuation's 1st token
 
     rows = [(e, c) for e, conts in enumerate(continuations) for c in conts]
@@ -298,14 +299,14 @@ def _score_with_copies(
         for r, (_, c) in enumerate(rows):
             cont_ids[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
             cont_mask[r, : len(c) - 1] = 1
-        cache = out.past_key_values
+        cache = cache_of(out)
         cache.batch_select_indices(owner.to(device))
         lengths = mask.sum(-1)[owner]
         logits = model(
             input_ids=cont_ids.to(device),
             attention_mask=torch.cat([mask[owner], cont_mask], 1).to(device),
             position_ids=(lengths[:, None] + torch.arange(width)[None, :]).to(device),
-            past_key_values=cache,
+            **cache_kw(cache),
             use_cache=True,
         ).logits
         for r, (_, c) in enumerate(rows):

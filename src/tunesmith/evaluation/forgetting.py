@@ -43,6 +43,7 @@ from pathlib import Path
 
 from tunesmith.errors import DataError
 from tunesmith.jsonl import read_objects
+from tunesmith.models.kv import cache_kw, cache_of
 from tunesmith.run_dir import RunDir
 
 PROBE_NAME = "tunesmith-general-v1"
@@ -230,7 +231,7 @@ class _System:
         t = torch.tensor([ids], device=self.device)
         with torch.no_grad(), self.active():
             out = self.model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=True)
-        return out.past_key_values, out.logits.float()
+        return cache_of(out), out.logits.float()
 
     def continuation(self, rows: list[list[int]], prefix_len: int, cache):
         """Logits (B, width, vocab) of left-padded rows that continue a cached prefix."""
@@ -244,7 +245,7 @@ class _System:
                 input_ids=ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
-                past_key_values=expand_cache(cache, len(rows)),
+                **cache_kw(expand_cache(cache, len(rows))),
                 use_cache=True,
             )
         return out.logits.float()
@@ -368,12 +369,10 @@ def answer_questions(
     from tunesmith.evaluation.generate import (
         common_prefix_length,
         encode_prefix,
-        generate_batch,
         greedy_batch,
         plan_batches,
         prompt_ids,
         tokens_per_forward,
-        uses_prompt_learning,
     )
 
     prompts = [
@@ -382,41 +381,29 @@ def answer_questions(
     ]
     ids = [prompt_ids(tokenizer, renderer, p) for p in prompts]
     stops = ["\nQuestion:"] if raw else []
-    plain = uses_prompt_learning(system.model)  # virtual tokens: no explicit cache, model.generate instead
-    shared = 0 if plain else common_prefix_length(ids)
+    shared = common_prefix_length(ids)
     answers: list[str] = [""] * len(questions)
     groups: dict[int, list[int]] = {}
     for i, q in enumerate(questions):
         groups.setdefault(int(q.get("max_tokens") or MAX_NEW_TOKENS[q["check"]]), []).append(i)
     done = 0
     with system.active():
-        cache = encode_prefix(system.model, ids[0][:shared]) if shared else None
+        cache = encode_prefix(system.model, ids[0][:shared])
         budget = tokens_per_forward(system.model)
         for max_new, idx in sorted(groups.items()):
             idx = sorted(idx, key=lambda i: len(ids[i]))
             for batch in plan_batches([len(ids[i]) - shared + max_new for i in idx], None, budget):
                 part = [idx[j] for j in batch]
-                if plain:
-                    outs = generate_batch(
-                        system.model,
-                        tokenizer,
-                        renderer,
-                        [prompts[i] for i in part],
-                        max_new_tokens=max_new,
-                        batch_size=len(part),
-                        stop=stops,
-                    )
-                else:
-                    outs = greedy_batch(
-                        system.model,
-                        tokenizer,
-                        [ids[i] for i in part],
-                        stop_ids=renderer.stop_token_ids,
-                        stop_strings=[*renderer.stop_strings, *stops],
-                        max_new_tokens=max_new,
-                        prefix_len=shared,
-                        prefix_cache=cache,
-                    )
+                outs = greedy_batch(
+                    system.model,
+                    tokenizer,
+                    [ids[i] for i in part],
+                    stop_ids=renderer.stop_token_ids,
+                    stop_strings=[*renderer.stop_strings, *stops],
+                    max_new_tokens=max_new,
+                    prefix_len=shared,
+                    prefix_cache=cache,
+                )
                 for i, text in zip(part, outs):
                     answers[i] = text.strip()
                 done += len(part)

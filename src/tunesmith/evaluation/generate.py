@@ -5,6 +5,10 @@ examples): the prefix is encoded once (`encode_prefix`) and its keys/values are 
 long shared prompt costs one forward in total instead of one per example. Our own loop rather than
 `model.generate` because generate cannot start from a batch-expanded cache with padding after the prefix;
 a test checks that it produces the tokens `model.generate` produces.
+
+Prefix- and prompt-tuned models (peft adds their virtual tokens inside forward()) decode through the same loop: the
+virtual tokens are the first columns of the cache (`virtual_cache`) and the base model is called (`decoder`), so
+generation does not depend on peft's generation hook, which transformers 5.24's renaming of `past_key_values` broke.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from tunesmith.models.kv import cache_kw, cache_of
 from tunesmith.run_dir import RunDir
 
 
@@ -87,6 +92,22 @@ def generate_batch(
     device = next(model.parameters()).device
     outputs: list[str] = []
     kwargs = _gen_kwargs(tokenizer, renderer, max_new_tokens, temperature, top_p, seed)
+    if uses_prompt_learning(model):  # virtual tokens: our cached decoding (see virtual_cache), not model.generate
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for start in range(0, len(prompts), batch_size):
+            encoded = [prompt_ids(tokenizer, renderer, p) for p in prompts[start : start + batch_size]]
+            answers = decode_greedy(
+                model,
+                tokenizer,
+                encode_prompts(model, encoded, pad=pad),
+                stop_ids=renderer.stop_token_ids,
+                stop_strings=renderer.stop_strings,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+            )
+            outputs += [_cut(a, stop) for a in answers]
+        return outputs
     for start in range(0, len(prompts), batch_size):
         encoded = [prompt_ids(tokenizer, renderer, p) for p in prompts[start : start + batch_size]]
         width = max(len(e) for e in encoded)
@@ -113,20 +134,68 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
 
 
 def uses_prompt_learning(model) -> bool:
-    """peft prefix/prompt tuning adds virtual tokens inside forward(); explicit caches and positions do not mix
-    with that, so such models take the plain (uncached) paths."""
+    """Whether the model is peft prefix or prompt tuning, whose forward() adds virtual tokens in front of every row
+    (not inside peft's `disable_adapter()`, where forward is the base model's)."""
     config = getattr(model, "active_peft_config", None)
-    return bool(getattr(config, "is_prompt_learning", False))
+    return bool(getattr(config, "is_prompt_learning", False)) and not getattr(model, "_adapters_disabled", False)
+
+
+def virtual_tokens(model) -> int:
+    """How many virtual tokens (prefix/prompt tuning) come before every prompt: 0 for other models."""
+    return int(model.active_peft_config.num_virtual_tokens) if uses_prompt_learning(model) else 0
+
+
+def decoder(model):
+    """The module our decoding loops call. A prefix/prompt-tuned model's virtual tokens are the first columns of the
+    key/value cache those loops pass (`virtual_cache`), so they call its base model, whose forward adds nothing;
+    calling peft's forward would add the virtual tokens a second time."""
+    return model.get_base_model() if uses_prompt_learning(model) else model
+
+
+@torch.no_grad()
+def virtual_cache(model):
+    """The key/value cache (batch of 1) of a prefix/prompt-tuned model's virtual tokens, None for other models.
+
+    What peft's forward does on every call, done once: prefix tuning's virtual tokens are keys/values already
+    (peft's get_prompt builds the cache); prompt tuning's are input embeddings, run through the base model. Either
+    way the prompt's tokens then take positions from num_virtual_tokens on, as in training (peft offsets prefix
+    tuning's positions and counts prompt tuning's virtual tokens as the first positions)."""
+    if not uses_prompt_learning(model):
+        return None
+    n = virtual_tokens(model)
+    config = model.active_peft_config
+    if str(getattr(config.peft_type, "value", config.peft_type)).upper() == "PREFIX_TUNING":
+        cache = model.get_prompt(batch_size=1, max_cache_len=n)
+        if isinstance(cache, (tuple, list)):  # older peft: per-layer (key, value) pairs
+            from transformers import DynamicCache
+
+            cache = DynamicCache.from_legacy_cache(tuple(cache))
+        return cache
+    base = model.get_base_model()
+    embeds = model.get_prompt(batch_size=1).to(next(base.parameters()).dtype)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return cache_of(base(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1))
 
 
 @torch.no_grad()
 def encode_prefix(model, prefix: list[int]):
-    """The key/value cache of a shared prompt prefix (batch of 1), or None for an empty prefix."""
+    """The key/value cache (batch of 1) of a shared prompt prefix, after the model's virtual tokens if it has any;
+    None for an empty prefix on a model without them."""
+    cache = virtual_cache(model)
     if not prefix:
-        return None
+        return cache
     device = next(model.parameters()).device
     ids = torch.tensor([prefix], device=device)
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1).past_key_values
+    v = virtual_tokens(model)
+    out = decoder(model)(
+        input_ids=ids,
+        attention_mask=torch.ones((1, v + len(prefix)), dtype=torch.long, device=device),
+        position_ids=torch.arange(v, v + len(prefix), device=device)[None],
+        **cache_kw(cache),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache_of(out)
 
 
 def expand_cache(cache, rows: int | torch.Tensor):
@@ -179,18 +248,35 @@ class PromptState:
 
 @torch.no_grad()
 def encode_prompts(model, prompts: list[list[int]], *, pad: int, prefix_len: int = 0, prefix_cache=None) -> PromptState:
-    """One forward of prompts that all start with the same prefix_len tokens, whose cache is prefix_cache."""
+    """One forward of prompts that all start with the same prefix_len tokens, whose cache is prefix_cache (from
+    `encode_prefix`; a prefix/prompt-tuned model's virtual tokens come first in it, and are made here when no
+    prefix is given)."""
     device = next(model.parameters()).device
-    ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, prefix_len)
-    out = model(
+    if prefix_cache is None and not prefix_len:
+        prefix_cache = virtual_cache(model)
+    ids, mask, positions = left_pad([p[prefix_len:] for p in prompts], pad, virtual_tokens(model) + prefix_len)
+    out = decoder(model)(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
-        past_key_values=expand_cache(prefix_cache, len(prompts)),
+        **cache_kw(expand_cache(prefix_cache, len(prompts))),
         use_cache=True,
         logits_to_keep=1,
     )  # the LM head only where needed
-    return PromptState(out.past_key_values, mask, mask.sum(-1), out.logits[:, -1])
+    return PromptState(cache_of(out), mask, mask.sum(-1), out.logits[:, -1])
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token per row: the most likely one, or (temperature > 0) one sampled from the softmax at that temperature
+    within the smallest set of most likely tokens whose probability reaches top_p (torch's global generator)."""
+    if temperature <= 0:
+        return logits.argmax(-1).cpu()
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1:
+        ranked, order = probs.sort(-1, descending=True)
+        ranked = ranked * ((ranked.cumsum(-1) - ranked) < top_p)  # the top token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, ranked)
+    return torch.multinomial(probs, 1).squeeze(-1).cpu()
 
 
 @torch.no_grad()
@@ -202,10 +288,15 @@ def decode_greedy(
     stop_ids: list[int],
     stop_strings: list[str] = (),
     max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    on_token=None,
 ) -> list[str]:
-    """Greedy answers from a PromptState (its cache is extended in place). Each answer stops at a stop token (not
-    included) or a stop string (cut off)."""
+    """Answers from a PromptState (its cache is extended in place): greedy, or sampled when temperature > 0. Each
+    answer stops at a stop token (not included) or a stop string (cut off). on_token(row, token id) is called for
+    every token an answer gets (streaming)."""
     device = next(model.parameters()).device
+    model = decoder(model)
     rows = state.mask.shape[0]
     mask, logits, cache = state.mask, state.next_logits, with_room(state.cache, max_new_tokens)
     generated: list[list[int]] = [[] for _ in range(rows)]
@@ -213,7 +304,7 @@ def decode_greedy(
     multi_token_stops = [s for s in stop_strings if len(tokenizer(s, add_special_tokens=False)["input_ids"]) > 1]
     stops = set(stop_ids)
     for step in range(max_new_tokens):
-        next_ids = logits.argmax(-1).cpu()
+        next_ids = _pick(logits, temperature, top_p)
         for i, t in enumerate(next_ids.tolist()):
             if done[i]:
                 continue
@@ -221,6 +312,8 @@ def decode_greedy(
                 done[i] = True
                 continue
             generated[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
             if multi_token_stops and any(s in tokenizer.decode(generated[i][-8:]) for s in multi_token_stops):
                 done[i] = True
         if all(done) or step == max_new_tokens - 1:
@@ -230,10 +323,10 @@ def decode_greedy(
             input_ids=next_ids[:, None].to(device),
             attention_mask=mask.to(device),
             position_ids=state.lengths[:, None].to(device) + step,
-            past_key_values=cache,
+            **cache_kw(cache),
             use_cache=True,
         )
-        logits, cache = out.logits[:, -1], out.past_key_values
+        logits, cache = out.logits[:, -1], cache_of(out)
     return [_cut(tokenizer.decode(g, skip_special_tokens=True), list(stop_strings)) for g in generated]
 
 
@@ -261,7 +354,7 @@ def _roomy_layer():
         @classmethod
         def of(cls, layer, extra: int):
             new = cls()
-            new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
+            new.__dict__.update(vars(layer))  # whatever state this transformers release keeps (dtype, device, ...)
             b, h, n, d = layer.keys.shape
             new._k = layer.keys.new_empty(b, h, n + extra, d)
             new._v = layer.values.new_empty(b, h, n + extra, layer.values.shape[-1])
@@ -323,16 +416,47 @@ def stream(
     from transformers import TextIteratorStreamer
 
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, renderer, messages)], device=device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    ids = prompt_ids(tokenizer, renderer, messages)
     kwargs = _gen_kwargs(tokenizer, renderer, max_new_tokens, temperature, top_p, seed)
-    thread = threading.Thread(
-        target=lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs),
-        daemon=True,
-    )
+    failed: list[BaseException] = []
+    if uses_prompt_learning(model):  # virtual tokens: our cached decoding (see virtual_cache), not model.generate
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+        def run():
+            decode_greedy(
+                model,
+                tokenizer,
+                encode_prompts(model, [ids], pad=pad),
+                stop_ids=renderer.stop_token_ids,
+                stop_strings=renderer.stop_strings,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                on_token=lambda _, t: streamer.put(torch.tensor([t])),
+            )
+            streamer.end()
+    else:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        t = torch.tensor([ids], device=device)
+
+        def run():
+            model.generate(input_ids=t, attention_mask=torch.ones_like(t), streamer=streamer, **kwargs)
+
+    def work():
+        try:
+            with torch.no_grad():
+                run()
+        except BaseException as e:  # handed to the reader below instead of leaving it waiting for text
+            failed.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
     thread.start()
     yield from streamer
     thread.join()
+    if failed:
+        raise failed[0]
 
 
 # ---- how many prompts one evaluation forward takes ----------------------------------------------------------------

@@ -284,54 +284,24 @@ def _usable(shared: dict, prefix_ids: list[int], prompts: list[list[int]]) -> di
 
 
 def _generate(system, prompts, sizing, max_new_tokens, shared, progress) -> list[str]:
-    from tunesmith.evaluation.generate import greedy_batch, uses_prompt_learning
+    from tunesmith.evaluation.generate import greedy_batch
 
     renderer = system.renderer
     out = []
     task = progress.start(f"{system.name}: generation", len(prompts))
     for batch in _batches([len(p) + max_new_tokens for p in prompts], sizing, shared["prefix_len"]):
         chunk = [prompts[i] for i in batch]
-        if uses_prompt_learning(system.model):
-            out += _generate_plain(system, chunk, max_new_tokens)
-        else:
-            out += greedy_batch(
-                system.model,
-                system.tokenizer,
-                chunk,
-                stop_ids=renderer.stop_token_ids,
-                stop_strings=renderer.stop_strings,
-                max_new_tokens=max_new_tokens,
-                **shared,
-            )
+        out += greedy_batch(
+            system.model,
+            system.tokenizer,
+            chunk,
+            stop_ids=renderer.stop_token_ids,
+            stop_strings=renderer.stop_strings,
+            max_new_tokens=max_new_tokens,
+            **shared,
+        )
         progress.update(task, advance=len(chunk))
     return [o.strip() for o in out]
-
-
-def _generate_plain(system, prompts, max_new_tokens) -> list[str]:
-    """model.generate without a shared prefix, for models whose forward() adds virtual tokens."""
-
-    from tunesmith.evaluation.generate import _cut, left_pad
-
-    ids, mask, _ = left_pad(prompts, system.pad, 0)
-    device = next(system.model.parameters()).device
-    kwargs = (
-        {"stop_strings": list(system.renderer.stop_strings), "tokenizer": system.tokenizer}
-        if system.renderer.stop_strings
-        else {}
-    )
-    out = system.model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=system.renderer.stop_token_ids,
-        pad_token_id=system.pad,
-        **kwargs,
-    )
-    return [
-        _cut(system.tokenizer.decode(row[ids.shape[1] :], skip_special_tokens=True), list(system.renderer.stop_strings))
-        for row in out.cpu()
-    ]
 
 
 def _reference_nll(system, test, prompts, sizing, shared, progress) -> list[tuple[float, int]]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.models.kv import cache_kw, cache_of
+
 
 def takes_custom_masks(model) -> tuple[bool, str]:
     """Whether a custom 4D attention mask means the same to every attention layer of the model (not so for
@@ -53,7 +55,7 @@ def forward_after_prefix(model, batch) -> torch.Tensor:
     rows = batch.input_ids.shape[0]
     # no LM head on the prefix: an all-False boolean logits_to_keep selects no position
     no_logits = torch.zeros_like(batch.prefix_ids, dtype=torch.bool)
-    cache = model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=no_logits).past_key_values
+    cache = cache_of(model(input_ids=batch.prefix_ids, use_cache=True, logits_to_keep=no_logits))
     for layer in cache.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
@@ -61,7 +63,7 @@ def forward_after_prefix(model, batch) -> torch.Tensor:
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
         attention_mask=mask_for(model, batch.attention_mask),
-        past_key_values=cache,
+        **cache_kw(cache),
         use_cache=True,
         logits_to_keep=batch.keep,
     )

@@ -30,6 +30,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from tunesmith.models.kv import cache_kw, cache_of
+
 log = logging.getLogger("tunesmith.serve")
 
 
@@ -274,12 +276,12 @@ def _generate(model, tokenizer, batch: list[Generation], forward_kwargs: dict, t
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
+            **cache_kw(past),
             use_cache=True,
             logits_to_keep=1,
             **forward_kwargs,
         )
-        past = out.past_key_values
+        past = cache_of(out)
         logits = out.logits[:, -1, :].float()
         del out
         next_ids = []
