@@ -61,7 +61,7 @@ def section(records_dir: Path = RECORDS) -> list[str]:
     lines = [
         "## Hyperparameter sweeps (`tunesmith sweep`)",
         "",
-        "Each sweep: trial 0 is the recipe as written; later trials sampled by TPE; the objective measured on the "
+        "Each sweep: trial 0 is the recipe with the command's flags (the baseline); later trials sampled by TPE; the objective measured on the "
         "validation split; the winner evaluated once on the test split against trial 0 and the prompted base model "
         "(docs/sweep.md). Records in docs/results/sweeps/.",
         "",
@@ -80,7 +80,13 @@ def section(records_dir: Path = RECORDS) -> list[str]:
             f"`{r['command']}` — {s['recipe']['method']} on {s['recipe']['model']}; objective "
             f"{', '.join(names)}; pruner {s['pruner']}; {budget}, {s['elapsed_seconds'] / 60:.0f} min used; "
             f"{len(s['trials'])} trials ({', '.join(f'{n} {k}' for k, n in states.items())}). "
-            f"Measured {r['measured']} at commit {r['commit']} on {r['cpu']}." + (f" {r['note']}" if r["note"] else ""),
+            f"Measured {r['measured']} at commit {r['commit']} on {r['cpu']}."
+            + (f" {r['note']}" if r["note"] else "")
+            + (
+                f" The sweep's report page: [{f.stem}.html](results/sweeps/{f.stem}.html)."
+                if f.with_suffix(".html").exists()
+                else ""
+            ),
             "",
             "| trial | state | " + " | ".join(names) + " (validation) | params | steps | note |",
             "|---|---|" + "---|" * len(names) + "---|---|---|",
@@ -104,7 +110,7 @@ def section(records_dir: Path = RECORDS) -> list[str]:
                 extra = f"forgetting {t['forgetting']['verdict']}"
             note = t.get("note") or t.get("skipped") or extra
             lines.append(
-                f"| {t['number']}{mark} | {t['state']} | " + " | ".join(vals) + f" | {params or 'the recipe'} | "
+                f"| {t['number']}{mark} | {t['state']} | " + " | ".join(vals) + f" | {params or 'baseline'} | "
                 f"{t.get('steps', '—')} | {note} |"
             )
         test = s.get("test")
@@ -125,7 +131,11 @@ def section(records_dir: Path = RECORDS) -> list[str]:
             for k, v in test["base"].items():
                 lines.append(f"| {labels.get(k, k)} | {_pct(metric, v)} | — |")
             for n, row in test["runs"].items():
-                who = "trial 0 (the recipe as written)" if n == "0" else f"trial {n} (sweep winner)"
+                who = (
+                    "trial 0 (baseline: the recipe with the command's flags)"
+                    if n == "0"
+                    else f"trial {n} (sweep winner)"
+                )
                 if n != "0" and int(n) != test["trials"][0]:
                     who = f"trial {n} (Pareto front)"
                 lines.append(
@@ -149,6 +159,10 @@ def main() -> int:
     path = RECORDS / f"{record['name']}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
+    report = args.sweep_dir / "report.html"
+    if report.exists():  # the page tunesmith report wrote, kept beside the record
+        path.with_suffix(".html").write_bytes(report.read_bytes())
+        print(f"wrote {path.with_suffix('.html')}")
     rebuild()
     return 0
 
