@@ -473,6 +473,7 @@ def test_prompt_tuning_exports_as_adapter(tiny_model_dir, data, tmp_path):
         (["export", "{run}", "--merge", "--quant", "q8_0", "--out", "{tmp}/o"], "--quant applies to GGUF exports only"),
         (["export", "{run}", "--merge", "--adapter-only", "--out", "{tmp}/o"], "cannot be combined"),
         (["export", "{run}", "--merge", "--out", "{run}"], "would replace the run directory"),
+        (["export", "{run}", "--merge", "--llama-cpp", "--out", "{tmp}/o"], "--llama-cpp runs a GGUF file"),
         (
             ["export", "{run}", "--merge", "--out", "{full}"],
             "already exists and is not empty; choose another --out, or pass --force",
@@ -486,6 +487,64 @@ def test_user_errors_exit_2(args, message, lora_run, tmp_path, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not (tmp_path / "o").exists()
+
+
+def test_llama_cpp_check_without_the_wheel_is_a_user_error(lora_run, tmp_path, capsys, monkeypatch):
+    from tunesmith.exporting import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "available", lambda: None)
+    argv = ["export", str(lora_run), "--format", "gguf", "--llama-cpp", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "pip install xllamacpp" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_gguf_export_checked_in_llama_cpp(lora_run, tmp_path, capsys):
+    """--llama-cpp: the GGUF file runs in real llama.cpp and its greedy answers to the check prompts are the run's
+    (f32 weights: only the order of float operations differs, so a difference is allowed only at a near-tie of
+    1e-3), recorded in equivalence.json; against other weights the same check fails, naming the prompts."""
+    pytest.importorskip("xllamacpp", reason="llama.cpp's Python wheel (pip install xllamacpp)")
+    from tunesmith.exporting import check
+    from tunesmith.exporting.llama_cpp import check_in_llama_cpp
+
+    out = tmp_path / "gguf"
+    code = main(["export", str(lora_run), "--format", "gguf", "--quant", "f32", "--llama-cpp", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "llama.cpp check passed" in captured.out
+    saved = json.loads((out / "equivalence.json").read_text())
+    lc = saved["llama_cpp"]
+    assert saved["passed"] and lc["passed"] and lc["near_tie"] == 1e-3 and lc["runtime"].startswith("llama.cpp")
+    assert len(lc["prompts"]) == len(check.PROMPTS) and all(r["tokens"] > 0 for r in lc["prompts"])
+    assert all(r["max_abs_logprob_diff"] <= 1e-3 for r in lc["prompts"])
+
+    # the same file against another model: the run's weights with noise, run by tunesmith
+    model, tokenizer, renderer = tunesmith.load(lora_run).load_model(device="cpu")
+    model = model.merge_and_unload().eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    from tunesmith.evaluation.generate import prompt_ids
+
+    prompts = [prompt_ids(tokenizer, renderer, p) for p in check.PROMPTS]
+    other = check_in_llama_cpp(model, out / saved["gguf"]["file"], prompts, "gguf-f32", check.NEW_TOKENS)
+    assert not other["passed"]
+    assert any(
+        r["max_abs_logprob_diff"] > 1e-3 or (r["first_difference"] is not None and r["margin_there"] > 1e-3)
+        for r in other["prompts"]
+    ), other
+
+
+def test_a_failed_llama_cpp_check_writes_nothing(lora_run, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("xllamacpp", reason="llama.cpp's Python wheel (pip install xllamacpp)")
+    from tunesmith.exporting import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "F32_BOUND", -1.0)  # nothing can pass: the command must fail and write nothing
+    out = tmp_path / "gguf"
+    code = main(["export", str(lora_run), "--format", "gguf", "--quant", "f32", "--llama-cpp", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "the export does not match the run, so nothing was written" in err
+    assert "llama.cpp check FAILED" in err and not out.exists() and not no_leftovers(tmp_path)
 
 
 def test_force_replaces_and_a_failed_check_writes_nothing(lora_run, tmp_path, capsys, monkeypatch):

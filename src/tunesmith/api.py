@@ -387,12 +387,14 @@ def export(
     quant: str | None = None,
     adapter_only: bool = False,
     force: bool = False,
+    llama_cpp: bool = False,
     log=print,
 ) -> dict:
     """Export a run's model into the directory `out`, then check it against the run (see tunesmith.exporting).
 
     merge=True (format "safetensors"): a merged Hugging Face model dir; format="gguf": one GGUF file (quant f16,
-    q8_0 or f32; merged first); adapter_only=True: the peft adapter. Returns the equivalence figures (also in
+    q8_0 or f32; merged first; llama_cpp=True also runs it in llama.cpp, needs xllamacpp); adapter_only=True: the
+    peft adapter. Returns the equivalence figures (also in
     OUT/equivalence.json) with "out" and "files"; a failed check raises and leaves nothing behind."""
     from tunesmith.errors import ConfigError
     from tunesmith.exporting import export_run
@@ -414,4 +416,6 @@ def export(
             "say what to export: --merge (a Hugging Face model dir), --format gguf [--quant f16|q8_0] "
             "(a GGUF file for llama.cpp) or --adapter-only (a peft adapter)"
         )
-    return export_run(run_dir, out, kind=kind, quant=quant or "f16", force=force, log=log)
+    if llama_cpp and kind != "gguf":
+        raise ConfigError("--llama-cpp runs a GGUF file in llama.cpp: add --format gguf")
+    return export_run(run_dir, out, kind=kind, quant=quant or "f16", force=force, llama_cpp=llama_cpp, log=log)

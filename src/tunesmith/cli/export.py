@@ -29,8 +29,14 @@ from tunesmith import api
 @click.option(
     "--adapter-only", is_flag=True, help="Only the adapter, in peft's format (what peft, vLLM and LoRAX load)."
 )
+@click.option(
+    "--llama-cpp",
+    "llama_cpp",
+    is_flag=True,
+    help="GGUF: also run the file in llama.cpp (pip install xllamacpp) and require the run's greedy answers.",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-def export(run_dir, out, merge, fmt, quant, adapter_only, force):
+def export(run_dir, out, merge, fmt, quant, adapter_only, llama_cpp, force):
     """Export RUN_DIR's model for use outside tunesmith.
 
     Every export is read back by an independent loader and compared with the run's own model on a few prompts
@@ -41,9 +47,18 @@ def export(run_dir, out, merge, fmt, quant, adapter_only, force):
     Examples:
       tunesmith export runs/tickets --merge --out exports/tickets
       tunesmith export runs/tickets --format gguf --quant q8_0 --out exports/tickets-gguf
+      tunesmith export runs/tickets --format gguf --llama-cpp --out exports/tickets-gguf
       tunesmith export runs/tickets --adapter-only --out exports/tickets-lora
     """
     result = api.export(
-        run_dir, out, merge=merge, format=fmt, quant=quant, adapter_only=adapter_only, force=force, log=click.echo
+        run_dir,
+        out,
+        merge=merge,
+        format=fmt,
+        quant=quant,
+        adapter_only=adapter_only,
+        force=force,
+        llama_cpp=llama_cpp,
+        log=click.echo,
     )
     click.echo(f"wrote {result['out']}")

@@ -42,10 +42,13 @@ def export_run(
     kind: str,
     quant: str = "f16",
     force: bool = False,
+    llama_cpp: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Export `run_dir` into the directory `out` as `kind` (merge, gguf, adapter); returns the check's figures
-    with `out` and `files`. Raises RunError for unusable input and ExportCheckFailed when the check fails."""
+    with `out` and `files`. llama_cpp (gguf only): also run the file in llama.cpp (exporting/llama_cpp.py) and
+    require its greedy answers to be the run's. Raises RunError for unusable input and ExportCheckFailed when the
+    check fails."""
     from tunesmith.exporting import check
     from tunesmith.exporting import source as src
 
@@ -59,6 +62,12 @@ def export_run(
 
         if quant not in QUANTS:
             raise RunError(f"--quant {quant!r} is not supported; use one of {', '.join(QUANTS)}")
+    if llama_cpp:
+        from tunesmith.exporting.llama_cpp import require
+
+        if kind != "gguf":
+            raise RunError("--llama-cpp runs a GGUF file in llama.cpp: add --format gguf")
+        require()
     method = src.check_exportable(run_dir, kind)
 
     started = time.perf_counter()
@@ -71,7 +80,7 @@ def export_run(
         if kind == "merge":
             result = _export_merged(source, reference, tmp, log)
         elif kind == "gguf":
-            result = _export_gguf(source, reference, tmp, quant, log)
+            result = _export_gguf(source, reference, tmp, quant, log, llama_cpp)
         else:
             result = _export_adapter(source, reference, tmp, log)
         files = sorted(p.name for p in tmp.iterdir()) + [CHECK_FILE, "README.md"]
@@ -117,7 +126,7 @@ def _export_merged(source, reference, tmp: Path, log) -> dict:
     return result
 
 
-def _export_gguf(source, reference, tmp: Path, quant: str, log) -> dict:
+def _export_gguf(source, reference, tmp: Path, quant: str, log, llama_cpp: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -138,6 +147,13 @@ def _export_gguf(source, reference, tmp: Path, quant: str, log) -> dict:
         log(f"warning: {warning}")
     name = f"{source.run_dir.resolve().name}-{quant}.gguf"
     info = write_gguf(model, vocab, tmp / name, quant, source.run_dir.resolve().name, log)
+    in_llama_cpp = None
+    if llama_cpp:
+        from tunesmith.exporting import llama_cpp as lc
+
+        log("checking: running the GGUF in llama.cpp (greedy) against the run's float32 logits along its tokens")
+        in_llama_cpp = lc.check_in_llama_cpp(model, tmp / name, reference.prompts, f"gguf-{quant}", check.NEW_TOKENS)
+        log(lc.summary(in_llama_cpp))
     del model
 
     log("checking: reading the GGUF back with transformers' GGUF loader")
@@ -148,6 +164,9 @@ def _export_gguf(source, reference, tmp: Path, quant: str, log) -> dict:
     result["tokenizer"] = _gguf_tokenizer_check(tmp / name, vocab)
     result["warnings"] = vocab.warnings
     result["passed"] = result["passed"] and result["tokenizer"]["passed"]
+    if in_llama_cpp is not None:
+        result["llama_cpp"] = in_llama_cpp
+        result["passed"] = result["passed"] and in_llama_cpp["passed"]
     return result
 
 
@@ -264,6 +283,16 @@ def _failure(result: dict, out: Path) -> str:
     for what in ("tokenizer",):
         if what in result and not result[what]["passed"]:
             lines.append(f"  {what} check failed: {result[what]}")
+    if "llama_cpp" in result and not result["llama_cpp"]["passed"]:
+        from tunesmith.exporting.llama_cpp import summary
+
+        lines.append(f"  {summary(result['llama_cpp'])}")
+        for prompt, row in zip(result["prompts"], result["llama_cpp"]["prompts"]):
+            if row["first_difference"] is not None and row["margin_there"] > result["llama_cpp"]["near_tie"]:
+                lines.append(
+                    f"  {prompt['prompt']!r}: llama.cpp first differs at token {row['first_difference']}, where the "
+                    f"run prefers its own token by {row['margin_there']:.3g} (not a near-tie)"
+                )
     quantized = result["kind"] in ("gguf-f16", "gguf-q8_0")
     if quantized and result["max_abs_logit_diff"] <= result["tolerance"] and result.get("tokenizer", {}).get("passed"):
         lines.append(
