@@ -110,7 +110,9 @@ def section(records_dir: Path = RECORDS) -> list[str]:
                 extra = f"forgetting {t['forgetting']['verdict']}"
             note = t.get("note") or t.get("skipped") or extra
             lines.append(
-                f"| {t['number']}{mark} | {t['state']} | " + " | ".join(vals) + f" | {params or 'baseline'} | "
+                f"| {t['number']}{mark} | {t['state']} | "
+                + " | ".join(vals)
+                + f" | {params or ('baseline' if t['number'] == 0 else '—')} | "
                 f"{t.get('steps', '—')} | {note} |"
             )
         test = s.get("test")
