@@ -199,15 +199,9 @@ def print_table(runs: dict[str, list[dict]], ceiling: float) -> None:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
+    from tunesmith.models.precision import cpu_name as name
 
-    return platform.processor() or "unknown CPU"
+    return name()
 
 
 def cpu_bf16() -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from datetime import date
@@ -29,17 +28,9 @@ def _pct(metric: str, v) -> str:
     return f"{100 * v:.1f}%"
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def make_record(sweep_dir: Path, command: str, note: str) -> dict:
+    from tunesmith.models.precision import cpu_name
+
     s = json.loads((sweep_dir / "sweep.json").read_text())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {
@@ -48,7 +39,7 @@ def make_record(sweep_dir: Path, command: str, note: str) -> dict:
         "note": note,
         "measured": date.today().isoformat(),
         "commit": commit.strip() or None,
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "summary": s,
     }
 

@@ -268,4 +268,7 @@ def test_a_recorded_sweep_renders_in_the_results_page(swept, tmp_path):
     s = summary(out)
     assert f"{len(s['trials'])} trials" in text and "tiny model" in text
     assert f"| {s['best']['number']} **best** | complete |" in text
-    assert "Test split (12 examples, accuracy)" in text and "trial 0 (the recipe as written)" in text
+    assert (
+        "Test split (12 examples, accuracy)" in text
+        and "trial 0 (baseline: the recipe with the command's flags)" in text
+    )

@@ -36,3 +36,13 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def duration(seconds: float | None) -> str:
+    """A span of time for people: 1h05m, 4m03s, 9s; "-" when unknown."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")

@@ -33,7 +33,7 @@ def sweep(ctx, recipe, trials, budget, objective, pruner, output, quiet):
     tunesmith sweep recipes/ticket-triage-lora.yaml --objective task,forgetting --budget 1h
     tunesmith report sweeps/ticket-triage             the trials, the best config, the test comparison
 
-    Trial 0 is the recipe as written; every trial is a run folder (DIR/trial-NNN). The winner's fully resolved
+    Trial 0 is the recipe with this command's flags; every trial is a run folder (DIR/trial-NNN). The winner's fully resolved
     config is written to DIR/best.yaml and evaluated once on the test split against trial 0 and the prompted
     base model. Run the same command again to resume a stopped sweep.
     """

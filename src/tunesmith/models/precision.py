@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +56,19 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
             return True, "CPU with " + " and ".join(found)
         return False, "CPU without AVX512-BF16 or AMX-BF16 (bf16 would be emulated, slower than fp32)"
     return False, f"{device.type}: bf16 speed not established"
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (benchmarks and result records name the CPU they ran on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def cpu_bf16_features() -> list[str]:

@@ -19,6 +19,7 @@ from tunesmith.atomic import atomic_write_text
 from tunesmith.errors import RunError
 from tunesmith.evaluation.report_html import _CSS, _JS
 from tunesmith.evaluation.report_plots import BASE, TUNED, VALIDATION, _render
+from tunesmith.progress import duration
 
 SUMMARY = "sweep.json"
 STATE_COLOURS = {"complete": TUNED, "pruned": "#e6a23c", "failed": VALIDATION, "not started": BASE}
@@ -74,14 +75,6 @@ def _fmt(v) -> str:
     return escape(str(v))
 
 
-def _duration(seconds) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "-"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def _img(uri: str | None, alt: str) -> str:
     if uri is None:
         return ""
@@ -115,8 +108,8 @@ def render(sweep_dir: Path, summary: dict, importances: dict | None, generated: 
 <p class="sub">model <code>{escape(str(summary["recipe"].get("model")))}</code> · method
 <code>{escape(str(summary["recipe"].get("method")))}</code> · objective <code>{escape(", ".join(names))}</code>
 ({escape(", ".join(summary["objective"]["directions"]))}) · pruner <code>{escape(str(summary["pruner"]))}</code> ·
-{len(trials)} trials ({escape(states)}) · {_duration(summary.get("elapsed_seconds"))} used
-{"of " + _duration(budget) if budget else "(no budget)"} · generated
+{len(trials)} trials ({escape(states)}) · {duration(summary.get("elapsed_seconds"))} used
+{"of " + duration(budget) if budget else "(no budget)"} · generated
 <time>{generated.isoformat(timespec="seconds")}</time></p></header>
 <main>
 {"".join(s for s in sections if s)}
@@ -147,7 +140,7 @@ def _test_section(summary: dict) -> str:
     for key, value in test["base"].items():
         rows.append(f"<tr><td>{escape(labels.get(key, key))}</td><td>{_fmt(value)}</td><td>-</td></tr>")
     for number, row in test["runs"].items():
-        who = "baseline (the recipe as written)" if number == "0" else "sweep winner"
+        who = "baseline (the recipe with the command's flags)" if number == "0" else "sweep winner"
         if number != "0" and number != str(test["trials"][0]):
             who = "Pareto front"
         rows.append(
@@ -168,7 +161,7 @@ def _test_section(summary: dict) -> str:
             f"{_fmt(baseline['value'])} on {test['examples']} test examples ({'+' if d >= 0 else ''}{d:.4g}).</p>"
         )
     elif str(test["trials"][0]) == "0":
-        verdict = "<p>No sampled trial beat the baseline on the validation split: the recipe as written won.</p>"
+        verdict = "<p>No sampled trial beat the baseline on the validation split: the baseline (the recipe with the command's flags) won.</p>"
     return (
         f'<section id="test"><h2>Test split ({test["examples"]} examples, {escape(metric)})</h2>{verdict}'
         "<table><tr><th>system</th><th>"
@@ -417,7 +410,7 @@ def _trials_table(summary: dict) -> str:
         rows.append(
             f"<tr><td>{t['number']}</td><td>{escape(t['state'])}</td><td>{values}</td>"
             f"<td>{escape(_params(t['params']))}</td><td>{t.get('steps', '-')}</td>"
-            f"<td>{_duration(t.get('train_seconds'))}</td><td>{_duration(t.get('measure_seconds'))}</td>"
+            f"<td>{duration(t.get('train_seconds'))}</td><td>{duration(t.get('measure_seconds'))}</td>"
             f"<td>{escape(note)}</td></tr>"
         )
     return (

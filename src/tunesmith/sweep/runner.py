@@ -36,6 +36,7 @@ from typing import Any, Callable
 from tunesmith.atomic import atomic_write_text
 from tunesmith.config import Config, apply_overrides, load_config, parse_duration, validate_config
 from tunesmith.errors import ConfigError, Interrupted, RunError, Stopped, TrainingError
+from tunesmith.progress import duration
 from tunesmith.sweep import objective as objectives
 from tunesmith.sweep.space import Param, build_space, overrides, sampled, user_params
 from tunesmith.training.checkpoint import kill_point
@@ -217,7 +218,7 @@ class _Sweep:
         self.say(
             f"sweep {self.out}: {self.s.trials} trials, objective {self.obj.describe()}, pruner "
             f"{self.s.pruner if not self.obj.multi else 'none (multi-objective)'}"
-            + (f", budget {_duration(self.s.budget)} ({_duration(max(self.left(), 0))} left)" if self.s.budget else "")
+            + (f", budget {duration(self.s.budget)} ({duration(max(self.left(), 0))} left)" if self.s.budget else "")
         )
         stale = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
         for frozen in stale:  # a killed sweep's running trial: continue it, same number, same folder
@@ -287,13 +288,13 @@ class _Sweep:
         estimate = self.estimate(cfg)
         if estimate is None or estimate <= left:
             return True
-        trial.set_user_attr("skipped", f"estimated {_duration(estimate)}, {_duration(left)} of the budget left")
+        trial.set_user_attr("skipped", f"estimated {duration(estimate)}, {duration(left)} of the budget left")
         from optuna.trial import TrialState
 
         self.study.tell(trial, state=TrialState.FAIL)
         self.say(
-            f"trial {trial.number}: not started: it would take about {_duration(estimate)} and "
-            f"{_duration(left)} of the budget is left"
+            f"trial {trial.number}: not started: it would take about {duration(estimate)} and "
+            f"{duration(left)} of the budget is left"
         )
         return False
 
@@ -330,7 +331,7 @@ class _Sweep:
             f"trial {number} ({len(self.finished()) + 1} of {self.s.trials}): "
             + (shown or "the recipe with its flags, untouched (baseline)")
             + self.best_so_far()
-            + (f" | {_duration(max(self.left(), 0))} left" if self.left() is not None else "")
+            + (f" | {duration(max(self.left(), 0))} left" if self.left() is not None else "")
         )
         hooks = _TrialHooks(self, trial)
         progress = self.progress_factory() if self.progress_factory else None
@@ -379,7 +380,7 @@ class _Sweep:
         self.study.tell(trial, outcome.values if outcome.state == "complete" else None, state=state[outcome.state])
         self.save_elapsed()
         self.write_summary()
-        took = _duration(time.monotonic() - t0)
+        took = duration(time.monotonic() - t0)
         if outcome.state == "complete":
             got = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.obj.names, outcome.values))
             self.say(f"trial {number}: {got} ({took})")
@@ -694,12 +695,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
