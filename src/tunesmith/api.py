@@ -416,6 +416,4 @@ def export(
             "say what to export: --merge (a Hugging Face model dir), --format gguf [--quant f16|q8_0] "
             "(a GGUF file for llama.cpp) or --adapter-only (a peft adapter)"
         )
-    if llama_cpp and kind != "gguf":
-        raise ConfigError("--llama-cpp runs a GGUF file in llama.cpp: add --format gguf")
     return export_run(run_dir, out, kind=kind, quant=quant or "f16", force=force, llama_cpp=llama_cpp, log=log)

@@ -92,14 +92,14 @@ def generate_batch(
     device = next(model.parameters()).device
     outputs: list[str] = []
     kwargs = _gen_kwargs(tokenizer, renderer, max_new_tokens, temperature, top_p, seed)
-    if uses_prompt_learning(model):  # virtual tokens: our cached decoding (see virtual_cache), not model.generate
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(prompts), batch_size):
-            encoded = [prompt_ids(tokenizer, renderer, p) for p in prompts[start : start + batch_size]]
-            answers = decode_greedy(
+    cached = uses_prompt_learning(model)  # virtual tokens: our cached decoding (see virtual_cache), not model.generate
+    for start in range(0, len(prompts), batch_size):
+        encoded = [prompt_ids(tokenizer, renderer, p) for p in prompts[start : start + batch_size]]
+        if cached:
+            answers = greedy_batch(
                 model,
                 tokenizer,
-                encode_prompts(model, encoded, pad=pad),
+                encoded,
                 stop_ids=renderer.stop_token_ids,
                 stop_strings=renderer.stop_strings,
                 max_new_tokens=max_new_tokens,
@@ -107,9 +107,7 @@ def generate_batch(
                 top_p=top_p,
             )
             outputs += [_cut(a, stop) for a in answers]
-        return outputs
-    for start in range(0, len(prompts), batch_size):
-        encoded = [prompt_ids(tokenizer, renderer, p) for p in prompts[start : start + batch_size]]
+            continue
         width = max(len(e) for e in encoded)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
@@ -387,14 +385,15 @@ def greedy_batch(
     max_new_tokens: int = 64,
     prefix_len: int = 0,
     prefix_cache=None,
+    **sampling,
 ) -> list[str]:
     """Greedy answers to prompts (token ids) that all start with the same prefix_len tokens, whose cache is
     prefix_cache (from encode_prefix). Each answer stops at a stop token (not included) or a stop string
-    (cut off)."""
+    (cut off). `sampling` (temperature, top_p, on_token) goes to decode_greedy."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     state = encode_prompts(model, prompts, pad=pad, prefix_len=prefix_len, prefix_cache=prefix_cache)
     return decode_greedy(
-        model, tokenizer, state, stop_ids=stop_ids, stop_strings=stop_strings, max_new_tokens=max_new_tokens
+        model, tokenizer, state, stop_ids=stop_ids, stop_strings=stop_strings, max_new_tokens=max_new_tokens, **sampling
     )
 
 
@@ -421,13 +420,12 @@ def stream(
     failed: list[BaseException] = []
     if uses_prompt_learning(model):  # virtual tokens: our cached decoding (see virtual_cache), not model.generate
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         def run():
-            decode_greedy(
+            greedy_batch(
                 model,
                 tokenizer,
-                encode_prompts(model, [ids], pad=pad),
+                [ids],
                 stop_ids=renderer.stop_token_ids,
                 stop_strings=renderer.stop_strings,
                 max_new_tokens=max_new_tokens,
@@ -445,8 +443,7 @@ def stream(
 
     def work():
         try:
-            with torch.no_grad():
-                run()
+            run()
         except BaseException as e:  # handed to the reader below instead of leaving it waiting for text
             failed.append(e)
             streamer.end()
