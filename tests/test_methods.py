@@ -21,6 +21,7 @@ from tunesmith.methods import (
     load_trainable_state_dict,
     load_trained,
     logits_offset,
+    merged_for_inference,
     save_trained,
     saved_method,
     trainable_parameters,
@@ -510,3 +511,41 @@ def test_save_trained_replaces_an_existing_dir(tiny_model_dir, tmp_path):
     assert not (out / "stale.txt").exists()
     assert {"adapter_config.json", "adapter_model.safetensors", "tunesmith.json"} <= {p.name for p in out.iterdir()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize(
+    "method, sections, merges",
+    [
+        ("lora", {}, True),
+        ("dora", {}, True),
+        ("ia3", {}, True),
+        ("prefix", {"prefix": {"num_virtual_tokens": 4}}, False),
+        ("adapter", {}, False),
+    ],
+)
+def test_merged_for_inference_folds_fp32_adapters_only(method, sections, merges, tiny_model_dir):
+    """Evaluation folds a LoRA/DoRA/IA3 adapter into fp32 weights (one matmul per layer) with the same outputs; other
+    methods, and any adapter on bf16 weights (the update would be rounded away), are left as they are."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    model = apply_method(load_base(tiny_model_dir), make_config(method, **sections))
+    if method in ("lora", "dora"):  # a trained-looking adapter: B is zero at init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+    if method == "ia3":
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.data.normal_(1, 0.2)
+    before = logits(model)
+    merged = merged_for_inference(model)
+    if merges:
+        assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+        assert (before - logits(load_base(tiny_model_dir))).abs().max() > 1e-3  # the adapter changes something
+        torch.testing.assert_close(logits(merged), before, rtol=1e-5, atol=1e-5)
+    else:
+        assert merged is model
+
+    bf16 = apply_method(load_base(tiny_model_dir).to(torch.bfloat16), make_config(method, **sections))
+    assert merged_for_inference(bf16) is bf16

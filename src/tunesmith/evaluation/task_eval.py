@@ -60,7 +60,7 @@ def evaluate_run(
     """Evaluate a finished run (see tunesmith.api.evaluate for the arguments; `prompt_flags` are PromptOptions'
     fields); returns task.json's content, with the forgetting result under "forgetting" when asked. Both models are
     loaded in `dtype` (default: the run's model.dtype; auto: bf16 where the device computes it natively)."""
-    from tunesmith import models
+    from tunesmith import methods, models
     from tunesmith.data.templates import Renderer
     from tunesmith.evaluation.generate import load_run_model
 
@@ -77,6 +77,8 @@ def evaluate_run(
         torch.set_num_threads(cfg.train.threads)
     dtype = dtype or cfg.model.dtype
     tuned_model, tuned_tok, tuned_renderer = load_run_model(run, dtype=dtype)
+    # the base model is its own copy (below), so the tuned one never needs its adapter disabled: fold it in
+    tuned_model = methods.merged_for_inference(tuned_model)
     base_model, base_tok = models.load(cfg.model.name, dtype=dtype, device=cfg.model.device)
     base_model.eval()
     log(f"models in {str(base_model.dtype).removeprefix('torch.')} on {base_model.device}")

@@ -13,6 +13,8 @@ What the training loop must know:
   checkpointing: `apply_method` raises ConfigError for those combinations.
 """
 
+import warnings
+
 from tunesmith.methods.apply import (
     apply_method,
     describe,
@@ -20,7 +22,11 @@ from tunesmith.methods.apply import (
     trainable_parameters,
     trainable_state_dict,
 )
-from tunesmith.methods.saving import load_trained, save_trained, saved_method
+from tunesmith.methods.saving import load_trained, merged_for_inference, save_trained, saved_method
+
+# peft 0.21 asks transformers 5.x for a renamed attribute when it wraps a model (training, and loading a run for
+# eval, chat or serving); the FutureWarning is not the user's business
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def logits_offset(model) -> int:
@@ -37,6 +43,7 @@ __all__ = [
     "load_trainable_state_dict",
     "load_trained",
     "logits_offset",
+    "merged_for_inference",
     "save_trained",
     "saved_method",
     "trainable_parameters",

@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,9 +46,6 @@ from tunesmith.training.auto import TrainingPlan, activation_bytes_per_token, av
 from tunesmith.training.checkpoint import LoopState, kill_point, latest_checkpoint, load_checkpoint, save_checkpoint
 from tunesmith.training.metrics import MetricsLogger
 from tunesmith.training.mitigations import KLToBase, frozen_base, mix_replay
-
-# peft 0.21 still asks transformers 5.23 for the old attribute name; the warning is not the user's business
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 # Packed row capacity. Attention over a packed row costs width^2 (the block-diagonal mask is dense on CPU),
 # so several short rows beat one long one: measured on SmolLM2-135M with 16 tickets (1,335 tokens), LoRA
