@@ -4,6 +4,7 @@
   both put several sequences' tokens after one cached prefix);
 - `pair_batch_logits` / `sequence_logps`: the answers' log-probabilities of preference pairs (data/pairs.py layout),
   for preference training and its evaluation;
+- `contiguous_head_input`: the LM head never sees a strided view (a slow matmul path of frozen weights);
 - `kl_per_position`: KL(p || q) of next-token distributions, the one definition behind the `train.kl_to_base`
   penalty and the forgetting measure.
 """
@@ -38,6 +39,28 @@ def mask_for(model, mask: torch.Tensor) -> torch.Tensor:
         return mask
     dtype = next(model.parameters()).dtype
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def contiguous_head_input(model) -> None:
+    """Make the LM head always see a contiguous input (a forward pre-hook on the output embedding; idempotent).
+
+    `logits_to_keep=1` (our prompt encodings, transformers' generate) hands the head `hidden[:, -1:, :]`, a strided
+    view. When the head's weight does not require grad (every fine-tuned model: peft freezes it; a merged model)
+    torch 2.13's matmul then does not fold the batch into one matmul: it expands the weight over the batch and
+    copies it for a bmm. Measured on SmolLM2-135M (2 cores, 50 rows): 4.3 s instead of 7 ms in bf16, 166 ms
+    instead of 18 ms in fp32, per call; the fine-tuned model's prompt encodings in `tunesmith eval` were 10x slower
+    than the base model's. A contiguous copy of the kept rows costs nothing next to that."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_tunesmith_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(_contiguous_first_argument)
+    head._tunesmith_contiguous_input = True
+
+
+def _contiguous_first_argument(module, args):
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def kl_per_position(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

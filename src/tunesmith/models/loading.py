@@ -245,6 +245,9 @@ def load(name: str, dtype: str = "auto", device: str = "auto"):
             raise ModelError(f"{path}: cannot load the model: {_first_line(e)}") from None
     model.to(dev).eval()
     _set_padding(tokenizer, model, path)
+    from tunesmith.models.functional import contiguous_head_input
+
+    contiguous_head_input(model)
     return model, tokenizer
 
 
