@@ -737,3 +737,37 @@ def test_dashboard_in_headless_chromium(chromium, server, root, finished, tmp_pa
         if client.fine_tuning.jobs.retrieve(running.id).status in st.ACTIVE:
             client.fine_tuning.jobs.cancel(running.id)
         wait(client, running.id)
+
+
+def test_follower_keeps_every_step_in_order_when_a_resumed_run_rewrites_metrics(tmp_path):
+    """A resumed run rewrites metrics.jsonl with the records up to its checkpoint and appends new ones. A follower
+    that had read further in the old file must not read on from its old byte offset (the middle of a new line there,
+    skipped as unparsable: its step came late, after a later restart, or never)."""
+    from tunesmith.jobs.worker import _RunFollower
+
+    store = st.Store(tmp_path / "jobs.db")
+    job = store.add_job("t", model="tiny", training_file="file-a", method={"type": "supervised"}, seed=1)["id"]
+    run = tmp_path / "run"
+    run.mkdir()
+    metrics = run / "metrics.jsonl"
+
+    def line(step, pad):
+        return json.dumps({"time": 1.0, "kind": "train", "step": step, "loss": 1.0 / step, "note": "x" * pad}) + "\n"
+
+    metrics.write_text(line(1, 0) + line(2, 0) + line(3, 200))  # the killed run: step 3 logged after the checkpoint
+    follower = _RunFollower(store, job, run)
+    follower.poll()
+    old_size = metrics.stat().st_size
+    # the resumed run (checkpoint at step 2) keeps steps 1-2 and logs 3 and 4 again, in shorter lines: the old
+    # offset now falls inside step 4's line
+    from tunesmith.training.metrics import MetricsLogger
+
+    logger = MetricsLogger(run, [], resume_step=2)
+    logger.log({"kind": "train", "step": 3, "loss": 0.3})
+    logger.log({"kind": "train", "step": 4, "loss": 0.25, "note": "y" * 150})
+    logger.log({"kind": "train", "step": 5, "loss": 0.2})
+    logger.close()
+    assert metrics.stat().st_size > old_size and metrics.read_bytes()[:old_size].count(b"\n") == 3  # mid-line
+    follower.poll()
+    assert [e["step"] for e in store.metric_events(job)] == [1, 2, 3, 4, 5]
+    store.close()

@@ -22,6 +22,7 @@ import torch
 from tunesmith.data.example import Example, Message
 from tunesmith.evaluation.generate import expand_cache, left_pad, uses_prompt_learning
 from tunesmith.models.kv import cache_kw, cache_of
+from tunesmith.models.util import pad_id
 
 
 @dataclass
@@ -347,7 +348,7 @@ def score_labels(
     model, tokenizer, renderer, examples: list[Example], labels: list[str], batch_size: int = 8, progress=None
 ) -> list[LabelScores]:
     """The most likely label of each chat example (prompt rendered by `renderer`), batched."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     results: list[LabelScores] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from tunesmith.models.kv import cache_kw, cache_of
+from tunesmith.models.util import pad_id
 from tunesmith.run_dir import RunDir
 
 
@@ -109,7 +110,7 @@ def generate_batch(
             outputs += [_cut(a, stop) for a in answers]
             continue
         width = max(len(e) for e in encoded)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_id(tokenizer)
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -390,7 +391,7 @@ def greedy_batch(
     """Greedy answers to prompts (token ids) that all start with the same prefix_len tokens, whose cache is
     prefix_cache (from encode_prefix). Each answer stops at a stop token (not included) or a stop string
     (cut off). `sampling` (temperature, top_p, on_token) goes to decode_greedy."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     state = encode_prompts(model, prompts, pad=pad, prefix_len=prefix_len, prefix_cache=prefix_cache)
     return decode_greedy(
         model, tokenizer, state, stop_ids=stop_ids, stop_strings=stop_strings, max_new_tokens=max_new_tokens, **sampling

@@ -42,6 +42,7 @@ from tunesmith.data.pairs import budget_batches
 from tunesmith.errors import DataError
 from tunesmith.evaluation.tasks import METRICS
 from tunesmith.models.functional import pair_batch_logits, sequence_logps, takes_custom_masks
+from tunesmith.models.util import pad_id
 from tunesmith.progress import Progress
 
 VERSION = 1
@@ -155,7 +156,7 @@ def evaluate_pairs(
     for key, name, model, tok, renderer, examples in systems:
         t0 = time.perf_counter()
         pairs = encode(renderer, examples)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = pad_id(tok)
         logps = pair_logps(model, pairs, pad, progress, f"{name}: scoring")
         counts = trained_counts(pairs)
         metrics = {"logp_margin": float((logps[:, 0] - logps[:, 1]).mean())}

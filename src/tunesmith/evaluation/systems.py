@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from tunesmith.data.example import Example, Message
 from tunesmith.evaluation.shots import input_text
+from tunesmith.models.util import pad_id
 
 
 @dataclass
@@ -51,7 +52,7 @@ class System:
 
     @property
     def pad(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return pad_id(self.tokenizer)
 
     def messages(self, ex: Example, shots: list[Example] | None = None) -> list[Message]:
         """The conversation the model answers: the example's turns (a completion's prompt is the user turn),

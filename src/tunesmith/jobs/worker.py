@@ -277,6 +277,7 @@ class _RunFollower:
         self.store, self.job_id, self.run_dir = store, job_id, run_dir
         self.step, self.tokens, self.total_steps = 0, None, None
         self._offset = 0
+        self._last_line = b""  # the last complete line read, which must still end at _offset to read on from there
         self._by_step: dict[int, dict] = {}
 
     def poll(self) -> None:
@@ -289,13 +290,20 @@ class _RunFollower:
             size = path.stat().st_size
         except OSError:
             return
-        if size < self._offset:  # a resumed run dropped the records after its checkpoint
-            self._offset = 0
         with open(path, "rb") as fh:
+            # A resumed run rewrites the file with the records up to its checkpoint, then appends: the bytes at our
+            # offset may then be the middle of a new line (read on from there, it would be skipped as unparsable,
+            # and its step recorded late or never). Kept records are copied verbatim, so the file is still the one
+            # we read exactly when our last line still ends at the offset; else read it again from the start
+            # (events are deduplicated by step).
+            if self._offset and (size < self._offset or not self._still_there(fh)):
+                self._offset, self._last_line = 0, b""
             fh.seek(self._offset)
             chunk = fh.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]  # a line being written is read next time
         self._offset += len(complete)
+        if complete:
+            self._last_line = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1 :]
         if complete and self.total_steps is None:
             self.total_steps = _read_json(self.run_dir / "data.json", {}).get("plan", {}).get("total_steps")
         for line in complete.splitlines():
@@ -304,6 +312,10 @@ class _RunFollower:
             except ValueError:
                 continue
             self._record(record)
+
+    def _still_there(self, fh) -> bool:
+        fh.seek(self._offset - len(self._last_line))
+        return fh.read(len(self._last_line)) == self._last_line
 
     def _record(self, r: dict) -> None:
         step = r.get("step")

@@ -54,3 +54,10 @@ def progress_bars(enabled: bool):
         yield
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding positions are filled with: the tokenizer's pad token (models.load gives every tokenizer one,
+    its EOS if it had none), else 0 for a tokenizer made elsewhere. Padding is always masked, so its id only has to
+    be a valid token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from tunesmith.models.kv import cache_kw, cache_of
+from tunesmith.models.util import pad_id
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -264,7 +265,7 @@ def _generate(model, tokenizer, batch: list[Generation], forward_kwargs: dict, t
     import torch
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     rows = [_Row(g, device) for g in batch]
     width = max(len(g.prompt_ids) for g in batch)
     ids = torch.tensor([[pad] * (width - len(g.prompt_ids)) + g.prompt_ids for g in batch], device=device)

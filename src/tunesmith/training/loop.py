@@ -37,6 +37,7 @@ from tunesmith.config import Config, resolve_max_length, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.data.pairs import make_pair_batches
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, Stopped, TrainingError
+from tunesmith.models import util as model_util
 from tunesmith.models.functional import pair_batch_logits, sequence_logps, takes_custom_masks
 from tunesmith.models.precision import Precision, cast_frozen_linears, resolve_training_precision
 from tunesmith.progress import Progress
@@ -101,7 +102,7 @@ def train(
     plan = plan_training(cfg.train, cfg.method, len(data.train), lengths, device.type, val_tokens, memory)
     cfg = _resolved(cfg, plan, data.max_length, precision)
     _print_plan(plan, log)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = model_util.pad_id(tokenizer)
     # preference pairs: each prompt fed once, both answers scored on it (data/pairs.py), where the model's attention
     # takes a custom 4D mask; else the two sequences of a pair are packed side by side
     shared_pairs = takes_custom_masks(model)[0]

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from tunesmith.atomic import atomic_write_text
 from tunesmith.errors import ConfigError
 
 
@@ -20,7 +21,9 @@ class MetricsLogger:
             kept = [
                 line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # replaced whole (a kill here leaves the old file, never a truncated one); kept lines are copied
+            # verbatim, which the jobs service's follower relies on (jobs/worker.py)
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._fh = open(self.path, "a", encoding="utf-8")
