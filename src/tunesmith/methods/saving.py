@@ -98,7 +98,7 @@ def load_trained(base_model: nn.Module, model_dir: Path) -> nn.Module:
 def merged_for_inference(model: nn.Module) -> nn.Module:
     """A LoRA/DoRA/IA3-tuned model with its adapter folded into the weights it modifies (peft's merge_and_unload),
     when they are float32 or float64: each adapted linear layer is then one matmul instead of three, which takes
-    ~3% off an evaluation of the default model on 2 CPU cores (bench/RESULTS.md run 19), and no forward changes
+    ~3% off an evaluation of the default model on 2 CPU cores (bench/RESULTS.md run 19b), and no forward changes
     but for rounding (~1e-7 relative). In bf16/fp16 the adapter's small update would be rounded into the
     low-precision weights, so such a model is returned as it is, as is every other method.
     Not for a model that must still run with its adapter disabled (that is the base model for free)."""
