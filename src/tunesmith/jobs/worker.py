@@ -285,18 +285,17 @@ class _RunFollower:
         self._read_checkpoints()
 
     def _read_metrics(self) -> None:
-        path = self.run_dir / "metrics.jsonl"
         try:
-            size = path.stat().st_size
-        except OSError:
+            fh = open(self.run_dir / "metrics.jsonl", "rb")
+        except OSError:  # not written yet
             return
-        with open(path, "rb") as fh:
+        with fh:
             # A resumed run rewrites the file with the records up to its checkpoint, then appends: the bytes at our
             # offset may then be the middle of a new line (read on from there, it would be skipped as unparsable,
             # and its step recorded late or never). Kept records are copied verbatim, so the file is still the one
-            # we read exactly when our last line still ends at the offset; else read it again from the start
-            # (events are deduplicated by step).
-            if self._offset and (size < self._offset or not self._still_there(fh)):
+            # we read exactly when our last line still ends at the offset (a shorter file fails that too); else read
+            # it again from the start (events are deduplicated by step).
+            if self._offset and not self._still_there(fh):
                 self._offset, self._last_line = 0, b""
             fh.seek(self._offset)
             chunk = fh.read()
