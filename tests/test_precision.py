@@ -148,8 +148,8 @@ def test_autocast_is_on_for_the_body_and_off_for_the_head_and_loss(tiny_model_di
     body = set(seen["linear"])
     assert body
     if name == "bf16-mixed":
-        # every layer under autocast; the residual stream stays fp32 (q/k/v, gate/up read it), o_proj and down_proj
-        # read bf16 products of earlier matmuls
+        # every layer under autocast; the residual stream and the fused LoRA layers' outputs are fp32 (q/k/v,
+        # gate/up, down read them), o_proj reads attention's bf16 output
         assert body == {(True, torch.float32), (True, torch.bfloat16)}
     else:
         assert body == {(False, torch.float32)}
@@ -219,8 +219,8 @@ def test_fused_lora_equals_peft_under_autocast(tiny_model_dir):
     cast_frozen_linears(fused)  # as training does under bf16-mixed
     ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     calls = []
-    real = lf.lora_linear
-    lf.lora_linear = lambda *a: calls.append(a[0].dtype) or real(*a)
+    real = lf.lora_linear_mixed
+    lf.lora_linear_mixed = lambda *a: calls.append(a[-1]) or real(*a)
     out = {}
     try:
         for key, m in (("peft", model), ("fused", fused)):
@@ -232,15 +232,57 @@ def test_fused_lora_equals_peft_under_autocast(tiny_model_dir):
             loss.backward()
             out[key] = (logits.detach().float(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad})
     finally:
-        lf.lora_linear = real
-    assert calls and set(calls) == {torch.bfloat16}  # the fused layer ran, in bf16
-    # the same computation up to bf16 rounding (the fused layer rounds the LoRA sum once, peft three times)
+        lf.lora_linear_mixed = real
+    assert calls and set(calls) == {torch.bfloat16}  # the fused layer ran, its products in bf16
+    # the same computation up to bf16 rounding (the fused layer sums the base and LoRA terms in fp32, peft in bf16)
     torch.testing.assert_close(out["fused"][0], out["peft"][0], rtol=0.02, atol=0.05)
     for name, grad in out["peft"][1].items():
         got = out["fused"][1][name]
         assert got.dtype == torch.float32  # gradients reach the fp32 master weights in fp32
         cos = nn.functional.cosine_similarity(got.flatten(), grad.flatten(), dim=0)
         assert cos > 0.99, name
+
+
+def test_the_fused_layer_keeps_a_small_lora_term_that_a_bf16_sum_rounds_away():
+    """Under bf16-mixed the LoRA term early in training is far below the base output's bf16 step (~0.4% of it):
+    the fused layer adds it in fp32, so its effect on the output is the fp32 one; autocast's bf16 sum (peft's
+    forward) loses most of it. The same holds for the input gradient."""
+    from tunesmith.methods.lora_fused import lora_linear_mixed
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g).requires_grad_()
+    w = torch.randn(128, 96, generator=g) / 10
+    a = torch.randn(8, 96, generator=g) / 10
+    b0 = torch.zeros(128, 8)
+    b = torch.randn(128, 8, generator=g) * 2e-4  # one AdamW step of lr 2e-4 from B = 0
+    scale = 2.0
+
+    def fp32(bm):
+        return x @ w.t() + scale * (x @ a.t()) @ bm.t()
+
+    def mixed(bm):
+        return lora_linear_mixed(x, w.bfloat16(), None, a, bm, scale, torch.bfloat16)
+
+    def bf16_sum(bm):  # what autocast does with peft's forward: each product, and their sum, in bf16
+        xb = x.bfloat16()
+        return (xb @ w.bfloat16().t() + ((xb @ a.bfloat16().t()) @ bm.bfloat16().t()) * scale).float()
+
+    want = fp32(b) - fp32(b0)
+    got = mixed(b) - mixed(b0)
+    lost = bf16_sum(b) - bf16_sum(b0)
+    err = lambda d: ((d - want).norm() / want.norm()).item()  # noqa: E731
+    assert err(got) < 0.01  # the adapter's effect as fp32 computes it, to bf16 rounding of the LoRA products
+    assert err(lost) > 0.5  # most of it rounded away by a bf16 sum: the test tells the two apart
+    assert got.dtype == torch.float32
+    # backward: the LoRA gradients in fp32, close to fp32's
+    grad = torch.randn(64, 128, generator=g)
+    am, bm = a.clone().requires_grad_(), b.clone().requires_grad_()
+    lora_linear_mixed(x, w.bfloat16(), None, am, bm, scale, torch.bfloat16).backward(grad)
+    ar, br = a.clone().requires_grad_(), b.clone().requires_grad_()
+    (x @ w.t() + scale * (x @ ar.t()) @ br.t()).backward(grad)
+    for mine, ref in ((am.grad, ar.grad), (bm.grad, br.grad)):
+        assert mine.dtype == torch.float32
+        assert nn.functional.cosine_similarity(mine.flatten(), ref.flatten(), dim=0) > 0.999
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,10 +10,15 @@ their forward is swapped), same results to fp32 rounding (tests/test_lora_fused.
 Used for plain LoRA in training where it applies: no dropout, one active adapter, not merged, an `nn.Linear`
 base layer. Anything else (DoRA, dropout, mixed-adapter batches) runs peft's own forward, unchanged.
 
-Under autocast (train.precision bf16-mixed) the layer does what autocast does to a linear layer: its inputs, the
-base weight and the LoRA matrices are cast to the autocast dtype and the products run in it, with autocast off
-inside. The cast of an fp32 LoRA matrix is an autograd op, so its gradient arrives in fp32 for the optimizer; the
-frozen base weight is usually stored in bf16 already (models/precision.cast_frozen_linears), so its cast is free.
+Under autocast (train.precision bf16-mixed) the products with the big matrices run in bf16 (the input cast once,
+the frozen base weight usually stored in bf16 already, models/precision.cast_frozen_linears), but the layer's output
+is the fp32 sum of the base product and the LoRA term, and the LoRA matrices stay fp32 (`_LoraLinearMixed`).
+Autocast's own recipe (and peft's, and Trainer's `bf16=True`) adds the LoRA term to the base output in bf16,
+whose 8-bit mantissa rounds to ~0.4% of the output: early in training, and for small learning rates, the adapter's
+whole contribution is below that step and is rounded away, so the first updates barely change what the model
+computes (measured on the demo data: after one step fp32 lowered the next batch's loss from 7.8 to 6.9, the
+bf16 sum left it at 7.9). Gradients may be rounded to bf16 (rounding noise averages out over a step); the sum
+the adapter's contribution lives in may not.
 """
 
 from __future__ import annotations
@@ -63,6 +68,52 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor
     return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
 
 
+def lora_linear_mixed(x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """lora_linear under bf16-mixed: products in `dtype`, the output the fp32 sum of the base and LoRA terms."""
+    return _LoraLinearMixed.apply(x, weight, bias, lora_a, lora_b, float(scaling), dtype)
+
+
+class _LoraLinearMixed(torch.autograd.Function):
+    """bf16-mixed LoRA linear: x W^T and the rank-r products in bf16, the output (and the input gradient) the fp32
+    sum of the base term and the LoRA term. Takes fp32 (or bf16) x and fp32 A, B; returns fp32; the gradients of
+    x, A and B come back in their own dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        w = weight.to(dtype)
+        h = x2 @ a.t()  # [tokens, r], bf16
+        y = (torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()).float()
+        y.addmm_(h.float(), lora_b.float().t(), alpha=scaling)  # the small LoRA term added in fp32
+        ctx.save_for_backward(x2, w, a, b, h)
+        ctx.scaling = scaling
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w, a, b, h = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        need_x, need_w, need_b, need_a, need_lb, _, _ = ctx.needs_input_grad
+        grad_h = (g @ b).mul_(s)  # [tokens, r]
+        gx = gw = gbias = ga = glb = None
+        if need_x:
+            gx = (g @ w).float().addmm_(grad_h.float(), a.float()).to(ctx.x_dtype).view(ctx.x_shape)
+        if need_w:
+            gw = g.t() @ x2
+        if need_b and ctx.has_bias:
+            gbias = g.sum(0)
+        if need_a:
+            ga = (grad_h.t() @ x2).to(ctx.a_dtype)
+        if need_lb:
+            glb = (g.t() @ h).mul_(s).to(ctx.b_dtype)
+        return gx, gw, gbias, ga, glb, None, None
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft LoRA Linear forward, fused when nothing but plain LoRA is asked of it; peft's own otherwise."""
     if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
@@ -79,10 +130,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     tensors = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
     device = x.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
         with torch.autocast(device, enabled=False):
-            return lora_linear(*tensors, self.scaling[name])
+            return lora_linear_mixed(*tensors, self.scaling[name], torch.get_autocast_dtype(device))
     if any(t is not None and t.dtype != x.dtype for t in tensors):
         return type(self).forward(self, x, *args, **kwargs)
     return lora_linear(*tensors, self.scaling[name])
