@@ -66,17 +66,20 @@ def _tiny(tiny_model_dir, attn="sdpa", lora=False):
     return model
 
 
+@pytest.mark.parametrize("row_tokens", [40, 1024])  # several rows per micro-batch (cached prefix), one (prefix in row)
 @pytest.mark.parametrize(
     "attn,lora,micro", [("sdpa", False, 7), ("sdpa", False, 3), ("eager", False, 4), ("sdpa", True, 7)]
 )
-def test_shared_prefix_gives_the_loss_and_gradients_of_whole_examples(tiny_model_dir, attn, lora, micro):
+def test_shared_prefix_gives_the_loss_and_gradients_of_whole_examples(tiny_model_dir, attn, lora, micro, row_tokens):
     model = _tiny(tiny_model_dir, attn, lora).train()
     examples = _examples()
     ref = _reference_loss(model, examples)
     ref.backward()
     ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    loss, batches = _shared_loss(model, examples, micro)
+    loss, batches = _shared_loss(model, examples, micro, row_tokens)
+    rows = {b.input_ids.shape[0] for b in batches if b.prefix_ids is not None}
+    assert rows == {1} if row_tokens == 1024 else max(rows) > 1  # both forms of forward_after_prefix are tested
     loss.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert ref_grads

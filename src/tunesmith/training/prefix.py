@@ -2,16 +2,19 @@
 
 Chat data for one task usually repeats the same system prompt (and the template's tokens around it) at the
 start of every example: on the bundled ticket data that is 28 of ~81 tokens, and re-encoding it costs about a
-third of the training compute. The forward pass here computes it once per micro-batch:
+third of the training compute. The forward pass here computes it once per micro-batch
+(models/functional.forward_after_prefix):
 
-1. the prefix (1, L) runs alone with `use_cache=True`; its keys/values stay in the autograd graph;
-2. each layer's keys/values are expanded (a view, no copy) over the R packed suffix rows;
-3. the suffix rows run with `past_key_values=cache`, positions starting at L, and a 4D mask in which every
-   suffix token sees the whole prefix and the earlier tokens of its own example only.
+- one packed row (the usual case for short examples): the row runs with the prefix in front of it, its 4D mask
+  causal over the prefix and letting every suffix token see the whole prefix and the earlier tokens of its own
+  example only: one forward, L more tokens in it;
+- several rows: the prefix (1, L) runs alone with `use_cache=True` (its keys/values stay in the autograd graph),
+  each layer's keys/values are expanded (a view, no copy) over the R rows, and the rows run with
+  `past_key_values=cache`, positions starting at L, and the same mask.
 
-Gradients of the suffix losses flow back through the expanded keys/values into the single prefix pass (the
-expand's backward sums them over rows), so loss and gradients equal those of encoding each example whole, to
-fp32 rounding (tests/test_prefix_sharing.py). Labels never fall inside the prefix (data/batching.py stops the
+Gradients of the suffix losses flow back into the prefix's single encoding (in the second form through the expanded
+keys/values, whose backward sums them over the rows), so loss and gradients equal those of encoding each example
+whole, to fp32 rounding (tests/test_prefix_sharing.py). Labels never fall inside the prefix (data/batching.py stops the
 prefix before the first labelled position), so the prefix needs no LM head at all.
 
 Used for methods that leave the attention inputs alone (LoRA, DoRA, IA3, full, freeze, bottleneck adapters).
