@@ -148,9 +148,9 @@ def test_autocast_is_on_for_the_body_and_off_for_the_head_and_loss(tiny_model_di
     body = set(seen["linear"])
     assert body
     if name == "bf16-mixed":
-        # every layer under autocast; the residual stream and the fused LoRA layers' outputs are fp32 (q/k/v,
-        # gate/up, down read them), o_proj reads attention's bf16 output
-        assert body == {(True, torch.float32), (True, torch.bfloat16)}
+        # every layer under autocast, reading fp32: the residual stream, the fused LoRA layers' outputs and (on a
+        # CPU) attention's output are fp32; the layers cast to bf16 for their products
+        assert body == {(True, torch.float32)}
     else:
         assert body == {(False, torch.float32)}
     assert seen["head"] and set(seen["head"]) == {(False, torch.float32)}  # the head: fp32, autocast off
@@ -158,6 +158,33 @@ def test_autocast_is_on_for_the_body_and_off_for_the_head_and_loss(tiny_model_di
     assert run.config.train.precision == name  # config.yaml records what ran
     summary = json.loads((run.path / "data.json").read_text())
     assert summary["precision"] == name and summary["precision_reason"] == "set in the config"
+
+
+@pytest.mark.parametrize("name", ["bf16-mixed", "fp32"])
+def test_attention_runs_in_fp32_under_cpu_autocast_and_the_registry_is_restored(
+    tiny_model_dir, data, tmp_path, name, monkeypatch
+):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    _train(tiny_model_dir, data, tmp_path / name, **{"train.precision": name, "train.max_steps": 2})
+    assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original  # only while a bf16-mixed forward runs
+    if name == "bf16-mixed":  # nested use (the head-outside-autocast path enters it again) restores it too
+        ctx = precision.Precision("bf16-mixed", "test").autocast_context(torch.device("cpu"))
+        with ctx:
+            with ctx:
+                assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not original and torch.is_autocast_enabled("cpu")
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not original and torch.is_autocast_enabled("cpu")
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original and not torch.is_autocast_enabled("cpu")
 
 
 def test_bf16_mixed_keeps_fp32_master_weights_and_stores_frozen_linears_in_bf16(tiny_model_dir, data, tmp_path):

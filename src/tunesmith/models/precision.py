@@ -6,7 +6,9 @@ Training precision (`train.precision`):
   forward and backward matmuls run under `torch.autocast(dtype=bfloat16)`; the LM head, the cross-entropy and the
   KL terms run in float32 (the loop takes the head out of autocast). Frozen linear weights that autocast would cast
   to bf16 at every use are cast once, in place, where the run saves only its trainable weights (LoRA and the other
-  adapter methods): the same numbers as autocast's own cast, half their memory, and no cast per step.
+  adapter methods): the same numbers as autocast's own cast, half their memory, and no cast per step. The fused
+  LoRA layer adds its LoRA term to the base product in fp32 (methods/lora_fused.py says why). On a CPU, attention
+  runs in fp32 (`cpu_attention_in_fp32`): torch's CPU flash-attention backward is slower in bf16 than in fp32.
 - `bf16`: every weight, gradient and optimizer moment in bfloat16, no float32 copy (torchtune's `dtype: bf16`): the
   least memory for full fine-tuning, but an update smaller than half a bf16 step of its weight (1/256 of it) is
   rounded away, so small learning rates stall. The loss is still computed in float32.
@@ -26,7 +28,7 @@ matmul at 1,927-2,119 GFLOP/s in bf16 against 311-336 in fp32.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +103,64 @@ class Precision:
         return torch.float32 if self.name == "fp32" else torch.bfloat16
 
     def autocast_context(self, device: torch.device):
-        """torch.autocast to bf16 for bf16-mixed; nothing otherwise."""
+        """torch.autocast to bf16 for bf16-mixed (on a CPU with attention kept in fp32); nothing otherwise."""
         if not self.autocast:
             return nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type != "cpu":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return _CpuAutocast()
+
+
+class _CpuAutocast:
+    """bf16 autocast with attention in fp32 (cpu_attention_in_fp32); reusable and reentrant like torch.autocast."""
+
+    def __init__(self):
+        self._open: list[ExitStack] = []
+
+    def __enter__(self):
+        stack = ExitStack()
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        stack.enter_context(cpu_attention_in_fp32())
+        self._open.append(stack)
+        return self
+
+    def __exit__(self, *exc):
+        return self._open.pop().__exit__(*exc)
+
+
+_attention_depth = 0
+
+
+@contextmanager
+def cpu_attention_in_fp32():
+    """Within: transformers' SDPA attention called under CPU autocast runs in fp32 (autocast off, q/k/v as fp32).
+
+    Under bf16 autocast torch casts q, k and v to bf16, and its CPU flash-attention backward is slower in bf16 than
+    in fp32 (per layer of a 337-token packed row, 9 heads: 8.0 ms forward + backward in bf16, ~5.5 in fp32; the
+    bf16-mixed demo step 5% faster with fp32 attention, bench/RESULTS.md run 20), while the q/k/v the fused LoRA
+    layers give it are fp32 already. Swaps the "sdpa" entry of transformers' attention registry for the duration
+    (reentrant); outside CPU autocast the wrapper calls the original unchanged."""
+    global _attention_depth
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if _attention_depth == 0:
+        original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+        def sdpa_fp32(module, query, key, value, attention_mask, *args, **kwargs):
+            if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                with torch.autocast("cpu", enabled=False):
+                    return original(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+        sdpa_fp32.original = original
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_fp32
+    _attention_depth += 1
+    try:
+        yield
+    finally:
+        _attention_depth -= 1
+        if _attention_depth == 0:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = ALL_ATTENTION_FUNCTIONS["sdpa"].original
 
 
 def resolve_training_precision(spec: str, device: torch.device, method: str = "lora") -> Precision:
