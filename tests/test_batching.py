@@ -108,3 +108,11 @@ def test_step_indices_are_deterministic_and_cover_every_example():
         assert a == step_indices(lengths, 8, seed=1, epoch=0, mode=mode)
         assert sorted(i for step in a for i in step) == list(range(53))
         assert a != step_indices(lengths, 8, seed=1, epoch=1, mode=mode)
+
+
+def test_round_width_pads_to_the_next_multiple_after_the_offset():
+    from tunesmith.data.batching import round_width
+
+    assert [round_width(w, 1) for w in (1, 17, 33)] == [1, 17, 33]
+    assert [round_width(w, 16) for w in (1, 16, 17, 31, 32)] == [16, 16, 32, 32, 32]
+    assert [round_width(w, 16, offset=37) for w in (1, 11, 12)] == [11, 11, 27]  # 37 + w: 48, 48, 64

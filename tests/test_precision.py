@@ -175,8 +175,22 @@ def test_attention_runs_in_fp32_under_cpu_autocast_and_the_registry_is_restored(
         return real(q, k, v, *a, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    from tunesmith.training import loop
+
+    widths = []
+    real_batches = loop.make_batches
+    monkeypatch.setattr(
+        loop,
+        "make_batches",
+        lambda *a, **k: [
+            widths.append(b.input_ids.shape[1] + (0 if b.prefix_ids is None else b.prefix_ids.shape[1])) or b
+            for b in real_batches(*a, **k)
+        ],
+    )
     _train(tiny_model_dir, data, tmp_path / name, **{"train.precision": name, "train.max_steps": 2})
     assert seen and set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+    # bf16 on a CPU: rows in widths of 16 tokens (oneDNN keeps kernels per shape; data.batching.round_width)
+    assert widths and (all(w % 16 == 0 for w in widths) if name == "bf16-mixed" else any(w % 16 for w in widths))
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original  # only while a bf16-mixed forward runs
     if name == "bf16-mixed":  # nested use (the head-outside-autocast path enters it again) restores it too
         ctx = precision.Precision("bf16-mixed", "test").autocast_context(torch.device("cpu"))

@@ -88,9 +88,14 @@ def _full_sequence_logps(model, pairs) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _layout_logps(model, pairs, shared, row_tokens=64, micro=3, share_prefix=0) -> torch.Tensor:
+def _layout_logps(model, pairs, shared, row_tokens=64, micro=3, share_prefix=0, width_multiple=1) -> torch.Tensor:
     parts = []
-    batches = make_pair_batches(pairs, micro, 0, row_tokens, shared, share_prefix)
+    batches = make_pair_batches(pairs, micro, 0, row_tokens, shared, share_prefix, width_multiple)
+    if width_multiple > 1:  # rows padded so that (common prefix +) width is a multiple of it
+        assert all(
+            (b.input_ids.shape[1] + (b.prefix_ids.shape[1] if b.prefix_ids is not None else 0)) % 16 == 0
+            for b in batches
+        )
     assert any(b.prefix_ids is not None for b in batches) == bool(share_prefix and shared)
     for batch in batches:
         parts.append(sequence_logps(pair_batch_logits(model, batch), batch).view(-1, 2))
@@ -113,9 +118,11 @@ def test_shared_prompt_scoring_equals_the_two_full_sequences(tiny_model_dir, att
     with torch.no_grad():
         want = _full_sequence_logps(model, pairs)
         for shared, share_prefix in ((True, 0), (False, 0), (True, 4)):
-            # rows of 64 tokens: several pairs per row, several rows; with share_prefix the common prefix apart
-            got = _layout_logps(model, pairs, shared, share_prefix=share_prefix)
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+            # rows of 64 tokens: several pairs per row, several rows; with share_prefix the common prefix apart;
+            # and the same with rows padded to widths in steps of 16 (bf16 on a CPU)
+            for multiple in (1, 16):
+                got = _layout_logps(model, pairs, shared, share_prefix=share_prefix, width_multiple=multiple)
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
     shared_batch = make_pair_batches(pairs, 7, 0, 64, True)[0]
     assert shared_batch.input_ids.ne(0).sum() < sum(p.tokens for p in pairs)  # the prompts are fed once
 

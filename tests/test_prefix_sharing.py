@@ -36,8 +36,12 @@ def _reference_loss(model, examples):
     return total / n
 
 
-def _shared_loss(model, examples, micro, row_tokens=40):
-    batches = make_batches(examples, "pack", micro, pad_id=0, row_tokens=row_tokens, share_prefix=8)
+def _shared_loss(model, examples, micro, row_tokens=40, width_multiple=1):
+    batches = make_batches(
+        examples, "pack", micro, pad_id=0, row_tokens=row_tokens, share_prefix=8, width_multiple=width_multiple
+    )
+    for b in batches:  # with width_multiple, the prefix (when shared) and the row's width fill whole steps of it
+        assert (b.input_ids.shape[1] + (b.prefix_ids.shape[1] if b.prefix_ids is not None else 0)) % width_multiple == 0
     n = sum(b.n_targets for b in batches)
     total = 0.0
     for b in batches:
@@ -66,18 +70,21 @@ def _tiny(tiny_model_dir, attn="sdpa", lora=False):
     return model
 
 
+@pytest.mark.parametrize("width_multiple", [1, 16])  # rows padded to widths in steps of 16 (bf16 on a CPU)
 @pytest.mark.parametrize("row_tokens", [40, 1024])  # several rows per micro-batch (cached prefix), one (prefix in row)
 @pytest.mark.parametrize(
     "attn,lora,micro", [("sdpa", False, 7), ("sdpa", False, 3), ("eager", False, 4), ("sdpa", True, 7)]
 )
-def test_shared_prefix_gives_the_loss_and_gradients_of_whole_examples(tiny_model_dir, attn, lora, micro, row_tokens):
+def test_shared_prefix_gives_the_loss_and_gradients_of_whole_examples(
+    tiny_model_dir, attn, lora, micro, row_tokens, width_multiple
+):
     model = _tiny(tiny_model_dir, attn, lora).train()
     examples = _examples()
     ref = _reference_loss(model, examples)
     ref.backward()
     ref_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    loss, batches = _shared_loss(model, examples, micro, row_tokens)
+    loss, batches = _shared_loss(model, examples, micro, row_tokens, width_multiple)
     rows = {b.input_ids.shape[0] for b in batches if b.prefix_ids is not None}
     assert rows == {1} if row_tokens == 1024 else max(rows) > 1  # both forms of forward_after_prefix are tested
     loss.backward()

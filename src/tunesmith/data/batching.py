@@ -106,24 +106,41 @@ def make_batches(
     row_tokens: int,
     share_prefix: int = 0,
     shared_row_tokens: int | None = None,
+    width_multiple: int = 1,
 ) -> list[Batch]:
     """The micro-batches of one optimizer step. With mode "pack" and share_prefix > 0, a micro-batch whose
     examples share a prefix of at least `share_prefix` tokens gets the shared-prefix layout, in rows of
-    `shared_row_tokens` (prefix included; default row_tokens)."""
+    `shared_row_tokens` (prefix included; default row_tokens). `width_multiple`: rows padded at the tail to a
+    width (with the shared prefix in front of them: a prefix + width) that is a multiple of it (round_width)."""
     if mode == "pack":
         batches = []
         for start in range(0, len(examples), micro_batch_size):
             group = examples[start : start + micro_batch_size]
             n = shared_prefix_length(group) if share_prefix else 0
             if n >= share_prefix > 0 and len(group) > 1:
-                batches.append(_prefix_packed(group, n, pad_id, shared_row_tokens or row_tokens))
+                batches.append(_prefix_packed(group, n, pad_id, shared_row_tokens or row_tokens, width_multiple))
             else:
-                batches.append(_packed(group, pad_id, row_tokens))
+                batches.append(_packed(group, pad_id, row_tokens, width_multiple))
         return batches
     if mode == "group":
         # sort a step's examples by length so each micro-batch pads as little as possible
         examples = sorted(examples, key=lambda e: -len(e.input_ids))
-    return [_padded(examples[i : i + micro_batch_size], pad_id) for i in range(0, len(examples), micro_batch_size)]
+    return [
+        _padded(examples[i : i + micro_batch_size], pad_id, width_multiple)
+        for i in range(0, len(examples), micro_batch_size)
+    ]
+
+
+def round_width(width: int, multiple: int, offset: int = 0) -> int:
+    """The smallest w >= width with offset + w a multiple of `multiple` (1: width itself).
+
+    Why: oneDNN compiles and caches kernels for every matrix shape it meets, and in bf16 on a CPU that memory is
+    not given back: packed rows of a new width every step grew a bf16-mixed demo run from 1.6 to 2.7 GB over 63
+    steps (fp32 matmuls do not grow). Widths in steps of 16 bound the shapes a run meets, for at most 15 padding
+    tokens a row (bench/RESULTS.md run 20)."""
+    if multiple <= 1:
+        return width
+    return width + (-(offset + width)) % multiple
 
 
 def _span(e: Encoded, start: int = 0) -> tuple[list[int], list[int]]:
@@ -146,9 +163,9 @@ def _targets_and_keep(rows_next: list[list[int]], width: int) -> tuple[torch.Ten
     return keep, torch.tensor(targets, dtype=torch.long)
 
 
-def _padded(examples: list[Encoded], pad_id: int) -> Batch:
+def _padded(examples: list[Encoded], pad_id: int, width_multiple: int = 1) -> Batch:
     spans = [_span(e) for e in examples]
-    width = max(len(ids) for ids, _ in spans)
+    width = round_width(max(len(ids) for ids, _ in spans), width_multiple)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for r, (tokens, _) in enumerate(spans):
@@ -175,11 +192,11 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def _packed(group: list[Encoded], pad_id: int, row_tokens: int) -> Batch:
+def _packed(group: list[Encoded], pad_id: int, row_tokens: int, width_multiple: int = 1) -> Batch:
     spans = [_span(e) for e in group]
     lengths = [len(ids) for ids, _ in spans]
     rows = pack_rows(lengths, max(row_tokens, max(lengths)))
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    width = round_width(max(sum(lengths[i] for i in row) for row in rows), width_multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     rows_next = []
@@ -217,14 +234,16 @@ def shared_prefix_length(group: list[Encoded]) -> int:
     return max(n, 0)
 
 
-def _prefix_packed(group: list[Encoded], prefix_len: int, pad_id: int, row_tokens: int) -> Batch:
+def _prefix_packed(
+    group: list[Encoded], prefix_len: int, pad_id: int, row_tokens: int, width_multiple: int = 1
+) -> Batch:
     """Suffixes (what follows the shared prefix) packed into rows; a 4D mask lets each see the prefix and
     its own earlier tokens only. Positions continue from prefix_len, as if each example were whole."""
     L = prefix_len
     spans = [_span(e, L) for e in group]  # the prefix predicts no label: it stops before the first one
     lengths = [len(ids) for ids, _ in spans]
     rows = pack_rows(lengths, max(row_tokens - L, max(lengths)))
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    width = round_width(max(sum(lengths[i] for i in row) for row in rows), width_multiple, L)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.full((len(rows), width), L, dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tunesmith.data.batching import pack_rows
+from tunesmith.data.batching import pack_rows, round_width
 
 if TYPE_CHECKING:
     from tunesmith.data.templates import EncodedPair
@@ -104,13 +104,15 @@ def make_pair_batches(
     row_tokens: int,
     shared: bool = True,
     share_prefix: int = 0,
+    width_multiple: int = 1,
 ) -> list[PairBatch]:
     """The micro-batches of one optimizer step: `micro_batch_size` pairs each, packed into rows of at most
     `row_tokens` tokens (a row is never narrower than the longest segment it must hold). With `shared` and
     share_prefix > 0, prompt tokens that every pair of a micro-batch starts with (a system prompt), when at least
-    share_prefix of them, are cut off and carried once as `prefix_ids` (training/prefix.py feeds them once)."""
+    share_prefix of them, are cut off and carried once as `prefix_ids` (training/prefix.py feeds them once).
+    `width_multiple`: rows padded as data.batching.round_width says."""
     return [
-        _batch(pairs[i : i + micro_batch_size], pad_id, row_tokens, shared, share_prefix)
+        _batch(pairs[i : i + micro_batch_size], pad_id, row_tokens, shared, share_prefix, width_multiple)
         for i in range(0, len(pairs), micro_batch_size)
     ]
 
@@ -128,7 +130,9 @@ def common_prompt_prefix(pairs: list[EncodedPair]) -> int:
     return max(n, 0)
 
 
-def _batch(pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool, share_prefix: int = 0) -> PairBatch:
+def _batch(
+    pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool, share_prefix: int = 0, width_multiple: int = 1
+) -> PairBatch:
     skip = common_prompt_prefix(pairs) if shared and share_prefix and len(pairs) > 1 else 0
     if skip < share_prefix:
         skip = 0
@@ -137,7 +141,7 @@ def _batch(pairs: list[EncodedPair], pad_id: int, row_tokens: int, shared: bool,
         segs += [(i, s) for s in _segments(pair, shared, skip)]
     lengths = [len(s[0]) for _, s in segs]
     rows = pack_rows(lengths, max(row_tokens, max(lengths)))
-    width = max(sum(lengths[k] for k in row) for row in rows)
+    width = round_width(max(sum(lengths[k] for k in row) for row in rows), width_multiple, skip)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     seg_id = torch.full((len(rows), width), -1, dtype=torch.long)
