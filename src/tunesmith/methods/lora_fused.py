@@ -16,8 +16,8 @@ is the fp32 sum of the base product and the LoRA term, and the LoRA matrices sta
 Autocast's own recipe (and peft's, and Trainer's `bf16=True`) adds the LoRA term to the base output in bf16,
 whose 8-bit mantissa rounds to ~0.4% of the output: early in training, and for small learning rates, the adapter's
 whole contribution is below that step and is rounded away, so the first updates barely change what the model
-computes (measured on the demo data: after one step fp32 lowered the next batch's loss from 7.8 to 6.9, the
-bf16 sum left it at 7.9). Gradients may be rounded to bf16 (rounding noise averages out over a step); the sum
+computes (measured on the demo data: the second batch's loss, 8.42 untrained, was 6.87 after one fp32 step and
+7.90 after one step with the bf16 sum; bench/RESULTS.md run 20). Gradients may be rounded to bf16 (rounding noise averages out over a step); the sum
 the adapter's contribution lives in may not.
 """
 
