@@ -842,9 +842,9 @@ def _optimizer(model, cfg: Config) -> torch.optim.Optimizer:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # torch's fused AdamW (one kernel over all parameters) where it applies: on a CPU the default implementation
-    # loops over the parameters in Python, ~10 small ops each: 420 LoRA matrices took ~50 ms a step (10% of a
-    # bf16-mixed demo step), fused ~8 ms; the same update to float rounding. Sharded (FSDP2) parameters keep
-    # the default.
+    # loops over the parameters in Python, ~10 small ops each: the demo's 420 LoRA matrices, 120 ms a step with the
+    # default and 21 ms fused (a busy machine; the default was ~50 ms idle, ~10% of a bf16-mixed step); the same
+    # update to 1.5e-8 (bench/RESULTS.md run 20). Sharded (FSDP2) parameters keep the default.
     fused = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-8, betas=(0.9, 0.999), eps=1e-8, **kwargs)
