@@ -375,7 +375,6 @@ def _hf_run(variant: str, args, workdir: Path, train_file: Path, val_file: Path)
     from tunesmith import methods, models
     from tunesmith.config import validate_config
     from tunesmith.data.batching import epoch_order
-
     from tunesmith.methods import lora_fused
 
     lora_fused.fuse_lora = lambda model: 0  # Trainer + peft as peft computes it, not with tunesmith's fused layer
