@@ -326,6 +326,33 @@ def test_the_fused_layer_keeps_a_small_lora_term_that_a_bf16_sum_rounds_away():
         assert nn.functional.cosine_similarity(mine.flatten(), ref.flatten(), dim=0) > 0.999
 
 
+def test_lora_with_dropout_under_autocast_also_keeps_a_small_lora_term(tiny_model_dir):
+    """LoRA with dropout runs peft's terms, but under autocast their sum is fp32 as in the fused layer: the effect of
+    a one-step-sized B on a layer's output matches fp32's (dropout off in eval mode, so the comparison is exact)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(base, config).eval()
+    assert fuse_lora(model) > 0
+    layer = next(
+        m for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.lora_dropout["default"], nn.Dropout)
+    )
+    x = torch.randn(2, 9, layer.in_features, generator=torch.Generator().manual_seed(1))
+
+    def out(b_value: float, autocast: bool):
+        layer.lora_B["default"].weight.data.fill_(b_value)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return layer(x).float()
+
+    want = out(2e-4, False) - out(0.0, False)
+    got = out(2e-4, True) - out(0.0, True)
+    assert out(0.0, True).dtype == torch.float32 and want.abs().max() > 0
+    assert ((got - want).norm() / want.norm()).item() < 0.05  # a bf16 sum of the two terms loses most of it
+
+
 # ----------------------------------------------------------------------------------------------------
 # Whole runs
 

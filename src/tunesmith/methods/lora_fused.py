@@ -8,7 +8,8 @@ are the output and the input gradient. Same parameters, same saved files (peft's
 their forward is swapped), same results to fp32 rounding (tests/test_lora_fused.py).
 
 Used for plain LoRA in training where it applies: no dropout, one active adapter, not merged, an `nn.Linear`
-base layer. Anything else (DoRA, dropout, mixed-adapter batches) runs peft's own forward, unchanged.
+base layer. Anything else (DoRA, dropout, mixed-adapter batches) runs peft's own forward, unchanged, except that
+LoRA with dropout under autocast sums peft's two terms in fp32 (below).
 
 Under autocast (train.precision bf16-mixed) the products with the big matrices run in bf16 (the input cast once,
 the frozen base weight usually stored in bf16 already, models/precision.cast_frozen_linears), but the layer's output
@@ -120,12 +121,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
-    if (
-        name not in self.lora_A
-        or name in getattr(self, "lora_variant", {})
-        or type(base) is not nn.Linear
-        or not isinstance(self.lora_dropout[name], nn.Identity)
-    ):
+    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or type(base) is not nn.Linear:
+        return type(self).forward(self, x, *args, **kwargs)
+    if not isinstance(self.lora_dropout[name], nn.Identity):
+        if torch.is_autocast_enabled(x.device.type):  # peft's terms, summed in fp32 as the fused layer does
+            lora = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+            return base(x).float() + lora.float()
         return type(self).forward(self, x, *args, **kwargs)
     tensors = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
     device = x.device.type
