@@ -13,7 +13,7 @@ LoRA with dropout under autocast sums peft's two terms in fp32 (below).
 
 Under autocast (train.precision bf16-mixed) the products with the big matrices run in bf16 (the input cast once,
 the frozen base weight usually stored in bf16 already, models/precision.cast_frozen_linears), but the layer's output
-is the fp32 sum of the base product and the LoRA term, and the LoRA matrices stay fp32 (`_LoraLinearMixed`).
+is the fp32 sum of the base product and the LoRA term, and the LoRA matrices stay fp32 (`lora_linear_mixed`).
 Autocast's own recipe (and peft's, and Trainer's `bf16=True`) adds the LoRA term to the base output in bf16,
 whose 8-bit mantissa rounds to ~0.4% of the output: early in training, and for small learning rates, the adapter's
 whole contribution is below that step and is rounded away, so the first updates barely change what the model
@@ -31,64 +31,19 @@ from torch import nn
 
 
 class _LoraLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ lora_a.t()  # [tokens, r]
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y.addmm_(h, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, h)
-        ctx.scaling = scaling
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y.view(*x.shape[:-1], y.shape[-1])
+    """x W^T + b + s (x A^T) B^T with the products in `dtype` and the two terms summed in `sum_dtype` (the output's
+    and the input gradient's dtype). Plain (lora_linear): both the input's dtype, every cast a no-op. bf16-mixed
+    (lora_linear_mixed): bf16 products, an fp32 sum. The gradients of x, A and B come back in their own dtypes."""
 
     @staticmethod
-    def backward(ctx, grad):
-        x2, weight, lora_a, lora_b, h = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad.reshape(-1, grad.shape[-1])
-        need_x, need_w, need_b, need_a, need_lb, _ = ctx.needs_input_grad
-        grad_h = (g @ lora_b).mul_(s)  # [tokens, r]: the gradient reaching x A^T
-        gx = gw = gbias = ga = glb = None
-        if need_x:
-            gx = (g @ weight).addmm_(grad_h, lora_a).view(ctx.x_shape)
-        if need_w:
-            gw = g.t() @ x2
-        if need_b and ctx.has_bias:
-            gbias = g.sum(0)
-        if need_a:
-            ga = grad_h.t() @ x2
-        if need_lb:
-            glb = (g.t() @ h).mul_(s)
-        return gx, gw, gbias, ga, glb, None
-
-
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
-    """x W^T + bias + scaling * (x A^T) B^T, with W [out, in], A [r, in], B [out, r]."""
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
-
-
-def lora_linear_mixed(x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """lora_linear under bf16-mixed: products in `dtype`, the output the fp32 sum of the base and LoRA terms."""
-    return _LoraLinearMixed.apply(x, weight, bias, lora_a, lora_b, float(scaling), dtype)
-
-
-class _LoraLinearMixed(torch.autograd.Function):
-    """bf16-mixed LoRA linear: x W^T and the rank-r products in bf16, the output (and the input gradient) the fp32
-    sum of the base term and the LoRA term. Takes fp32 (or bf16) x and fp32 A, B; returns fp32; the gradients of
-    x, A and B come back in their own dtypes."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype, sum_dtype: torch.dtype):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        w = weight.to(dtype)
-        h = x2 @ a.t()  # [tokens, r], bf16
-        y = (torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()).float()
-        y.addmm_(h.float(), lora_b.float().t(), alpha=scaling)  # the small LoRA term added in fp32
+        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        h = x2 @ a.t()  # [tokens, r]
+        y = (torch.addmm(bias.to(dtype), x2, w.t()) if bias is not None else x2 @ w.t()).to(sum_dtype)
+        y.addmm_(h.to(sum_dtype), lora_b.to(sum_dtype).t(), alpha=scaling)  # the (small) LoRA term, in sum_dtype
         ctx.save_for_backward(x2, w, a, b, h)
-        ctx.scaling = scaling
+        ctx.scaling, ctx.sum_dtype = scaling, sum_dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         ctx.has_bias = bias is not None
@@ -97,13 +52,13 @@ class _LoraLinearMixed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, w, a, b, h = ctx.saved_tensors
-        s = ctx.scaling
+        s, sum_dtype = ctx.scaling, ctx.sum_dtype
         g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
-        need_x, need_w, need_b, need_a, need_lb, _, _ = ctx.needs_input_grad
-        grad_h = (g @ b).mul_(s)  # [tokens, r]
+        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
+        grad_h = (g @ b).mul_(s)  # [tokens, r]: the gradient reaching x A^T
         gx = gw = gbias = ga = glb = None
         if need_x:
-            gx = (g @ w).float().addmm_(grad_h.float(), a.float()).to(ctx.x_dtype).view(ctx.x_shape)
+            gx = (g @ w).to(sum_dtype).addmm_(grad_h.to(sum_dtype), a.to(sum_dtype)).to(ctx.x_dtype).view(ctx.x_shape)
         if need_w:
             gw = g.t() @ x2
         if need_b and ctx.has_bias:
@@ -112,7 +67,17 @@ class _LoraLinearMixed(torch.autograd.Function):
             ga = (grad_h.t() @ x2).to(ctx.a_dtype)
         if need_lb:
             glb = (g.t() @ h).mul_(s).to(ctx.b_dtype)
-        return gx, gw, gbias, ga, glb, None, None
+        return gx, gw, gbias, ga, glb, None, None, None
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """x W^T + bias + scaling * (x A^T) B^T, with W [out, in], A [r, in], B [out, r], all in x's dtype."""
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), x.dtype, x.dtype)
+
+
+def lora_linear_mixed(x, weight, bias, lora_a, lora_b, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """lora_linear under bf16-mixed: products in `dtype`, the output the fp32 sum of the base and LoRA terms."""
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), dtype, torch.float32)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -138,8 +138,8 @@ def cpu_attention_in_fp32():
     Under bf16 autocast torch casts q, k and v to bf16, and its CPU flash-attention backward is slower in bf16 than
     in fp32 (a 337-token packed row, 9 heads, forward + backward: 6.1 ms in bf16, 5.5 in fp32; the bf16-mixed
     demo step 5% faster with fp32 attention, no change at a batch of 32; bench/RESULTS.md run 20), while the
-    q/k/v the fused LoRA layers give it are fp32 already. Swaps the "sdpa" entry of transformers' attention registry for the duration
-    (reentrant); outside CPU autocast the wrapper calls the original unchanged."""
+    q/k/v the fused LoRA layers give it are fp32 already. Swaps the "sdpa" entry of transformers' attention
+    registry for the duration (reentrant); outside CPU autocast the wrapper calls the original unchanged."""
     global _attention_depth
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
