@@ -18,8 +18,8 @@ Autocast's own recipe (and peft's, and Trainer's `bf16=True`) adds the LoRA term
 whose 8-bit mantissa rounds to ~0.4% of the output: early in training, and for small learning rates, the adapter's
 whole contribution is below that step and is rounded away, so the first updates barely change what the model
 computes (measured on the demo data: the second batch's loss, 8.42 untrained, was 6.87 after one fp32 step and
-7.90 after one step with the bf16 sum; bench/RESULTS.md run 20). Gradients may be rounded to bf16 (rounding noise averages out over a step); the sum
-the adapter's contribution lives in may not.
+7.90 after one step with the bf16 sum; bench/RESULTS.md run 20). Gradients may be rounded to bf16 (rounding noise
+averages out over a step); the sum the adapter's contribution lives in may not.
 """
 
 from __future__ import annotations
