@@ -18,7 +18,8 @@ Variants:
   ts-nochunk  tunesmith with the LM head and loss in one piece (what chunked cross-entropy is worth; it only
               engages with many labelled positions: run with --data data/debian-docs)
   ts-nofuse   tunesmith with peft's own LoRA forward instead of the fused one (what methods/lora_fused.py is worth)
-  hf          Trainer + peft (peft's own LoRA forward), dynamic padding (DataCollatorForSeq2Seq), examples in the same order
+  hf          Trainer + peft (peft's own LoRA forward), dynamic padding (DataCollatorForSeq2Seq), examples in
+              the same order
   hf-group    the same with train_sampling_strategy="group_by_length" (Trainer's length grouping)
   ts-full / hf-full   full fine-tuning, tunesmith and Trainer
   ts-bf16     tunesmith with train.precision bf16-mixed (autocast to bf16; fp32 weights, AdamW state, LM head, loss)
