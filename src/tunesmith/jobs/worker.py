@@ -281,8 +281,12 @@ class _RunFollower:
         self._by_step: dict[int, dict] = {}
 
     def poll(self) -> None:
+        # checkpoints listed before the metrics are read: training logs a step's records before it saves the step's
+        # checkpoint, so every checkpoint listed has its metrics read by then (listed after, one saved while the
+        # metrics were being read was recorded without its validation loss)
+        found = self._list_checkpoints()
         self._read_metrics()
-        self._read_checkpoints()
+        self._add_checkpoints(found)
 
     def _read_metrics(self) -> None:
         try:
@@ -335,13 +339,19 @@ class _RunFollower:
         self._by_step.setdefault(step, {}).update({k: v for k, v in data.items() if k not in ("tokens",)})
         self.store.add_event(self.job_id, "info", message, "metrics", data, dedupe=f"{r['kind']}:{step}")
 
-    def _read_checkpoints(self) -> None:
+    def _list_checkpoints(self) -> list[int]:
         folder = self.run_dir / "checkpoints"
         if not folder.is_dir():
-            return
-        found = [e for e in folder.iterdir() if e.name.startswith("step-") and e.name[5:].isdigit() and e.is_dir()]
+            return []
+        return [
+            int(e.name[5:])
+            for e in folder.iterdir()
+            if e.name.startswith("step-") and e.name[5:].isdigit() and e.is_dir()
+        ]
+
+    def _add_checkpoints(self, found: list[int]) -> None:
         # in step order: two new in one poll (a periodic one and the cancel's) are listed newest first, as OpenAI does
-        for step in sorted(int(e.name[5:]) for e in found):
+        for step in sorted(found):
             metrics = {k: v for k, v in self._by_step.get(step, {"step": step}).items() if k != "total_steps"}
             if self.store.add_checkpoint(self.job_id, step, metrics):
                 self.store.add_event(self.job_id, "info", f"Checkpoint saved at step {step}", dedupe=f"ckpt:{step}")
