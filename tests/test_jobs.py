@@ -771,3 +771,42 @@ def test_follower_keeps_every_step_in_order_when_a_resumed_run_rewrites_metrics(
     follower.poll()
     assert [e["step"] for e in store.metric_events(job)] == [1, 2, 3, 4, 5]
     store.close()
+
+
+def test_follower_records_a_checkpoint_saved_while_it_read_the_metrics_with_its_validation_loss(tmp_path):
+    """Training logs a step's train and eval records, then saves its checkpoint. A checkpoint that appears while the
+    follower is reading metrics.jsonl must not be recorded before its eval record is read (a checkpoint row is
+    written once: recorded early, it kept no validation loss; a fresh-clone CI failed on that race)."""
+    from tunesmith.jobs.worker import _RunFollower
+
+    store = st.Store(tmp_path / "jobs.db")
+    job = store.add_job("t", model="tiny", training_file="file-a", method={"type": "supervised"}, seed=1)["id"]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    metrics = run / "metrics.jsonl"
+
+    def log_step(step):
+        with metrics.open("a") as fh:
+            fh.write(json.dumps({"time": 1.0, "kind": "train", "step": step, "loss": 1.0 / step}) + "\n")
+            fh.write(json.dumps({"time": 1.0, "kind": "eval", "step": step, "val_loss": 2.0 / step}) + "\n")
+        (run / "checkpoints" / f"step-{step}").mkdir()
+
+    log_step(1)
+    follower = _RunFollower(store, job, run)
+    read = follower._read_metrics
+
+    def read_then_training_goes_on():
+        read()
+        if not (run / "checkpoints" / "step-2").exists():
+            log_step(2)  # step 2 logged and saved just after the follower read the file
+
+    follower._read_metrics = read_then_training_goes_on
+    follower.poll()
+    follower.poll()
+    follower.poll()
+    rows = {c["step_number"]: c["metrics"] for c in store.list_checkpoints(job, None, 10).data}
+    assert rows == {
+        1: {"step": 1, "train_loss": 1.0, "learning_rate": None, "valid_loss": 2.0, "full_valid_loss": 2.0},
+        2: {"step": 2, "train_loss": 0.5, "learning_rate": None, "valid_loss": 1.0, "full_valid_loss": 1.0},
+    }
+    store.close()
