@@ -526,7 +526,9 @@ def test_frozen_lm_head_gets_a_contiguous_input(dtype, tiny_model_dir):
     assert not [e for e in prof.events() if e.name == "aten::bmm"], "the LM head ran as a bmm over copies"
     with torch.no_grad():
         whole = model(input_ids=ids).logits[:, -1:]
-    torch.testing.assert_close(last, whole, rtol=0, atol=0)
+    # the same logits up to the matmul's blocking, which depends on the row count (on an AVX2 CPU fp32 6 rows and
+    # 54 rows differ in the last bit of a quarter of the logits)
+    torch.testing.assert_close(last, whole)
 
     bare = model.get_output_embeddings()
     bare._forward_pre_hooks.clear()
