@@ -51,9 +51,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# `make test`: the default suite (under 20 min on 2 cores, the slowest CPU seen included); `make test-long`: the tests
+# marked long (real-model llama.cpp and evaluation runs, the rarer architectures, ...); CI (.ci/run) runs both.
 test: $(STAMP) browser lint
 	@$(BIN)/python -c "import torch, transformers, peft; print('testing with torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-	$(BIN)/python -m pytest -q --timeout=900 tests
+	$(BIN)/python -m pytest -q --timeout=900 -m "not long" tests
+
+test-long: $(STAMP) browser
+	$(BIN)/python -m pytest -q --timeout=900 -m long tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

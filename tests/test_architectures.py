@@ -137,7 +137,12 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return write_chat_data(root / "train.jsonl", 16), write_chat_data(root / "test.jsonl", 4, seed=1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+# llama (the default model's layout), qwen3 and gemma3 (the other built-in model) in the default suite; the rest,
+# ~25 s each on 2 cores, marked long (`make test-long`, run by CI)
+LONG_ARCHS = {"qwen2", "mistral", "phi3"}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.long) if a in LONG_ARCHS else a for a in ARCHS])
 def test_architecture_trains_resumes_exports_evaluates_and_serves(arch, data, tmp_path):
     from transformers import AutoModelForCausalLM
 

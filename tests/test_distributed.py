@@ -175,6 +175,7 @@ def test_one_process_checkpoint_resumes_on_two_fsdp(tiny_model_dir, data, tmp_pa
     _assert_same(out, full_reference)
 
 
+@pytest.mark.long  # ~25 s; test_ctrl_c_stops_every_process_at_one_checkpoint covers the stop in the default suite
 def test_a_stop_on_one_rank_stops_both_at_one_checkpoint_then_resumes_on_one(
     tiny_model_dir, data, tmp_path, full_reference
 ):

@@ -691,6 +691,7 @@ def test_cli_errors_exit_2_with_a_clear_message(runs, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~90 s; test_end_to_end trains and evaluates the real model in the default suite
 def test_real_model_ticket_triage_eval(tmp_path):
     """A short LoRA run of the default model, then the eval on 16 test tickets: the fine-tuned model's label
     scoring picks the label that greedy generation names wherever generation names one. (Speed is measured by

@@ -635,6 +635,7 @@ def against_llama_cpp(run, gguf: Path, quant: str, answers: dict[str, str]) -> d
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~130 s; test_gguf_export_checked_in_llama_cpp runs the same route on a tiny model
 def test_real_model_gguf_runs_in_llama_cpp(tmp_path, capsys):
     """SmolLM2-135M-Instruct + LoRA (2 steps) exported to GGUF f16 and q8_0 by the CLI, then run in real llama.cpp
     (xllamacpp) with greedy decoding on 8 prompts (32 tokens), against tunesmith's own greedy answers.

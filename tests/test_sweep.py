@@ -123,6 +123,7 @@ def _sweep_cmd(recipe: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "tunesmith", "sweep", str(recipe), "--output", str(out), "--quiet", "--trials", "4"]
 
 
+@pytest.mark.long  # ~60 s: four trials, a kill and a resume, each its own process
 def test_a_killed_sweep_resumes_without_repeating_finished_trials(tiny_model_dir, tmp_path):
     recipe = write_recipe(tmp_path, tiny_model_dir, "  pruner: none\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
