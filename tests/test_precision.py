@@ -353,6 +353,76 @@ def test_lora_with_dropout_under_autocast_also_keeps_a_small_lora_term(tiny_mode
     assert ((got - want).norm() / want.norm()).item() < 0.05  # a bf16 sum of the two terms loses most of it
 
 
+def _small_term_effect(layer, x, set_term, autocast: bool) -> torch.Tensor:
+    """How much a small adapter term changes the layer's output: out(term) - out(no term), in fp32."""
+
+    def out(small: bool):
+        set_term(small)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return layer(x).float()
+
+    return out(True) - out(False)
+
+
+def test_dora_under_autocast_keeps_a_small_term(tiny_model_dir):
+    """DoRA (peft's forward, with the base output in fp32 under autocast): the effect of a one-step-sized B on a
+    layer's output matches fp32's; peft alone adds it to the bf16 base output and casts the sum back to bf16."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.config import Config
+    from tunesmith.methods import apply_method
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = apply_method(copy.deepcopy(base), Config.model_validate({"method": "dora", "lora": {"r": 4}})).eval()
+    plain = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"])
+    ).eval()
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
+
+    def effects(net):
+        layer = next(m for n, m in net.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_B"))
+        x_ = x[..., : layer.in_features]
+
+        def set_term(small):
+            layer.lora_B["default"].weight.data.fill_(5e-5 if small else 0.0)
+
+        return _small_term_effect(layer, x_, set_term, False), _small_term_effect(layer, x_, set_term, True)
+
+    want, got = effects(model)
+    assert want.abs().max() > 0
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+    want, got = effects(plain)  # peft's own forward: the bf16 sum loses much of the term
+    assert ((got - want).norm() / want.norm()).item() > 0.3
+
+
+def test_a_bottleneck_adapter_under_autocast_keeps_a_small_term():
+    """A bottleneck adapter's output is x + up(act(down(x))); under autocast x (a bf16 layer output) and the small
+    adapter term are summed in fp32."""
+    from tunesmith.methods.adapter import BottleneckAdapter
+
+    torch.manual_seed(0)
+    adapter = BottleneckAdapter(64, 8, "gelu", 1e-4)
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+
+    def set_term(small):
+        adapter.up.weight.data.fill_(2e-4 if small else 0.0)
+
+    want = _small_term_effect(adapter.float(), x.float(), set_term, False)
+    got = _small_term_effect(adapter, x, set_term, True)
+    assert want.abs().max() > 0
+    assert ((got - want).norm() / want.norm()).item() < 0.05
+    x.requires_grad_(False)
+    old = BottleneckAdapter.forward
+    try:  # the bf16 sum this replaced loses most of the term
+        BottleneckAdapter.forward = lambda self, x: x + self.up(self.act(self.down(x)))
+        lost = _small_term_effect(adapter, x, set_term, True)
+    finally:
+        BottleneckAdapter.forward = old
+    assert ((lost - want).norm() / want.norm()).item() > 0.3
+
+
 # ----------------------------------------------------------------------------------------------------
 # Whole runs
 

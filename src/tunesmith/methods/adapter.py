@@ -33,7 +33,10 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(self.act(self.down(x)))
+        delta = self.up(self.act(self.down(x)))
+        if torch.is_autocast_enabled(x.device.type):  # bf16-mixed: a bf16 sum would round a small adapter term away
+            return x.float() + delta.float()
+        return x + delta
 
     def hook(self, module: nn.Module, args, output):
         # attention modules return (hidden, attn_weights, ...); MLPs return the hidden states

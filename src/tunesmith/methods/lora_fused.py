@@ -9,7 +9,7 @@ their forward is swapped), same results to fp32 rounding (tests/test_lora_fused.
 
 Used for plain LoRA in training where it applies: no dropout, one active adapter, not merged, an `nn.Linear`
 base layer. Anything else (DoRA, dropout, mixed-adapter batches) runs peft's own forward, unchanged, except that
-LoRA with dropout under autocast sums peft's two terms in fp32 (below).
+under autocast LoRA with dropout sums peft's two terms in fp32 and DoRA gets the base output in fp32 (below).
 
 Under autocast (train.precision bf16-mixed) the products with the big matrices run in bf16 (the input cast once,
 the frozen base weight usually stored in bf16 already, models/precision.cast_frozen_linears), but the layer's output
@@ -86,7 +86,16 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
-    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or type(base) is not nn.Linear:
+    if name not in self.lora_A or type(base) is not nn.Linear:
+        return type(self).forward(self, x, *args, **kwargs)
+    variant = getattr(self, "lora_variant", {}).get(name)
+    if variant is not None:
+        if torch.is_autocast_enabled(x.device.type) and type(variant).__name__ == "DoraLinearVariant":
+            # peft's DoRA forward, given the base output in fp32: its sum with the (small) DoRA term is then fp32,
+            # and not cast back to the base output's bf16 as peft's Linear.forward does
+            result = base(x).float()
+            x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+            return variant.forward(self, active_adapter=name, x=x, result=result)
         return type(self).forward(self, x, *args, **kwargs)
     if not isinstance(self.lora_dropout[name], nn.Identity):
         if torch.is_autocast_enabled(x.device.type):  # peft's terms, summed in fp32 as the fused layer does

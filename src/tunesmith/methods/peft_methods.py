@@ -60,10 +60,12 @@ def apply_peft(model: nn.Module, config: Config, tokenizer=None) -> nn.Module:
         raise ConfigError(f"{config.method}: {e}") from None
     if config.method == "prompt" and config.prompt.init_text is not None:
         init_prompt_from_text(peft_model, tokenizer, config.prompt.init_text)
-    if config.method == "lora":
+    if config.method in ("lora", "dora"):
         from tunesmith.methods.lora_fused import fuse_lora
 
-        fuse_lora(peft_model)  # same model and files, fewer full-size tensors per layer (see lora_fused.py)
+        # same model and files, fewer full-size tensors per layer; DoRA keeps peft's forward but, under autocast, an
+        # fp32 sum of the base and DoRA terms (see lora_fused.py)
+        fuse_lora(peft_model)
     return peft_model
 
 
