@@ -427,6 +427,14 @@ def test_a_bottleneck_adapter_under_autocast_keeps_a_small_term():
 # Whole runs
 
 
+@pytest.mark.parametrize("method", ["dora", "adapter"])
+def test_dora_and_bottleneck_adapter_runs_learn_in_bf16_mixed(method, tiny_model_dir, data, tmp_path):
+    run = _train(tiny_model_dir, data, tmp_path / method, method=method, **{"train.precision": "bf16-mixed"})
+    assert run.config.method == method
+    losses = [r["loss"] for r in run.metrics if r["kind"] == "train"]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
 def test_a_bf16_mixed_run_learns_and_resumes_bit_identically(tiny_model_dir, data, tmp_path):
     common = {"train.precision": "bf16-mixed", "train.save_every": 3, "train.eval_every": 3, "lora.dropout": 0.1}
     straight = _train(tiny_model_dir, data, tmp_path / "straight", **common)
