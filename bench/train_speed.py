@@ -18,6 +18,8 @@ Variants:
   ts-nochunk  tunesmith with the LM head and loss in one piece (what chunked cross-entropy is worth; it only
               engages with many labelled positions: run with --data data/debian-docs)
   ts-nofuse   tunesmith with peft's own LoRA forward instead of the fused one (what methods/lora_fused.py is worth)
+  ts-noseg    tunesmith with attention over whole packed rows under their block-diagonal mask, instead of per
+              example (what models/segments.py is worth)
   hf          Trainer + peft (peft's own LoRA forward), dynamic padding (DataCollatorForSeq2Seq), examples in
               the same order
   hf-group    the same with train_sampling_strategy="group_by_length" (Trainer's length grouping)
@@ -57,6 +59,7 @@ VARIANTS = (
     "ts-noshare",
     "ts-nochunk",
     "ts-nofuse",
+    "ts-noseg",
     "hf",
     "hf-group",
     "ts-full",
@@ -279,6 +282,10 @@ def _tunesmith_run(variant: str, args, workdir: Path, train_file: Path, val_file
         from tunesmith.training import chunked_loss
 
         chunked_loss.should_chunk = lambda model, n_keep: False
+    if variant == "ts-noseg":
+        from tunesmith.models import segments
+
+        segments.usable = lambda model: False
     if variant == "ts-nofuse":
         from tunesmith.methods import lora_fused
 

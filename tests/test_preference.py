@@ -104,7 +104,12 @@ def _layout_logps(model, pairs, shared, row_tokens=64, micro=3, share_prefix=0, 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("chat", [True, False])
-def test_shared_prompt_scoring_equals_the_two_full_sequences(tiny_model_dir, attn, chat):
+def test_shared_prompt_scoring_equals_the_two_full_sequences(tiny_model_dir, attn, chat, monkeypatch):
+    from tunesmith.models import segments
+
+    calls = []
+    real = segments.attend
+    monkeypatch.setattr(segments, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))
     model, tok = _model(tiny_model_dir, attn)
     renderer = Renderer(tok, system_prompt="Answer in a few words." if chat else None)
     examples = _pairs(7, chat)
@@ -123,6 +128,7 @@ def test_shared_prompt_scoring_equals_the_two_full_sequences(tiny_model_dir, att
             for multiple in (1, 16):
                 got = _layout_logps(model, pairs, shared, share_prefix=share_prefix, width_multiple=multiple)
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    assert bool(calls) == (attn == "sdpa")  # SDPA: attention per prompt and answer (models/segments.py)
     shared_batch = make_pair_batches(pairs, 7, 0, 64, True)[0]
     assert shared_batch.input_ids.ne(0).sum() < sum(p.tokens for p in pairs)  # the prompts are fed once
 

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tunesmith.models.segments import Segment, consecutive
+
 if TYPE_CHECKING:
     from tunesmith.data.templates import Encoded
 
@@ -54,6 +56,8 @@ class Batch:
     n_examples: int
     n_tokens: int  # real (non-padding) tokens, the shared prefix counted once per example
     prefix_ids: torch.Tensor | None = None  # (1, L) tokens every example of the batch starts with
+    # packed rows: where each example lies in its row (after the prefix), for attention per example
+    segments: list[Segment] | None = None
 
     @property
     def n_targets(self) -> int:
@@ -70,6 +74,7 @@ class Batch:
             self.n_examples,
             self.n_tokens,
             move(self.prefix_ids),
+            self.segments,
         )
 
 
@@ -200,6 +205,7 @@ def _packed(group: list[Encoded], pad_id: int, row_tokens: int, width_multiple: 
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     rows_next = []
+    segments = consecutive([[lengths[i] for i in row] for row in rows])
     for r, row in enumerate(rows):
         nxt: list[int] = []
         at = 0
@@ -213,7 +219,7 @@ def _packed(group: list[Encoded], pad_id: int, row_tokens: int, width_multiple: 
         pos[r, at:] = torch.arange(width - at)
         rows_next.append(nxt + [IGNORE] * (width - at))
     keep, targets = _targets_and_keep(rows_next, width)
-    return Batch(ids, pos, None, keep, targets, len(group), sum(len(e.input_ids) for e in group))
+    return Batch(ids, pos, None, keep, targets, len(group), sum(len(e.input_ids) for e in group), None, segments)
 
 
 def shared_prefix_length(group: list[Encoded]) -> int:
@@ -268,4 +274,5 @@ def _prefix_packed(
     keep, targets = _targets_and_keep(rows_next, width)
     prefix = torch.tensor([group[0].input_ids[:L]], dtype=torch.long)
     n_tokens = sum(len(e.input_ids) for e in group)
-    return Batch(ids, pos, mask, keep, targets, len(group), n_tokens, prefix)
+    segments = consecutive([[lengths[i] for i in row] for row in rows])
+    return Batch(ids, pos, mask, keep, targets, len(group), n_tokens, prefix, segments)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tunesmith.data.batching import pack_rows, round_width
+from tunesmith.models.segments import Segment
 
 if TYPE_CHECKING:
     from tunesmith.data.templates import EncodedPair
@@ -49,6 +50,7 @@ class PairBatch:
     n_pairs: int
     n_tokens: int  # tokens of the two sequences of every pair (prompt counted twice): the work a user asks for
     prefix_ids: torch.Tensor | None = None  # (1, L) prompt tokens every pair of the batch starts with, fed once
+    segments: list[Segment] | None = None  # the prompts and answers in their rows, for attention per segment
 
     def to(self, device) -> "PairBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -63,6 +65,7 @@ class PairBatch:
             self.n_pairs,
             self.n_tokens,
             move(self.prefix_ids),
+            self.segments,
         )
 
     @property
@@ -147,6 +150,7 @@ def _batch(
     seg_id = torch.full((len(rows), width), -1, dtype=torch.long)
     branch = torch.zeros((len(rows), width), dtype=torch.long)
     slots: list[tuple[int, int, int, int]] = []  # (row, column, token, sequence)
+    attention: list[Segment] = []  # what each token may see, as models/segments.py takes it
     for r, row in enumerate(rows):
         at = 0
         for k in row:
@@ -160,6 +164,14 @@ def _batch(
                 c = len(pairs[i].chosen) - 1
                 branch[r, at + p : at + p + c] = 1
                 branch[r, at + p + c : at + n] = 2
+                attention.append(Segment(r, at, p))
+                attention += [
+                    Segment(r, start, length, ((at, p),))
+                    for start, length in ((at + p, c), (at + p + c, n - p - c))
+                    if length > 0  # an answer of one token feeds none
+                ]
+            else:
+                attention.append(Segment(r, at, n))
             slots += [(r, at + off, token, 2 * i + side) for off, token, side in targets]
             at += n
         pos[r, at:] = torch.arange(width - at)  # tail padding: a sequence of its own
@@ -188,6 +200,7 @@ def _batch(
         n_pairs=len(pairs),
         n_tokens=sum(p.tokens for p in pairs),
         prefix_ids=torch.tensor([pairs[0].prompt[:skip]], dtype=torch.long) if skip else None,
+        segments=attention,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.models import segments as seg
 from tunesmith.models.kv import cache_kw, cache_of
 
 
@@ -90,6 +91,7 @@ def forward_after_prefix(model, batch) -> torch.Tensor:
     for layer in cache.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
+    segments = getattr(batch, "segments", None)
     out = model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
@@ -97,6 +99,7 @@ def forward_after_prefix(model, batch) -> torch.Tensor:
         **cache_kw(cache),
         use_cache=True,
         logits_to_keep=batch.keep,
+        **seg.keyword(model, segments and seg.behind_cached_prefix(segments)),
     )
     return out.logits
 
@@ -108,12 +111,14 @@ def _forward_prefix_in_row(model, batch) -> torch.Tensor:
     device = batch.input_ids.device
     top = torch.zeros(1, 1, L, L + T, dtype=torch.bool, device=device)
     top[..., :L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    segments = getattr(batch, "segments", None)
     out = model(
         input_ids=torch.cat([prefix.to(device), batch.input_ids], dim=1),
         position_ids=torch.cat([torch.arange(L, device=device)[None], batch.position_ids], dim=1),
         attention_mask=mask_for(model, torch.cat([top, batch.attention_mask], dim=2)),
         use_cache=False,
         logits_to_keep=torch.cat([batch.keep.new_zeros(1, L), batch.keep], dim=1),
+        **seg.keyword(model, segments and seg.behind_prefix_in_row(segments, L)),
     )
     return out.logits
 
@@ -127,6 +132,7 @@ def pair_batch_logits(model, batch) -> torch.Tensor:
         kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "logits_to_keep": batch.keep}
         if batch.attention_mask is not None:
             kwargs["attention_mask"] = mask_for(model, batch.attention_mask)
+        kwargs.update(seg.keyword(model, getattr(batch, "segments", None)))
         logits = model(**kwargs, use_cache=False).logits
     return logits.reshape(-1, logits.shape[-1])
 

@@ -128,9 +128,6 @@ class _CpuAutocast:
         return self._open.pop().__exit__(*exc)
 
 
-_attention_depth = 0
-
-
 @contextmanager
 def cpu_attention_in_fp32():
     """Within: transformers' SDPA attention called under CPU autocast runs in fp32 (autocast off, q/k/v as fp32).
@@ -138,29 +135,12 @@ def cpu_attention_in_fp32():
     Under bf16 autocast torch casts q, k and v to bf16, and its CPU flash-attention backward is slower in bf16 than
     in fp32 (a 337-token packed row, 9 heads, forward + backward: 6.1 ms in bf16, 5.5 in fp32; the bf16-mixed
     demo step 5% faster with fp32 attention, no change at a batch of 32; bench/RESULTS.md run 20), while the
-    q/k/v the fused LoRA layers give it are fp32 already. Swaps the "sdpa" entry of transformers' attention
-    registry for the duration (reentrant); outside CPU autocast the wrapper calls the original unchanged."""
-    global _attention_depth
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    q/k/v the fused LoRA layers give it are fp32 already. Reentrant; outside CPU autocast attention runs unchanged
+    (models/attention.py holds the wrapper)."""
+    from tunesmith.models.attention import fp32_on_cpu
 
-    if _attention_depth == 0:
-        original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-
-        def sdpa_fp32(module, query, key, value, attention_mask, *args, **kwargs):
-            if query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-                with torch.autocast("cpu", enabled=False):
-                    return original(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
-            return original(module, query, key, value, attention_mask, *args, **kwargs)
-
-        sdpa_fp32.original = original
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_fp32
-    _attention_depth += 1
-    try:
+    with fp32_on_cpu():
         yield
-    finally:
-        _attention_depth -= 1
-        if _attention_depth == 0:
-            ALL_ATTENTION_FUNCTIONS["sdpa"] = ALL_ATTENTION_FUNCTIONS["sdpa"].original
 
 
 def resolve_training_precision(spec: str, device: torch.device, method: str = "lora") -> Precision:

@@ -37,6 +37,7 @@ from tunesmith.config import Config, resolve_max_length, validate_config
 from tunesmith.data.batching import make_batches, step_indices
 from tunesmith.data.pairs import make_pair_batches
 from tunesmith.errors import ConfigError, DataError, Interrupted, RunError, Stopped, TrainingError
+from tunesmith.models import segments
 from tunesmith.models import util as model_util
 from tunesmith.models.functional import pair_batch_logits, sequence_logps, takes_custom_masks
 from tunesmith.models.precision import Precision, cast_frozen_linears, resolve_training_precision
@@ -432,6 +433,8 @@ def _forward(ctx: TrainingContext, batch) -> tuple[torch.Tensor, int]:
     kwargs = {"input_ids": batch.input_ids, "logits_to_keep": keep, "use_cache": False}
     if batch.attention_mask is None:
         kwargs["position_ids"] = batch.position_ids  # packed rows: restarting positions separate the examples
+        if not ctx.virtual_tokens:  # attention per example, not over the whole row (models/segments.py)
+            kwargs.update(segments.keyword(distributed.unwrap(ctx.model), batch.segments))
     else:
         kwargs["attention_mask"] = batch.attention_mask
     autocast = ctx.precision.autocast_context(ctx.device)
