@@ -60,8 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = 42
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 B_INIT_STD = 0.01
-SIDES = ("trl", "ts")
-NAMES = {"trl": "TRL DPOTrainer", "ts": "tunesmith"}
+SIDES = ("trl", "ts", "ts-noseg")
+NAMES = {"trl": "TRL DPOTrainer", "ts": "tunesmith", "ts-noseg": "ts, row attn"}
 # what the ticket-triage fallback pairs answer with: a label, then a sentence, so answers are several tokens long
 LABEL_SENTENCES = {
     "billing": "The ticket is about charges, invoices, refunds or the subscription price.",
@@ -101,7 +101,9 @@ def main() -> None:
         default=os.environ.get("TRL_PYTHON", str(ROOT / ".venv-bench" / "bin" / "python")),
         help="python of the venv with trl (make bench-venv)",
     )
-    parser.add_argument("--sides", default="trl,ts", help="which sides to run (trl, ts)")
+    parser.add_argument(
+        "--sides", default="trl,ts", help="which sides to run (trl, ts, ts-noseg: tunesmith without segment attention)"
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "dpo_speed.json"), help="where to write every number")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -109,7 +111,12 @@ def main() -> None:
     if args.n_pairs is None:
         args.n_pairs = args.steps * args.batch
     if args.worker:
-        worker = {"prep": _prepare, "trl": _trl_run, "ts": _tunesmith_run}[args.worker]
+        worker = {
+            "prep": _prepare,
+            "trl": _trl_run,
+            "ts": _tunesmith_run,
+            "ts-noseg": lambda a, w: _tunesmith_run(a, w, segment_attention=False),
+        }[args.worker]
         result = worker(args, Path(args.workdir))
         result["peak_rss_mb"] = _peak_rss_mb()
         print("RESULT " + json.dumps(result), flush=True)
@@ -686,10 +693,16 @@ def _trl_run(args, workdir: Path) -> dict:
 # The tunesmith side (this script's python): tunesmith.train with train.objective dpo
 
 
-def _tunesmith_run(args, workdir: Path) -> dict:
+def _tunesmith_run(args, workdir: Path, segment_attention: bool = True) -> dict:
+    """segment_attention False: attention over whole packed rows under their mask (what models/segments.py is
+    worth; side ts-noseg)."""
     import torch
 
     torch.set_num_threads(args.threads)
+    if not segment_attention:
+        from tunesmith.models import segments
+
+        segments.usable = lambda model: False
     import peft
     import transformers
     from safetensors.torch import load_file
