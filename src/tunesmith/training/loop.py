@@ -49,9 +49,10 @@ from tunesmith.training.checkpoint import LoopState, kill_point, latest_checkpoi
 from tunesmith.training.metrics import MetricsLogger
 from tunesmith.training.mitigations import KLToBase, frozen_base, mix_replay
 
-# Packed row capacity. Attention over a packed row costs width^2 (the block-diagonal mask is dense on CPU),
+# Packed row capacity. Attention over a packed row cost width^2 (the block-diagonal mask is dense on CPU),
 # so several short rows beat one long one: measured on SmolLM2-135M with 16 tickets (1,335 tokens), LoRA
-# forward+backward took 11.1 s as one 1,335-token row, 10.0 s in rows of 512 and 7.9 s in rows of 256.
+# forward+backward took 11.1 s as one 1,335-token row, 10.0 s in rows of 512 and 7.9 s in rows of 256. (Measured
+# before attention ran per example, models/segments.py, which removes most of that cost; not re-tuned since.)
 # A row is never narrower than the longest example it must hold.
 ROW_TOKENS = 256
 # With a shared prefix the rows hold only the suffixes, and fewer, wider rows win: one 8-ticket LoRA step
