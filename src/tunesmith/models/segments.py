@@ -2,9 +2,9 @@
 
 A packed row holds several examples one after another (data/batching.py), and a block-diagonal mask keeps them
 apart. SDPA on a CPU (and on a GPU with a mask) computes every query against every key of the row and masks
-afterwards, so a row of 8 tickets does ~5x the attention work its examples need, and attention is a large part of
-a small model's step (SmolLM2-135M, a 452-token row with a 28-token shared prefix, 9 heads: forward + backward
-27 ms a layer over the whole row, 11 ms over the examples alone; 30 layers a step).
+afterwards, so a row of 8 tickets does ~5x the attention work its examples need (the demo's 444-token shared-prefix
+row, 9 heads of 64: forward + backward 17.8-20.7 ms a layer over the whole row, 12.2 ms per example; 30 layers a
+step; bench/RESULTS.md run 22: 1.07x on a LoRA step).
 
 Here the examples of a batch are cut out of the row into a padded batch of segments (queries: the example's
 tokens; keys: the tokens it may see, i.e. the context it shares with the others, such as the shared prefix or a
@@ -16,10 +16,10 @@ labelled position ever sees them.
 
 How it reaches the attention layers: the forward call passes `tunesmith_segments=SegmentLayout(...)`, which
 transformers hands down, with the rest of its keyword arguments, to the attention function of every layer. The
-"sdpa" entry of transformers' attention registry is wrapped once (models/attention.py): without that keyword it calls the
-original unchanged, and any attention function that does not know the keyword ignores it and uses the 4D mask,
-which every call still passes, so the result is the same either way. Used only where a custom mask means the same
-to every layer (`usable`: no sliding-window layers, SDPA attention).
+"sdpa" entry of transformers' attention registry is wrapped once (models/attention.py): without that keyword it
+calls the original unchanged, and any attention function that does not know the keyword ignores it and uses the 4D
+mask, which every call still passes, so the result is the same either way. Used only where a custom mask means the
+same to every layer (`usable`: no sliding-window layers, SDPA attention).
 """
 
 from __future__ import annotations
@@ -95,8 +95,9 @@ class SegmentLayout:
 
 # The cost of attention on a CPU (torch's flash-attention kernel, forward + backward, SmolLM2's 9 heads of 64, 2
 # cores) is mostly per query row: ~21 us a row with 78 keys, ~37 us with 450, i.e. ~18 us + ~0.04 us per key, plus
-# ~0.2 ms a call. Segments padded to the longest of their group waste whole rows, so segments are grouped by length
-# (a few calls) to minimise that cost, in units of one query row: rows * (1 + keys / KEYS_PER_ROW) + CALL_ROWS.
+# ~1 ms a call (bench/RESULTS.md run 22). Segments padded to the longest of their group waste whole rows, so
+# segments are grouped by length (a few calls) to minimise that cost, in units of one query row:
+# rows * (1 + keys / KEYS_PER_ROW) + CALL_ROWS per call.
 KEYS_PER_ROW = 450
 CALL_ROWS = 60
 
