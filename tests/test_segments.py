@@ -88,6 +88,10 @@ def test_only_sdpa_models_without_sliding_windows_get_the_keyword(tiny_model_dir
     eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
     assert list(seg.keyword(sdpa, segments)) == ["tunesmith_segments"]
     assert seg.keyword(eager, segments) == {} and seg.keyword(sdpa, None) == {}
+    from peft import PromptTuningConfig, get_peft_model
+
+    prompt_tuned = get_peft_model(sdpa, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert seg.keyword(prompt_tuned, segments) == {}  # virtual tokens in front of every row
     sdpa.config.sliding_window = 4
     assert seg.keyword(sdpa, segments) == {}
 

@@ -221,11 +221,15 @@ def attend(original, module, query, key, value, layout: SegmentLayout, *args, **
 
 
 def usable(model) -> bool:
-    """Whether segment attention applies to the model: SDPA attention and the same mask for every layer."""
+    """Whether segment attention applies to the model: SDPA attention, the same mask for every layer, no virtual
+    tokens."""
     from tunesmith.models.functional import takes_custom_masks
 
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False) and not getattr(model, "_adapters_disabled", False):
+        return False  # prefix/prompt tuning put virtual tokens in front of every row: the positions would shift
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) == "sdpa" and takes_custom_masks(model)[0]
 
