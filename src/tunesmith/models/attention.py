@@ -5,7 +5,7 @@ layer call, and hands it the keyword arguments of the model's forward. `install`
 process; the wrapper does what a call asks for and otherwise calls the original unchanged:
 
 - `tunesmith_segments=SegmentLayout` in the forward call: attention per packed example (models/segments.py);
-- within `fp32_on_cpu()` (precision.cpu_attention_in_fp32, bf16-mixed training on a CPU) and under CPU
+- within `fp32_on_cpu()` (bf16-mixed training on a CPU: precision.Precision.autocast_context) and under CPU
   autocast: q, k and v in fp32 and autocast off for the attention itself.
 
 Any attention function that does not know the keyword ignores it and uses the 4D mask every call still passes,
@@ -54,7 +54,14 @@ def _run(original, module, query, key, value, attention_mask, layout, args, kwar
 
 @contextmanager
 def fp32_on_cpu():
-    """Within (reentrant): SDPA attention called under CPU autocast runs in fp32."""
+    """Within (reentrant): transformers' SDPA attention called under CPU autocast runs in fp32 (autocast off, q/k/v
+    as fp32); outside CPU autocast it runs unchanged.
+
+    Under bf16 autocast torch casts q, k and v to bf16, and its CPU flash-attention backward is slower in bf16 than
+    in fp32 (a 337-token packed row, 9 heads, forward + backward: 6.1 ms in bf16, 5.5 in fp32; the bf16-mixed
+    demo step 5% faster with fp32 attention, no change at a batch of 32; bench/RESULTS.md run 20), while the
+    q/k/v the fused LoRA layers give it are fp32 already. Entered by bf16-mixed training on a CPU
+    (models/precision.Precision.autocast_context)."""
     global _fp32_depth
     install()
     _fp32_depth += 1

@@ -91,7 +91,7 @@ def forward_after_prefix(model, batch) -> torch.Tensor:
     for layer in cache.layers:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
-    segments = getattr(batch, "segments", None)
+    segments = batch.segments
     out = model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
@@ -111,7 +111,7 @@ def _forward_prefix_in_row(model, batch) -> torch.Tensor:
     device = batch.input_ids.device
     top = torch.zeros(1, 1, L, L + T, dtype=torch.bool, device=device)
     top[..., :L] = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-    segments = getattr(batch, "segments", None)
+    segments = batch.segments
     out = model(
         input_ids=torch.cat([prefix.to(device), batch.input_ids], dim=1),
         position_ids=torch.cat([torch.arange(L, device=device)[None], batch.position_ids], dim=1),
@@ -132,7 +132,7 @@ def pair_batch_logits(model, batch) -> torch.Tensor:
         kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "logits_to_keep": batch.keep}
         if batch.attention_mask is not None:
             kwargs["attention_mask"] = mask_for(model, batch.attention_mask)
-        kwargs.update(seg.keyword(model, getattr(batch, "segments", None)))
+        kwargs.update(seg.keyword(model, batch.segments))
         logits = model(**kwargs, use_cache=False).logits
     return logits.reshape(-1, logits.shape[-1])
 

@@ -8,7 +8,7 @@ Training precision (`train.precision`):
   to bf16 at every use are cast once, in place, where the run saves only its trainable weights (LoRA and the other
   adapter methods): the same numbers as autocast's own cast, half their memory, and no cast per step. The fused
   LoRA layer adds its LoRA term to the base product in fp32 (methods/lora_fused.py says why). On a CPU, attention
-  runs in fp32 (`cpu_attention_in_fp32`): torch's CPU flash-attention backward is slower in bf16 than in fp32.
+  runs in fp32 (`models/attention.fp32_on_cpu`): torch's CPU flash-attention backward is slower in bf16 than in fp32.
 - `bf16`: every weight, gradient and optimizer moment in bfloat16, no float32 copy (torchtune's `dtype: bf16`): the
   least memory for full fine-tuning, but an update smaller than half a bf16 step of its weight (1/256 of it) is
   rounded away, so small learning rates stall. The loss is still computed in float32.
@@ -28,12 +28,14 @@ matmul at 1,927-2,119 GFLOP/s in bf16 against 311-336 in fp32.
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from tunesmith.models.attention import fp32_on_cpu
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 
@@ -112,7 +114,8 @@ class Precision:
 
 
 class _CpuAutocast:
-    """bf16 autocast with attention in fp32 (cpu_attention_in_fp32); reusable and reentrant like torch.autocast."""
+    """bf16 autocast with attention in fp32 (models/attention.fp32_on_cpu); reusable and reentrant like
+    torch.autocast."""
 
     def __init__(self):
         self._open: list[ExitStack] = []
@@ -120,27 +123,12 @@ class _CpuAutocast:
     def __enter__(self):
         stack = ExitStack()
         stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
-        stack.enter_context(cpu_attention_in_fp32())
+        stack.enter_context(fp32_on_cpu())
         self._open.append(stack)
         return self
 
     def __exit__(self, *exc):
         return self._open.pop().__exit__(*exc)
-
-
-@contextmanager
-def cpu_attention_in_fp32():
-    """Within: transformers' SDPA attention called under CPU autocast runs in fp32 (autocast off, q/k/v as fp32).
-
-    Under bf16 autocast torch casts q, k and v to bf16, and its CPU flash-attention backward is slower in bf16 than
-    in fp32 (a 337-token packed row, 9 heads, forward + backward: 6.1 ms in bf16, 5.5 in fp32; the bf16-mixed
-    demo step 5% faster with fp32 attention, no change at a batch of 32; bench/RESULTS.md run 20), while the
-    q/k/v the fused LoRA layers give it are fp32 already. Reentrant; outside CPU autocast attention runs unchanged
-    (models/attention.py holds the wrapper)."""
-    from tunesmith.models.attention import fp32_on_cpu
-
-    with fp32_on_cpu():
-        yield
 
 
 def resolve_training_precision(spec: str, device: torch.device, method: str = "lora") -> Precision:

@@ -24,7 +24,7 @@ same to every layer (`usable`: no sliding-window layers, SDPA attention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,7 +65,7 @@ def consecutive(lengths_per_row: list[list[int]]) -> list[Segment]:
 
 def behind_cached_prefix(segments: list[Segment]) -> list[Segment]:
     """The segments, every one also seeing the keys/values cached before the rows (a shared prefix run first)."""
-    return [Segment(s.row, s.start, s.length, s.context, True) for s in segments]
+    return [replace(s, sees_past=True) for s in segments]
 
 
 def behind_prefix_in_row(segments: list[Segment], prefix_len: int) -> list[Segment]:
@@ -223,12 +223,12 @@ def attend(original, module, query, key, value, layout: SegmentLayout, *args, **
 def usable(model) -> bool:
     """Whether segment attention applies to the model: SDPA attention, the same mask for every layer, no virtual
     tokens."""
+    from tunesmith.evaluation.generate import uses_prompt_learning
     from tunesmith.models.functional import takes_custom_masks
+    from tunesmith.training.distributed import unwrap
 
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    peft_config = getattr(model, "active_peft_config", None)
-    if getattr(peft_config, "is_prompt_learning", False) and not getattr(model, "_adapters_disabled", False):
+    model = unwrap(model)  # DDP's wrapper runs the forward; the module has the config
+    if uses_prompt_learning(model):
         return False  # prefix/prompt tuning put virtual tokens in front of every row: the positions would shift
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) == "sdpa" and takes_custom_masks(model)[0]

@@ -435,7 +435,7 @@ def _forward(ctx: TrainingContext, batch) -> tuple[torch.Tensor, int]:
     if batch.attention_mask is None:
         kwargs["position_ids"] = batch.position_ids  # packed rows: restarting positions separate the examples
         if not ctx.virtual_tokens:  # attention per example, not over the whole row (models/segments.py)
-            kwargs.update(segments.keyword(distributed.unwrap(ctx.model), batch.segments))
+            kwargs.update(segments.keyword(ctx.model, batch.segments))
     else:
         kwargs["attention_mask"] = batch.attention_mask
     autocast = ctx.precision.autocast_context(ctx.device)
