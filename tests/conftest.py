@@ -17,6 +17,9 @@ TOKENIZER_DIR = FIXTURES / "smollm2-tokenizer"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# every test measures for itself: no evaluation reuses another test's stored base-model results (evaluation/memo.py;
+# tests/test_eval.py turns it on where it tests it)
+os.environ.setdefault("TUNESMITH_EVAL_CACHE", "0")
 # precision auto means fp32 in the suite whatever the CPU (tests/test_precision.py sets bf16 where it tests it), so
 # that exact comparisons hold on every machine; subprocesses inherit it
 os.environ.setdefault("TUNESMITH_CPU_BF16", "0")

@@ -377,6 +377,114 @@ def test_greedy_batch_with_prefix_cache_matches_model_generate(runs):
         assert answer == few.tokenizer.decode(out[0, len(p) :], skip_special_tokens=True)
 
 
+def test_decoding_drops_finished_rows_and_answers_as_if_it_kept_them(tmp_path, monkeypatch):
+    """Rows that stop early leave the batch (generate.COMPACT_AT); the others' answers do not change, with or without
+    a shared prefix cache."""
+    import copy
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import build_tiny_model
+    from tunesmith.evaluation import generate as G
+
+    path = build_tiny_model(tmp_path / "untied", seed=3, tied=False)  # untied: answers depend on the prompt
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    rng = random.Random(0)
+    shared = [rng.randrange(100, 5000) for _ in range(4)]
+    prompts = [shared + [rng.randrange(100, 5000) for _ in range(rng.randrange(2, 9))] for _ in range(8)]
+    tokens: dict[int, list[int]] = {}
+    G.greedy_batch(
+        model, tok, prompts, stop_ids=[], max_new_tokens=8, on_token=lambda row, t: tokens.setdefault(row, []).append(t)
+    )
+    # stop at tokens that end some rows early and not others
+    stops = [t for t in dict.fromkeys(row[1] for row in tokens.values())][:2]
+    ends = [next((k for k, t in enumerate(row) if t in stops), 8) for row in tokens.values()]
+    assert min(ends) < 3 and max(ends) >= 6, (tokens, stops)
+    widths = []
+    real_forward = model.forward
+
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[0])
+        return real_forward(*args, **kwargs)
+
+    for prefix in (0, len(shared)):
+        cache = G.encode_prefix(model, shared) if prefix else None
+        answers, batch_rows = {}, {}
+        for compact_at in (4, 0):  # 0: never drop a row
+            monkeypatch.setattr(G, "COMPACT_AT", compact_at)
+            monkeypatch.setattr(model, "forward", spy)
+            widths.clear()
+            answers[compact_at] = G.greedy_batch(
+                model,
+                tok,
+                prompts,
+                stop_ids=stops,
+                max_new_tokens=8,
+                prefix_len=prefix,
+                prefix_cache=cache and copy.deepcopy(cache),
+            )
+            monkeypatch.undo()
+            batch_rows[compact_at] = list(widths)
+        assert answers[4] == answers[0]
+        assert min(batch_rows[4]) < len(prompts) == min(batch_rows[0])
+
+
+def test_memo_key_is_the_weights_content_and_is_off_for_peft_models_and_when_disabled(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.evaluation import memo
+
+    monkeypatch.setenv("TUNESMITH_EVAL_CACHE", "1")
+    a = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    b = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert memo.key(a, {"x": 1}) == memo.key(b, {"x": 1}) != memo.key(a, {"x": 2})
+    with torch.no_grad():
+        b.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-6  # one weight, a rounding error's worth
+    memo._WEIGHTS.clear()
+    assert memo.key(a, {"x": 1}) != memo.key(b, {"x": 1})
+    assert memo.key(a.to(torch.bfloat16), {"x": 1}) != memo.key(b, {"x": 1})
+    from peft import LoraConfig, get_peft_model
+
+    assert memo.key(get_peft_model(b, LoraConfig(r=2, target_modules=["q_proj"])), {"x": 1}) is None
+    monkeypatch.setenv("TUNESMITH_EVAL_CACHE", "0")
+    assert memo.key(a, {"x": 1}) is None
+
+
+def test_a_second_evaluation_reuses_identical_measurements_and_only_those(runs, tmp_path, monkeypatch):
+    """Evaluating the same run on the same data again measures nothing (every system and the probe's base half are
+    reused, and say so), with the same numbers; other test data is measured."""
+    from tunesmith.evaluation import measure as M
+
+    monkeypatch.setenv("TUNESMITH_EVAL_CACHE", "1")
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    calls = []
+    real = M._score_labels
+    monkeypatch.setattr(M, "_score_labels", lambda *a, **k: calls.append(a[0].key) or real(*a, **k))
+    kw = {**quiet(forgetting=True), "shots": 3, "knn_shots": 2, "select_limit": 4, "probe_limit": 8}
+    first = tunesmith.evaluate(runs["cls"], **kw)
+    measured = list(calls)
+    assert "fine_tuned" in measured and len(measured) >= 5  # 4 variants' prompts on validation, then the test split
+    assert not any("reused" in s for s in first["systems"]) and "base_reused" not in first["forgetting"]
+    calls.clear()
+    second = tunesmith.evaluate(runs["cls"], **kw)
+    assert calls == []
+    assert all(s["reused"] for s in second["systems"]) and second["forgetting"]["base_reused"]
+    assert [s["metrics"] for s in second["systems"]] == [s["metrics"] for s in first["systems"]]
+    assert second["forgetting"]["questions"] == first["forgetting"]["questions"]
+    # one test answer changed: the test-split measurements are new, the validation ones are still reused
+    rows = [json.loads(line) for line in Path(runs["cls"], "..", "cls-test.jsonl").read_text().splitlines()]
+    answer = rows[0]["messages"][-1]
+    answer["content"] = next(w for w in sorted(WORDS) if w != answer["content"])
+    other = write_jsonl(tmp_path / "other-test.jsonl", rows)
+    calls.clear()
+    third = tunesmith.evaluate(runs["cls"], data=str(other), **{**kw, "forgetting": False})
+    assert {"zero_shot", "fine_tuned"} <= set(calls) and len(calls) == len(set(calls))
+    assert not any("reused" in s for s in third["systems"])
+    assert all(v.get("reused") for v in third["prompt_selection"]["variants"])
+
+
 # ---- task detection ------------------------------------------------------------------------------------------
 
 

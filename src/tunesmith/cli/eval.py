@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from tunesmith import api
@@ -70,6 +72,13 @@ def _int_or_auto(ctx, param, value: str | None):
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
     help="Precision the models are loaded in (default: the run's model.dtype; auto: bfloat16 where native).",
 )
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Measure the base model again even where an identical earlier measurement is stored (the prompted base "
+    "systems and the probe's base half are reused when model weights, prompts, data, settings and code all match; "
+    "TUNESMITH_EVAL_CACHE=0 does the same).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_command(
     run_dir,
@@ -88,6 +97,7 @@ def eval_command(
     probe_limit,
     no_forgetting,
     dtype,
+    fresh,
     quiet,
 ):
     """Measure the fine-tuned model against the base model prompted zero-shot, few-shot, and with the best prompt.
@@ -103,6 +113,8 @@ def eval_command(
 
     from tunesmith.cli.display import RichProgress, summary_table
 
+    if fresh:
+        os.environ["TUNESMITH_EVAL_CACHE"] = "0"  # evaluation/memo.py
     result = api.evaluate(
         run_dir,
         data=data,

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import DataError
+from tunesmith.evaluation import memo
 from tunesmith.jsonl import read_objects
 from tunesmith.models.kv import cache_kw, cache_of
 from tunesmith.run_dir import RunDir
@@ -482,8 +483,17 @@ def forgetting_eval(
     stage = time.perf_counter()
     cache = base_cache if base_cache is not None else {}
     key = (cfg.model.name, cfg.model.chat_template, raw, tuple(t.get("id", i) for i, t in enumerate(texts)))
+    # the base model's measurements, also kept on disk for later evaluations (evaluation/memo.py)
+    reused = []
     if ("ppl",) + key not in cache:
-        cache[("ppl",) + key] = perplexity(base_sys, text_seqs)[0]
+        ppl_key = _memo_key(base_sys, "perplexity", text_seqs)
+        entry = memo.load("forgetting", ppl_key)
+        if entry is not None:
+            reused.append(entry["measured_at"])
+            cache[("ppl",) + key] = entry["value"]
+        else:
+            cache[("ppl",) + key] = perplexity(base_sys, text_seqs)[0]
+            memo.store("forgetting", ppl_key, cache[("ppl",) + key])
     ppl_base = cache[("ppl",) + key]
     ppl_tuned, _ = perplexity(tuned_sys, text_seqs)
     log(f"  perplexity base {ppl_base:.3f}, fine-tuned {ppl_tuned:.3f} ({time.perf_counter() - stage:.0f} s)")
@@ -493,17 +503,30 @@ def forgetting_eval(
     stage = time.perf_counter()
     qkey = ("answers", cfg.model.name, cfg.model.chat_template, raw, tuple(q["id"] for q in questions))
     if qkey not in cache:
-        cache[qkey] = answer_questions(base_sys, tokenizer, renderer, questions, raw, log, "base")
+        answers_key = _memo_key(
+            base_sys, "answers", [questions, raw, renderer.chat_template, renderer.stop_strings, len(tokenizer)]
+        )
+        entry = memo.load("forgetting", answers_key)
+        if entry is not None:
+            reused.append(entry["measured_at"])
+            cache[qkey] = entry["value"]
+        else:
+            cache[qkey] = answer_questions(base_sys, tokenizer, renderer, questions, raw, log, "base")
+            memo.store("forgetting", answers_key, cache[qkey])
     answers = {
         "base": cache[qkey],
         "fine_tuned": answer_questions(tuned_sys, tokenizer, renderer, questions, raw, log, "fine-tuned"),
     }
     log(f"  questions answered ({time.perf_counter() - stage:.0f} s)")
+    if reused:
+        log(f"  base model's perplexity/answers: reused the identical measurement of {min(reused)} (--fresh: again)")
 
     scores = {k: [score_answer(q, a) for q, a in zip(questions, v)] for k, v in answers.items()}
     result = _result(data, len(texts), n_tokens, questions, ppl_base, ppl_tuned, kl, kl_tokens, scores)
     result["explanation"] = explain(result, cfg.method)
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    if reused:
+        result["base_reused"] = min(reused)
     out = Path(run.path) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -557,6 +580,14 @@ def _result(data: Probe, n_passages, n_tokens, questions, ppl_base, ppl_tuned, k
     }
     result["explanation"] = explain(result)
     return result
+
+
+def _memo_key(system: _System, what: str, content) -> str | None:
+    """evaluation/memo.py's key of a base-model measurement (None: a peft model with its adapter disabled, or
+    caching off)."""
+    if system.disable_adapter:
+        return None
+    return memo.key(system.model, {"forgetting": what, "content": memo.digest(content)})
 
 
 def _spread(items: list, n: int) -> list:

@@ -278,6 +278,12 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tenso
     return torch.multinomial(probs, 1).squeeze(-1).cpu()
 
 
+# decoding drops the rows that have finished once they are a quarter of the batch or more: a short label and a long
+# answer in one batch otherwise cost the long one's steps for every row (classification's answers of 1-3 tokens
+# decoded beside a 10-token one; the forgetting probe's one-word answers beside a sentence)
+COMPACT_AT = 4
+
+
 @torch.no_grad()
 def decode_greedy(
     model,
@@ -298,13 +304,16 @@ def decode_greedy(
     model = decoder(model)
     rows = state.mask.shape[0]
     mask, logits, cache = state.mask, state.next_logits, with_room(state.cache, max_new_tokens)
+    lengths = state.lengths
+    alive = list(range(rows))  # the original row of each row still in the batch
     generated: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     multi_token_stops = [s for s in stop_strings if len(tokenizer(s, add_special_tokens=False)["input_ids"]) > 1]
     stops = set(stop_ids)
+    compactable = _rows_selectable(cache)
     for step in range(max_new_tokens):
         next_ids = _pick(logits, temperature, top_p)
-        for i, t in enumerate(next_ids.tolist()):
+        for i, t in zip(alive, next_ids.tolist()):
             if done[i]:
                 continue
             if t in stops:
@@ -315,18 +324,34 @@ def decode_greedy(
                 on_token(i, t)
             if multi_token_stops and any(s in tokenizer.decode(generated[i][-8:]) for s in multi_token_stops):
                 done[i] = True
-        if all(done) or step == max_new_tokens - 1:
+        finished = sum(done[i] for i in alive)
+        if finished == len(alive) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((rows, 1), dtype=torch.long)], dim=1)
+        if compactable and finished * COMPACT_AT >= len(alive):  # drop the finished rows: the rest go on alone
+            keep = [r for r, i in enumerate(alive) if not done[i]]
+            alive = [alive[r] for r in keep]
+            index = torch.tensor(keep)
+            mask, lengths, next_ids = mask[index], lengths[index], next_ids[index]
+            cache.batch_select_indices(index.to(device))
+        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.long)], dim=1)
         out = model(
             input_ids=next_ids[:, None].to(device),
             attention_mask=mask.to(device),
-            position_ids=state.lengths[:, None].to(device) + step,
+            position_ids=lengths[:, None].to(device) + step,
             **cache_kw(cache),
             use_cache=True,
         )
         logits, cache = out.logits[:, -1], cache_of(out)
     return [_cut(tokenizer.decode(g, skip_special_tokens=True), list(stop_strings)) for g in generated]
+
+
+def _rows_selectable(cache) -> bool:
+    """Whether every layer of the cache can drop rows (plain and sliding-window key/value layers can; a layer
+    kind tunesmith has not checked is left alone, and decoding keeps every row to the end)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, DynamicLayer) for layer in layers)
 
 
 def with_room(cache, extra: int):
@@ -371,6 +396,14 @@ def _roomy_layer():
             self._v[:, :, n : n + m] = value_states
             self.keys, self.values = self._k[:, :, : n + m], self._v[:, :, : n + m]
             return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            """Keep these rows, and the room after them (DynamicLayer's would drop the room)."""
+            n = self.keys.shape[-2]
+            if self.keys.data_ptr() != self._k.data_ptr() or self.keys.shape[0] != self._k.shape[0]:
+                return super().batch_select_indices(indices)
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
     return RoomyLayer
 

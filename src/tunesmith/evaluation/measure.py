@@ -8,7 +8,7 @@ copied into every batch, so few-shot costs little more than zero-shot.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.example import Example
 from tunesmith.evaluation.systems import System
@@ -32,6 +32,23 @@ class SystemResult:
     nll: list[tuple[float, int]] | None = None  # reference log-likelihood per example (negated), tokens
     prompt_tokens: float = 0.0
     seconds: dict[str, float] = field(default_factory=dict)
+    reused: str | None = None  # when an identical earlier measurement was reused (evaluation/memo.py): its time
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return {k: v for k, v in asdict(self).items() if k != "reused"}
+
+    @classmethod
+    def from_json(cls, value: dict, reused: str) -> "SystemResult":
+        out = cls(**value, reused=reused)
+        if out.label_scores is not None:
+            out.label_scores = [[tuple(s) for s in row] for row in out.label_scores]
+        if out.nll is not None:
+            out.nll = [tuple(x) for x in out.nll]
+        if out.predictions is not None:
+            out.outputs = out.predictions  # the same list, as measure() returns it (decided() relies on it)
+        return out
 
     def decided(self, labels: list[str], calibrated: bool = False, length_norm: bool = False) -> "SystemResult":
         """A copy whose label-scoring predictions follow another decision rule: contextual calibration (each
@@ -87,10 +104,27 @@ def measure(
 
     result = SystemResult()
     budget = tokens_per_forward(system.model)
+    settings = {
+        "plan": asdict(plan),
+        "batch_size": batch_size,
+        "budget": budget,
+        "max_new_tokens": max_new_tokens,
+        "max_length": max_length,
+        "calibrate": calibrate,
+        "reference_loss": reference_loss,
+    }
     if plan.task == "lm":
-        return _measure_lm(system, test, batch_size=batch_size, budget=budget, max_length=max_length, progress=progress)
+        k = _memo_key(system, test, None, settings)
+        return _reused(k) or _stored(
+            k,
+            _measure_lm(system, test, batch_size=batch_size, budget=budget, max_length=max_length, progress=progress),
+        )
     system.prepare(test)
     prompts = [system.prompt(ex) for ex in test]
+    k = _memo_key(system, test, prompts, settings)
+    hit = _reused(k)
+    if hit is not None:
+        return hit
     result.prompt_tokens = sum(map(len, prompts)) / len(prompts)
     # Batches of similar length waste less on padding: measure in order of prompt length, report in test order.
     order = sorted(range(len(test)), key=lambda i: (len(prompts[i]), i))
@@ -152,6 +186,45 @@ def measure(
         if values is not None:
             setattr(result, name, [values[back[i]] for i in range(len(order))])
     result.outputs = result.predictions if result.predictions is not None else result.generated
+    return _stored(k, result)
+
+
+def _memo_key(system: System, test: list[Example], prompts: list[list[int]] | None, settings: dict) -> str | None:
+    """The key of this measurement in evaluation/memo.py's store: the model's weights, the prompts' token ids, the
+    examples' content, the renderer, the tokenizer and the settings (None: not cached)."""
+    from tunesmith.evaluation import memo
+
+    r = system.renderer
+    examples = [{k: v for k, v in asdict(ex).items() if k != "source"} for ex in test]
+    return memo.key(
+        system.model,
+        {
+            "measure": settings,
+            "prompts": memo.digest(prompts),
+            "examples": memo.digest(examples),
+            "retrieved": system.retriever is not None,
+            "renderer": [r.chat_template, r.system_prompt, r.raw_prompts, r.stop_strings, r.stop_token_ids],
+            "tokenizer": [type(system.tokenizer).__name__, len(system.tokenizer), system.pad],
+        },
+    )
+
+
+def _reused(k: str | None) -> SystemResult | None:
+    from tunesmith.evaluation import memo
+
+    entry = memo.load("measure", k)
+    if entry is None:
+        return None
+    try:
+        return SystemResult.from_json(entry["value"], entry["measured_at"])
+    except (TypeError, KeyError):  # an entry of another shape: measure again
+        return None
+
+
+def _stored(k: str | None, result: SystemResult) -> SystemResult:
+    from tunesmith.evaluation import memo
+
+    memo.store("measure", k, result.to_json(), sum(result.seconds.values()))
     return result
 
 

@@ -228,16 +228,25 @@ def select_prompt(
                 "value": value,
                 "prompt_tokens_per_example": res.prompt_tokens,
                 "seconds_per_example": seconds / len(validation),
+                **({"reused": res.reused} if res.reused else {}),
             }
         )
         if value is not None and (best_value is None or (value > best_value if higher else value < best_value)):
             best, best_value = variant, value
     best = best or tried[0]
+    reused = sorted({r.reused for r in measured.values() if r.reused})
+    if reused:
+        log(f"  {sum(bool(r.reused) for r in measured.values())} of {len(measured)} prompts: " + _reused_note(reused))
     log(
         f"  prompt chosen on {len(validation)} validation examples ({split}): {best.name}, "
         f"{plan.primary} {best_value if best_value is None else round(best_value, 4)}"
     )
     return Selection(best, rows, split, len(validation), plan.primary)
+
+
+def _reused_note(when: list[str]) -> str:
+    span = when[0] if len(when) == 1 else f"{when[0]} .. {when[-1]}"
+    return f"reused the identical measurement of {span} (evaluation/memo.py; --fresh to measure again)"
 
 
 def labels_missing_from(system: System, plan: TaskPlan) -> list[str]:

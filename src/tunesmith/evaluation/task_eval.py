@@ -261,6 +261,8 @@ def measure_compared(
             "seconds": seconds,
             "seconds_by_mode": by_mode,
         }
+        if res.reused:
+            entry["reused"] = res.reused
         if c.variant is not None:
             entry["prompt"] = c.variant.describe()
         if c.labels_missing:
@@ -269,7 +271,8 @@ def measure_compared(
         per_example[c.key] = (res, scores)
         log(
             f"  {c.name}: {plan.primary} {_fmt(plan.primary, metrics.get(plan.primary))}  "
-            f"({res.prompt_tokens:.0f} prompt tokens, {seconds / len(test):.3f} s per example)"
+            f"({res.prompt_tokens:.0f} prompt tokens, {seconds / len(test):.3f} s per example"
+            + (f"; reused the identical measurement of {res.reused})" if res.reused else ")")
         )
     return entries, per_example
 
