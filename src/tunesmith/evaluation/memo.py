@@ -27,10 +27,13 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from pathlib import Path
 
 VERSION = 1
-_WEIGHTS: dict[int, tuple[object, str]] = {}  # id(model) -> (model, hash): a model is hashed once per process
+# model -> (stamp, hash of its weights): hashed again only when a tensor was replaced or changed in place since
+# (the stamp is every tensor's storage address and torch's in-place version counter); weak, so no model is kept alive
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def enabled() -> bool:
@@ -58,15 +61,17 @@ def model_identity(model) -> dict | None:
     """What a model computes, by content; None for models that are not cached (peft-wrapped)."""
     if hasattr(model, "peft_config"):
         return None
-    cached = _WEIGHTS.get(id(model))
-    if cached is None or cached[0] is not model:
+    state = sorted(model.state_dict().items())
+    stamp = tuple((t.data_ptr(), t._version) for _, t in state)
+    cached = _WEIGHTS.get(model)
+    if cached is None or cached[0] != stamp:
         h = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
+        for name, tensor in state:
             t = tensor.detach().to("cpu").contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(-1).view(dtype=_int_view(t.dtype)).numpy().tobytes() if t.numel() else b"")
-        cached = (model, h.hexdigest()[:24])
-        _WEIGHTS[id(model)] = cached
+        cached = (stamp, h.hexdigest()[:24])
+        _WEIGHTS[model] = cached
     params = next(model.parameters())
     return {
         "weights": cached[1],
