@@ -335,6 +335,16 @@ def test_labels_with_markup_and_dollars_are_escaped_in_tables_and_figures(tmp_pa
     assert len(figures(page)) == 7  # bars, 3 confusion matrices (drawn despite the TeX-like label), 3 training
 
 
+def test_systems_reused_from_an_earlier_measurement_are_named_as_such(tmp_path):
+    run = make_run(tmp_path)
+    task = write_task_eval(run, evil=False)
+    assert "Reused from an identical earlier measurement" not in write_report(run).read_text()
+    task["systems"][0]["reused"] = "2026-12-08T00:54:31+0000"
+    (run / "eval" / "task.json").write_text(json.dumps(task))
+    about = section(write_report(run).read_text(), "task")
+    assert "Reused from an identical earlier measurement" in about and "2026-12-08T00:54:31+0000" in about
+
+
 def test_report_is_deterministic_apart_from_the_timestamp(full_run, full_page, tmp_path):
     a = full_page
     b = write_report(full_run, out=tmp_path / "b.html").read_text()

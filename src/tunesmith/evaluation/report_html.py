@@ -300,7 +300,9 @@ def _task_section(inp: Inputs) -> str:
         f"<b>{escape(task['primary'])}</b>, on {escape(str(data.get('examples', '?')))} examples of "
         f"<code>{escape(str(data.get('path', '?')))}</code>"
         + (f" (sha256 {escape(str(data['sha256'])[:12])}…)" if data.get("sha256") else "")
-        + ". Deltas are against the base model zero-shot; green is better, red is worse.</p>"
+        + ". Deltas are against the base model zero-shot; green is better, red is worse."
+        + _reused_note(systems)
+        + "</p>"
     )
     legend = "".join(
         f"<dt>{escape(m)}</dt><dd>{escape(str((info.get(m) or {}).get('description', '')))}"
@@ -315,6 +317,18 @@ def _task_section(inp: Inputs) -> str:
         parts.append(f"<details><summary>What the metrics mean</summary><dl>{legend}</dl></details>")
     parts.append(_per_label_table(task, systems))
     return "".join(parts) + "</section>"
+
+
+def _reused_note(systems: list[dict]) -> str:
+    """Which systems this evaluation did not measure itself but reused from an identical earlier measurement."""
+    reused = [s for s in systems if s.get("reused")]
+    if not reused:
+        return ""
+    which = ", ".join(f"{escape(s.get('name') or s['key'])} ({escape(str(s['reused']))})" for s in reused)
+    return (
+        f" Reused from an identical earlier measurement (same model weights, prompts, data, settings and code; "
+        f"their seconds are that measurement's): {which}."
+    )
 
 
 def _selection_table(task: dict) -> str:
