@@ -451,6 +451,22 @@ def test_memo_key_is_the_weights_content_and_is_off_for_peft_models_and_when_dis
     assert memo.key(a, {"x": 1}) is None
 
 
+def test_memo_folder_follows_the_environment_and_the_jobs_service_gives_each_tenant_its_own(tmp_path, monkeypatch):
+    from tunesmith.evaluation import memo
+    from tunesmith.jobs.worker import Worker
+
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TUNESMITH_EVAL_CACHE_DIR", raising=False)
+    assert memo.folder() == tmp_path / "home" / "eval-cache"
+    monkeypatch.setenv("TUNESMITH_EVAL_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert memo.folder() == tmp_path / "elsewhere"
+    worker = Worker.__new__(Worker)  # only its jobs folder matters here
+    worker.jobs_dir = tmp_path / "jobs"
+    a, b = worker._eval_cache({"tenant": "acme"}), worker._eval_cache({"tenant": "../other"})
+    assert a != b and a == worker._eval_cache({"tenant": "acme"})
+    assert all(Path(x).parent == tmp_path / "jobs" / "eval-cache" for x in (a, b))
+
+
 def test_a_second_evaluation_reuses_identical_measurements_and_only_those(runs, tmp_path, monkeypatch):
     """Evaluating the same run on the same data again measures nothing (every system and the probe's base half are
     reused, and say so), with the same numbers; other test data is measured."""

@@ -4,7 +4,8 @@ Most of an evaluation is the base model: the prompt variants tried on validation
 and the best prompt on the test split (8 retrieved shots make prompts of ~450 tokens), and half of the forgetting
 probe. None of it depends on the fine-tuned run, so evaluating a second run on the same data (another recipe,
 another rank, the same run again) measured it all again: ~9 of the demo's 11 minutes on 2 cores. Each such
-measurement is now stored under `$TUNESMITH_HOME/eval-cache/` (docs/eval-format.md) and reused when its key matches.
+measurement is now stored under `$TUNESMITH_HOME/eval-cache/` (or `$TUNESMITH_EVAL_CACHE_DIR`; the jobs service gives
+each tenant its own) and reused when its key matches (docs/eval-format.md).
 
 The key is everything the result is computed from, by content, never by name:
 - the model's weights (a hash of every parameter and buffer, ~0.5 s for 135M parameters, once per model object),
@@ -41,6 +42,10 @@ def enabled() -> bool:
 
 
 def folder() -> Path:
+    """`$TUNESMITH_EVAL_CACHE_DIR`, else `$TUNESMITH_HOME/eval-cache` (the jobs service gives each tenant its own)."""
+    env = os.environ.get("TUNESMITH_EVAL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
     from tunesmith.models.cache import home
 
     return home() / "eval-cache"

@@ -14,6 +14,7 @@ restart adds only the steps not yet recorded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -158,7 +159,11 @@ class Worker:
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
                 start_new_session=True,  # a Ctrl-C at the server's terminal reaches the job through us, once
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                env={
+                    **os.environ,
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "TUNESMITH_EVAL_CACHE_DIR": self._eval_cache(job),
+                },
             )
         reader = threading.Thread(target=self._read_events, args=(job_id, proc), daemon=True)
         reader.start()
@@ -173,6 +178,12 @@ class Worker:
         reader.join(10)
         follower.poll()
         self._finish(job_id, job_dir, proc.returncode, follower)
+
+    def _eval_cache(self, job) -> str:
+        """Where the job's evaluations store and reuse measurements (evaluation/memo.py): one folder per tenant, so no
+        tenant's evaluation can tell from a reused measurement that another evaluated the same data."""
+        tenant = hashlib.sha256(str(job["tenant"]).encode()).hexdigest()[:16]
+        return str(self.jobs_dir / "eval-cache" / tenant)
 
     def _spec(self, job) -> dict:
         method = json.loads(job["method"])
