@@ -483,18 +483,15 @@ def forgetting_eval(
     stage = time.perf_counter()
     cache = base_cache if base_cache is not None else {}
     key = (cfg.model.name, cfg.model.chat_template, raw, tuple(t.get("id", i) for i, t in enumerate(texts)))
-    # the base model's measurements, also kept on disk for later evaluations (evaluation/memo.py)
-    reused = []
-    if ("ppl",) + key not in cache:
-        ppl_key = _memo_key(base_sys, "perplexity", text_seqs)
-        entry = memo.load("forgetting", ppl_key)
-        if entry is not None:
-            reused.append(entry["measured_at"])
-            cache[("ppl",) + key] = entry["value"]
-        else:
-            cache[("ppl",) + key] = perplexity(base_sys, text_seqs)[0]
-            memo.store("forgetting", ppl_key, cache[("ppl",) + key])
-    ppl_base = cache[("ppl",) + key]
+    # the base model's measurements: kept in `cache` for this process, and on disk for later evaluations (memo.py)
+    reused: list[str] = []
+    ppl_base = _remembered(
+        cache,
+        ("ppl",) + key,
+        lambda: _memo_key(base_sys, "perplexity", text_seqs),
+        lambda: perplexity(base_sys, text_seqs)[0],
+        reused,
+    )
     ppl_tuned, _ = perplexity(tuned_sys, text_seqs)
     log(f"  perplexity base {ppl_base:.3f}, fine-tuned {ppl_tuned:.3f} ({time.perf_counter() - stage:.0f} s)")
     stage = time.perf_counter()
@@ -502,17 +499,15 @@ def forgetting_eval(
     log(f"  KL(base || fine-tuned) {kl:.4f} nats/token over {kl_tokens:,} tokens ({time.perf_counter() - stage:.0f} s)")
     stage = time.perf_counter()
     qkey = ("answers", cfg.model.name, cfg.model.chat_template, raw, tuple(q["id"] for q in questions))
-    if qkey not in cache:
-        answers_key = _memo_key(
+    _remembered(
+        cache,
+        qkey,
+        lambda: _memo_key(
             base_sys, "answers", [questions, raw, renderer.chat_template, renderer.stop_strings, len(tokenizer)]
-        )
-        entry = memo.load("forgetting", answers_key)
-        if entry is not None:
-            reused.append(entry["measured_at"])
-            cache[qkey] = entry["value"]
-        else:
-            cache[qkey] = answer_questions(base_sys, tokenizer, renderer, questions, raw, log, "base")
-            memo.store("forgetting", answers_key, cache[qkey])
+        ),
+        lambda: answer_questions(base_sys, tokenizer, renderer, questions, raw, log, "base"),
+        reused,
+    )
     answers = {
         "base": cache[qkey],
         "fine_tuned": answer_questions(tuned_sys, tokenizer, renderer, questions, raw, log, "fine-tuned"),
@@ -580,6 +575,21 @@ def _result(data: Probe, n_passages, n_tokens, questions, ppl_base, ppl_tuned, k
     }
     result["explanation"] = explain(result)
     return result
+
+
+def _remembered(cache: dict, key: tuple, memo_key, compute, reused: list[str]):
+    """cache[key]: from `cache`, else from memo.py's store under memo_key() (its time appended to `reused`), else
+    compute() stored in both."""
+    if key not in cache:
+        k = memo_key()
+        entry = memo.load("forgetting", k)
+        if entry is not None:
+            reused.append(entry["measured_at"])
+            cache[key] = entry["value"]
+        else:
+            cache[key] = compute()
+            memo.store("forgetting", k, cache[key])
+    return cache[key]
 
 
 def _memo_key(system: _System, what: str, content) -> str | None:

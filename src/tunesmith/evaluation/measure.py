@@ -35,8 +35,6 @@ class SystemResult:
     reused: str | None = None  # when an identical earlier measurement was reused (evaluation/memo.py): its time
 
     def to_json(self) -> dict:
-        from dataclasses import asdict
-
         return {k: v for k, v in asdict(self).items() if k != "reused"}
 
     @classmethod
@@ -115,10 +113,11 @@ def measure(
     }
     if plan.task == "lm":
         k = _memo_key(system, test, None, settings)
-        return _reused(k) or _stored(
-            k,
-            _measure_lm(system, test, batch_size=batch_size, budget=budget, max_length=max_length, progress=progress),
-        )
+        hit = _reused(k)
+        if hit is not None:
+            return hit
+        lm = _measure_lm(system, test, batch_size=batch_size, budget=budget, max_length=max_length, progress=progress)
+        return _stored(k, lm)
     system.prepare(test)
     prompts = [system.prompt(ex) for ex in test]
     k = _memo_key(system, test, prompts, settings)
