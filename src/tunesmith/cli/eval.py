@@ -75,9 +75,10 @@ def _int_or_auto(ctx, param, value: str | None):
 @click.option(
     "--fresh",
     is_flag=True,
-    help="Measure the base model again even where an identical earlier measurement is stored (the prompted base "
-    "systems and the probe's base half are reused when model weights, prompts, data, settings and code all match; "
-    "TUNESMITH_EVAL_CACHE=0 does the same).",
+    help="Measure everything again. By default a system whose model weights, prompts, data, settings and tunesmith "
+    "code all match an earlier measurement reuses it (the prompted base systems when another run is evaluated on the "
+    "same data; the fine-tuned model too when the same run is evaluated again), as does the probe's base half; "
+    "TUNESMITH_EVAL_CACHE=0 does the same as --fresh.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_command(
