@@ -498,6 +498,13 @@ def test_a_second_evaluation_reuses_identical_measurements_and_only_those(runs, 
     assert {"zero_shot", "fine_tuned"} <= set(calls) and len(calls) == len(set(calls))
     assert not any("reused" in s for s in third["systems"])
     assert all(v.get("reused") for v in third["prompt_selection"]["variants"])
+    # --fresh measures everything again
+    calls.clear()
+    flags = ["--shots", "3", "--knn-shots", "2", "--select-limit", "4", "--no-forgetting", "--quiet"]
+    assert main(["eval", str(runs["cls"]), *flags, "--fresh"]) == 0
+    fresh = json.loads((runs["cls"] / "eval" / "task.json").read_text())
+    assert len(calls) >= 5 and not any("reused" in s for s in fresh["systems"])
+    assert [s["metrics"] for s in fresh["systems"]] == [s["metrics"] for s in first["systems"]]
 
 
 # ---- task detection ------------------------------------------------------------------------------------------
