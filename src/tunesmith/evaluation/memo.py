@@ -66,17 +66,20 @@ def model_identity(model) -> dict | None:
     """What a model computes, by content; None for models that are not cached (peft-wrapped)."""
     if hasattr(model, "peft_config"):
         return None
-    state = sorted(model.state_dict().items())
-    stamp = tuple((t.data_ptr(), t._version) for _, t in state)
-    cached = _WEIGHTS.get(model)
-    if cached is None or cached[0] != stamp:
-        h = hashlib.sha256()
-        for name, tensor in state:
-            t = tensor.detach().to("cpu").contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(-1).view(dtype=_int_view(t.dtype)).numpy().tobytes() if t.numel() else b"")
-        cached = (stamp, h.hexdigest()[:24])
-        _WEIGHTS[model] = cached
+    try:
+        state = sorted(model.state_dict().items())
+        stamp = tuple((t.data_ptr(), t._version) for _, t in state)
+        cached = _WEIGHTS.get(model)
+        if cached is None or cached[0] != stamp:
+            h = hashlib.sha256()
+            for name, tensor in state:
+                t = tensor.detach().to("cpu").contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.view(-1).view(dtype=_int_view(t.dtype)).numpy().tobytes() if t.numel() else b"")
+            cached = (stamp, h.hexdigest()[:24])
+            _WEIGHTS[model] = cached
+    except (RuntimeError, TypeError, KeyError, NotImplementedError):
+        return None  # weights that cannot be read here (meta, offloaded, an exotic tensor type): measured as always
     params = next(model.parameters())
     return {
         "weights": cached[1],
