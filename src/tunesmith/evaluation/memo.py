@@ -53,9 +53,11 @@ def folder() -> Path:
 
 @functools.cache
 def code_version() -> str:
-    """A hash of tunesmith's own source files (their paths and bytes)."""
+    """A hash of tunesmith's version and its own source files (their paths and bytes)."""
+    from tunesmith import __version__
+
     root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
+    h = hashlib.sha256(__version__.encode())
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
