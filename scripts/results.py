@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import statistics
 import sys
@@ -28,6 +29,9 @@ from datetime import date
 from pathlib import Path
 
 from tunesmith.errors import Interrupted, TunesmithError
+
+# a record of measurements (eval_seconds included): every evaluation measures (tunesmith/evaluation/memo.py)
+os.environ["TUNESMITH_EVAL_CACHE"] = "0"
 
 ROOT = Path(__file__).resolve().parents[1]
 
