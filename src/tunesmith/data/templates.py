@@ -350,7 +350,7 @@ class Renderer:
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The template's text for `messages`. The last RENDER_MEMO results are remembered: label scoring renders
         the same prompt once per candidate label (and once more for its generation prompt), which with 8 retrieved
-        shots was ~3% of `tunesmith eval`. A plain dict, emptied when full: safe to share between threads (at worst
+        shots was ~4% of `tunesmith eval`. A plain dict, emptied when full: safe to share between threads (at worst
         a text is rendered twice) and to pickle."""
         key = (add_generation_prompt, json.dumps(messages, ensure_ascii=False, sort_keys=True, default=repr))
         text = self._rendered.get(key)
