@@ -1,6 +1,6 @@
 """Forgetting: what fine-tuning cost the model's general abilities, measured on a held-out probe.
 
-(One module of ~550 lines: the probe's loading, its three measures, the answer scorer and the verdict share one
+(One module of ~600 lines: the probe's loading, its three measures, the answer scorer and the verdict share one
 definition of the probe and its thresholds; split, each part would be too small to read on its own.)
 
 The probe (src/tunesmith/resources/probe/, data card in its README.md) was written for tunesmith and is never
