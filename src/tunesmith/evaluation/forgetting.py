@@ -514,7 +514,7 @@ def forgetting_eval(
     }
     log(f"  questions answered ({time.perf_counter() - stage:.0f} s)")
     if reused:
-        log(f"  base model's perplexity/answers: reused the identical measurement of {min(reused)} (--fresh: again)")
+        log(f"  base model's perplexity/answers: {memo.reused_note(reused)}")
 
     scores = {k: [score_answer(q, a) for q, a in zip(questions, v)] for k, v in answers.items()}
     result = _result(data, len(texts), n_tokens, questions, ppl_base, ppl_tuned, kl, kl_tokens, scores)

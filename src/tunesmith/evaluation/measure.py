@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.example import Example
+from tunesmith.evaluation import memo
 from tunesmith.evaluation.systems import System
 from tunesmith.evaluation.tasks import TaskPlan
 
@@ -111,19 +112,17 @@ def measure(
         "calibrate": calibrate,
         "reference_loss": reference_loss,
     }
-    if plan.task == "lm":
-        k = _memo_key(system, test, None, settings)
-        hit = _reused(k)
-        if hit is not None:
-            return hit
-        lm = _measure_lm(system, test, batch_size=batch_size, budget=budget, max_length=max_length, progress=progress)
-        return _stored(k, lm)
-    system.prepare(test)
-    prompts = [system.prompt(ex) for ex in test]
+    prompts = None
+    if plan.task != "lm":
+        system.prepare(test)
+        prompts = [system.prompt(ex) for ex in test]
     k = _memo_key(system, test, prompts, settings)
     hit = _reused(k)
     if hit is not None:
         return hit
+    if plan.task == "lm":
+        lm = _measure_lm(system, test, batch_size=batch_size, budget=budget, max_length=max_length, progress=progress)
+        return _stored(k, lm)
     result.prompt_tokens = sum(map(len, prompts)) / len(prompts)
     # Batches of similar length waste less on padding: measure in order of prompt length, report in test order.
     order = sorted(range(len(test)), key=lambda i: (len(prompts[i]), i))
@@ -191,8 +190,6 @@ def measure(
 def _memo_key(system: System, test: list[Example], prompts: list[list[int]] | None, settings: dict) -> str | None:
     """The key of this measurement in evaluation/memo.py's store: the model's weights, the prompts' token ids, the
     examples' content, the renderer, the tokenizer and the settings (None: not cached)."""
-    from tunesmith.evaluation import memo
-
     r = system.renderer
     examples = [{k: v for k, v in asdict(ex).items() if k != "source"} for ex in test]
     return memo.key(
@@ -209,8 +206,6 @@ def _memo_key(system: System, test: list[Example], prompts: list[list[int]] | No
 
 
 def _reused(k: str | None) -> SystemResult | None:
-    from tunesmith.evaluation import memo
-
     entry = memo.load("measure", k)
     if entry is None:
         return None
@@ -221,9 +216,7 @@ def _reused(k: str | None) -> SystemResult | None:
 
 
 def _stored(k: str | None, result: SystemResult) -> SystemResult:
-    from tunesmith.evaluation import memo
-
-    memo.store("measure", k, result.to_json(), sum(result.seconds.values()))
+    memo.store("measure", k, result.to_json())
     return result
 
 

@@ -8,7 +8,8 @@ measurement is now stored under `$TUNESMITH_HOME/eval-cache/` (or `$TUNESMITH_EV
 each tenant its own) and reused when its key matches (docs/eval-format.md).
 
 The key is everything the result is computed from, by content, never by name:
-- the model's weights (a hash of every parameter and buffer, ~0.5 s for 135M parameters, once per model object),
+- the model's weights (a hash of every parameter and buffer: 0.7-1 s for 135M fp32 parameters, once per model
+  object until a tensor changes),
   its class and config; peft-wrapped models (adapters not merged) are never cached, since their scaling lives in
   peft's config rather than in the weights;
 - the exact token ids of every prompt and the examples' content (answers, labels), so the chat template, system
@@ -128,7 +129,7 @@ def digest(value) -> str:
 
 
 def load(kind: str, k: str | None) -> dict | None:
-    """The stored value ({"value", "measured_at", "seconds"}) or None (no entry, unreadable, or caching off)."""
+    """The stored entry ({"key", "measured_at", "value"}) or None (no entry, unreadable, or caching off)."""
     if k is None:
         return None
     path = folder() / kind / f"{k}.json"
@@ -139,14 +140,21 @@ def load(kind: str, k: str | None) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("key") == k else None
 
 
-def store(kind: str, k: str | None, value, seconds: float | None = None) -> None:
+def store(kind: str, k: str | None, value) -> None:
     """Write an entry atomically; a cache that cannot be written is skipped, never an error."""
     if k is None:
         return
     from tunesmith.atomic import atomic_write_text
 
-    entry = {"key": k, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": seconds, "value": value}
+    entry = {"key": k, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "value": value}
     try:
         atomic_write_text(folder() / kind / f"{k}.json", json.dumps(entry, allow_nan=True))
     except OSError:
         pass
+
+
+def reused_note(when: list[str]) -> str:
+    """What the log says of measurements reused from these times."""
+    first, last = min(when), max(when)
+    span = first if first == last else f"{first} .. {last}"
+    return f"reused the identical measurement of {span} (--fresh to measure again)"

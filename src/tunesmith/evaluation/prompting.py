@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.data.example import Example
+from tunesmith.evaluation import memo
 from tunesmith.evaluation.aggregate import system_metrics
 from tunesmith.evaluation.measure import SystemResult, measure
 from tunesmith.evaluation.shots import ShotRetriever, missing_labels, pick_shots
@@ -234,19 +235,14 @@ def select_prompt(
         if value is not None and (best_value is None or (value > best_value if higher else value < best_value)):
             best, best_value = variant, value
     best = best or tried[0]
-    reused = sorted({r.reused for r in measured.values() if r.reused})
+    reused = [r.reused for r in measured.values() if r.reused]
     if reused:
-        log(f"  {sum(bool(r.reused) for r in measured.values())} of {len(measured)} prompts: " + _reused_note(reused))
+        log(f"  {len(reused)} of {len(measured)} prompts: " + memo.reused_note(reused))
     log(
         f"  prompt chosen on {len(validation)} validation examples ({split}): {best.name}, "
         f"{plan.primary} {best_value if best_value is None else round(best_value, 4)}"
     )
     return Selection(best, rows, split, len(validation), plan.primary)
-
-
-def _reused_note(when: list[str]) -> str:
-    span = when[0] if len(when) == 1 else f"{when[0]} .. {when[-1]}"
-    return f"reused the identical measurement of {span} (evaluation/memo.py; --fresh to measure again)"
 
 
 def labels_missing_from(system: System, plan: TaskPlan) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from tunesmith.atomic import atomic_write_text
 from tunesmith.data.example import Example
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.evaluation import memo
 from tunesmith.evaluation.aggregate import FLIP_THRESHOLD, flipped, system_metrics
 from tunesmith.evaluation.measure import SystemResult, measure
 from tunesmith.evaluation.prompting import (
@@ -272,7 +273,7 @@ def measure_compared(
         log(
             f"  {c.name}: {plan.primary} {_fmt(plan.primary, metrics.get(plan.primary))}  "
             f"({res.prompt_tokens:.0f} prompt tokens, {seconds / len(test):.3f} s per example"
-            + (f"; reused the identical measurement of {res.reused})" if res.reused else ")")
+            + (f"; {memo.reused_note([res.reused])})" if res.reused else ")")
         )
     return entries, per_example
 
